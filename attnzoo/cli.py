@@ -1,0 +1,175 @@
+"""`attnzoo train|eval|sweep|bench|demo`; also `python -m attnzoo`.
+
+  attnzoo train --config configs/mqar.py:mixer=attention,d_model=64 --workdir DIR \
+      [--config.train.lr=1e-3 ...]
+  attnzoo eval --workdir DIR
+  attnzoo sweep --config configs/sweeps/mqar_lr.py:mixers=attention --workdir DIR
+  attnzoo bench attention|linear [...]
+  attnzoo demo [--workdir DIR]
+
+User mistakes (bad config keys or values, impossible shapes, unwritable workdirs, a NaN loss)
+print one line `error: ...` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import sys
+import time
+
+from attnzoo.config import ConfigError, load_config_file, parse_value, set_typed
+
+
+def _apply_overrides(config, overrides: list[str]):
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise ConfigError(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
+    key, value = item[len("--config."):].split("=", 1)
+    set_typed(config, key, parse_value(value))
+  return config
+
+
+def _config_with_overrides(spec: str, overrides: list[str]):
+  return _apply_overrides(load_config_file(spec), overrides)
+
+
+def _print_table(rows: list[dict], columns: list[str]):
+  widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+  line = lambda values: "| " + " | ".join(str(v).ljust(widths[c]) for c, v in zip(columns, values)) + " |"
+  print(line(columns))
+  print("|" + "|".join("-" * (widths[c] + 2) for c in columns) + "|")
+  for r in rows:
+    print(line([r.get(c, "") for c in columns]))
+
+
+def _summary_row(name, summary):
+  return {"run": name, "params": f"{summary['params']:,}",
+          "state_size": f"{summary['state_size']:,} B",
+          "eval_accuracy": f"{summary['eval/accuracy']:.4f}", "steps": summary["step"],
+          "wall_time": f"{summary['wall_time_s']:.0f} s"}
+
+
+def cmd_train(args, extra):
+  from attnzoo.train.trainer import train
+  config = _config_with_overrides(args.config, extra)
+  summary = train(config, args.workdir, quiet=args.quiet)
+  print(json.dumps(summary, indent=2))
+
+
+def cmd_eval(args, extra):
+  from attnzoo.train.trainer import evaluate
+  if extra:
+    raise ConfigError(f"eval takes no overrides, got {' '.join(extra)}")
+  print(json.dumps(evaluate(args.workdir), indent=2))
+
+
+def cmd_sweep(args, extra):
+  from attnzoo.train.trainer import train
+  configs = load_config_file(args.config)
+  if not isinstance(configs, (list, tuple)):
+    raise ConfigError(f"a sweep config must return a list of configs, got {type(configs).__name__}")
+  best, rows = {}, []
+  for config in configs:
+    _apply_overrides(config, extra)
+    summary = train(config, pathlib.Path(args.workdir) / config.name, quiet=args.quiet)
+    rows.append(_summary_row(config.name, summary))
+    if config.group not in best or summary["eval/accuracy"] > best[config.group][1]["eval/accuracy"]:
+      best[config.group] = (config.name, summary)
+  print("\nall runs:")
+  _print_table(rows, ["run", "params", "state_size", "eval_accuracy", "steps", "wall_time"])
+  print("\nbest over learning rates per setting:")
+  _print_table([{"setting": g, **_summary_row(n, s)} for g, (n, s) in best.items()],
+               ["setting", "run", "state_size", "eval_accuracy"])
+  result = {g: {"run": n, **s} for g, (n, s) in best.items()}
+  (pathlib.Path(args.workdir) / "best.json").write_text(json.dumps(result, indent=2))
+
+
+def cmd_bench(args, extra):
+  try:
+    module = importlib.import_module(f"attnzoo.bench.{args.name}")
+  except ModuleNotFoundError:
+    raise ConfigError(f"unknown benchmark {args.name!r}") from None
+  module.main(extra)
+
+
+DEMO_MIXERS = ("attention", "sliding_window")
+
+
+def cmd_demo(args, extra):
+  """A few mixers on MQAR (L=64, 4 pairs) on the CPU in a few minutes, then a table."""
+  from attnzoo.mixers import MIXERS
+  from attnzoo.train.trainer import train
+  root = pathlib.Path(args.workdir)
+  rows = []
+  for mixer in [m for m in (*DEMO_MIXERS, *args.mixers) if m in MIXERS]:
+    spec = (f"configs/mqar.py:mixer={mixer},d_model=64,num_layers=2,seq_len=64,num_kv_pairs=4,"
+            f"train_examples=20000,num_steps={args.steps}")
+    if mixer == "sliding_window":
+      spec += ",window=16"
+    config = _config_with_overrides(str(_repo_file(spec)), [])
+    print(f"training {mixer} ...", flush=True)
+    summary = train(config, root / mixer, quiet=True)
+    rows.append({"mixer": mixer, **_summary_row(mixer, summary)})
+  print()
+  _print_table(rows, ["mixer", "params", "state_size", "eval_accuracy", "steps", "wall_time"])
+
+
+def _repo_file(spec: str) -> str:
+  """Resolves a config path relative to the repository when not found from the cwd."""
+  path, sep, arg = spec.partition(":")
+  if not pathlib.Path(path).exists():
+    candidate = pathlib.Path(__file__).resolve().parent.parent / path
+    if candidate.exists():
+      path = str(candidate)
+  return path + sep + arg
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="attnzoo", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("train", help="train (or resume) one config in a workdir")
+  p.add_argument("--config", required=True, help="path/to/config.py[:k=v,...]")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(fn=cmd_train)
+  p = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
+  p.add_argument("--workdir", required=True)
+  p.set_defaults(fn=cmd_eval)
+  p = sub.add_parser("sweep", help="train every config of a sweep, report the best per setting")
+  p.add_argument("--config", required=True)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--quiet", action="store_true")
+  p.set_defaults(fn=cmd_sweep)
+  p = sub.add_parser("bench", help="kernel benchmarks (run on the accelerator)")
+  p.add_argument("name", help="attention | linear")
+  p.set_defaults(fn=cmd_bench)
+  p = sub.add_parser("demo", help="train a few mixers on MQAR and print a table")
+  p.add_argument("--workdir", default="workdirs/demo")
+  p.add_argument("--steps", type=int, default=3000)
+  p.add_argument("--mixers", nargs="*", default=[], help="more registered mixers to include")
+  p.set_defaults(fn=cmd_demo)
+  args, extra = parser.parse_known_args(argv)
+  if args.command in ("train", "sweep"):
+    args.config = _repo_file(args.config)
+  try:
+    args.fn(args, extra)
+  except (ConfigError, ValueError, NotImplementedError) as e:
+    if os.environ.get("ATTNZOO_DEBUG"):
+      raise
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+  except RuntimeError as e:  # TrainingError and friends
+    from attnzoo.train.trainer import TrainingError
+    if not isinstance(e, TrainingError) or os.environ.get("ATTNZOO_DEBUG"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def run():
+  sys.exit(main())

@@ -1,0 +1,95 @@
+"""Config helpers: `get_config(arg)` argument parsing and strict, typed overrides.
+
+Configs are ml_collections ConfigDicts. A config file's `arg` is a comma-separated `key=value`
+list of that file's common knobs (`configs/mqar.py:mixer=based,d_model=128`); every field can
+also be overridden with `--config.a.b=value`. Unknown keys and values of the wrong type are
+errors that name the key.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from attnzoo.mixers import MIXERS
+
+
+class ConfigError(ValueError):
+  """A user mistake in a config or its overrides."""
+
+
+def parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word is a string
+
+
+def parse_arg(arg: str | None) -> dict:
+  """'a=1,b=x' -> {'a': 1, 'b': 'x'}. Values are Python literals or bare strings."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ConfigError(f"config argument {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    out[key.strip()] = parse_value(value.strip())
+  return out
+
+
+def set_typed(config: ml_collections.ConfigDict, path: str, value):
+  """config[path] = value, where path is 'a.b.c'; unknown keys and wrong types are errors."""
+  *parents, leaf = path.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ConfigError(f"unknown config key {path!r}")
+  current = node[leaf]
+  if current is not None and value is not None:
+    if isinstance(current, bool) != isinstance(value, bool):
+      raise ConfigError(f"config key {path!r} wants {type(current).__name__}, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int):
+      value = float(value)
+    if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+      value = type(current)(value)
+    if not isinstance(value, type(current)):
+      raise ConfigError(f"config key {path!r} wants {type(current).__name__}, got {value!r}")
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def mixer_defaults(mixers: str) -> ml_collections.ConfigDict:
+  """The options of each mixer with their defaults, so overrides are checked by name.
+
+  One mixer: its options directly. A hybrid ("a+b"): one sub-dict per mixer name.
+  """
+  names = [n.strip() for n in mixers.split("+")]
+  shared = {"parent", "name", "d_model", "layer_idx", "num_layers", "dtype"}
+  per_mixer = {}
+  for name in names:
+    if name not in MIXERS:
+      raise ConfigError(f"unknown mixer {name!r}; registered: {', '.join(sorted(MIXERS))}")
+    per_mixer[name] = {f.name: f.default for f in dataclasses.fields(MIXERS[name])
+                       if f.name not in shared and f.default is not dataclasses.MISSING}
+  if len(names) == 1:
+    return ml_collections.ConfigDict(per_mixer[names[0]])
+  return ml_collections.ConfigDict(per_mixer)
+
+
+def load_config_file(spec: str):
+  """'path/to/file.py:arg' -> whatever the file's get_config(arg) returns."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_attnzoo_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} has no get_config(arg)")
+  return module.get_config(arg or None)

@@ -1,0 +1,145 @@
+"""Softmax attention mixers: multi-head / grouped-query / multi-query attention (Vaswani et
+al. 2017; Ainslie et al. 2023 for GQA; Shazeer 2019 for MQA), optional RoPE, and causal
+sliding-window (local) attention.
+
+Decoding keeps a KV cache of `cache_len` slots in the "cache" collection, written as a ring
+(slot = position mod cache_len): the whole context for full attention, the last `window`
+tokens for sliding-window attention.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.ops import softmax_attention
+from attnzoo.ops.rotary import apply_rope
+from attnzoo.ops.softmax_attention import EMPTY
+
+
+@register("attention")
+class Attention(nn.Module):
+  """Multi-head attention; num_kv_heads < num_heads gives GQA (1 gives MQA).
+
+  window: None for full attention, or w for causal local attention in which each token sees
+  itself and the w - 1 tokens before it.
+  """
+  d_model: int
+  layer_idx: int = 0
+  num_layers: int = 1
+  num_heads: int = 1
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  causal: bool = True
+  window: int | None = None
+  rope: bool = False
+  rope_base: float = 10000.0
+  implementation: str = "auto"
+  dtype: Any = jnp.float32
+
+  def _dims(self):
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
+                       f"({self.num_heads}), or set head_dim")
+    if self.num_heads % kv_heads:
+      raise ValueError(f"num_kv_heads ({kv_heads}) must divide num_heads ({self.num_heads})")
+    if self.window is not None and (self.window < 1 or not self.causal):
+      raise ValueError(f"window must be >= 1 and needs causal attention, got {self.window}")
+    return self.num_heads, kv_heads, self.head_dim or self.d_model // self.num_heads
+
+  def _window(self):
+    return None if self.window is None else (self.window - 1, 0)
+
+  def state_size(self, seq_len: int) -> int:
+    """KV-cache bytes at float32 for a context of seq_len tokens."""
+    _, kv_heads, head_dim = self._dims()
+    kept = seq_len if self.window is None else min(seq_len, self.window)
+    return 2 * kept * kv_heads * head_dim * 4
+
+  def setup(self):
+    heads, kv_heads, head_dim = self._dims()
+    dense = lambda n: nn.DenseGeneral((n, head_dim), dtype=self.dtype, kernel_init=dense_init)
+    self.q, self.k, self.v = dense(heads), dense(kv_heads), dense(kv_heads)
+    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype,
+                               kernel_init=output_init(self.num_layers))
+
+  def _project(self, x, positions):
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.rope:
+      q = apply_rope(q, positions, base=self.rope_base)
+      k = apply_rope(k, positions, base=self.rope_base)
+    return q, k, v
+
+  def _default_positions(self, x, positions):
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    return positions
+
+  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+    _, _, head_dim = self._dims()
+    positions = self._default_positions(x, positions)
+    q, k, v = self._project(x, positions)
+    scale = head_dim ** -0.5
+    if decode:
+      if not self.causal:
+        raise ValueError("decoding needs causal attention")
+      if segment_ids is not None:
+        raise ValueError("decoding does not take segment_ids")
+      o = self._decode(q, k, v, positions, scale)
+    else:
+      o = softmax_attention(q, k, v, scale=scale, causal=self.causal, window=self._window(),
+                            segment_ids=segment_ids, implementation=self.implementation)
+    return self.out(o)
+
+  @nn.compact
+  def _decode(self, q, k, v, positions, scale):
+    batch, steps = q.shape[:2]
+    initialized = self.has_variable("cache", "keys")
+    # The cache is created by `model.init(..., decode=True)` on an input of the longest
+    # context to decode; during that call, attention runs over the input as usual.
+    cache_len = steps if self.window is None else min(self.window, steps)
+    cache_k = self.variable("cache", "keys", jnp.zeros, (batch, cache_len) + k.shape[2:], k.dtype)
+    cache_v = self.variable("cache", "values", jnp.zeros, (batch, cache_len) + v.shape[2:], v.dtype)
+    cache_pos = self.variable("cache", "positions", jnp.full, (batch, cache_len), EMPTY)
+    if not initialized:
+      return softmax_attention(q, k, v, scale=scale, causal=True, window=self._window(),
+                               implementation=self.implementation)
+    keys = jnp.concatenate([cache_k.value, k.astype(cache_k.value.dtype)], axis=1)
+    values = jnp.concatenate([cache_v.value, v.astype(cache_v.value.dtype)], axis=1)
+    kv_positions = jnp.concatenate([cache_pos.value, positions], axis=1)
+    o = softmax_attention(q, keys, values, scale=scale, causal=True, window=self._window(),
+                          q_positions=positions, kv_positions=kv_positions,
+                          implementation=self.implementation)
+    # Keep the newest tokens: slot = position mod cache_len.
+    cache_len = cache_k.value.shape[1]
+    kept = min(steps, cache_len)
+    slots = positions[:, -kept:] % cache_len
+    rows = jnp.arange(batch)[:, None]
+    cache_k.value = cache_k.value.at[rows, slots].set(k[:, -kept:])
+    cache_v.value = cache_v.value.at[rows, slots].set(v[:, -kept:])
+    cache_pos.value = cache_pos.value.at[rows, slots].set(positions[:, -kept:])
+    return o
+
+  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+    """Softmax attention weights [B, H, T, T] (the op applied to one-hot values)."""
+    heads, kv_heads, head_dim = self._dims()
+    positions = self._default_positions(x, positions)
+    q, k, _ = self._project(x, positions)
+    steps = x.shape[1]
+    one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=jnp.float32)[None, :, None, :],
+                               (x.shape[0], steps, kv_heads, steps))
+    weights = softmax_attention(q.astype(jnp.float32), k.astype(jnp.float32), one_hot,
+                                scale=head_dim ** -0.5, causal=self.causal,
+                                window=self._window(), segment_ids=segment_ids,
+                                implementation="xla")
+    return jnp.transpose(weights, (0, 2, 1, 3))
+
+
+@register("sliding_window")
+class SlidingWindow(Attention):
+  """Causal local attention (Beltagy et al. 2020): each token sees the last `window` tokens."""
+  window: int | None = 64

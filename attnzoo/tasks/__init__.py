@@ -1,0 +1,1 @@
+"""Tasks: data generators with their loss and metrics."""

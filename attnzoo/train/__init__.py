@@ -1,0 +1,1 @@
+"""Training: optimiser, checkpoints, logging and the train loop."""

@@ -1,0 +1,34 @@
+"""Shared test helpers: small configs and relative-error checks."""
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnzoo.config import load_config_file, set_typed
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def relative_error(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def tiny_mqar_config(**overrides):
+  """A seconds-long MQAR run: small vocab, short sequences, frequent logs/checkpoints."""
+  config = load_config_file(
+      f"{REPO}/configs/mqar.py:mixer=attention,d_model=32,num_layers=2,seq_len=32,"
+      "num_kv_pairs=4,train_examples=2048,batch_size=32,num_steps=40")
+  for key, value in {"data.vocab_size": 256, "data.test_segments": ((32, 4, 64, 32),),
+                     "train.log_every": 5, "train.eval_every": 20,
+                     "train.checkpoint_every": 10, "train.warmup_steps": 5,
+                     **overrides}.items():
+    set_typed(config, key, value)
+  return config
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)

@@ -1,0 +1,123 @@
+"""Training end to end: files in the workdir, bit-exact kill-and-resume, NaN handling,
+half-written checkpoints."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from attnzoo.train.checkpoint import Checkpoints
+from attnzoo.train.logging import read_metrics
+from attnzoo.train.trainer import Experiment, TrainingError, load_run, train
+from tests.conftest import REPO, tiny_mqar_config
+
+TINY_ARGS = ["--config", f"{REPO}/configs/mqar.py:mixer=attention,d_model=32,num_layers=2,"
+             "seq_len=32,num_kv_pairs=4,train_examples=2048,batch_size=32,num_steps={steps}",
+             "--config.data.vocab_size=256", "--config.data.test_segments=((32,4,64,32),)",
+             "--config.train.log_every=5", "--config.train.eval_every=100",
+             "--config.train.checkpoint_every=10", "--config.train.warmup_steps=5",
+             "--config.train.early_stop_accuracy=2.0", "--quiet"]
+
+
+def cli(workdir, steps):
+  args = [a.replace("{steps}", str(steps)) for a in TINY_ARGS]
+  return [sys.executable, "-m", "attnzoo", "train", "--workdir", str(workdir), *args]
+
+
+def losses(workdir):
+  return [(m["step"], m["train/loss"]) for m in read_metrics(workdir) if "train/loss" in m]
+
+
+def final_params(workdir):
+  return jax.tree.leaves(load_run(workdir)[2]["params"])
+
+
+def test_train_writes_metrics_config_tensorboard_checkpoint(tmp_path):
+  summary = train(tiny_mqar_config(), tmp_path, quiet=True)
+  assert summary["step"] == 40 and summary["status"] in ("completed", "early_stopped")
+  metrics = read_metrics(tmp_path)
+  assert {"step", "train/loss", "throughput/tokens_per_s"} <= set(metrics[0])
+  assert any("eval/accuracy/L32_kv4" in m for m in metrics)
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["mixer"] == "attention"
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert Checkpoints(tmp_path / "checkpoints", 2).latest_step() == 40
+  # training again in a finished workdir returns its summary and trains nothing
+  assert train(tiny_mqar_config(), tmp_path, quiet=True) == summary
+
+
+def test_sigkill_and_resume_is_bit_exact(tmp_path):
+  steps = 600
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  subprocess.run(cli(reference, steps), check=True, env=env, capture_output=True)
+  process = subprocess.Popen(cli(killed, steps), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while time.time() < deadline and not any(
+      p.name.isdigit() and int(p.name) >= 30 for p in (killed / "checkpoints").glob("*")):
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+  subprocess.run(cli(killed, steps), check=True, env=env, capture_output=True)
+  assert losses(killed) == losses(reference)
+  assert len(losses(reference)) == steps // 5
+  for a, b in zip(final_params(killed), final_params(reference)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_half_written_checkpoint_is_never_restored(tmp_path):
+  config = tiny_mqar_config(**{"train.num_steps": 20})
+  train(config, tmp_path, quiet=True)
+  checkpoints = tmp_path / "checkpoints"
+  # what a crash during an orbax save leaves: a temporary directory, partly written
+  partial = checkpoints / "30.orbax-checkpoint-tmp-1234567"
+  shutil.copytree(checkpoints / "20", partial)
+  for file in list(partial.rglob("*"))[::2]:
+    if file.is_file():
+      file.unlink()
+  (tmp_path / "summary.json").unlink()
+  config = tiny_mqar_config(**{"train.num_steps": 40})
+  (tmp_path / "config.json").unlink()
+  assert Checkpoints(checkpoints, 2).latest_step() == 20
+  summary = train(config, tmp_path, quiet=True)
+  assert summary["step"] == 40
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """From step 23 on the loss is NaN (injected): training stops with one clear error and the
+  checkpoint of step 20 is kept, with finite parameters."""
+  from attnzoo.tasks.mqar import MQAR
+  from attnzoo.train import trainer
+  clean_batch, clean_loss = MQAR.train_batch, trainer.query_loss
+
+  def poisoned_batch(self, step):
+    batch = clean_batch(self, step)
+    if step >= 23:
+      batch["targets"] = -np.ones_like(batch["targets"])
+    return batch
+
+  def nan_on_poison(logits, targets):
+    loss, accuracy = clean_loss(logits, targets)
+    return loss + jax.numpy.where((targets < 0).any(), jax.numpy.nan, 0.0), accuracy
+
+  monkeypatch.setattr(MQAR, "train_batch", poisoned_batch)
+  monkeypatch.setattr(trainer, "query_loss", nan_on_poison)
+  with pytest.raises(TrainingError, match="not finite.*between steps 21 and 25.*step 20"):
+    train(tiny_mqar_config(), tmp_path, quiet=True)
+  assert Checkpoints(tmp_path / "checkpoints", 2).latest_step() == 20
+  state = load_run(tmp_path)[2]
+  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state["params"]))
+
+
+def test_workdir_with_another_config_is_refused(tmp_path):
+  train(tiny_mqar_config(**{"train.num_steps": 10}), tmp_path, quiet=True)
+  with pytest.raises(ValueError, match="different config"):
+    train(tiny_mqar_config(**{"train.num_steps": 10, "train.lr": 1e-4}), tmp_path, quiet=True)
