@@ -1,12 +1,8 @@
 """Shared test helpers: small configs and relative-error checks."""
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from attnzoo.config import load_config_file, set_typed
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -18,6 +14,7 @@ def relative_error(x, ref):
 
 def tiny_mqar_config(**overrides):
   """A seconds-long MQAR run: small vocab, short sequences, frequent logs/checkpoints."""
+  from attnzoo.config import load_config_file, set_typed  # needs ml_collections
   config = load_config_file(
       f"{REPO}/configs/mqar.py:mixer=attention,d_model=32,num_layers=2,seq_len=32,"
       "num_kv_pairs=4,train_examples=2048,batch_size=32,num_steps=40")

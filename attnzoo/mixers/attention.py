@@ -25,7 +25,9 @@ class Attention(nn.Module):
   """Multi-head attention; num_kv_heads < num_heads gives GQA (1 gives MQA).
 
   window: None for full attention, or w for causal local attention in which each token sees
-  itself and the w - 1 tokens before it.
+  itself and the w - 1 tokens before it. head_dim may be set independently of
+  d_model / num_heads (Bhojanapalli et al. 2020: a head size of the sequence length removes
+  the low-rank bottleneck). softcap: logits -> softcap·tanh(logits / softcap).
   """
   d_model: int
   layer_idx: int = 0
@@ -35,6 +37,7 @@ class Attention(nn.Module):
   head_dim: int | None = None
   causal: bool = True
   window: int | None = None
+  softcap: float | None = None
   rope: bool = False
   rope_base: float = 10000.0
   implementation: str = "auto"
@@ -91,9 +94,18 @@ class Attention(nn.Module):
         raise ValueError("decoding does not take segment_ids")
       o = self._decode(q, k, v, positions, scale)
     else:
-      o = softmax_attention(q, k, v, scale=scale, causal=self.causal, window=self._window(),
-                            segment_ids=segment_ids, implementation=self.implementation)
-    return self.out(o)
+      o = self._attend(q, k, v, scale, segment_ids)
+    return self.out(self._gate(x, o))
+
+  def _attend(self, q, k, v, scale, segment_ids):
+    return softmax_attention(q, k, v, scale=scale, causal=self.causal, window=self._window(),
+                             segment_ids=segment_ids, softcap=self.softcap,
+                             implementation=self.implementation)
+
+  def _gate(self, x, o):
+    """Hook for output gating (GatedAttention); plain attention returns o."""
+    del x
+    return o
 
   @nn.compact
   def _decode(self, q, k, v, positions, scale):
@@ -106,14 +118,13 @@ class Attention(nn.Module):
     cache_v = self.variable("cache", "values", jnp.zeros, (batch, cache_len) + v.shape[2:], v.dtype)
     cache_pos = self.variable("cache", "positions", jnp.full, (batch, cache_len), EMPTY)
     if not initialized:
-      return softmax_attention(q, k, v, scale=scale, causal=True, window=self._window(),
-                               implementation=self.implementation)
+      return self._attend(q, k, v, scale, None)
     keys = jnp.concatenate([cache_k.value, k.astype(cache_k.value.dtype)], axis=1)
     values = jnp.concatenate([cache_v.value, v.astype(cache_v.value.dtype)], axis=1)
     kv_positions = jnp.concatenate([cache_pos.value, positions], axis=1)
     o = softmax_attention(q, keys, values, scale=scale, causal=True, window=self._window(),
                           q_positions=positions, kv_positions=kv_positions,
-                          implementation=self.implementation)
+                          softcap=self.softcap, implementation=self.implementation)
     # Keep the newest tokens: slot = position mod cache_len.
     cache_len = cache_k.value.shape[1]
     kept = min(steps, cache_len)
@@ -135,7 +146,7 @@ class Attention(nn.Module):
     weights = softmax_attention(q.astype(jnp.float32), k.astype(jnp.float32), one_hot,
                                 scale=head_dim ** -0.5, causal=self.causal,
                                 window=self._window(), segment_ids=segment_ids,
-                                implementation="xla")
+                                softcap=self.softcap, implementation="xla")
     return jnp.transpose(weights, (0, 2, 1, 3))
 
 
@@ -143,3 +154,53 @@ class Attention(nn.Module):
 class SlidingWindow(Attention):
   """Causal local attention (Beltagy et al. 2020): each token sees the last `window` tokens."""
   window: int | None = 64
+
+
+@register("gated_attention")
+class GatedAttention(Attention):
+  """Gated attention (Qiu et al. 2025, "Gated Attention for Large Language Models"): the SDPA
+  output of each head is multiplied by sigmoid(x W_g), computed from the block input x, before
+  the output projection. gate="elementwise" gives one gate per head channel, "headwise" one
+  per head."""
+  gate: str = "elementwise"
+
+  def setup(self):
+    super().setup()
+    heads, _, head_dim = self._dims()
+    if self.gate not in ("elementwise", "headwise"):
+      raise ValueError(f"gate must be elementwise or headwise, got {self.gate!r}")
+    width = head_dim if self.gate == "elementwise" else 1
+    self.gate_proj = nn.DenseGeneral((heads, width), dtype=self.dtype, kernel_init=dense_init)
+
+  def _gate(self, x, o):
+    return o * jax.nn.sigmoid(self.gate_proj(x)).astype(o.dtype)
+
+
+@register("block_attention")
+class BlockAttention(Attention):
+  """Block-Attention (Sun et al. 2024, "Block-Attention for Efficient RAG"): segment_ids mark
+  blocks (passages); tokens attend causally within their own block, and the last block of each
+  sequence attends causally to everything. Positions use RoPE, so a block's keys encoded at
+  local positions 0..n-1 (`encode_block`) are re-encoded to any offset exactly by a rotation
+  (`place_block`): a block's KV cache can be computed once and reused across prompts."""
+  rope: bool = True
+
+  def _attend(self, q, k, v, scale, segment_ids):
+    if not self.rope:
+      raise ValueError("block_attention re-encodes positions through RoPE: set rope=True")
+    local = super()._attend(q, k, v, scale, segment_ids)
+    if segment_ids is None:
+      return local
+    everything = super()._attend(q, k, v, scale, None)
+    last = segment_ids == segment_ids[:, -1:]
+    return jnp.where(last[:, :, None, None], everything, local)
+
+  def encode_block(self, x):
+    """(k, v) of one block on its own, at local positions 0..n-1."""
+    positions = self._default_positions(x, None)
+    _, k, v = self._project(x, positions)
+    return k, v
+
+  def place_block(self, k, offset):
+    """Re-encodes keys from local positions to positions offset..offset+n-1 (RoPE rotation)."""
+    return apply_rope(k, jnp.full(k.shape[:2], offset, jnp.int32), base=self.rope_base)

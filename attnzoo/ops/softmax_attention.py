@@ -4,7 +4,11 @@ softmax_attention(q[B,Tq,H,D], k[B,Tk,Hkv,D], v[B,Tk,Hkv,Dv], *, scale, ...) -> 
 
 Masks are defined on token positions (default `arange`): `causal` keeps kv_pos <= q_pos;
 `window=(left, right)` keeps q_pos - left <= kv_pos <= q_pos + right (an int w means (w, 0));
-`segment_ids` keep pairs in the same segment (packed documents). Decoding passes explicit
+`segment_ids` keep pairs in the same segment (packed documents); `block_mask[b, i, j]` with
+`block_mask_size=(bq, bk)` keeps queries [i*bq, (i+1)*bq) x keys [j*bk, (j+1)*bk) (a
+block-sparse map, batch axis 1 or B, ceil(Tq/bq) x ceil(Tk/bk) blocks, over time indices).
+All masks combine with AND. `scale` is a number or a per-head array [H] (a temperature).
+Decoding passes explicit
 `q_positions` / `kv_positions` for a KV cache; empty cache slots carry position `EMPTY`,
 which every causal or windowed query masks out. Rows with no visible key return 0 (lse -inf).
 Grouped-query / multi-query: Hkv divides H; query head h reads kv head h // (H // Hkv).
@@ -36,7 +40,8 @@ def normalize_window(window):
   return int(left), int(right)
 
 
-def attention_mask(q_positions, kv_positions, *, causal, window, segment_ids, kv_segment_ids):
+def attention_mask(q_positions, kv_positions, *, causal, window, segment_ids, kv_segment_ids,
+                   block_mask=None, block_mask_size=None):
   """Boolean mask [B, 1, Tq, Tk]: True where query may attend to key."""
   qp = q_positions[:, None, :, None]
   kp = kv_positions[:, None, None, :]
@@ -48,11 +53,17 @@ def attention_mask(q_positions, kv_positions, *, causal, window, segment_ids, kv
     mask &= (kp >= qp - left) & (kp <= qp + right)
   if segment_ids is not None:
     mask &= segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+  if block_mask is not None:
+    bq, bk = block_mask_size
+    rows = jnp.arange(q_positions.shape[1]) // bq
+    cols = jnp.arange(kv_positions.shape[1]) // bk
+    mask &= jnp.asarray(block_mask, bool)[:, rows][:, :, cols][:, None]
   return mask
 
 
 def _attention_jnp(q, k, v, *, scale, causal, window, segment_ids, kv_segment_ids,
-                   q_positions, kv_positions, softcap, bias, return_lse, compute_dtype):
+                   q_positions, kv_positions, softcap, bias, return_lse, compute_dtype,
+                   block_mask=None, block_mask_size=None):
   batch, tq, heads, _ = q.shape
   tk, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
@@ -65,7 +76,8 @@ def _attention_jnp(q, k, v, *, scale, causal, window, segment_ids, kv_segment_id
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   mask = attention_mask(q_positions, kv_positions, causal=causal, window=window,
-                        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+                        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                        block_mask=block_mask, block_mask_size=block_mask_size)
   logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -84,18 +96,19 @@ def _attention_jnp(q, k, v, *, scale, causal, window, segment_ids, kv_segment_id
 
 def reference(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
               kv_segment_ids=None, q_positions=None, kv_positions=None, softcap=None,
-              bias=None, return_lse=False):
+              bias=None, return_lse=False, block_mask=None, block_mask_size=None):
   """The float32 ground truth: materialises the [B, H, Tq, Tk] logits."""
   args = _canonical(q, k, v, scale=scale, causal=causal, window=window,
                     segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                     q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
-                    bias=bias, return_lse=return_lse)
+                    bias=bias, return_lse=return_lse, block_mask=block_mask,
+                    block_mask_size=block_mask_size)
   out = _attention_jnp(**args, compute_dtype=jnp.float32)
   return out
 
 
 def _canonical(q, k, v, *, scale, causal, window, segment_ids, kv_segment_ids, q_positions,
-               kv_positions, softcap, bias, return_lse):
+               kv_positions, softcap, bias, return_lse, block_mask=None, block_mask_size=None):
   """Validates shapes and fills defaults; returns the keyword arguments every impl takes."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"softmax_attention wants BTHD arrays, got q{q.shape} k{k.shape} v{v.shape}")
@@ -115,10 +128,23 @@ def _canonical(q, k, v, *, scale, causal, window, segment_ids, kv_segment_ids, q
     if tq != tk:
       raise ValueError("softmax_attention: pass kv_segment_ids when Tq != Tk")
     kv_segment_ids = segment_ids
+  if block_mask is not None:
+    if block_mask_size is None or len(block_mask_size) != 2:
+      raise ValueError("softmax_attention: block_mask needs block_mask_size=(bq, bk)")
+    block_mask_size = (int(block_mask_size[0]), int(block_mask_size[1]))
+    want = (-(-tq // block_mask_size[0]), -(-tk // block_mask_size[1]))
+    if (jnp.ndim(block_mask) != 3 or block_mask.shape[0] not in (1, batch)
+        or tuple(block_mask.shape[1:]) != want):
+      raise ValueError(f"softmax_attention: block_mask must be [1 or {batch}, {want[0]}, "
+                       f"{want[1]}] for block_mask_size {block_mask_size}, got "
+                       f"{jnp.shape(block_mask)}")
+  else:
+    block_mask_size = None
   return dict(q=q, k=k, v=v, scale=scale, causal=causal, window=normalize_window(window),
               segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
               q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
-              bias=bias, return_lse=return_lse)
+              bias=bias, return_lse=return_lse, block_mask=block_mask,
+              block_mask_size=block_mask_size)
 
 
 @dispatcher.register("xla")
@@ -128,7 +154,8 @@ def _xla(**args):
 
 
 def _cudnn_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids,
-                    q_positions, kv_positions, softcap, bias, return_lse, explicit_positions):
+                    q_positions, kv_positions, softcap, bias, return_lse, explicit_positions,
+                    block_mask=None, block_mask_size=None):
   if jax.default_backend() != "gpu":
     return "cuDNN runs only on GPU"
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -147,6 +174,8 @@ def _cudnn_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_i
     return "cuDNN supports only a left window on causal attention"
   if jnp.ndim(scale) != 0:
     return "cuDNN takes one scalar scale"
+  if block_mask is not None:
+    return "cuDNN path takes no block-sparse mask"
   return None
 
 
@@ -157,18 +186,61 @@ def _cudnn(*, q, k, v, scale, causal, window, bias, **_):
       local_window_size=window, implementation="cudnn")
 
 
+def _flash_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids,
+                    q_positions, kv_positions, softcap, bias, return_lse, explicit_positions,
+                    block_mask, block_mask_size, on_device):
+  from pallas_kernels.flash_attention import unsupported_reason
+  if on_device and jax.default_backend() != "gpu":
+    return ("the Pallas flash kernel lowers through Triton and runs only on GPU here "
+            f"(backend {jax.default_backend()!r}); use 'interpret' to run it on CPU")
+  if bias is not None:
+    return "the Pallas flash kernel takes no additive bias (use a per-head scale array, masks)"
+  if jnp.ndim(scale) > 1 or (jnp.ndim(scale) == 1 and jnp.shape(scale)[0] not in (1, q.shape[2])):
+    return f"scale must be a number or a per-head array [{q.shape[2]}], got shape {jnp.shape(scale)}"
+  return unsupported_reason(q, k, v, block_mask_size=block_mask_size)
+
+
+def _flash(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids, q_positions,
+           kv_positions, softcap, bias, return_lse, block_mask, block_mask_size, interpret):
+  from pallas_kernels.flash_attention import flash_attention
+  del bias  # refused by _flash_supports
+  if not isinstance(scale, (int, float)) and jnp.ndim(scale) == 0:
+    try:
+      scale = float(scale)  # a concrete scalar stays a compile-time constant
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      scale = jnp.reshape(scale, (1,))
+  return flash_attention(q, k, v, scale=scale, causal=causal, window=window,
+                         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                         q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
+                         block_mask=block_mask, block_mask_size=block_mask_size,
+                         return_lse=return_lse, interpret=interpret)
+
+
+dispatcher.register("pallas", supports=lambda **a: _flash_supports(**a, on_device=True))(
+    lambda **a: _flash(**a, interpret=False))
+dispatcher.register("interpret", supports=lambda **a: _flash_supports(**a, on_device=False))(
+    lambda **a: _flash(**a, interpret=True))
+
+
 def softmax_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
                       kv_segment_ids=None, q_positions=None, kv_positions=None,
-                      softcap=None, bias=None, return_lse=False, implementation="auto"):
+                      softcap=None, bias=None, return_lse=False, block_mask=None,
+                      block_mask_size=None, implementation="auto"):
   """Multi-head softmax attention; see the module docstring for the mask semantics.
 
   Returns o[B,Tq,H,Dv], or (o, lse[B,Tq,H] float32) when return_lse.
-  implementation: "auto" | "xla" | "cudnn" | "pallas" | "interpret".
+  implementation: "auto" | "xla" | "cudnn" | "pallas" | "interpret". "pallas" is the
+  flash kernel of pallas_kernels.flash_attention on GPU (Triton lowering); "interpret" runs
+  the same kernel in Pallas interpret mode (any backend; how CPU tests exercise it).
   """
   explicit_positions = q_positions is not None or kv_positions is not None
   args = _canonical(q, k, v, scale=scale, causal=causal, window=window,
                     segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                     q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
-                    bias=bias, return_lse=return_lse)
+                    bias=bias, return_lse=return_lse, block_mask=block_mask,
+                    block_mask_size=block_mask_size)
   name = dispatcher.choose(implementation, **args, explicit_positions=explicit_positions)
+  if name in ("pallas", "interpret") and not explicit_positions:
+    # default positions let the kernel index its fully visible tiles arithmetically
+    args = dict(args, q_positions=None, kv_positions=None)
   return dispatcher.implementations[name].fn(**args)

@@ -12,6 +12,8 @@ from tests.conftest import relative_error
 TEST_KWARGS = {
     "attention": dict(num_heads=4, num_kv_heads=2, rope=True),
     "sliding_window": dict(num_heads=2, window=5),
+    "gated_attention": dict(num_heads=2, gate="headwise"),
+    "block_attention": dict(num_heads=2, num_kv_heads=1),
 }
 D, B, T = 16, 2, 13
 
@@ -98,3 +100,58 @@ def test_bad_options_are_errors():
     build_mixer("attention", d_model=10, nonsense=1)
   with pytest.raises(ValueError, match="unknown mixer"):
     build_mixer("no_such_mixer", d_model=10)
+
+
+def test_attention_options_reach_the_op():
+  x = x_input()
+  plain = build_mixer("attention", d_model=D, num_heads=2, head_dim=24)
+  params = plain.init(jax.random.key(0), x)
+  assert params["params"]["q"]["kernel"].shape == (D, 2, 24)  # head_dim independent of D/H
+  params = jax.tree.map(lambda p: 30 * p, params)  # large logits, so the cap matters
+  capped = build_mixer("attention", d_model=D, num_heads=2, head_dim=24, softcap=0.5)
+  weights = capped.apply(params, x, method=capped.attention_matrix)
+  assert np.abs(np.asarray(weights - plain.apply(params, x, method=plain.attention_matrix))).max() > 1e-3
+  # with a cap of 0.5 every logit is in [-0.5, 0.5]: weights within a row differ by <= e^1
+  w = np.asarray(weights[:, :, -1])
+  assert w.max(-1).min() / w.min(-1).min() <= np.e + 1e-4
+
+
+def test_gated_attention_gates_each_head():
+  x = x_input()
+  for gate, width in (("elementwise", 8), ("headwise", 1)):
+    mixer = build_mixer("gated_attention", d_model=D, num_heads=2, gate=gate)
+    params = mixer.init(jax.random.key(0), x)
+    assert params["params"]["gate_proj"]["kernel"].shape == (D, 2, width)
+    # a gate driven to zero silences the output
+    shut = jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.full_like(p, -1e4) if "gate_proj" in str(path) and "bias" in str(path)
+        else p, params)
+    assert np.abs(np.asarray(mixer.apply(shut, x) - shut["params"]["out"]["bias"])).max() < 1e-6
+
+
+def test_block_attention_mask_and_kv_reuse():
+  mixer = build_mixer("block_attention", d_model=D, num_heads=2)
+  x = x_input(5)
+  blocks = jnp.array([[0] * 4 + [1] * 5 + [2] * 4] * B)
+  params = mixer.init(jax.random.key(0), x)
+  full = mixer.apply(params, x, segment_ids=blocks)
+  # a token of block 1 sees only block 1; a token of the last block sees everything before it
+  grad = lambda t: np.abs(np.asarray(jax.grad(
+      lambda x: mixer.apply(params, x, segment_ids=blocks)[:, t].sum())(x))).sum(axis=(0, 2))
+  assert (grad(6)[:4] == 0).all() and (grad(6)[4:7] > 0).all() and (grad(6)[7:] == 0).all()
+  assert (grad(10)[:11] > 0).all() and (grad(10)[11:] == 0).all()
+  # blocks encoded on their own at local positions, re-encoded at their offsets, fill the KV
+  # cache; decoding the last block from it equals the full forward
+  cache = mixer.init(jax.random.key(0), x, decode=True)["cache"]
+  keys, values = [], []
+  for start, stop in ((0, 4), (4, 9)):
+    k, v = mixer.apply(params, x[:, start:stop], method=mixer.encode_block)
+    keys.append(mixer.apply(params, k, start, method=mixer.place_block))
+    values.append(v)
+  cache = dict(cache, keys=cache["keys"].at[:, :9].set(jnp.concatenate(keys, 1)),
+               values=cache["values"].at[:, :9].set(jnp.concatenate(values, 1)),
+               positions=cache["positions"].at[:, :9].set(jnp.arange(9)))
+  positions = jnp.broadcast_to(jnp.arange(9, 13), (B, 4))
+  out, _ = mixer.apply({**params, "cache": cache}, x[:, 9:], positions=positions, decode=True,
+                       mutable=["cache"])
+  assert relative_error(out, full[:, 9:]) < 1e-5

@@ -1,0 +1,337 @@
+"""`attnzoo bench attention`: the Pallas flash-attention kernel against cuDNN, XLA and JAX's
+Pallas `mha`, measured in the same run on the current device.
+
+Cases (bf16, H=16, D=128): B x T = 4 x 4096 and 1 x 16384, causal and non-causal, forward and
+forward+backward; plus at T=16384 a causal sliding window of 1024 and causal packed documents
+(segment ids). FLOPs = 4*B*H*T^2*D (halved for causal; for windows and packed documents the
+exact number of visible (q, k) pairs replaces T^2/2), x3.5 for forward+backward.
+Writes experiments/results/kernels/attention_<device>.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import time
+import traceback
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnzoo.ops.softmax_attention import softmax_attention
+
+IMPLS = ("pallas", "cudnn", "xla", "mha")
+
+
+def _time(fn, *args, min_rep_s=0.02, reps=7):
+  """Median seconds per call: warm up, then `reps` timed batches of calls."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  one = max(time.perf_counter() - t0, 1e-6)
+  iters = max(1, min(200, int(min_rep_s / one)))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / iters)
+  return float(np.median(times))
+
+
+def _packed_segments(batch, t, docs, seed=0):
+  """Sorted segment ids: `docs` documents of random lengths per row."""
+  rng = np.random.default_rng(seed)
+  cuts = np.sort(rng.choice(np.arange(1, t), docs - 1, replace=False))
+  seg = np.zeros(t, np.int32)
+  seg[cuts] = 1
+  return jnp.asarray(np.broadcast_to(np.cumsum(seg), (batch, t)).astype(np.int32))
+
+
+def _visible_pairs(t, *, causal, window=None, segments=None):
+  """Per-(batch, head) number of unmasked (q, k) pairs (the FA convention for plain causal)."""
+  if window is None and segments is None:
+    return t * t / 2 if causal else t * t
+  i = np.arange(t)
+  if segments is not None:
+    seg = np.asarray(segments[0])
+    starts = np.searchsorted(seg, seg, side="left")
+    lo = starts
+  else:
+    lo = np.zeros(t, np.int64)
+  hi = i if causal else np.full(t, t - 1)
+  if window is not None:
+    lo = np.maximum(lo, i - window[0])
+    hi = np.minimum(hi, i + window[1])
+  return float(np.maximum(hi - lo + 1, 0).sum())
+
+
+def _impl_fn(impl, *, scale, causal, window, segments, block_sizes=None):
+  """(q, k, v) -> o for one implementation, or raises when it cannot serve the case."""
+  if impl == "pallas":
+    if block_sizes is not None:
+      from pallas_kernels.flash_attention import flash_attention
+      return lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal,
+                                             window=window, segment_ids=segments,
+                                             block_sizes=block_sizes)
+    return lambda q, k, v: softmax_attention(q, k, v, scale=scale, causal=causal,
+                                             window=window, segment_ids=segments,
+                                             implementation="pallas")
+  if impl in ("cudnn", "xla"):
+    if segments is not None and impl == "cudnn":
+      raise NotImplementedError("jax.nn's cuDNN path has no segment ids")
+
+    def f(q, k, v):
+      mask = None
+      if segments is not None:  # built inside the jit: no T x T constant
+        mask = segments[:, None, :, None] == segments[:, None, None, :]
+      return jax.nn.dot_product_attention(
+          q, k, v, scale=scale, is_causal=causal, mask=mask, local_window_size=window,
+          implementation=impl if impl == "cudnn" else None)
+    return f
+  if impl == "mha":
+    if window is not None:
+      raise NotImplementedError("Pallas mha has no sliding window")
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      from jax.experimental.pallas.ops.gpu import attention as pallas_mha
+    return lambda q, k, v: pallas_mha.mha(q, k, v, segment_ids=segments, sm_scale=scale,
+                                          causal=causal)
+  raise ValueError(impl)
+
+
+def _measure(impl, q, k, v, do, *, causal, window, segments, mode, block_sizes=None):
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  f = _impl_fn(impl, scale=scale, causal=causal, window=window, segments=segments,
+               block_sizes=block_sizes)
+  if mode == "fwd":
+    g = jax.jit(f)
+    return _time(g, q, k, v), g(q, k, v)
+
+  def loss(q, k, v, do):
+    return jnp.sum(f(q, k, v).astype(jnp.float32) * do)
+  g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return _time(g, q, k, v, do), None
+
+
+def _rel(a, b):
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _cases(quick):
+  shapes = [(1, 16384), (4, 4096)] if not quick else [(1, 2048)]
+  out = []
+  for b, t in shapes:
+    for causal in (True, False):
+      out.append(dict(name=f"{'causal' if causal else 'full'}", B=b, T=t, causal=causal,
+                      window=None, docs=None))
+    if t >= 2048 and b == 1:
+      out.append(dict(name="window1024", B=1, T=t, causal=True, window=(1024, 0), docs=None))
+      out.append(dict(name="packed16docs", B=1, T=t, causal=True, window=None, docs=16))
+  return out
+
+
+def device_name():
+  kind = jax.devices()[0].device_kind
+  return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
+
+
+def run(args, rows, save):
+  heads, dim = 16, 128
+  for case in _cases(args.quick):
+    b, t = case["B"], case["T"]
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (b, t, heads, dim), jnp.float32).astype(jnp.bfloat16)
+                   for kk in ks)
+    do = do.astype(jnp.float32)
+    segments = _packed_segments(b, t, case["docs"]) if case["docs"] else None
+    pairs = _visible_pairs(t, causal=case["causal"], window=case["window"], segments=segments)
+    for mode in ("fwd", "fwdbwd"):
+      flops = 4 * b * heads * pairs * dim * (3.5 if mode == "fwdbwd" else 1)
+      outs = {}
+      for impl in args.impls:
+        row = dict(case=case["name"], B=b, T=t, H=heads, D=dim, dtype="bfloat16", mode=mode,
+                   impl=impl, causal=case["causal"], window=case["window"],
+                   docs=case["docs"])
+        try:
+          s, o = _measure(impl, q, k, v, do, causal=case["causal"], window=case["window"],
+                          segments=segments, mode=mode,
+                          block_sizes=args.block_sizes if impl == "pallas" else None)
+          row.update(ms=s * 1e3, tflops=flops / s / 1e12)
+          if o is not None:
+            outs[impl] = o
+        except Exception as e:  # one failing implementation must not hide the others
+          row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+          if args.verbose:
+            traceback.print_exc(limit=3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save()
+      if "pallas" in outs:
+        base = outs.get("xla", outs.get("cudnn"))
+        if base is not None:
+          for r in rows[-len(args.impls):]:
+            if r["impl"] == "pallas":
+              r["relerr_vs_" + ("xla" if "xla" in outs else "cudnn")] = _rel(outs["pallas"], base)
+  return rows
+
+
+FWD_CANDIDATES = [
+    dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
+    dict(block_q=128, block_k=128, num_warps=8, num_stages=3),
+    dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
+]
+BWD_CANDIDATES = [
+    dict(block_q_dq=128, block_k_dq=64, num_warps_dq=8, num_stages_dq=2,
+         block_q_dkv=64, block_k_dkv=128, num_warps_dkv=8, num_stages_dkv=2),
+    dict(block_q_dq=64, block_k_dq=64, num_warps_dq=4, num_stages_dq=2,
+         block_q_dkv=64, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=2),
+    dict(block_q_dq=128, block_k_dq=32, num_warps_dq=4, num_stages_dq=3,
+         block_q_dkv=32, block_k_dkv=128, num_warps_dkv=4, num_stages_dkv=3),
+]
+
+
+def tune(args, rows, save):
+  """Times the kernel's block-size candidates on the causal case; returns the best BlockSizes.
+
+  Forward candidates first, then backward candidates (forward+backward time) on top of the
+  best forward. Every measurement is kept in the results (rows with "sweep": true).
+  """
+  from pallas_kernels.flash_attention import BlockSizes
+  heads, dim = 16, 128
+  b, t = (4, 4096) if not args.quick else (1, 2048)
+  ks = jax.random.split(jax.random.key(0), 4)
+  q, k, v, do = (jax.random.normal(kk, (b, t, heads, dim), jnp.float32).astype(jnp.bfloat16)
+                 for kk in ks)
+  do = do.astype(jnp.float32)
+  best = {}
+  for mode, candidates in (("fwd", FWD_CANDIDATES), ("fwdbwd", BWD_CANDIDATES)):
+    flops = 4 * b * heads * t * t / 2 * dim * (3.5 if mode == "fwdbwd" else 1)
+    timed = []
+    for c in candidates:
+      blocks = {**best, **c}
+      row = dict(sweep=True, B=b, T=t, mode=mode, causal=True, blocks=blocks)
+      try:
+        sec, _ = _measure("pallas", q, k, v, do, causal=True, window=None, segments=None,
+                          mode=mode, block_sizes=BlockSizes(**blocks))
+        row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
+        timed.append((sec, c))
+      except Exception as e:
+        row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      save()
+    if timed:
+      best.update(min(timed, key=lambda x: x[0])[1])
+  print("tuned block sizes:", json.dumps(best), flush=True)
+  return BlockSizes(**best)
+
+
+def to_markdown(rows, device):
+  lines = [f"# Softmax attention kernels on {device}", "",
+           f"jax {jax.__version__}; bf16, H=16, D=128; median of timed batches after warm-up. "
+           "TFLOP/s = 4*B*H*pairs*D (pairs = T^2/2 causal, T^2 full, exact visible pairs for "
+           "window / packed documents) x3.5 for fwd+bwd. Ratios: ours / anchor time inverse "
+           "(>1 means ours is faster).", "",
+           "| case | B x T | mode | ours ms | ours TFLOP/s | cuDNN TFLOP/s | XLA TFLOP/s | "
+           "Pallas mha TFLOP/s | vs cuDNN | vs XLA | vs mha |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  main = [r for r in rows if "impl" in r]
+  tuned = [r["tuned_block_sizes"] for r in rows if "tuned_block_sizes" in r]
+  earlier = sorted({r["impl"] for r in rows if r.get("earlier_run")})
+  if earlier:
+    lines[3:3] = [f"Columns measured in an earlier run on the same device (same code paths, "
+                  f"not re-measured to save device time): {', '.join(earlier)}.", ""]
+  if tuned:
+    lines[3:3] = [f"Kernel block sizes (chosen by --tune in this run): `{tuned[0]}`", ""]
+  keys = []
+  for r in main:
+    key = (r["case"], r["B"], r["T"], r["mode"])
+    if key not in keys:
+      keys.append(key)
+  for key in keys:
+    by = {r["impl"]: r for r in main if (r["case"], r["B"], r["T"], r["mode"]) == key}
+    ours = by.get("pallas", {})
+
+    def tf(name):
+      r = by.get(name, {})
+      return f"{r['tflops']:.0f}" if "tflops" in r else "—"
+
+    def ratio(name):
+      r = by.get(name, {})
+      if "ms" in r and "ms" in ours:
+        return f"{r['ms'] / ours['ms']:.2f}x"
+      return "—"
+    ms = f"{ours['ms']:.3f}" if "ms" in ours else "error"
+    lines.append(f"| {key[0]} | {key[1]}x{key[2]} | {key[3]} | {ms} | {tf('pallas')} | "
+                 f"{tf('cudnn')} | {tf('xla')} | {tf('mha')} | {ratio('cudnn')} | "
+                 f"{ratio('xla')} | {ratio('mha')} |")
+  def ours_ms(case, t, mode):
+    for r in main:
+      if (r["impl"], r["case"], r["T"], r["mode"]) == ("pallas", case, t, mode) and "ms" in r:
+        return r["ms"]
+  for mode in ("fwd", "fwdbwd"):
+    full, win = ours_ms("causal", 16384, mode), ours_ms("window1024", 16384, mode)
+    if full and win:
+      lines.append(f"\nSliding window 1024 vs full causal at T=16384, {mode}: "
+                   f"{full / win:.1f}x faster (ideal ~{16384 / 2 / 1024:.0f}x from work).")
+  errors = [r for r in main if "error" in r]
+  if errors:
+    lines += ["", "Implementations that could not run a case:", ""]
+    lines += [f"- {r['impl']} {r['case']} {r['B']}x{r['T']} {r['mode']}: {r['error']}"
+              for r in errors]
+  sw = [r for r in rows if r.get("sweep")]
+  if sw:
+    lines += ["", "Block-size candidates (causal, bwd candidates on top of the best fwd):", "", "| B x T | mode | blocks | ms | TFLOP/s |",
+              "|---|---|---|---|---|"]
+    for r in sw:
+      lines.append(f"| {r['B']}x{r['T']} | {r['mode']} | {r['blocks']} | "
+                   f"{r.get('ms', float('nan')):.3f} | {r.get('tflops', float('nan')):.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="attnzoo bench attention", description=__doc__)
+  p.add_argument("--out-dir", default=os.path.join("experiments", "results", "kernels"))
+  p.add_argument("--impls", default=",".join(IMPLS),
+                 help="comma-separated subset of " + ",".join(IMPLS))
+  p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+  p.add_argument("--tune", action="store_true",
+                 help="time block-size candidates first and run the table with the best")
+  p.add_argument("--verbose", action="store_true")
+  args = p.parse_args(argv)
+  args.impls = tuple(args.impls.split(","))
+  device = jax.devices()[0].device_kind
+  print(f"device: {device}, jax {jax.__version__}", flush=True)
+  os.makedirs(args.out_dir, exist_ok=True)
+  stem = os.path.join(args.out_dir, f"attention_{device_name()}")
+  rows = []
+
+  def save():  # after every measurement, so an interrupted run still leaves its rows
+    with open(stem + ".json", "w") as f:
+      json.dump(dict(device=device, jax=jax.__version__, rows=rows), f, indent=1)
+    with open(stem + ".md", "w") as f:
+      f.write(to_markdown(rows, device))
+
+  block_sizes = tune(args, rows, save) if args.tune else None
+  args.block_sizes = block_sizes
+  if block_sizes is not None:
+    rows.append(dict(tuned_block_sizes=dataclasses.asdict(block_sizes)))
+  run(args, rows, save)
+  save()
+  print(to_markdown(rows, device), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

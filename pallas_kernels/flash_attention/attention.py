@@ -1,0 +1,197 @@
+"""flash_attention: padding, tile schedules and the custom_vjp around the Pallas kernels."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.flash_attention import kernels
+from pallas_kernels.flash_attention import schedule as sched_lib
+from pallas_kernels.flash_attention.config import BlockSizes, default_block_sizes
+
+LN2 = math.log(2.0)
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_HEAD_DIM = 256
+
+
+def _pow2_at_least(n, floor=16):
+  return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _largest_pow2_divisor(n):
+  return n & -n
+
+
+def _tile(block, t, user_block):
+  b = min(block, _pow2_at_least(t))
+  if user_block is not None:
+    b = min(b, _largest_pow2_divisor(user_block))
+  return b
+
+
+def unsupported_reason(q, k, v, *, block_mask_size=None):
+  """Why the kernel cannot serve these shapes/dtypes, or None (static check, no tracing)."""
+  if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    return f"flash kernel needs q, k, v of one dtype in f32/bf16/f16, got {q.dtype}, {k.dtype}, {v.dtype}"
+  if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+    return f"flash kernel supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}/{v.shape[-1]}"
+  if block_mask_size is not None:
+    for b in block_mask_size:
+      if b % 16:
+        return f"block_mask_size entries must be multiples of 16 (kernel tiles divide them), got {block_mask_size}"
+  return None
+
+
+def _pad_axis(x, axis, size, mode="constant", value=0):
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  if mode == "edge":
+    return jnp.pad(x, widths, mode="edge")
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
+                    kv_segment_ids=None, q_positions=None, kv_positions=None, softcap=None,
+                    block_mask=None, block_mask_size=None, return_lse=False,
+                    block_sizes: BlockSizes | None = None, interpret=False):
+  """Blockwise softmax attention with Pallas forward and backward kernels.
+
+  q[B,Tq,H,D], k[B,Tk,Hkv,D], v[B,Tk,Hkv,Dv] (BTHD; Hkv divides H). `scale` is a Python
+  number or a per-head array [H] (differentiable: a learned temperature). Masks:
+  `causal`, `window=(left, right)`, `segment_ids`/`kv_segment_ids` [B,T], explicit
+  `q_positions`/`kv_positions` [B,T] (kv position 2**31-1 = empty slot), and a block-sparse
+  `block_mask` [B|1, ceil(Tq/bq), ceil(Tk/bk)] bool with `block_mask_size=(bq, bk)`.
+  Tiles with nothing visible are skipped. Returns o[B,Tq,H,Dv] (and lse[B,Tq,H] float32,
+  natural log, -inf on rows that see nothing, when return_lse).
+  """
+  why = unsupported_reason(q, k, v, block_mask_size=block_mask_size)
+  if why:
+    raise NotImplementedError(why)
+  batch, tq, heads, d = q.shape
+  tk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[-1]
+  if heads % kv_heads:
+    raise ValueError(f"kv heads {kv_heads} must divide q heads {heads}")
+  groups = heads // kv_heads
+  if window is not None:
+    if isinstance(window, int):
+      window = (window, 0)
+    window = (int(window[0]), int(window[1]))
+  if block_sizes is None:
+    block_sizes = default_block_sizes(max(d, dv), jnp.dtype(q.dtype).itemsize)
+  ub = block_mask_size if block_mask is not None else (None, None)
+  bs = block_sizes
+  tiles = dict(
+      block_q=_tile(bs.block_q, tq, ub[0]), block_k=_tile(bs.block_k, tk, ub[1]),
+      block_q_dq=_tile(bs.block_q_dq, tq, ub[0]), block_k_dq=_tile(bs.block_k_dq, tk, ub[1]),
+      block_q_dkv=_tile(bs.block_q_dkv, tq, ub[0]),
+      block_k_dkv=_tile(bs.block_k_dkv, tk, ub[1]))
+  tq_pad = -(-tq // max(tiles["block_q"], tiles["block_q_dq"], tiles["block_q_dkv"])) * max(
+      tiles["block_q"], tiles["block_q_dq"], tiles["block_q_dkv"])
+  tk_pad = -(-tk // max(tiles["block_k"], tiles["block_k_dq"], tiles["block_k_dkv"])) * max(
+      tiles["block_k"], tiles["block_k_dq"], tiles["block_k_dkv"])
+
+  if isinstance(scale, (int, float, np.floating, np.integer)):
+    static_scale, scale_arr = float(scale), None
+  else:
+    static_scale = None
+    scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (heads,))
+  if softcap is not None:
+    softcap = float(softcap)
+  contiguous_full = bool(bs.direct_full and q_positions is None and kv_positions is None
+                         and segment_ids is None and block_mask is None)
+  cfg = kernels.KernelConfig(
+      contiguous_full=contiguous_full,
+      static_scale=static_scale, causal=bool(causal), window=window,
+      has_segments=segment_ids is not None, softcap=softcap, groups=groups,
+      precise=q.dtype == jnp.float32, interpret=bool(interpret),
+      num_warps=bs.num_warps, num_stages=bs.num_stages, num_warps_dq=bs.num_warps_dq,
+      num_stages_dq=bs.num_stages_dq, num_warps_dkv=bs.num_warps_dkv,
+      num_stages_dkv=bs.num_stages_dkv, **tiles)
+
+  # Positions and segments, padded: padded keys are empty slots; padded queries repeat the
+  # last real query (so tile summaries stay tight) and their outputs are dropped.
+  if q_positions is None:
+    q_positions = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (batch, tq))
+  if kv_positions is None:
+    kv_positions = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (batch, tk))
+  q_pos = _pad_axis(jnp.asarray(q_positions, jnp.int32), 1, tq_pad, "edge")
+  kv_pos = _pad_axis(jnp.asarray(kv_positions, jnp.int32), 1, tk_pad,
+                     value=sched_lib.EMPTY)
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    if kv_segment_ids is None:
+      kv_segment_ids = segment_ids
+    q_seg = _pad_axis(jnp.asarray(segment_ids, jnp.int32), 1, tq_pad, "edge")
+    kv_seg = _pad_axis(jnp.asarray(kv_segment_ids, jnp.int32), 1, tk_pad, "edge")
+
+  def kinds(bq, bk):
+    user = None
+    if block_mask is not None:
+      user = sched_lib.user_tiles(block_mask, block_mask_size, batch=batch, nq=tq_pad // bq,
+                                  nk=tk_pad // bk, block_q=bq, block_k=bk)
+    return sched_lib.tile_kinds(q_pos, kv_pos, q_seg, kv_seg, block_q=bq, block_k=bk,
+                                causal=causal, window=window, user_tiles=user)
+
+  kind_fwd = kinds(cfg.block_q, cfg.block_k)
+  sched_fwd = sched_lib.schedule_rows(kind_fwd)
+  sched_dq = (sched_fwd if (cfg.block_q_dq, cfg.block_k_dq) == (cfg.block_q, cfg.block_k)
+              else sched_lib.schedule_rows(kinds(cfg.block_q_dq, cfg.block_k_dq)))
+  sched_dkv = sched_lib.schedule_rows(
+      jnp.swapaxes(kinds(cfg.block_q_dkv, cfg.block_k_dkv), 1, 2))
+  aux = (q_pos, kv_pos, q_seg, kv_seg, sched_fwd, sched_dq, sched_dkv)
+
+  dp, dvp = _pow2_at_least(d), _pow2_at_least(dv)
+  qp = _pad_axis(_pad_axis(q, 1, tq_pad), 3, dp)
+  kp = _pad_axis(_pad_axis(k, 1, tk_pad), 3, dp)
+  vp = _pad_axis(_pad_axis(v, 1, tk_pad), 3, dvp)
+  o, lse2 = _flash(qp, kp, vp, scale_arr, aux, cfg)
+  o = o[:, :tq, :, :dv]
+  if not return_lse:
+    return o
+  lse2 = jnp.swapaxes(lse2[:, :, :tq], 1, 2)
+  lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * LN2)
+  return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, scale_arr, aux, cfg):
+  out, _ = _flash_fwd(q, k, v, scale_arr, aux, cfg)
+  return out
+
+
+def _flash_fwd(q, k, v, scale_arr, aux, cfg):
+  q_pos, kv_pos, q_seg, kv_seg, sched_fwd, _, _ = aux
+  o, lse2 = kernels.forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched_fwd, cfg)
+  return (o, lse2), (q, k, v, scale_arr, aux, o, lse2)
+
+
+def _flash_bwd(cfg, res, cts):
+  q, k, v, scale_arr, aux, o, lse2 = res
+  do, dlse2 = cts
+  q_pos, kv_pos, q_seg, kv_seg, _, sched_dq, sched_dkv = aux
+  do = do.astype(q.dtype)
+  # delta_i = sum_d o*do; an lse cotangent enters as dlogits += p * dlse (natural units).
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  if dlse2 is not None and not isinstance(dlse2, jax.custom_derivatives.SymbolicZero):
+    delta = delta - dlse2.astype(jnp.float32) / LN2
+  dq = kernels.backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
+                           sched_dq, cfg)
+  dk, dv = kernels.backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg,
+                                kv_seg, sched_dkv, cfg)
+  dscale = None
+  if cfg.static_scale is None:
+    # dq came back unscaled: dL/dscale_h = sum q . dq_raw; dq = scale * dq_raw.
+    dscale = jnp.einsum("bthd,bthd->h", q.astype(jnp.float32), dq)
+    dq = (dq * scale_arr[None, None, :, None]).astype(q.dtype)
+  zero_aux = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), aux)
+  return dq, dk, dv, dscale, zero_aux
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

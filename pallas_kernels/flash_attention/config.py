@@ -1,0 +1,58 @@
+"""Block sizes and launch parameters of the flash-attention kernels."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (powers of two, >= 16) and Triton launch parameters.
+
+  Forward: one program per (q tile of `block_q` rows, head, batch), looping over kv tiles of
+  `block_k`. Backward: a dq kernel tiled like the forward (`block_q_dq` x `block_k_dq`) and a
+  dk/dv kernel with one program per kv tile of `block_k_dkv`, looping over q tiles of
+  `block_q_dkv` (and over the query heads of its kv-head group).
+  """
+  # Defaults: the best of the candidates timed on one H200 (bf16, D=128, causal 4x4096;
+  # experiments/results/kernels/attention_nvidia_h200.md).
+  block_q: int = 128
+  block_k: int = 128
+  num_warps: int = 8
+  num_stages: int = 3
+  block_q_dq: int = 64
+  block_k_dq: int = 64
+  num_warps_dq: int = 4
+  num_stages_dq: int = 2
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
+  num_warps_dkv: int = 4
+  num_stages_dkv: int = 2
+  # Index fully visible tiles arithmetically (no schedule load in the loop) when the mask
+  # guarantees they are one contiguous run (causal / window on default positions).
+  direct_full: bool = True
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      if f.name.startswith("block_"):
+        b = getattr(self, f.name)
+        if b < 16 or b & (b - 1):
+          raise ValueError(f"BlockSizes.{f.name} must be a power of two >= 16, got {b}")
+
+
+def default_block_sizes(head_dim: int, dtype_bytes: int) -> BlockSizes:
+  """Defaults by head dim and dtype; larger rows take smaller tiles to fit shared memory.
+
+  Only the bf16/f16 head_dim<=128 entry has been timed on a GPU; the others are chosen to fit
+  the H100/H200 shared memory (227 KiB) and have not been tuned.
+  """
+  if head_dim <= 128 and dtype_bytes <= 2:
+    return BlockSizes()
+  if head_dim <= 64:  # float32
+    return BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=2)
+  if head_dim <= 128 or dtype_bytes <= 2:  # f32 head_dim 128, or bf16/f16 head_dim 256
+    return BlockSizes(block_q=64, block_k=32, num_warps=4, num_stages=2,
+                      block_q_dq=64, block_k_dq=32, num_warps_dq=4, num_stages_dq=1,
+                      block_q_dkv=32, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=1)
+  return BlockSizes(block_q=32, block_k=32, num_warps=4, num_stages=1,  # f32 head_dim 256
+                    block_q_dq=32, block_k_dq=32, num_warps_dq=4, num_stages_dq=1,
+                    block_q_dkv=32, block_k_dkv=32, num_warps_dkv=4, num_stages_dkv=1)
