@@ -121,3 +121,13 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   train(tiny_mqar_config(**{"train.num_steps": 10}), tmp_path, quiet=True)
   with pytest.raises(ValueError, match="different config"):
     train(tiny_mqar_config(**{"train.num_steps": 10, "train.lr": 1e-4}), tmp_path, quiet=True)
+
+
+def test_data_parallel_on_four_devices_matches_one(tmp_path):
+  """The same config on 4 (fake CPU) devices, batch sharded over `data`, logs the same losses."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  subprocess.run(cli(tmp_path / "four", 20), check=True, env=env, capture_output=True)
+  subprocess.run(cli(tmp_path / "one", 20), check=True, capture_output=True)
+  four, one = losses(tmp_path / "four"), losses(tmp_path / "one")
+  assert [s for s, _ in four] == [s for s, _ in one]
+  np.testing.assert_allclose([l for _, l in four], [l for _, l in one], rtol=1e-4)
