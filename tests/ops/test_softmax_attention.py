@@ -108,3 +108,14 @@ def test_dispatch_errors_name_the_problem():
     softmax_attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2), scale=1.0)
   with pytest.raises(ValueError, match="scale"):
     softmax_attention(q, k, v, scale=None)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs only on GPU")
+@pytest.mark.parametrize("causal,window,kv_heads", [(True, None, 4), (False, None, 2),
+                                                    (True, 15, 4), (True, 100, 1)])
+def test_cudnn_matches_xla_on_gpu(causal, window, kv_heads):
+  q, k, v = inputs(6, B=2, Tq=256, Tk=256, H=4, Hkv=kv_heads, D=64, dtype=jnp.bfloat16)
+  args = dict(scale=0.125, causal=causal, window=window)
+  got = softmax_attention(q, k, v, implementation="cudnn", **args)
+  want = reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), **args)
+  assert relative_error(got, want) < 1e-2

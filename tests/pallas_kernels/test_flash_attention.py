@@ -2,7 +2,7 @@
 
 On CPU the kernel runs in Pallas interpret mode (implementation "interpret"); dots there are
 exact float32, so float32 must match to 1e-5 relative. To run the same tests on a GPU with the
-compiled kernel: ATTNZOO_TEST_IMPL=pallas pytest tests/pallas_kernels/test_flash_attention.py
+compiled kernel: ATTNZOO_KERNEL_IMPL=pallas pytest tests/pallas_kernels/test_flash_attention.py
 (add --noconftest where tests/conftest.py needs packages the GPU machine lacks).
 On GPU the kernel's float32 dots are IEEE (precision HIGHEST, no TF32) and the reference runs
 under default_matmul_precision("highest"); the GPU float32 tolerance is 1e-4 to leave room for
@@ -19,7 +19,7 @@ from attnzoo.ops import Unsupported
 from attnzoo.ops.softmax_attention import EMPTY, reference, softmax_attention
 from pallas_kernels.flash_attention import schedule
 
-IMPL = os.environ.get("ATTNZOO_TEST_IMPL", "interpret")
+IMPL = os.environ.get("ATTNZOO_KERNEL_IMPL", "interpret")
 F32_TOL = 1e-5 if IMPL == "interpret" else 1e-4
 BF16_TOL = 1e-2
 

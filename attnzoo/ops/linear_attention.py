@@ -1,0 +1,378 @@
+"""Decayed linear attention: plain, scalar-gated and vector-gated linear recurrences.
+
+  S_t = diag(a_t) S_{t-1} + k_t v_t^T,     o_t = scale * S_t^T q_t,     a_t = exp(log_decay_t)
+
+Layout BTHD: q, k [B,T,H,K], v [B,T,H,V]; state [B,H,K,V] float32.
+`log_decay` (log space, <= 0) picks the family:
+  - None: plain linear attention (Katharopoulos et al.);
+  - [H]: a fixed decay per head (RetNet's gamma), broadcast over batch and time;
+  - [B,T,H]: one decay per head and step (Lightning, Mamba-2 SSD, simple GLA);
+  - [B,T,H,K]: a decay per key channel (GLA, HGRN-2, RWKV-6).
+`bonus` u[H,K] switches to the RWKV-6 readout: the output reads the state *before* step t
+(before both its decay and k_t v_t^T) plus the bonus,
+  o_t = scale * (S_{t-1}^T q_t + (q_t . (u * k_t)) v_t).
+`normalize` adds the running key sum z_t = a_t z_{t-1} + k_t and returns
+  o_t = (scale S_t^T q_t) / (scale z_t . q_t + eps).
+  The state then carries z as one extra value column: [B,H,K,V+1] (initial and final).
+`segment_ids` [B,T] (packed sequences): the state is reset to zero wherever the id changes;
+`initial_state` feeds the first segment only.
+
+Implementations: `reference` (quadratic, float32), `recurrent` (lax.scan of `step`), "xla"
+(chunked pure jnp, `chunked`), "pallas" (pallas_kernels.linear_attention through Pallas'
+Triton backend, GPU) and "interpret" (that kernel in Pallas interpret mode, any backend).
+
+Numerics of the chunked forms ("xla", "pallas"): every exponent is <= 0 except, for per-channel
+decay, inside 16-token sub-blocks, where the factors are referenced to the sub-block's middle
+row and clamped at e^80: results are exact unless the decay over 8 consecutive steps is
+stronger than e^-80 (about -10 per step on average). In bf16 the normalised form's dq is a small
+difference of two large terms (~3e-2 relative error at T=1000 for "xla" and "pallas" alike).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attnzoo.ops.dispatch import Dispatcher
+
+F32 = jnp.float32
+CLAMP = 80.0  # vector-decay sub-block trick: largest positive exponent of either side
+
+dispatcher = Dispatcher("linear_attention", auto_order={
+    "gpu": ("pallas", "xla"),
+    "tpu": ("xla",),
+    "default": ("xla",),
+})
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def canonical_segments(segment_ids):
+  """int32 [B,T] index that grows by one at every change of id (0 at the first token)."""
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], jnp.int32),
+                          jnp.cumsum(change.astype(jnp.int32), axis=1)], axis=1)
+
+
+def _decay_kind(log_decay):
+  if log_decay is None:
+    return "none"
+  return "scalar" if log_decay.ndim == 3 else "vector"
+
+
+def _canonical(q, k, v, *, scale, log_decay, bonus, normalize, initial_state,
+               return_final_state, segment_ids, eps):
+  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"linear_attention wants q,k [B,T,H,K] and v [B,T,H,V]; got q{q.shape} "
+                     f"k{k.shape} v{v.shape}")
+  if scale is None:
+    raise ValueError("linear_attention: pass `scale` explicitly (e.g. head_dim ** -0.5)")
+  b, t, h, kd = q.shape
+  vd = v.shape[-1]
+  if log_decay is not None:
+    if log_decay.shape == (h,):
+      log_decay = jnp.broadcast_to(log_decay, (b, t, h))
+    if log_decay.shape not in ((b, t, h), (b, t, h, kd)):
+      raise ValueError(f"linear_attention: log_decay must be [H], [B,T,H] or [B,T,H,K]; got "
+                       f"{log_decay.shape} for q{q.shape}")
+  if bonus is not None and bonus.shape != (h, kd):
+    raise ValueError(f"linear_attention: bonus must be [H,K]=({h},{kd}); got {bonus.shape}")
+  state_v = vd + 1 if normalize else vd
+  if initial_state is not None and initial_state.shape != (b, h, kd, state_v):
+    raise ValueError(f"linear_attention: initial_state must be [B,H,K,V{'+1' if normalize else ''}]"
+                     f"=({b},{h},{kd},{state_v}); got {initial_state.shape}")
+  if segment_ids is not None and segment_ids.shape != (b, t):
+    raise ValueError(f"linear_attention: segment_ids must be [B,T]=({b},{t}); got "
+                     f"{segment_ids.shape}")
+  return dict(q=q, k=k, v=v, scale=scale, log_decay=log_decay, bonus=bonus,
+              normalize=bool(normalize), initial_state=initial_state,
+              return_final_state=bool(return_final_state), segment_ids=segment_ids, eps=eps)
+
+
+def _augment(v, normalize):
+  """With the normaliser, a ones column makes the key sum z the state's last value column."""
+  if not normalize:
+    return v
+  return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+
+
+def _finish(o, final_state, *, v, normalize, eps, return_final_state):
+  """o is [B,T,H,V(+1)] float32; divides by the normaliser and casts to v's dtype."""
+  if normalize:
+    o = o[..., :-1] / (o[..., -1:] + eps)
+  o = o.astype(v.dtype)
+  return (o, final_state) if return_final_state else o
+
+
+def _add_bonus(o, q, k, v, bonus, scale):
+  if bonus is None:
+    return o
+  beta = jnp.einsum("bthk,hk,bthk->bth", q.astype(F32), bonus.astype(F32), k.astype(F32))
+  return o + scale * beta[..., None] * v.astype(F32)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def reference(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
+              initial_state=None, return_final_state=False, segment_ids=None, eps=1e-6):
+  """The float32 ground truth: materialises the [B,H,T,T] (x K) decayed score matrix."""
+  a = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus, normalize=normalize,
+                 initial_state=initial_state, return_final_state=return_final_state,
+                 segment_ids=segment_ids, eps=eps)
+  b, t, h, kd = q.shape
+  qf, kf = q.astype(F32), k.astype(F32)
+  vf = _augment(v.astype(F32), normalize)
+  g = a["log_decay"]
+  if g is None:
+    g = jnp.zeros(q.shape, F32)
+  elif g.ndim == 3:
+    g = jnp.broadcast_to(g.astype(F32)[..., None], q.shape)
+  g = g.astype(F32)
+  G = jnp.cumsum(g, axis=1)                              # global cumulative log decay
+  Gq = G - g if bonus is not None else G                 # the RWKV-6 readout skips step t
+  seg = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
+         else canonical_segments(segment_ids))
+  i = jnp.arange(t)[:, None]
+  j = jnp.arange(t)[None, :]
+  causal = j < i if bonus is not None else j <= i
+  mask = causal[None] & (seg[:, :, None] == seg[:, None, :])          # [B,Ti,Tj]
+  m = mask[:, :, :, None, None]
+  diff = Gq[:, :, None] - G[:, None, :]                               # [B,Ti,Tj,H,K]
+  w = jnp.where(m, jnp.exp(jnp.where(m, diff, 0.0)), 0.0)
+  scores = jnp.einsum("bihk,bjhk,bijhk->bhij", qf, kf, w) * scale
+  if bonus is not None:
+    diag = jnp.einsum("bihk,hk,bihk->bhi", qf, bonus.astype(F32), kf) * scale
+    scores = scores + diag[..., None] * jnp.eye(t, dtype=F32)
+  o = jnp.einsum("bhij,bjhv->bihv", scores, vf)
+  h0 = a["initial_state"]
+  hT = None
+  first = (seg == 0)[:, :, None, None]
+  if h0 is not None:
+    h0 = h0.astype(F32)
+    o = o + scale * jnp.where(first, jnp.einsum("bthk,bhkv->bthv", qf * jnp.exp(Gq), h0), 0.0)
+  if return_final_state:
+    GT = G[:, -1]                                                     # [B,H,K]
+    keep = (seg == seg[:, -1:])[:, :, None, None]
+    kT = jnp.where(keep, kf * jnp.exp(GT[:, None] - G), 0.0)
+    hT = jnp.einsum("bjhk,bjhv->bhkv", kT, vf)
+    if h0 is not None:
+      hT = hT + jnp.where((seg[:, -1] == 0)[:, None, None, None],
+                          jnp.exp(GT)[..., None] * h0, 0.0)
+  return _finish(o, hT, v=v, normalize=normalize, eps=eps,
+                 return_final_state=return_final_state)
+
+
+# ----------------------------------------------------------------------------- recurrent form
+
+def init_state(batch, heads, k_dim, v_dim, *, normalize=False):
+  """Zero state [B,H,K,V] float32 ([B,H,K,V+1] with the normaliser)."""
+  return jnp.zeros((batch, heads, k_dim, v_dim + (1 if normalize else 0)), F32)
+
+
+def step(state, q, k, v, log_decay=None, *, scale, bonus=None, normalize=False, eps=1e-6,
+         reset=None):
+  """One decoding step. q,k [B,H,K], v [B,H,V], log_decay None | [H] | [B,H] | [B,H,K];
+  reset [B] bool zeroes the state first (a new sequence). Returns (state, o[B,H,V])."""
+  qf, kf = q.astype(F32), k.astype(F32)
+  vf = _augment(v.astype(F32), normalize)
+  state = state.astype(F32)
+  if reset is not None:
+    state = jnp.where(reset[:, None, None, None], 0.0, state)
+  if log_decay is None:
+    decay = 1.0
+  else:
+    g = log_decay.astype(F32)
+    if g.ndim == 1:
+      g = jnp.broadcast_to(g, q.shape[:2])
+    decay = jnp.exp(g)[..., None] if g.ndim == 3 else jnp.exp(g)[..., None, None]
+  update = kf[..., :, None] * vf[..., None, :]
+  if bonus is None:
+    state = decay * state + update
+    o = scale * jnp.einsum("bhk,bhkv->bhv", qf, state)
+  else:
+    beta = jnp.einsum("bhk,hk,bhk->bh", qf, bonus.astype(F32), kf)
+    o = scale * (jnp.einsum("bhk,bhkv->bhv", qf, state) + beta[..., None] * vf)
+    state = decay * state + update
+  if normalize:
+    o = o[..., :-1] / (o[..., -1:] + eps)
+  return state, o.astype(v.dtype)
+
+
+def recurrent(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
+              initial_state=None, return_final_state=False, segment_ids=None, eps=1e-6):
+  """lax.scan of `step` over time (float32 state)."""
+  a = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus, normalize=normalize,
+                 initial_state=initial_state, return_final_state=return_final_state,
+                 segment_ids=segment_ids, eps=eps)
+  b, t, h, kd = q.shape
+  vd = v.shape[-1]
+  h0 = a["initial_state"]
+  if h0 is None:
+    h0 = init_state(b, h, kd, vd, normalize=normalize)
+  if segment_ids is None:
+    reset = jnp.zeros((b, t), bool)
+  else:
+    reset = jnp.concatenate([jnp.zeros((b, 1), bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  g = a["log_decay"]
+  xs = (q.swapaxes(0, 1), k.swapaxes(0, 1), v.astype(F32).swapaxes(0, 1), reset.swapaxes(0, 1),
+        None if g is None else g.swapaxes(0, 1))
+
+  def body(state, x):
+    qt, kt, vt, rt, gt = x
+    return step(state, qt, kt, vt, gt, scale=scale, bonus=bonus, normalize=normalize,
+                eps=eps, reset=rt)
+
+  hT, o = lax.scan(body, h0.astype(F32), xs)
+  o = o.swapaxes(0, 1).astype(v.dtype)
+  return (o, hT) if return_final_state else o
+
+
+# ----------------------------------------------------------------------------- chunked (xla)
+
+def _chunked_core(q, k, v, g, *, scale, exclusive, h0, seg, chunk):
+  """Chunkwise form; v may carry the normaliser column. Returns (o float32, final state)."""
+  b, t, h, kd = q.shape
+  vd = v.shape[-1]
+  c = chunk
+  tp = -(-t // c) * c
+  n = tp // c
+  dt = q.dtype
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  q, k, v = pad(q), pad(k), pad(v)
+  q = q.reshape(b, n, c, h, kd)
+  k = k.reshape(b, n, c, h, kd)
+  v = v.reshape(b, n, c, h, vd)
+  kind = _decay_kind(g)
+  if kind != "none":
+    g = pad(g.astype(F32)).reshape(b, n, c, *g.shape[2:])
+    G = jnp.cumsum(g, axis=2)
+    Gq = G - g if exclusive else G
+    if kind == "scalar":
+      G, Gq = G[..., None], Gq[..., None]                         # [B,N,C,H,1]
+  seg = jnp.zeros((b, t), jnp.int32) if seg is None else seg
+  cs = jnp.pad(seg, [(0, 0), (0, tp - t)], mode="edge").reshape(b, n, c)
+  prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cs[:, :-1, -1]], axis=1)   # [B,N]
+  m0 = (cs == prev[..., None])[..., None, None]                   # [B,N,C,1,1]
+  mk = (cs == cs[..., -1:])[..., None, None]
+  passes = (cs[..., -1] == prev)[..., None, None, None]           # [B,N,1,1,1]
+  i = jnp.arange(c)[:, None]
+  j = jnp.arange(c)[None, :]
+  causal = j < i if exclusive else j <= i
+  mask = (causal & (cs[..., :, None] == cs[..., None, :]))[:, :, None]          # [B,N,1,C,C]
+  # intra-chunk scores [B,N,H,C,C]
+  if kind == "vector":
+    s = min(16, c)
+    gq = Gq.reshape(b, n, c // s, s, h, kd)
+    r = gq[:, :, :, s // 2 - 1:s // 2]                            # [B,N,M,1,H,K] middle row
+    qf = q.reshape(b, n, c // s, s, h, kd) * jnp.exp(jnp.minimum(gq - r, CLAMP))
+    kf = k[:, :, None] * jnp.exp(jnp.minimum(r - G[:, :, None], CLAMP))        # [B,N,M,C,H,K]
+    sc = jnp.einsum("bnmihk,bnmjhk->bnhmij", qf.astype(dt), kf.astype(dt),
+                    preferred_element_type=F32).reshape(b, n, h, c, c)
+    sc = jnp.where(mask, sc, 0.0)
+  else:
+    sc = jnp.einsum("bnihk,bnjhk->bnhij", q, k, preferred_element_type=F32)
+    if kind == "scalar":
+      gi = Gq[..., 0].transpose(0, 1, 3, 2)                       # [B,N,H,C]
+      gj = G[..., 0].transpose(0, 1, 3, 2)
+      diff = jnp.where(mask, gi[..., :, None] - gj[..., None, :], 0.0)
+      sc = sc * jnp.exp(diff)
+    sc = jnp.where(mask, sc, 0.0)
+  o = jnp.einsum("bnhij,bnjhv->bnihv", (sc * scale).astype(dt), v, preferred_element_type=F32)
+  # chunk states
+  kdec = k.astype(F32) * mk
+  if kind != "none":
+    gam = G[:, :, -1:]                                            # [B,N,1,H,K|1]
+    kdec = kdec * jnp.exp(gam - G)
+    carry = jnp.exp(gam[:, :, 0])[..., None] * passes             # [B,N,H,K|1,1]
+  else:
+    carry = passes.astype(F32)
+  st = jnp.einsum("bnjhk,bnjhv->bnhkv", kdec.astype(dt), v, preferred_element_type=F32)
+
+  def scan_fn(hc, x):
+    st_n, carry_n = x
+    return carry_n * hc + st_n, hc
+
+  h0 = jnp.zeros((b, h, kd, vd), F32) if h0 is None else h0.astype(F32)
+  hT, hs = lax.scan(scan_fn, h0, (st.swapaxes(0, 1), carry.swapaxes(0, 1)))
+  hs = hs.swapaxes(0, 1)                                          # [B,N,H,K,V] entering
+  qd = q.astype(F32) * m0
+  if kind != "none":
+    qd = qd * jnp.exp(Gq)
+  o = o + scale * jnp.einsum("bnihk,bnhkv->bnihv", qd.astype(dt), hs.astype(dt),
+                             preferred_element_type=F32)
+  return o.reshape(b, tp, h, vd)[:, :t], hT
+
+
+def chunked(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
+            initial_state=None, return_final_state=False, segment_ids=None, eps=1e-6,
+            chunk_size=64):
+  """Chunkwise-parallel pure-jnp form (matmuls in the input dtype, float32 state)."""
+  a = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus, normalize=normalize,
+                 initial_state=initial_state, return_final_state=return_final_state,
+                 segment_ids=segment_ids, eps=eps)
+  return _chunked(**a, chunk_size=chunk_size)
+
+
+def _chunked(*, q, k, v, scale, log_decay, bonus, normalize, initial_state, return_final_state,
+             segment_ids, eps, chunk_size=64):
+  seg = None if segment_ids is None else canonical_segments(segment_ids)
+  va = _augment(v, normalize)
+  o, hT = _chunked_core(q, k, va, log_decay, scale=scale, exclusive=bonus is not None,
+                        h0=initial_state, seg=seg, chunk=chunk_size)
+  o = _add_bonus(o, q, k, va, bonus, scale)
+  return _finish(o, hT, v=v, normalize=normalize, eps=eps,
+                 return_final_state=return_final_state)
+
+
+dispatcher.register("xla")(_chunked)
+
+
+# ----------------------------------------------------------------------------- Pallas
+
+def _kernel_reason(*, q, k, v, scale, log_decay, bonus, initial_state, segment_ids, **_):
+  from pallas_kernels.linear_attention import reason
+  return reason(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
+                segment_ids=segment_ids)
+
+
+def _pallas_supports(**args):
+  if jax.default_backend() != "gpu":
+    return "the Pallas kernel is lowered through Triton and runs only on GPU (use 'interpret')"
+  return _kernel_reason(**args)
+
+
+def _run_kernel(*, q, k, v, scale, log_decay, bonus, normalize, initial_state,
+                return_final_state, segment_ids, eps, interpret):
+  from pallas_kernels.linear_attention import linear_attention as kernel
+  va = _augment(v, normalize)
+  o, hT = kernel(q, k, va, log_decay, scale=float(scale), bonus=bonus,
+                 initial_state=initial_state, segment_ids=segment_ids, interpret=interpret,
+                 out_dtype=F32 if normalize else None)  # the normaliser divides in float32
+  return _finish(o.astype(F32), hT, v=v, normalize=normalize, eps=eps,
+                 return_final_state=return_final_state)
+
+
+@dispatcher.register("pallas", supports=_pallas_supports)
+def _pallas(**args):
+  return _run_kernel(**args, interpret=False)
+
+
+@dispatcher.register("interpret", supports=_kernel_reason)
+def _interpret(**args):
+  return _run_kernel(**args, interpret=True)
+
+
+def linear_attention(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
+                     initial_state=None, return_final_state=False, segment_ids=None,
+                     eps=1e-6, implementation="auto"):
+  """Decayed linear attention (see the module docstring).
+
+  Returns o[B,T,H,V] in v's dtype, or (o, final_state float32) when return_final_state.
+  implementation: "auto" | "xla" | "pallas" | "interpret".
+  """
+  args = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus,
+                    normalize=normalize, initial_state=initial_state,
+                    return_final_state=return_final_state, segment_ids=segment_ids, eps=eps)
+  name = dispatcher.choose(implementation, **args)
+  return dispatcher.implementations[name].fn(**args)

@@ -1,0 +1,130 @@
+"""Pallas linear-attention kernel against the ops reference: forward, final state, all grads.
+
+Runs the kernel in interpret mode on CPU. On a GPU, ATTNZOO_KERNEL_IMPL=pallas runs the same
+tests on the compiled (Triton) kernel.
+"""
+import functools
+import importlib.util
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from attnzoo.ops import linear_attention as la
+from pallas_kernels.linear_attention import KernelConfig, linear_attention as kernel
+_spec = importlib.util.spec_from_file_location(  # shared helpers of the op tests
+    "_linear_attention_op_helpers",
+    pathlib.Path(__file__).resolve().parents[1] / "ops" / "test_linear_attention.py")
+_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_helpers)
+assert_all_close, loss_and_grads = _helpers.assert_all_close, _helpers.loss_and_grads
+make_inputs, rel = _helpers.make_inputs, _helpers.rel
+
+IMPL = os.environ.get("ATTNZOO_KERNEL_IMPL", "interpret")
+INTERPRET = IMPL != "pallas"
+if not INTERPRET and jax.default_backend() != "gpu":
+  pytest.skip("ATTNZOO_KERNEL_IMPL=pallas needs a GPU", allow_module_level=True)
+if not INTERPRET:  # float32 references without TF32
+  jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def kernel_op(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
+              initial_state=None, return_final_state=False, segment_ids=None, config):
+  """The op's semantics on top of the kernel package, with an explicit block config."""
+  assert not normalize
+  o, hT = kernel(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
+                 segment_ids=segment_ids, config=config, interpret=INTERPRET)
+  return (o, hT) if return_final_state else o
+
+
+# chunk 16 with 16-wide V blocks (V=20 -> two blocks: partial dq/dk sums), chunk 32 (two
+# 16-row sub-blocks for vector decay)
+CONFIGS = {"c16": KernelConfig(chunk=16, block_v=16), "c32": KernelConfig(chunk=32, block_v=32)}
+
+
+@pytest.mark.parametrize("variant,config", [
+    ("none", "c16"), ("scalar", "c16"), ("vector", "c32"), ("bonus", "c16"),
+    ("retnet", "c32")])
+def test_kernel_float32(variant, config):
+  q, k, v, kw = make_inputs(variant, seed=11)
+  want = loss_and_grads(la.reference, q, k, v, kw)
+  got = loss_and_grads(functools.partial(kernel_op, config=CONFIGS[config]), q, k, v,
+                       {**kw, "log_decay": _full_decay(kw, q)})
+  if variant == "retnet":  # the kernel took the fixed decay broadcast to [B,T,H]
+    got[2][3]["log_decay"] = jnp.sum(got[2][3]["log_decay"], axis=(0, 1))
+  assert_all_close(got, want, 1e-5, f"{variant} ")
+
+
+def _full_decay(kw, q):
+  g = kw.get("log_decay")
+  if g is not None and g.ndim == 1:
+    g = jnp.broadcast_to(g, q.shape[:3])
+  return g
+
+
+@pytest.mark.parametrize("variant", ["scalar", "bonus"])
+def test_kernel_bf16(variant):
+  q, k, v, kw = make_inputs(variant, seed=12)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  up = lambda x: x.astype(jnp.float32)
+  q, k, v = bf(q), bf(k), bf(v)
+  want = loss_and_grads(la.reference, up(q), up(k), up(v), kw)
+  got = loss_and_grads(functools.partial(kernel_op, config=CONFIGS["c16"]), q, k, v, kw)
+  assert got[0].dtype == jnp.bfloat16
+  assert_all_close(got, want, 1e-2, f"bf16 {variant} ")
+
+
+@pytest.mark.parametrize("variant", ["normalized", "vector"])
+def test_op_dispatch_default_config(variant):
+  """Through linear_attention(implementation=...), default blocks (chunk 64), T=150."""
+  q, k, v, kw = make_inputs(variant, seed=13, t=150)
+  want = loss_and_grads(la.reference, q, k, v, kw)
+  op = functools.partial(la.linear_attention, implementation=IMPL)
+  assert_all_close(loss_and_grads(op, q, k, v, kw), want, 1e-5, f"op {variant} ")
+
+
+def test_kernel_bf16_long_decay_stability():
+  """Strong vector decay over long T: outputs stay finite and match the chunked form."""
+  q, k, v, kw = make_inputs("vector", seed=14, t=256, segments=False)
+  kw["log_decay"] = kw["log_decay"] * 8.0           # about -1.6 per step, tails below -5
+  bf = lambda x: x.astype(jnp.bfloat16)
+  q, k, v = bf(q), bf(k), bf(v)
+  o = la.linear_attention(q, k, v, **kw, implementation=IMPL)
+  up = lambda x: x.astype(jnp.float32)
+  ref = la.reference(up(q), up(k), up(v), **kw)
+  assert bool(jnp.all(jnp.isfinite(o.astype(jnp.float32))))
+  assert rel(o, ref) <= 1e-2
+
+
+@pytest.mark.skipif(INTERPRET, reason="device shapes: compiled kernel only")
+@pytest.mark.parametrize("variant", ["scalar", "vector", "bonus", "normalized"])
+def test_kernel_device_shapes_bf16(variant):
+  """Default blocks at K=V=128, T=1000 (not a multiple of 64), vs the float32 chunked form."""
+  b, t, h, d = 2, 1000, 4, 128
+  ks = jax.random.split(jax.random.key(15), 6)
+  q = jax.random.normal(ks[0], (b, t, h, d)) * d ** -0.5
+  k = jax.random.normal(ks[1], (b, t, h, d)) * d ** -0.5
+  v = jax.random.normal(ks[2], (b, t, h, d))
+  kw = dict(scale=d ** -0.5, initial_state=jax.random.normal(ks[3], (b, h, d, d)) * 0.1)
+  if variant == "scalar":
+    kw["log_decay"] = -jax.nn.softplus(jax.random.normal(ks[4], (b, t, h))) * 0.1
+  elif variant in ("vector", "bonus"):
+    kw["log_decay"] = jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, h, d))) / 4
+  if variant == "bonus":
+    kw["bonus"] = jax.random.normal(ks[5], (h, d)) * 0.3
+  if variant == "normalized":
+    q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
+    kw["normalize"] = True
+    kw["initial_state"] = jnp.abs(jnp.concatenate([kw["initial_state"]] * 2, -1)[..., :d + 1])
+  seg = jnp.asarray((jnp.arange(t)[None] >= jnp.array([[400], [0]])).astype(jnp.int32))
+  kw["segment_ids"] = seg
+  # bf16, except the normalised form: its dq is a small difference of two large terms
+  # (numerator and normaliser paths), about 3e-2 off in bf16 even for the pure-jnp form
+  dtype, tol = (jnp.float32, 1e-5) if variant == "normalized" else (jnp.bfloat16, 1e-2)
+  q, k, v = (x.astype(dtype) for x in (q, k, v))
+  up = lambda x: x.astype(jnp.float32)
+  want = loss_and_grads(functools.partial(la.chunked, chunk_size=64), up(q), up(k), up(v), kw)
+  op = functools.partial(la.linear_attention, implementation=IMPL)
+  assert_all_close(loss_and_grads(op, q, k, v, kw), want, tol, f"device {variant} ")
