@@ -24,27 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnzoo.bench.timing import median_seconds as _time
 from attnzoo.ops.softmax_attention import softmax_attention
 
 IMPLS = ("pallas", "cudnn", "xla", "mha")
-
-
-def _time(fn, *args, min_rep_s=0.02, reps=7):
-  """Median seconds per call: warm up, then `reps` timed batches of calls."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  one = max(time.perf_counter() - t0, 1e-6)
-  iters = max(1, min(200, int(min_rep_s / one)))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / iters)
-  return float(np.median(times))
 
 
 def _packed_segments(batch, t, docs, seed=0):

@@ -124,24 +124,6 @@ def load_fla(path):
 
 # ----------------------------------------------------------------------------- JAX side
 
-def _time(fn, *args, min_rep_s=0.02, reps=7):
-  import jax
-  import numpy as np
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  one = max(time.perf_counter() - t0, 1e-6)
-  iters = max(1, min(200, int(min_rep_s / one)))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / iters)
-  return float(np.median(times))
-
 
 def _inputs(variant, b, t, h, d, seed=0):
   import jax
@@ -203,6 +185,7 @@ def _jitted(variant, impl, static, bwd, config=None):
 
 def measure(variant, impl, shape, bwd, config=None):
   import jax
+  from attnzoo.bench.timing import median_seconds
   b, t, h, d = shape
   (q, k, v), diff, static = _inputs(variant, b, t, h, d)
   row = dict(impl=impl if config is None else f"pallas[{_cfg_name(config)}]",
@@ -213,7 +196,7 @@ def measure(variant, impl, shape, bwd, config=None):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     row["first_call_s"] = time.perf_counter() - t0
-    s = _time(fn, *args)
+    s = median_seconds(fn, *args)
     row["ms"] = s * 1e3
     row["tflops"] = flops(b, t, h, d, d, bwd) / s / 1e12
   except Exception as e:
