@@ -95,7 +95,7 @@ def cmd_bench(args, extra):
   module.main(extra)
 
 
-DEMO_MIXERS = ("attention", "sliding_window")
+DEMO_MIXERS = ("attention", "sliding_window", "base_conv+based", "mamba2", "gated_deltanet")
 
 
 def cmd_demo(args, extra):
@@ -104,14 +104,14 @@ def cmd_demo(args, extra):
   from attnzoo.train.trainer import train
   root = pathlib.Path(args.workdir)
   rows = []
-  for mixer in [m for m in (*DEMO_MIXERS, *args.mixers) if m in MIXERS]:
+  for mixer in [m for m in (*DEMO_MIXERS, *args.mixers) if set(m.split("+")) <= set(MIXERS)]:
     spec = (f"configs/mqar.py:mixer={mixer},d_model=64,num_layers=2,seq_len=64,num_kv_pairs=4,"
             f"train_examples=20000,num_steps={args.steps}")
     if mixer == "sliding_window":
       spec += ",window=16"
     config = _config_with_overrides(str(_repo_file(spec)), [])
     print(f"training {mixer} ...", flush=True)
-    summary = train(config, root / mixer, quiet=True)
+    summary = train(config, root / mixer.replace("+", "_"), quiet=True)
     rows.append({"mixer": mixer, **_summary_row(mixer, summary)})
   print()
   _print_table(rows, ["mixer", "params", "state_size", "eval_accuracy", "steps", "wall_time"])

@@ -10,3 +10,14 @@ from attnzoo.mixers.registry import MIXERS, build_mixer, register
 
 # Importing the family modules registers them.
 from attnzoo.mixers import attention  # noqa: F401,E402
+from attnzoo.mixers import gla  # noqa: F401,E402
+from attnzoo.mixers import hgrn2  # noqa: F401,E402
+from attnzoo.mixers import rwkv6  # noqa: F401,E402
+from attnzoo.mixers import delta_net  # noqa: F401,E402
+from attnzoo.mixers import lawcat  # noqa: F401,E402
+from attnzoo.mixers import base_conv  # noqa: F401,E402
+from attnzoo.mixers import linear_attention  # noqa: F401,E402
+from attnzoo.mixers import based  # noqa: F401,E402
+from attnzoo.mixers import retnet  # noqa: F401,E402
+from attnzoo.mixers import lightning  # noqa: F401,E402
+from attnzoo.mixers import mamba2  # noqa: F401,E402

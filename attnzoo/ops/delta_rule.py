@@ -25,6 +25,8 @@ from pallas_kernels import delta_rule as kernels
 
 dispatcher = Dispatcher("delta_rule", auto_order={
     "gpu": ("pallas", "xla"),
+    # On CPU the scan beats the chunked form (its batched triangular solves are slow there).
+    "cpu": ("recurrent", "xla"),
     "default": ("xla",),
 })
 
@@ -104,6 +106,14 @@ def _canonical(q, k, v, beta, *, scale, log_decay, initial_state, segment_ids):
               initial_state=initial_state, segment_ids=segment_ids)
 
 
+@dispatcher.register("recurrent")
+def _recurrent(*, q, k, v, beta, scale, log_decay, initial_state, segment_ids):
+  o, final = recurrent(q, k, v, beta, scale=scale, log_decay=log_decay,
+                       initial_state=initial_state, return_final_state=True,
+                       segment_ids=segment_ids)
+  return o.astype(v.dtype), final
+
+
 @dispatcher.register("xla")
 def _xla(*, q, k, v, beta, scale, log_decay, initial_state, segment_ids):
   """Chunked WY form in pure JAX (the kernels' twin): matmuls in the input dtype with
@@ -152,7 +162,7 @@ def _interpret(**args):
 def delta_rule(q, k, v, beta, *, scale, log_decay=None, initial_state=None,
                return_final_state=False, segment_ids=None, implementation="auto"):
   """Chunked delta rule; see the module docstring. implementation: "auto" | "xla" |
-  "pallas" | "interpret"."""
+  "pallas" | "interpret" | "recurrent" (the float32 scan; "auto" takes it on CPU)."""
   args = _canonical(q, k, v, beta, scale=scale, log_decay=log_decay,
                     initial_state=initial_state, segment_ids=segment_ids)
   o, final = dispatcher(implementation, **args)

@@ -264,7 +264,8 @@ def _chunked_core(q, k, v, g, *, scale, exclusive, h0, seg, chunk):
   if kind == "vector":
     s = min(16, c)
     gq = Gq.reshape(b, n, c // s, s, h, kd)
-    r = gq[:, :, :, s // 2 - 1:s // 2]                            # [B,N,M,1,H,K] middle row
+    # reference row: the output does not depend on it, so no gradient flows through it
+    r = lax.stop_gradient(gq[:, :, :, s // 2 - 1:s // 2])         # [B,N,M,1,H,K] middle row
     qf = q.reshape(b, n, c // s, s, h, kd) * jnp.exp(jnp.minimum(gq - r, CLAMP))
     kf = k[:, :, None] * jnp.exp(jnp.minimum(r - G[:, :, None], CLAMP))        # [B,N,M,C,H,K]
     sc = jnp.einsum("bnmihk,bnmjhk->bnhmij", qf.astype(dt), kf.astype(dt),

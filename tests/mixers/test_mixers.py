@@ -12,8 +12,22 @@ from tests.conftest import relative_error
 TEST_KWARGS = {
     "attention": dict(num_heads=4, num_kv_heads=2, rope=True),
     "sliding_window": dict(num_heads=2, window=5),
+    "gla": dict(num_heads=2, implementation="xla"),
+    "hgrn2": dict(num_heads=2, layer_idx=1, num_layers=2, implementation="xla"),
+    "rwkv6": dict(num_heads=2, mix_lora_dim=4, decay_lora_dim=8, implementation="xla"),
+    "deltanet": dict(num_heads=2, implementation="xla"),
+    "gated_deltanet": dict(num_heads=2, expand_v=2.0, implementation="xla"),
+    "lawcat": dict(num_heads=2, feature_dim=4, gate_low_rank_dim=4, implementation="xla"),
     "gated_attention": dict(num_heads=2, gate="headwise"),
     "block_attention": dict(num_heads=2, num_kv_heads=1),
+    "base_conv": dict(kernel_size=3),
+    "linear_attention": dict(num_heads=2, feature_map="taylor", feature_dim=4,
+                             implementation="xla"),
+    "lsa": dict(num_heads=2, implementation="xla"),
+    "based": dict(num_heads=2, feature_dim=4, implementation="xla"),
+    "retnet": dict(num_heads=2, implementation="xla"),
+    "lightning": dict(num_heads=2, layer_idx=1, num_layers=3, implementation="xla"),
+    "mamba2": dict(d_state=8, head_dim=8, ngroups=2, implementation="xla"),
 }
 D, B, T = 16, 2, 13
 

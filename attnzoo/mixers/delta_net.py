@@ -1,0 +1,195 @@
+"""DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over
+Sequence Length") and Gated DeltaNet (Yang et al. 2025, "Gated Delta Networks: Improving
+Mamba2 with Delta Rule"), on the delta-rule op.
+
+  q, k, v = SiLU(ShortConv(W_q x)), SiLU(ShortConv(W_k x)), SiLU(ShortConv(W_v x))
+  q, k    = q / |q|, k / |k|                                  (per head, L2)
+  beta_t  = sigmoid(W_beta x_t)                               (x2 with allow_neg_eigval)
+  S_t     = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T q_t / sqrt(d_k)
+  y_t     = W_o [RMSNorm(o_t) * swish(W_g x_t)]                (per-head norm, output gate)
+DeltaNet has a_t = 1; Gated DeltaNet has the Mamba-2 decay
+  a_t = exp(-exp(A_log) * softplus(W_a x_t + dt_bias))        (one per head)
+with A ~ U(0, 16) and dt_bias the inverse softplus of dt ~ logU(1e-3, 1e-1), as in Mamba-2.
+Decoding keeps the delta-rule state [H,K,V] and the three short-conv buffers in the cache.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnzoo.mixers.gla import no_decode_segments
+from attnzoo.mixers.layers import GatedRMSNorm, ShortConv, short_conv_state_size
+from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.ops import delta_rule as dr_ops
+
+delta_rule = dr_ops.delta_rule
+
+
+def l2_normalize(x, eps=1e-6):
+  """x / |x| over the last axis, in float32, cast back to x's dtype."""
+  xf = x.astype(jnp.float32)
+  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def cached_delta_rule(module: nn.Module, q, k, v, beta, *, scale, log_decay=None,
+                      implementation="auto", name="state"):
+  """The delta rule continuing from, and updating, the state [B,H,K,V] in `module`'s "cache"
+  collection (created as zeros, untouched, on the first call); call from a compact method."""
+  batch, steps, heads, k_dim = q.shape
+  initialized = module.has_variable("cache", name)
+  state = module.variable("cache", name, dr_ops.init_state, batch, heads, k_dim, v.shape[-1])
+  if not initialized:
+    return delta_rule(q, k, v, beta, scale=scale, log_decay=log_decay,
+                      implementation=implementation)
+  if steps == 1:
+    new_state, o = dr_ops.step(state.value, q[:, 0], k[:, 0], v[:, 0], beta[:, 0],
+                               None if log_decay is None else log_decay[:, 0], scale=scale)
+    o = o[:, None]
+  else:
+    o, new_state = delta_rule(q, k, v, beta, scale=scale, log_decay=log_decay,
+                              initial_state=state.value, return_final_state=True,
+                              implementation=implementation)
+  state.value = new_state
+  return o
+
+
+def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
+  def init(key, shape, dtype=jnp.float32):
+    u = jax.random.uniform(key, shape, dtype)
+    dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)),
+                     floor)
+    return dt + jnp.log(-jnp.expm1(-dt))                       # softplus^{-1}(dt)
+  return init
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+  return jnp.log(jax.random.uniform(key, shape, dtype, 1e-4, 16.0))
+
+
+class _DeltaNetBase(nn.Module):
+  """Shared body of DeltaNet and Gated DeltaNet; `gated` switches on the decay."""
+  d_model: int
+  layer_idx: int = 0
+  num_layers: int = 1
+  num_heads: int = 4
+  head_dim: int | None = None
+  expand_v: float = 1.0
+  use_short_conv: bool = True
+  conv_size: int = 4
+  conv_bias: bool = False
+  use_gate: bool = True
+  allow_neg_eigval: bool = False
+  norm_eps: float = 1e-5
+  implementation: str = "auto"
+  dtype: Any = jnp.float32
+
+  gated = False
+
+  def _dims(self):
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"{self.mixer_name}: d_model ({self.d_model}) must be divisible by "
+                       f"num_heads ({self.num_heads}), or set head_dim")
+    k_dim = self.head_dim or self.d_model // self.num_heads
+    v_dim = int(k_dim * self.expand_v)
+    if v_dim < 1:
+      raise ValueError(f"{self.mixer_name}: expand_v ({self.expand_v}) gives no value dims")
+    return self.num_heads, k_dim, v_dim
+
+  def state_size(self, seq_len: int) -> int:
+    """Bytes at float32: the delta-rule state [H,K,V] and the q/k/v conv buffers."""
+    heads, k_dim, v_dim = self._dims()
+    size = heads * k_dim * v_dim * 4
+    if self.use_short_conv:
+      size += short_conv_state_size(heads * (2 * k_dim + v_dim), self.conv_size)
+    return size
+
+  def setup(self):
+    heads, k_dim, v_dim = self._dims()
+    dense = lambda n, dtype=self.dtype: nn.Dense(n, dtype=dtype, use_bias=False,
+                                                 kernel_init=dense_init)
+    self.q, self.k, self.v = dense(heads * k_dim), dense(heads * k_dim), dense(heads * v_dim)
+    if self.use_short_conv:
+      conv = lambda: ShortConv(self.conv_size, use_bias=self.conv_bias, activation="silu",
+                               dtype=self.dtype, implementation="auto")
+      self.q_conv, self.k_conv, self.v_conv = conv(), conv(), conv()
+    self.b = dense(heads, jnp.float32)
+    if self.gated:
+      self.a = dense(heads, jnp.float32)
+      self.A_log = self.param("A_log", _a_log_init, (heads,), jnp.float32)
+      self.dt_bias = self.param("dt_bias", _dt_bias_init(), (heads,), jnp.float32)
+    if self.use_gate:
+      self.g = nn.DenseGeneral((heads, v_dim), dtype=self.dtype, use_bias=False,
+                               kernel_init=dense_init)
+      self.norm = GatedRMSNorm(norm_before_gate=True, eps=self.norm_eps)
+    else:
+      self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
+    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, use_bias=False,
+                               kernel_init=output_init(self.num_layers))
+
+  def _features(self, x, segment_ids=None, decode=False):
+    """(q, k, v, beta, log_decay): q, k L2-normalised [B,T,H,K], v [B,T,H,V], beta and the
+    log decay (None for DeltaNet) [B,T,H] float32."""
+    heads, k_dim, v_dim = self._dims()
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.use_short_conv:
+      conv = dict(segment_ids=segment_ids, decode=decode)
+      q, k, v = self.q_conv(q, **conv), self.k_conv(k, **conv), self.v_conv(v, **conv)
+    else:
+      q, k, v = nn.silu(q), nn.silu(k), nn.silu(v)
+    split = lambda t, d: t.reshape(t.shape[:2] + (heads, d))
+    q, k, v = l2_normalize(split(q, k_dim)), l2_normalize(split(k, k_dim)), split(v, v_dim)
+    beta = jax.nn.sigmoid(self.b(x.astype(jnp.float32)))
+    if self.allow_neg_eigval:
+      beta = 2.0 * beta
+    log_decay = None
+    if self.gated:
+      dt = jax.nn.softplus(self.a(x.astype(jnp.float32)) + self.dt_bias)
+      log_decay = -jnp.exp(self.A_log) * dt
+    return q, k, v, beta, log_decay
+
+  def _scale(self):
+    return self._dims()[1] ** -0.5
+
+  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+    if decode:
+      no_decode_segments(segment_ids)
+    q, k, v, beta, log_decay = self._features(x, segment_ids, decode)
+    if decode:
+      o = self._decode(q, k, v, beta, log_decay)
+    else:
+      o = delta_rule(q, k, v, beta, scale=self._scale(), log_decay=log_decay,
+                     segment_ids=segment_ids, implementation=self.implementation)
+    o = self.norm(o, self.g(x)) if self.use_gate else self.norm(o)
+    return self.out(o)
+
+  @nn.compact
+  def _decode(self, q, k, v, beta, log_decay):
+    return cached_delta_rule(self, q, k, v, beta, scale=self._scale(), log_decay=log_decay,
+                             implementation=self.implementation)
+
+  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+    """Hidden attention [B,H,T,T]: the delta rule is linear in v, so one-hot values give the
+    rows of the matrix it applies (before the output norm and gate)."""
+    q, k, _, beta, log_decay = self._features(x, segment_ids)
+    batch, steps, heads, _ = q.shape
+    one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=jnp.float32)[None, :, None, :],
+                               (batch, steps, heads, steps))
+    rows = delta_rule(q.astype(jnp.float32), k.astype(jnp.float32), one_hot, beta,
+                      scale=self._scale(), log_decay=log_decay, segment_ids=segment_ids,
+                      implementation="xla")
+    return jnp.transpose(rows, (0, 2, 1, 3))
+
+
+@register("deltanet")
+class DeltaNet(_DeltaNetBase):
+  """DeltaNet: the delta rule with short convs, L2-normalised q/k, sigmoid beta."""
+
+
+@register("gated_deltanet")
+class GatedDeltaNet(_DeltaNetBase):
+  """Gated DeltaNet: DeltaNet with a Mamba-2 style data-dependent decay per head."""
+  gated = True

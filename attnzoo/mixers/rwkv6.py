@@ -1,0 +1,150 @@
+"""RWKV-6 "Finch" time mixing (Peng et al. 2024, "Eagle and Finch: RWKV with Matrix-Valued
+States and Dynamic Recurrence"). Channel mixing is the block's state mixer, not part of it.
+
+Token shift with data-dependent linear interpolation (ddlerp), for * in {w, k, v, r, g}:
+  dx_t = x_{t-1} - x_t
+  m_*  = (tanh((x_t + dx_t * mu_x) A) B_*)                      (shared low-rank LoRA, 5 heads)
+  x*_t = x_t + dx_t * (mu_* + m_*)
+Projections r = W_r xr, k = W_k xk, v = W_v xv, g = silu(W_g xg); data-dependent decay
+  w_t = exp(-exp(d + tanh(xw_t D_1) D_2))                     (LoRA on the decay)
+and the WKV recurrence with bonus u (the op's `bonus` readout), per head:
+  o_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T),   S_t = diag(w_t) S_{t-1} + k_t v_t^T
+  y_t = W_o (GroupNorm_H(o_t) * g_t)
+Initialisation follows RWKV-6's layer-dependent schedules for mu, d and u.
+Decoding keeps the recurrent state and the last input (token shift) in the cache.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnzoo.mixers.gla import (cached_linear_attention, hidden_attention, linear_attention,
+                                linear_attention_state_bytes, no_decode_segments)
+from attnzoo.mixers.layers import HeadNorm
+from attnzoo.mixers.registry import dense_init, output_init, register
+
+MIXES = ("w", "k", "v", "r", "g")
+
+
+def token_shift(x, segment_ids=None, first=None):
+  """x_{t-1} for every t: `first` [B,D] (or zeros) before the first token, and zeros at the
+  first token of every packed segment."""
+  prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+  if first is not None:
+    prev = prev.at[:, 0].set(first.astype(x.dtype))
+  if segment_ids is not None:
+    start = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    prev = jnp.where(start[..., None], 0, prev)
+  return prev
+
+
+def _schedules(layer_idx, num_layers, dim, heads):
+  """RWKV-6's layer-dependent initial values (mu [5+1, D], decay d [D], bonus u [H, K])."""
+  r01 = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
+  r10 = 1.0 - layer_idx / num_layers
+  frac = np.arange(dim) / dim
+  base = np.power(frac, r10)
+  mu = {"x": 1 - base, "w": 1 - base, "k": 1 - base, "v": 1 - (base + 0.3 * r01),
+        "r": 1 - np.power(frac, 0.5 * r10), "g": 1 - np.power(frac, 0.5 * r10)}
+  n = np.arange(dim) / max(dim - 1, 1)
+  decay = -6 + 5 * np.power(n, 0.7 + 1.3 * r01)
+  zigzag = ((np.arange(dim) + 1) % 3 - 1) * 0.1
+  bonus = (r01 * (1 - n) + zigzag).reshape(heads, dim // heads)
+  return mu, decay, bonus
+
+
+@register("rwkv6")
+class RWKV6(nn.Module):
+  """RWKV-6 time mixing with num_heads heads (default: heads of size 64, at least one)."""
+  d_model: int
+  layer_idx: int = 0
+  num_layers: int = 1
+  num_heads: int | None = None
+  mix_lora_dim: int = 32
+  decay_lora_dim: int = 64
+  norm_eps: float = 64e-5
+  implementation: str = "auto"
+  dtype: Any = jnp.float32
+
+  def _dims(self):
+    heads = self.num_heads or max(1, self.d_model // 64)
+    if self.d_model % heads:
+      raise ValueError(f"rwkv6: d_model ({self.d_model}) must be divisible by num_heads "
+                       f"({heads})")
+    return heads, self.d_model // heads
+
+  def state_size(self, seq_len: int) -> int:
+    """Bytes at float32: the WKV state [H,K,V] plus the token-shift buffer [D]."""
+    heads, head_dim = self._dims()
+    return linear_attention_state_bytes(heads, head_dim, head_dim) + self.d_model * 4
+
+  def setup(self):
+    heads, head_dim = self._dims()
+    d = self.d_model
+    mu, decay, bonus = _schedules(self.layer_idx, self.num_layers, d, heads)
+    const = lambda value: (lambda *_: jnp.asarray(value, jnp.float32))
+    small = nn.initializers.uniform(0.02)                   # U(0, 0.02) - 0.01 below
+    centred = lambda key, shape, dtype=jnp.float32: small(key, shape, dtype) - 0.01
+    self.mu_x = self.param("mu_x", const(mu["x"]))
+    self.mu = self.param("mu", const(np.stack([mu[m] for m in MIXES])))           # [5, D]
+    self.mix_a = self.param("mix_a", nn.initializers.zeros, (d, len(MIXES) * self.mix_lora_dim))
+    self.mix_b = self.param("mix_b", centred, (len(MIXES), self.mix_lora_dim, d))
+    self.decay = self.param("decay", const(decay.reshape(heads, head_dim)))
+    self.decay_a = self.param("decay_a", nn.initializers.zeros, (d, self.decay_lora_dim))
+    self.decay_b = self.param("decay_b", centred, (self.decay_lora_dim, heads, head_dim))
+    self.bonus = self.param("bonus", const(bonus))
+    dense = lambda: nn.DenseGeneral((heads, head_dim), dtype=self.dtype, use_bias=False,
+                                    kernel_init=dense_init)
+    self.r, self.k, self.v, self.g = dense(), dense(), dense(), dense()
+    # GroupNorm with one group per head: normalise each head, affine per channel.
+    self.group_norm = HeadNorm(kind="layernorm", affine=True, eps=self.norm_eps)
+    self.out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, use_bias=False,
+                               kernel_init=output_init(self.num_layers))
+
+  def _features(self, x, x_prev):
+    """(r, k, v, g, log_decay) from the input and its token shift."""
+    dx = x_prev - x
+    lora_in = jnp.tanh((x + dx * self.mu_x.astype(x.dtype)) @ self.mix_a.astype(x.dtype))
+    lora_in = lora_in.reshape(x.shape[:2] + (len(MIXES), self.mix_lora_dim))
+    m = jnp.einsum("btfl,fld->btfd", lora_in, self.mix_b.astype(x.dtype))
+    mixed = x[:, :, None] + dx[:, :, None] * (self.mu.astype(x.dtype) + m)    # [B,T,5,D]
+    xw, xk, xv, xr, xg = (mixed[:, :, i] for i in range(len(MIXES)))
+    ww = self.decay + jnp.einsum(
+        "btl,lhk->bthk", jnp.tanh(xw.astype(jnp.float32) @ self.decay_a), self.decay_b)
+    log_decay = -jnp.exp(ww)
+    return self.r(xr), self.k(xk), self.v(xv), nn.silu(self.g(xg)), log_decay
+
+  def _output(self, o, g):
+    return self.out(self.group_norm(o) * g)
+
+  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+    if decode:
+      no_decode_segments(segment_ids)
+      return self._decode(x)
+    r, k, v, g, log_decay = self._features(x, token_shift(x, segment_ids))
+    o = linear_attention(r, k, v, scale=1.0, log_decay=log_decay, bonus=self.bonus,
+                         segment_ids=segment_ids, implementation=self.implementation)
+    return self._output(o, g)
+
+  @nn.compact
+  def _decode(self, x):
+    initialized = self.has_variable("cache", "shift")
+    shift = self.variable("cache", "shift", jnp.zeros, (x.shape[0], self.d_model), jnp.float32)
+    r, k, v, g, log_decay = self._features(x, token_shift(x, first=shift.value))
+    o = cached_linear_attention(self, r, k, v, scale=1.0, log_decay=log_decay,
+                                bonus=self.bonus, implementation=self.implementation)
+    if initialized:
+      shift.value = x[:, -1].astype(jnp.float32)
+    return self._output(o, g)
+
+  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+    """Hidden attention [B,H,T,T] of the WKV recurrence: decayed r.k off the diagonal and the
+    bonus r.(u*k) on it (before GroupNorm and the gate)."""
+    r, k, _, _, log_decay = self._features(x, token_shift(x, segment_ids))
+    return hidden_attention(r, k, scale=1.0, log_decay=log_decay, bonus=self.bonus,
+                            segment_ids=segment_ids)
