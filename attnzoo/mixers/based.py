@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from attnzoo.mixers.layers import (LinearAttentionOp, hidden_attention,
                                    linear_attention_state_size, taylor_feature_map,
                                    taylor_feature_size)
-from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
 @register("based")
@@ -47,10 +47,7 @@ class Based(nn.Module):
   dtype: Any = jnp.float32
 
   def _head_dim(self):
-    if self.d_model % self.num_heads:
-      raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
-                       f"({self.num_heads})")
-    return self.d_model // self.num_heads
+    return per_head(self.d_model, self.num_heads)
 
   def state_size(self, seq_len: int) -> int:
     return linear_attention_state_size(self.num_heads, taylor_feature_size(self.feature_dim),

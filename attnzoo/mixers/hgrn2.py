@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from attnzoo.mixers.gla import (cached_linear_attention, hidden_attention, linear_attention,
                                 linear_attention_state_bytes, no_decode_segments)
-from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
 @register("hgrn2")
@@ -43,10 +43,7 @@ class HGRN2(nn.Module):
   dtype: Any = jnp.float32
 
   def _dims(self):
-    if self.d_model % self.num_heads:
-      raise ValueError(f"hgrn2: d_model ({self.d_model}) must be divisible by num_heads "
-                       f"({self.num_heads})")
-    head_v = self.d_model // self.num_heads
+    head_v = per_head(self.d_model, self.num_heads)
     return self.num_heads, self.expand_ratio or head_v, head_v
 
   def state_size(self, seq_len: int) -> int:

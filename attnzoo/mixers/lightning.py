@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from attnzoo.mixers.layers import (LinearAttentionOp, default_positions, get_activation,
                                    hidden_attention, linear_attention_state_size,
                                    rms_normalize)
-from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -58,10 +58,7 @@ class Lightning(nn.Module):
   dtype: Any = jnp.float32
 
   def _head_dim(self):
-    if self.d_model % self.num_heads:
-      raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
-                       f"({self.num_heads})")
-    return self.d_model // self.num_heads
+    return per_head(self.d_model, self.num_heads)
 
   def state_size(self, seq_len: int) -> int:
     head_dim = self._head_dim()

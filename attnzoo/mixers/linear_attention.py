@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from attnzoo.mixers.layers import (FEATURE_MAPS, LinearAttentionOp, default_positions,
                                    feature_map, feature_size, hidden_attention,
                                    linear_attention_state_size, performer_projection)
-from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
 @register("linear_attention")
@@ -50,13 +50,10 @@ class LinearAttention(nn.Module):
   dtype: Any = jnp.float32
 
   def _dims(self):
-    if self.d_model % self.num_heads:
-      raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
-                       f"({self.num_heads})")
+    head_dim = per_head(self.d_model, self.num_heads)
     if self.feature_map not in FEATURE_MAPS:
       raise ValueError(f"unknown feature_map {self.feature_map!r}; use one of "
                        f"{', '.join(FEATURE_MAPS)}")
-    head_dim = self.d_model // self.num_heads
     qk_dim = self.feature_dim or head_dim
     num_features = self.num_features or 2 * qk_dim
     return head_dim, qk_dim, num_features

@@ -17,6 +17,13 @@ def output_init(num_layers: int):
   return nn.initializers.normal(0.02 / math.sqrt(2 * num_layers))
 
 
+def per_head(width: int, num_heads: int) -> int:
+  """width // num_heads; a one-line error naming both when num_heads does not divide it."""
+  if num_heads < 1 or width % num_heads:
+    raise ValueError(f"d_model ({width}) must be divisible by num_heads ({num_heads})")
+  return width // num_heads
+
+
 def register(name: str):
   """Class decorator: `@register("gla")` makes the mixer buildable from a config."""
   def decorator(cls):

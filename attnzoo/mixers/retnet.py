@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from attnzoo.mixers.layers import (HeadNorm, LinearAttentionOp, default_positions,
                                    hidden_attention, linear_attention_state_size)
-from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 from attnzoo.ops.rotary import apply_rope
 
 
@@ -44,10 +44,7 @@ class RetNet(nn.Module):
   dtype: Any = jnp.float32
 
   def _dims(self):
-    if self.d_model % self.num_heads:
-      raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
-                       f"({self.num_heads})")
-    key_dim = self.d_model // self.num_heads
+    key_dim = per_head(self.d_model, self.num_heads)
     return key_dim, key_dim * self.value_factor
 
   def state_size(self, seq_len: int) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 from attnzoo.mixers.gla import (cached_linear_attention, hidden_attention, linear_attention,
                                 linear_attention_state_bytes, no_decode_segments)
 from attnzoo.mixers.layers import HeadNorm
-from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 MIXES = ("w", "k", "v", "r", "g")
 
@@ -73,10 +73,7 @@ class RWKV6(nn.Module):
 
   def _dims(self):
     heads = self.num_heads or max(1, self.d_model // 64)
-    if self.d_model % heads:
-      raise ValueError(f"rwkv6: d_model ({self.d_model}) must be divisible by num_heads "
-                       f"({heads})")
-    return heads, self.d_model // heads
+    return heads, per_head(self.d_model, heads)
 
   def state_size(self, seq_len: int) -> int:
     """Bytes at float32: the WKV state [H,K,V] plus the token-shift buffer [D]."""
