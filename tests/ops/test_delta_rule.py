@@ -8,6 +8,7 @@ import pytest
 
 from attnzoo.ops import delta_rule as dr
 from attnzoo.ops.dispatch import Unsupported
+from tests.conftest import relative_error as rel
 
 
 def make_inputs(b, t, h, dk, dv, *, gated, segmented, dtype=jnp.float32, seed=0):
@@ -24,14 +25,9 @@ def make_inputs(b, t, h, dk, dv, *, gated, segmented, dtype=jnp.float32, seed=0)
               log_decay=log_decay, initial_state=s0, segment_ids=seg)
 
 
-def rel(x, ref):
-  x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
-  return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
-
-
 def outputs_and_grads(fn, inputs, scale, seed=1):
-  fn = jax.jit(functools.partial(fn, scale=scale))  # scale stays a static Python float
   """Forward (o, final state) and gradients of <o, do> + <S, dS> w.r.t. every float input."""
+  fn = jax.jit(functools.partial(fn, scale=scale))  # scale stays a static Python float
   names = [n for n in ("q", "k", "v", "beta", "log_decay", "initial_state")
            if inputs[n] is not None]
   o, s = fn(**inputs)

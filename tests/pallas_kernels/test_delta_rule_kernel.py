@@ -3,7 +3,6 @@
 On CPU the kernels run in interpret mode. On a GPU set ATTNZOO_KERNEL_IMPL=pallas to compile
 them with Triton (the default is "interpret").
 """
-import functools
 import os
 
 import jax
@@ -12,44 +11,11 @@ import pytest
 
 from attnzoo.ops import delta_rule as dr
 from pallas_kernels import delta_rule as kernels
+from tests.conftest import relative_error as rel
+from tests.ops.test_delta_rule import make_inputs, outputs_and_grads
 
 IMPL = os.environ.get("ATTNZOO_KERNEL_IMPL", "interpret")
 INTERPRET = IMPL != "pallas"
-
-
-def make_inputs(b, t, h, dk, dv, *, gated, segmented, dtype=jnp.float32, seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
-  q = jax.random.normal(ks[0], (b, t, h, dk))
-  k = jax.random.normal(ks[1], (b, t, h, dk))
-  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-  v = jax.random.normal(ks[2], (b, t, h, dv))
-  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, h)))
-  log_decay = jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, h)) + 2.0) if gated else None
-  s0 = 0.3 * jax.random.normal(ks[5], (b, h, dk, dv))
-  seg = jnp.cumsum(jax.random.bernoulli(ks[6], 0.06, (b, t)), axis=1) if segmented else None
-  return dict(q=q.astype(dtype), k=k.astype(dtype), v=v.astype(dtype), beta=beta,
-              log_decay=log_decay, initial_state=s0, segment_ids=seg)
-
-
-def rel(x, ref):
-  x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
-  return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
-
-
-def outputs_and_grads(fn, inputs, scale, seed=1):
-  fn = jax.jit(functools.partial(fn, scale=scale))  # scale stays a static Python float
-  names = [n for n in ("q", "k", "v", "beta", "log_decay", "initial_state")
-           if inputs[n] is not None]
-  o, s = fn(**inputs)
-  ko, ks = jax.random.split(jax.random.PRNGKey(seed))
-  do = jax.random.normal(ko, o.shape)
-  ds = jax.random.normal(ks, s.shape)
-
-  def loss(diff):
-    o, s = fn(**{**inputs, **diff})
-    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s * ds)
-
-  return o, s, jax.grad(loss)({n: inputs[n] for n in names})
 
 
 def check(inputs, fn, tol, scale=0.4):
