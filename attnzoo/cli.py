@@ -148,7 +148,7 @@ def main(argv=None):
   p.set_defaults(fn=cmd_bench)
   p = sub.add_parser("demo", help="train a few mixers on MQAR and print a table")
   p.add_argument("--workdir", default="workdirs/demo")
-  p.add_argument("--steps", type=int, default=3000)
+  p.add_argument("--steps", type=int, default=1500)
   p.add_argument("--mixers", nargs="*", default=[], help="more registered mixers to include")
   p.set_defaults(fn=cmd_demo)
   args, extra = parser.parse_known_args(argv)
