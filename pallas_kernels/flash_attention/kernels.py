@@ -62,10 +62,9 @@ def _logits2(qk, scale, cfg):
   return t * (cfg.softcap * LOG2E), t
 
 
-def _mask(qp, kp, qs, ks, cfg):
-  """Boolean [len(qp), len(kp)] visibility, the same rule as attnzoo.ops.softmax_attention."""
-  qp = qp[:, None]
-  kp = kp[None, :]
+def _visible(qp, kp, qs, ks, cfg):
+  """Visibility of keys at kp to queries at qp (broadcastable arrays), the same rule as
+  attnzoo.ops.softmax_attention."""
   mask = kp != EMPTY
   if cfg.causal:
     mask &= kp <= qp
@@ -73,8 +72,21 @@ def _mask(qp, kp, qs, ks, cfg):
     left, right = cfg.window
     mask &= (kp >= qp - left) & (kp <= qp + right)
   if cfg.has_segments:
-    mask &= qs[:, None] == ks[None, :]
+    mask &= qs == ks
   return mask
+
+
+def _col(a):
+  return None if a is None else a[:, None]
+
+
+def _row(a):
+  return None if a is None else a[None, :]
+
+
+def _mask(qp, kp, qs, ks, cfg):
+  """Boolean [len(qp), len(kp)] visibility."""
+  return _visible(_col(qp), _row(kp), _col(qs), _row(ks), cfg)
 
 
 def _scale_value(scale_ref, cfg, index=None):
@@ -339,17 +351,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig):
 
 def _mask_t(kp, qp, ks, qs, cfg):
   """Transposed visibility [len(kp), len(qp)] (built directly, no transpose in the kernel)."""
-  kp = kp[:, None]
-  qp = qp[None, :]
-  mask = kp != EMPTY
-  if cfg.causal:
-    mask &= kp <= qp
-  if cfg.window is not None:
-    left, right = cfg.window
-    mask &= (kp >= qp - left) & (kp <= qp + right)
-  if cfg.has_segments:
-    mask &= ks[:, None] == qs[None, :]
-  return mask
+  return _visible(_row(qp), _col(kp), _row(qs), _col(ks), cfg)
 
 
 def backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg,

@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 
@@ -50,15 +48,12 @@ def test_query_placement_follows_power_law():
   assert counts[:space // 4].sum() > counts[space // 4:].sum() * 0.9
 
 
-def test_seeded_and_fast():
+def test_seeded():
   a = generate(8192, 100, 64, 4, seed=1)
   b = generate(8192, 100, 64, 4, seed=1)
   c = generate(8192, 100, 64, 4, seed=2)
   assert all((x == y).all() for x, y in zip(a, b))
   assert not (a[0] == c[0]).all()
-  start = time.time()
-  generate(8192, 100_000, 64, 4, seed=0)
-  assert time.time() - start < 30  # 100k examples in seconds (vectorised)
 
 
 def test_targets_match_labels():
