@@ -6,12 +6,17 @@ forward+backward; plus at T=16384 a causal sliding window of 1024 and causal pac
 (segment ids). FLOPs = 4*B*H*T^2*D (halved for causal; for windows and packed documents the
 exact number of visible (q, k) pairs replaces T^2/2), x3.5 for forward+backward.
 Writes experiments/results/kernels/attention_<device>.{md,json}.
+
+--sweep instead times the kernel's forward over tile / launch candidates (SWEEP_FWD) on
+causal and full 4x4096 and 1x16384 and the 1024-window at 16384 (cuDNN alongside), compiled
+in parallel threads, and writes the table and the best defaults it implies to
+attention_<device>_sweep.{md,json}.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -220,6 +225,173 @@ def tune(args, rows, save):
   return BlockSizes(**best)
 
 
+# Forward candidates for --sweep: BlockSizes fields (the backward keeps its defaults).
+SWEEP_FWD = [
+    dict(block_q=128, block_k=128, num_warps=8, num_stages=3),  # default
+    dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
+    dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
+    dict(block_q=128, block_k=64, num_warps=8, num_stages=4),
+    dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
+    dict(block_q=128, block_k=64, num_warps=4, num_stages=2),
+    dict(block_q=128, block_k=32, num_warps=4, num_stages=3),
+    dict(block_q=64, block_k=64, num_warps=4, num_stages=3),  # default for local windows
+    dict(block_q=64, block_k=64, num_warps=4, num_stages=2),
+    dict(block_q=64, block_k=128, num_warps=4, num_stages=2),
+    dict(block_q=128, block_k=128, num_warps=8, num_stages=3, head_group=1),
+    dict(block_q=128, block_k=128, num_warps=8, num_stages=3, head_group=16),
+]
+SWEEP_CASES = [  # (name, B, T, causal, window)
+    ("causal", 4, 4096, True, None), ("causal", 1, 16384, True, None),
+    ("full", 4, 4096, False, None), ("full", 1, 16384, False, None),
+    ("window1024", 1, 16384, True, (1024, 0)),
+]
+QUICK_SWEEP_CASES = [("causal", 1, 2048, True, None), ("window256", 1, 2048, True, (256, 0))]
+
+
+def _compile_parallel(jobs, budget_s):
+  """{key: (fn, args)} -> {key: compiled executable or the exception}.
+
+  Traces and lowers one job at a time, then compiles in threads (the Triton and ptxas
+  compiles inside XLA are the slow part and release the GIL). Jobs not started within
+  budget_s seconds are skipped (TimeoutError), in the order given.
+  """
+  start = time.perf_counter()
+  lowered = {}
+  for key, (fn, fn_args) in jobs.items():
+    try:
+      lowered[key] = jax.jit(fn).lower(*fn_args)
+    except Exception as e:
+      lowered[key] = e
+
+  def compile_one(key):
+    low = lowered[key]
+    if time.perf_counter() - start > budget_s:
+      low = TimeoutError(f"skipped: --sweep-budget {budget_s:.0f} s used up")
+    if isinstance(low, Exception):
+      return key, low
+    try:
+      return key, low.compile()
+    except Exception as e:
+      return key, e
+  with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+    return dict(pool.map(compile_one, lowered))
+
+
+def sweep(args, rows, save):
+  """Times every SWEEP_FWD candidate (and cuDNN, when in --impls) on the SWEEP_CASES forward.
+
+  Rows carry sweep="tiles" and the candidate's BlockSizes fields ("blocks") or ref="cudnn".
+  """
+  from pallas_kernels.flash_attention import BlockSizes
+  heads, dim = 16, 128
+  scale = 1.0 / math.sqrt(dim)
+  cases = QUICK_SWEEP_CASES if args.quick else SWEEP_CASES
+  inputs = {}
+  for _, b, t, _, _ in cases:
+    ks = jax.random.split(jax.random.key(0), 3)
+    inputs[b, t] = [jax.random.normal(kk, (b, t, heads, dim), jnp.float32)
+                    .astype(jnp.bfloat16) for kk in ks]
+  impls = [("cudnn", "cudnn", None)] if "cudnn" in args.impls else []
+  impls += [(j, "pallas", BlockSizes(**c)) for j, c in enumerate(SWEEP_FWD)]
+  jobs = {}  # candidate-major: a sweep cut short by the budget still has whole rows
+  for j, impl, blocks in impls:
+    for ci, (_, b, t, causal, window) in enumerate(cases):
+      fn = _impl_fn(impl, scale=scale, causal=causal, window=window, segments=None,
+                    block_sizes=blocks)
+      jobs[ci, j] = (fn, inputs[b, t])
+  start = time.perf_counter()
+  compiled = _compile_parallel(jobs, args.sweep_budget)
+  print(f"sweep: {len(jobs)} compiles in {time.perf_counter() - start:.0f} s", flush=True)
+  for (ci, j), exe in compiled.items():
+    name, b, t, causal, window = cases[ci]
+    pairs = _visible_pairs(t, causal=causal, window=window)
+    row = dict(sweep="tiles", case=name, B=b, T=t, mode="fwd")
+    if j == "cudnn":
+      row["ref"] = "cudnn"
+    else:
+      row["blocks"] = SWEEP_FWD[j]
+    try:
+      if isinstance(exe, Exception):
+        raise exe
+      sec = _time(exe, *inputs[b, t])
+      row.update(ms=sec * 1e3, tflops=4 * b * heads * pairs * dim / sec / 1e12)
+    except Exception as e:
+      row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  save()
+
+
+def _fwd_tiles(b):
+  """The forward fields of a BlockSizes, as in SWEEP_FWD."""
+  return dict(block_q=b.block_q, block_k=b.block_k, num_warps=b.num_warps,
+              num_stages=b.num_stages)
+
+
+def _blocks_label(c):
+  label = f"{c['block_q']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']}"
+  return label + (f" g{c['head_group']}" if "head_group" in c else "")
+
+
+def sweep_markdown(rows, device):
+  """The --sweep table (TFLOP/s per candidate and case) and the best defaults it implies."""
+  sw = [r for r in rows if r.get("sweep") == "tiles"]
+  key = lambda r: json.dumps(r["blocks"]) if "blocks" in r else "cudnn"
+  cases = list(dict.fromkeys((r["case"], r["B"], r["T"]) for r in sw))
+  cands = list(dict.fromkeys(key(r) for r in sw if "blocks" in r))
+  timed = {((r["case"], r["B"], r["T"]), key(r)): r for r in sw if "ms" in r}
+  ms = {k: r["ms"] for k, r in timed.items()}
+
+  def cell(case, k):
+    if (case, k) not in timed:
+      return "—"
+    ref = ms.get((case, "cudnn"))
+    ratio = f" ({ref / ms[case, k]:.2f}x)" if ref and k != "cudnn" else ""
+    return f"{timed[case, k]['tflops']:.0f}{ratio}"
+  label = lambda k: "cuDNN" if k == "cudnn" else _blocks_label(json.loads(k))
+  lines = [f"# Flash-attention forward tile sweep on {device}", "",
+           f"jax {jax.__version__}; bf16, H=16, D=128; `attnzoo bench attention --sweep`. "
+           "TFLOP/s as in attention_<device>.md, (in brackets: vs cuDNN). Candidates: "
+           "block_q x block_k, warps, stages, and head_group where not the default.", "",
+           "| candidate | " + " | ".join(f"{c} {b}x{t}" for c, b, t in cases) + " |",
+           "|---" * (len(cases) + 1) + "|"]
+  lines += [f"| {label(k)} | " + " | ".join(cell(c, k) for c in cases) + " |"
+            for k in cands + ["cudnn"]]
+  lines.append("")
+  best = {}
+  for case in cases:
+    options = [k for k in cands if (case, k) in ms]
+    if options:
+      best[case] = min(options, key=lambda k: ms[case, k])
+      lines.append(f"- fastest on {case[0]} {case[1]}x{case[2]}: {label(best[case])} "
+                   f"({ms[case, best[case]]:.3f} ms)")
+  # Suggested default: the candidate whose worst causal/full case (time over that case's best
+  # time) is best. The window ratio compares the 16k causal time with it against the fastest
+  # window candidate.
+  from pallas_kernels.flash_attention import default_block_sizes
+  now, now_local = (json.dumps(_fwd_tiles(default_block_sizes(128, 2, local=local)))
+                    for local in (False, True))
+  dense = [c for c in cases if not c[0].startswith("window") and c in best]
+  complete = [k for k in cands if all((c, k) in ms for c in dense)]
+  windows = [c for c in cases if c[0].startswith("window") and c in best]
+
+  def window_line(what, w, k_window, k_causal):
+    causal = ("causal", w[1], w[2])
+    if (causal, k_causal) in ms and (w, k_window) in ms:
+      lines.append(f"- {what}: {w[0]} {w[1]}x{w[2]} with {label(k_window)} vs causal with "
+                   f"{label(k_causal)}: {ms[causal, k_causal] / ms[w, k_window]:.2f}x faster")
+  for w in windows:
+    window_line("current defaults", w, now_local, now)
+  if dense and complete:
+    default = min(complete, key=lambda k: max(ms[c, k] / ms[c, best[c]] for c in dense))
+    lines.append(f"- suggested default (best worst case over causal/full): {label(default)}")
+    for w in windows:
+      window_line("suggested", w, best[w], default)
+  lines += [f"- failed: {label(key(r))} on {r['case']} {r['B']}x{r['T']}: {r['error']}"
+            for r in sw if "error" in r]
+  return "\n".join(lines) + "\n"
+
+
 def to_markdown(rows, device):
   lines = [f"# Softmax attention kernels on {device}", "",
            f"jax {jax.__version__}; bf16, H=16, D=128; median of timed batches after warm-up. "
@@ -237,6 +409,12 @@ def to_markdown(rows, device):
                   f"not re-measured to save device time): {', '.join(earlier)}.", ""]
   if tuned:
     lines[3:3] = [f"Kernel block sizes (chosen by --tune in this run): `{tuned[0]}`", ""]
+  else:
+    from pallas_kernels.flash_attention import default_block_sizes
+    fwd = lambda **kw: _blocks_label(_fwd_tiles(default_block_sizes(128, 2, **kw)))
+    lines[3:3] = [f"Kernel forward tiles (defaults for bf16, D=128): causal {fwd()}; "
+                  f"non-causal {fwd(causal=False)}; sliding windows {fwd(local=True)} "
+                  "(block_q x block_k, warps, stages).", ""]
   keys = []
   for r in main:
     key = (r["case"], r["B"], r["T"], r["mode"])
@@ -267,7 +445,7 @@ def to_markdown(rows, device):
     full, win = ours_ms("causal", 16384, mode), ours_ms("window1024", 16384, mode)
     if full and win:
       lines.append(f"\nSliding window 1024 vs full causal at T=16384, {mode}: "
-                   f"{full / win:.1f}x faster (ideal ~{16384 / 2 / 1024:.0f}x from work).")
+                   f"{full / win:.2f}x faster (ideal ~{16384 / 2 / 1024:.0f}x from work).")
   errors = [r for r in main if "error" in r]
   if errors:
     lines += ["", "Implementations that could not run a case:", ""]
@@ -291,6 +469,10 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
   p.add_argument("--tune", action="store_true",
                  help="time block-size candidates first and run the table with the best")
+  p.add_argument("--sweep", action="store_true",
+                 help="only time the forward tile candidates (SWEEP_FWD), to *_sweep.{md,json}")
+  p.add_argument("--sweep-budget", type=float, default=240,
+                 help="seconds after which --sweep starts no more compiles")
   p.add_argument("--verbose", action="store_true")
   args = p.parse_args(argv)
   args.impls = tuple(args.impls.split(","))
@@ -298,14 +480,21 @@ def main(argv=None):
   print(f"device: {device}, jax {jax.__version__}", flush=True)
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, f"attention_{device_name()}")
+  markdown = to_markdown
+  if args.sweep:
+    stem, markdown = stem + "_sweep", sweep_markdown
   rows = []
 
   def save():  # after every measurement, so an interrupted run still leaves its rows
     with open(stem + ".json", "w") as f:
       json.dump(dict(device=device, jax=jax.__version__, rows=rows), f, indent=1)
     with open(stem + ".md", "w") as f:
-      f.write(to_markdown(rows, device))
+      f.write(markdown(rows, device))
 
+  if args.sweep:
+    sweep(args, rows, save)
+    print(sweep_markdown(rows, device), flush=True)
+    return 0
   block_sizes = tune(args, rows, save) if args.tune else None
   args.block_sizes = block_sizes
   if block_sizes is not None:

@@ -208,7 +208,10 @@ def measure(variant, impl, shape, bwd, config=None):
 
 
 def _cfg_name(c):
-  return f"c{c.chunk},bv{c.block_v},w{c.num_warps or 'auto'},s{c.num_stages or 'auto'}"
+  import dataclasses
+  default = type(c)()
+  return ",".join(f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c)
+                  if getattr(c, f.name) != getattr(default, f.name)) or "default"
 
 
 def peak_memory(variant, impl, t, b=1, h=16, d=128):
@@ -245,11 +248,15 @@ def to_markdown(rows, device, fla_source):
       fla[(r["op"], r["mode"], r["shape"][0], r["shape"][1])] = (r["ms"], "")
   for key, ms in FLA_RECORDED.items():
     fla.setdefault(key, (ms, " (recorded)"))
+  earlier = sorted({r["impl"] for r in rows if r.get("earlier_run")})
   lines = [f"# Decayed linear attention on {device}", "",
            "bf16, H=16, K=V=128; ms (TFLOP/s with FLOPs = B·H·T·(2cK+2cV+4KV), c=64, ×3 for "
-           "fwd+bwd). `xla` = chunked pure-jnp form (chunk 64) in the same run; "
-           f"fla: {fla_source}.", "",
-           "| op | B×T | mode | pallas | xla | xla/pallas | fla | pallas/fla |",
+           "fwd+bwd). `xla` = chunked pure-jnp form (chunk 64), same run unless noted; "
+           f"fla: {fla_source}.", ""]
+  if earlier:
+    lines += [f"Measured in an earlier run on the same device (code unchanged since, not "
+              f"re-measured to save device time): {', '.join(earlier)}.", ""]
+  lines += ["| op | B×T | mode | pallas | xla | xla/pallas | fla | pallas/fla |",
            "|---|---|---|---|---|---|---|---|"]
   ops = [o for o in VARIANTS + ("delta_rule",) if any(r["op"] == o for r in rows)]
   shapes = sorted({tuple(r["shape"]) for r in rows if r["impl"] in ("pallas", "xla")
@@ -313,7 +320,8 @@ def main(argv=None):
   p.add_argument("--fla-timeout", type=float, default=600)
   p.add_argument("--memory", default="16384,65536", help="T values for the peak-memory table")
   p.add_argument("--sweep", default="",
-                 help="kernel configs to time too: 'variant+variant:chunk:block_v:warps:stages;...'")
+                 help="kernel configs to time too: 'variant+variant:field=value,...;...' with "
+                      "the fields of pallas_kernels.linear_attention.KernelConfig")
   p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
   p.add_argument("--fla-worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--shapes", default=None, help="'B,T,H,D;...' (default: the two bench shapes)")
@@ -363,10 +371,11 @@ def main(argv=None):
   if args.sweep:
     from pallas_kernels.linear_attention import KernelConfig
     for spec in args.sweep.split(";"):
-      chunk, bv, warps, stages = (int(x) for x in spec.split(":")[1:])
-      cfg = KernelConfig(chunk=chunk, block_v=bv, num_warps=warps, num_stages=stages)
+      names, fields = spec.split(":")
+      cfg = KernelConfig(**{f.split("=")[0]: int(f.split("=")[1])
+                            for f in fields.split(",") if f})
       for shape in shapes:
-        for variant in spec.split(":")[0].split("+"):
+        for variant in names.split("+"):
           for mode in args.modes.split(","):
             rows.append(measure(variant, "pallas", shape, mode == "fwdbwd", config=cfg))
             save()

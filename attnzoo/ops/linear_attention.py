@@ -24,7 +24,8 @@ Triton backend, GPU) and "interpret" (that kernel in Pallas interpret mode, any 
 Numerics of the chunked forms ("xla", "pallas"): every exponent is <= 0 except, for per-channel
 decay, inside 16-token sub-blocks, where the factors are referenced to the sub-block's middle
 row and clamped at e^80: results are exact unless the decay over 8 consecutive steps is
-stronger than e^-80 (about -10 per step on average). In bf16 the normalised form's dq is a small
+stronger than e^-80 (about -10 per step on average). The Pallas kernel uses one 64-token block
+instead wherever no chunk decays by more than e^-80 (then nothing is clamped). In bf16 the normalised form's dq is a small
 difference of two large terms (~3e-2 relative error at T=1000 for "xla" and "pallas" alike).
 """
 from __future__ import annotations

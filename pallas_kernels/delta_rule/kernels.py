@@ -1,29 +1,37 @@
-"""Pallas kernels for the chunked (WY) delta rule; the math is in `chunked_jnp.py`'s docstring.
+"""Pallas kernels for the chunked (WY) delta rule: DeltaNet (Yang et al. 2024, "Parallelizing
+Linear Transformers with the Delta Rule over Sequence Length") and Gated DeltaNet (Yang, Kautz &
+Hatamizadeh 2024). The math is in `chunked_jnp.py`'s docstring.
 
-Three portable pallas_calls (BlockSpecs, fori_loop, power-of-two blocks; Triton lowering on
-GPU, interpret mode on CPU), the structure of fla's chunk_gated_delta_rule forward:
+Portable pallas_calls (BlockSpecs, fori_loop, power-of-two blocks; Triton lowering on GPU,
+interpret mode on CPU) in the structure of flash-linear-attention's chunk_gated_delta_rule.
+Forward:
   1. `_wy_kernel`, grid (B, H, N): A = beta K K^T . e^{g_i-g_j} (strictly lower), its inverse
      T = (I + A)^{-1} by recursive block doubling (block sizes 1, 2, 4, ..., C: each step
      T <- T - T E T with E the off-diagonal blocks of the next level; exact, matmul-only),
-     then W = T diag(beta e^{g}) K and U~ = T diag(beta) V.
+     then W = T diag(beta e^{g}) K and U~ = T diag(beta) V (and, for the backward, T itself).
   2. `_state_kernel`, grid (B, H, V/BV), a sequential fori_loop over chunks with the float32
      state in registers: stores the entering state h_n, U = U~ - W h_n, and
      S <- e^{g_C} S + (K . e^{g_C - g})^T U.
   3. `_output_kernel`, grid (B, H, N): O = scale (e^{g} . Q h_n + [(Q K^T) . e^{g_i-g_j}]_{j<=i} U).
+Backward (`delta_rule` is a jax.custom_vjp saving the inputs and T, as fla does):
+  4. `_wu_kernel`, grid (B, H, N): W and U~ again from T; then kernel 2 again (h_n, U).
+  5. `_dv_local_kernel`, grid (B, H, N): the intra-chunk part of dU, scale P^T dO.
+  6. `_dstate_kernel`, grid (B, H, V/BV), a reverse fori_loop carrying the float32 state
+     gradient: stores dS' (the gradient at each chunk's exit) and dU = scale P^T dO + K~ dS',
+     then dS = e^{g_C} dS' + scale (e^g Q)^T dO - W^T dU.
+  7. `_grad_qk_kernel`, grid (B, H, N, K/BK), a loop over V blocks: dq, the output and state
+     parts of dk, dW = -dU h^T and their gate terms (fla's chunk_bwd_dqkwg).
+  8. `_grad_wy_kernel`, grid (B, H, N): dT through W and U~, dA = -T^T dT T^T, then dk, dv,
+     dbeta and the gate terms of A and W (fla's prepare_wy_repr_bwd).
+The gate gradients (w.r.t. the chunk-local cumulative gates g, g0) are partial sums from 7 and 8
+added in XLA; their chain to log_decay is autodiff of the cumsum in `chunked_jnp.prepare_gates`.
 Matmul operands are in the input dtype (float32 operands use IEEE precision), accumulation
-and the carried state are float32, every exponent is <= 0 and masks use `where`.
-
-Backward (`delta_rule` is a jax.custom_vjp; only the inputs are saved): kernels 1 and 2 run
-again to recompute W, the chunk states h_n and U, then
-  4. `_dstate_kernel`, grid (B, H, V/BV), a reverse fori_loop over chunks carrying the float32
-     state gradient: stores dS' (the gradient at each chunk's exit) and
-     dU = scale P^T dO + (K . e^{g_C - g}) dS', then dS = e^{g_C} dS' + scale (e^g Q)^T dO - W^T dU.
-  5. `_grad_kernel`, grid (B, H, N): recomputes A and T, then dq, dk, dv, dbeta and the
-     gradients of the cumulative gates g, g0 (their chain to log_decay is left to autodiff
-     of the cumsum in `chunked_jnp.prepare_gates`), with dA = -T^T dT T^T.
+and the carried states are float32, every exponent is <= 0 and masks use `where`.
+`Tuning` holds the Triton launch knobs of each kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -33,6 +41,30 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.delta_rule import chunked_jnp as chunked_lib
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """Triton launch knobs: (num_warps, num_stages) per kernel; the V block of the two
+  sequential kernels (None: the largest of 64, 32, 16 that gives at least 128, resp. 256,
+  programs, since B*H alone can leave most of the GPU idle); the K block and inner V block of
+  `_grad_qk_kernel`. Blocks are clipped to the (padded) head dims. Defaults: the fastest in
+  experiments/gpu/profile_delta_rule.py's sweep on one H200 (gated, bf16, H=16, K=V=128):
+  forward 0.56 / 0.79 ms, forward+backward 1.94 / 2.87 ms at B,T = 4,4096 / 1,16384."""
+  wy: tuple[int, int] = (4, 3)
+  state: tuple[int, int] = (4, 3)
+  output: tuple[int, int] = (4, 3)
+  wu: tuple[int, int] = (8, 2)
+  dv_local: tuple[int, int] = (4, 2)
+  dstate: tuple[int, int] = (4, 2)
+  grad_qk: tuple[int, int] = (4, 2)
+  grad_wy: tuple[int, int] = (4, 2)
+  state_block_v: int | None = None
+  dstate_block_v: int | None = None
+  grad_block_k: int = 64
+  grad_block_v: int = 64
 
 
 def _next_pow2(x: int, minimum: int = 16) -> int:
@@ -44,7 +76,7 @@ def _next_pow2(x: int, minimum: int = 16) -> int:
 
 def _dot(a, b, precision, trans_a=False, trans_b=False):
   dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
 def _iota(c):
@@ -57,13 +89,41 @@ def _last(x):
   return jnp.sum(jnp.where(i == x.shape[0] - 1, x, 0.0))
 
 
+def _masks(chunk, run_ref):
+  """(j <= i, j < i) within one segment run."""
+  row, col = _iota(chunk)
+  incl, strict = row >= col, row > col
+  if run_ref is not None:
+    run = run_ref[...]
+    same = run[:, None] == run[None, :]
+    incl, strict = incl & same, strict & same
+  return incl, strict
+
+
+def _end_gate(g, run):
+  """e^{g_C - g_j}, zero for positions before the chunk's last reset."""
+  end = jnp.exp(_last(g) - g)
+  return end if run is None else jnp.where(run == _last(run), end, 0.0)
+
+
+def _unpack(refs, n_in, gated, segmented):
+  """Splits kernel refs into (inputs, g, g0, run, outputs); absent gates are None."""
+  ins, rest = list(refs[:n_in]), list(refs[n_in:])
+  g = g0 = run = None
+  if gated:
+    g, g0, *rest = rest
+  if segmented:
+    run, *rest = rest
+  return ins, g, g0, run, rest
+
+
 def _invert_unit_lower(a, chunk, precision):
   """(I + A)^{-1} for strictly lower A [C, C] by block doubling: after the level with block
   size s, t is the exact inverse of the block-diagonal part of I + A with blocks of size 2s
   (t <- t - t E t, E the entries in one 2s-block but different s-blocks: s <= i ^ j < 2s)."""
   row, col = _iota(chunk)
   xor = row ^ col
-  eye = jnp.where(row == col, 1.0, 0.0).astype(jnp.float32)
+  eye = jnp.where(row == col, 1.0, 0.0).astype(F32)
   t = eye - jnp.where(xor == 1, a, 0.0)
   s = 2
   while s < chunk:
@@ -73,432 +133,443 @@ def _invert_unit_lower(a, chunk, precision):
   return t
 
 
-def _wy_kernel(*refs, chunk, gated, segmented, precision):
-  k_ref, v_ref, beta_ref = refs[:3]
-  rest = refs[3:]
-  if gated:
-    g_ref, g0_ref, *rest = rest
-  if segmented:
-    run_ref, *rest = rest
-  w_ref, u_ref = rest
+def _store_wu(t, k_ref, v_ref, beta, g0_ref, w_ref, u_ref, precision):
+  """W = T diag(beta e^{g0}) K, U~ = T diag(beta) V."""
   dt = k_ref.dtype
-  k = k_ref[...]
-  beta = beta_ref[...]
-  row, col = _iota(chunk)
-  mask = row > col
-  if segmented:
-    run = run_ref[...]
-    mask &= run[:, None] == run[None, :]
-  kk = _dot(k, k, precision, trans_b=True)
-  a = beta[:, None] * kk
+  scale_k = beta if g0_ref is None else beta * jnp.exp(g0_ref[...])
+  kb = (k_ref[...].astype(F32) * scale_k[:, None]).astype(dt)
+  vb = (v_ref[...].astype(F32) * beta[:, None]).astype(dt)
+  w_ref[...] = _dot(t, kb, precision).astype(dt)
+  u_ref[...] = _dot(t, vb, precision).astype(dt)
+
+
+def _wy_kernel(*refs, chunk, gated, segmented, precision):
+  (k_ref, v_ref, beta_ref), g_ref, g0_ref, run_ref, outs = _unpack(refs, 3, gated, segmented)
+  k, beta = k_ref[...], beta_ref[...]
+  _, strict = _masks(chunk, run_ref)
+  a = beta[:, None] * _dot(k, k, precision, trans_b=True)
   if gated:
     g = g_ref[...]
-    a = a * jnp.exp(jnp.where(mask, g[:, None] - g[None, :], 0.0))
-  a = jnp.where(mask, a, 0.0)
-  t = _invert_unit_lower(a, chunk, precision)
-  scale_k = beta * jnp.exp(g0_ref[...]) if gated else beta
-  kb = (k.astype(jnp.float32) * scale_k[:, None]).astype(dt)
-  vb = (v_ref[...].astype(jnp.float32) * beta[:, None]).astype(dt)
-  tt = t.astype(dt)
-  w_ref[...] = _dot(tt, kb, precision).astype(w_ref.dtype)
-  u_ref[...] = _dot(tt, vb, precision).astype(u_ref.dtype)
+    a = a * jnp.exp(jnp.where(strict, g[:, None] - g[None, :], 0.0))
+  t = _invert_unit_lower(jnp.where(strict, a, 0.0), chunk, precision).astype(k.dtype)
+  _store_wu(t, k_ref, v_ref, beta, g0_ref, outs[0], outs[1], precision)
+  if len(outs) == 3:
+    outs[2][...] = t
+
+
+def _wu_kernel(*refs, chunk, gated, segmented, precision):
+  """W and U~ from the stored T (the backward's recomputation)."""
+  del chunk
+  (k_ref, v_ref, beta_ref, t_ref), _, g0_ref, _, (w_ref, u_ref) = _unpack(
+      refs, 4, gated, segmented)
+  _store_wu(t_ref[...], k_ref, v_ref, beta_ref[...], g0_ref, w_ref, u_ref, precision)
 
 
 def _state_kernel(*refs, chunk, n_chunks, gated, segmented, precision):
-  w_ref, ut_ref, k_ref, s0_ref = refs[:4]
-  rest = refs[4:]
-  if gated:
-    g_ref, g0_ref, *rest = rest
-  if segmented:
-    run_ref, *rest = rest
-  h_ref, u_ref, sf_ref = rest
+  (w_ref, ut_ref, k_ref, s0_ref), g_ref, g0_ref, run_ref, (h_ref, u_ref, sf_ref) = _unpack(
+      refs, 4, gated, segmented)
   dt = k_ref.dtype
 
   def body(n, state):
-    t0 = pl.multiple_of(n * chunk, chunk)
-    sl = pl.ds(t0, chunk)
+    sl = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
     h_ref[n, :, :] = state.astype(h_ref.dtype)
-    u = ut_ref[sl, :].astype(jnp.float32) - _dot(w_ref[sl, :], state.astype(dt), precision)
+    u = ut_ref[sl, :].astype(F32) - _dot(w_ref[sl, :], state.astype(dt), precision)
     u = u.astype(dt)
     u_ref[sl, :] = u
     k = k_ref[sl, :]
     if gated:
-      g = g_ref[sl]
-      end = jnp.exp(_last(g) - g)
-      if segmented:
-        run = run_ref[sl]
-        end = jnp.where(run == _last(run), end, 0.0)
-      k = (k.astype(jnp.float32) * end[:, None]).astype(dt)
+      end = _end_gate(g_ref[sl], None if run_ref is None else run_ref[sl])
+      k = (k.astype(F32) * end[:, None]).astype(dt)
       state = jnp.exp(_last(g0_ref[sl])) * state
     return state + _dot(k, u, precision, trans_a=True)
 
-  final = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(jnp.float32))
-  sf_ref[...] = final
+  sf_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+
+
+def _decayed_scores(q, k, g_ref, mask, precision):
+  """[(Q K^T) . e^{g_i-g_j}]_{mask}, float32."""
+  p = _dot(q, k, precision, trans_b=True)
+  if g_ref is not None:
+    g = g_ref[...]
+    p = p * jnp.exp(jnp.where(mask, g[:, None] - g[None, :], 0.0))
+  return jnp.where(mask, p, 0.0)
 
 
 def _output_kernel(*refs, chunk, scale, gated, segmented, precision):
-  q_ref, k_ref, h_ref, u_ref = refs[:4]
-  rest = refs[4:]
-  if gated:
-    g_ref, g0_ref, *rest = rest
-  if segmented:
-    run_ref, *rest = rest
-  (o_ref,) = rest
-  dt = q_ref.dtype
+  (q_ref, k_ref, h_ref, u_ref), g_ref, g0_ref, run_ref, (o_ref,) = _unpack(
+      refs, 4, gated, segmented)
   q = q_ref[...]
-  row, col = _iota(chunk)
-  mask = row >= col
-  if segmented:
-    run = run_ref[...]
-    mask &= run[:, None] == run[None, :]
-  p = _dot(q, k_ref[...], precision, trans_b=True)
+  incl, _ = _masks(chunk, run_ref)
+  p = _decayed_scores(q, k_ref[...], g_ref, incl, precision).astype(q.dtype)
   inter = _dot(q, h_ref[...], precision)
   if gated:
-    g = g_ref[...]
-    p = p * jnp.exp(jnp.where(mask, g[:, None] - g[None, :], 0.0))
     inter = inter * jnp.exp(g0_ref[...])[:, None]
-  p = jnp.where(mask, p, 0.0).astype(dt)
-  o = scale * (inter + _dot(p, u_ref[...], precision))
-  o_ref[...] = o.astype(o_ref.dtype)
+  o_ref[...] = (scale * (inter + _dot(p, u_ref[...], precision))).astype(o_ref.dtype)
+
+
+def _dv_local_kernel(*refs, chunk, scale, gated, segmented, precision):
+  """Intra-chunk part of dU: scale P^T dO."""
+  (q_ref, k_ref, do_ref), g_ref, _, run_ref, (dvl_ref,) = _unpack(refs, 3, gated, segmented)
+  incl, _ = _masks(chunk, run_ref)
+  p = _decayed_scores(q_ref[...], k_ref[...], g_ref, incl, precision).astype(q_ref.dtype)
+  dvl_ref[...] = (scale * _dot(p, do_ref[...], precision, trans_a=True)).astype(dvl_ref.dtype)
 
 
 def _dstate_kernel(*refs, chunk, n_chunks, scale, gated, segmented, precision):
-  """Reverse pass over chunks: dU = scale P^T dO + K~ dS', dS <- e^{g_C} dS' + scale (e^g Q)^T dO
+  """Reverse pass over chunks: dU = dU_local + K~ dS', dS <- e^{g_C} dS' + scale (e^g Q)^T dO
   - W^T dU; stores dS' (the gradient at each chunk's exit) and dU."""
-  q_ref, k_ref, w_ref, do_ref, dsf_ref = refs[:5]
-  rest = refs[5:]
-  if gated:
-    g_ref, g0_ref, *rest = rest
-  if segmented:
-    run_ref, *rest = rest
-  dh_ref, du_ref, ds0_ref = rest
+  (q_ref, k_ref, w_ref, do_ref, dvl_ref, dsf_ref), g_ref, g0_ref, run_ref, outs = _unpack(
+      refs, 6, gated, segmented)
+  dh_ref, du_ref, ds0_ref = outs
   dt = k_ref.dtype
-  row, col = _iota(chunk)
 
   def body(i, ds):
     n = n_chunks - 1 - i
-    t0 = pl.multiple_of(n * chunk, chunk)
-    sl = pl.ds(t0, chunk)
+    sl = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
     dh_ref[n, :, :] = ds.astype(dh_ref.dtype)
-    q, k, do = q_ref[sl, :], k_ref[sl, :], do_ref[sl, :]
-    mask = row >= col
-    if segmented:
-      run = run_ref[sl]
-      mask &= run[:, None] == run[None, :]
-    p = _dot(q, k, precision, trans_b=True)
-    qs = q
+    q, k = q_ref[sl, :], k_ref[sl, :]
     if gated:
-      g, g0 = g_ref[sl], g0_ref[sl]
-      p = p * jnp.exp(jnp.where(mask, g[:, None] - g[None, :], 0.0))
-      end = jnp.exp(_last(g) - g)
-      if segmented:
-        end = jnp.where(run == _last(run), end, 0.0)
-      k = (k.astype(jnp.float32) * end[:, None]).astype(dt)
-      qs = (q.astype(jnp.float32) * jnp.exp(g0)[:, None]).astype(dt)
-    p = jnp.where(mask, p, 0.0).astype(dt)
-    du = scale * _dot(p, do, precision, trans_a=True) + _dot(k, ds.astype(dt), precision)
-    du = du.astype(dt)
+      g0 = g0_ref[sl]
+      end = _end_gate(g_ref[sl], None if run_ref is None else run_ref[sl])
+      k = (k.astype(F32) * end[:, None]).astype(dt)
+      q = (q.astype(F32) * jnp.exp(g0)[:, None]).astype(dt)
+    du = (dvl_ref[sl, :].astype(F32) + _dot(k, ds.astype(dt), precision)).astype(dt)
     du_ref[sl, :] = du
-    new = scale * _dot(qs, do, precision, trans_a=True) - _dot(w_ref[sl, :], du, precision,
-                                                               trans_a=True)
+    new = (scale * _dot(q, do_ref[sl, :], precision, trans_a=True)
+           - _dot(w_ref[sl, :], du, precision, trans_a=True))
     if gated:
       ds = jnp.exp(_last(g0)) * ds
     return ds + new
 
-  ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dsf_ref[...].astype(jnp.float32))
+  ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dsf_ref[...].astype(F32))
 
 
-def _grad_kernel(*refs, chunk, scale, gated, segmented, precision):
-  """Per-chunk gradients of q, k, v, beta, g, g0 given the states h (entering), dh (gradient
-  at the exit), U and dU. Recomputes A and T = (I + A)^{-1}."""
-  q_ref, k_ref, v_ref, beta_ref, h_ref, dh_ref, do_ref, u_ref, du_ref = refs[:9]
-  rest = refs[9:]
-  if gated:
-    g_ref, g0_ref, *rest = rest
-  if segmented:
-    run_ref, *rest = rest
-  dq_ref, dk_ref, dv_ref, dbeta_ref, *rest = rest
-  if gated:
-    dg_ref, dg0_ref = rest
+def _grad_qk_kernel(*refs, chunk, block_v, scale, gated, segmented, precision):
+  """For one chunk and K block, looping over V blocks: dq, the output and state parts of dk
+  (float32), dW = -dU h^T, and the gate gradients of these terms (partial over K blocks)."""
+  ins, g_ref, g0_ref, run_ref, outs = _unpack(refs, 7, gated, segmented)
+  q_ref, k_ref, h_ref, dh_ref, do_ref, u_ref, du_ref = ins
+  dq_ref, dk_ref, dw_ref = outs[:3]
   dt = q_ref.dtype
-  f32 = jnp.float32
-  q, k, v, beta = q_ref[...], k_ref[...], v_ref[...], beta_ref[...]
-  h, dh, do, u, du = h_ref[...], dh_ref[...], do_ref[...], u_ref[...], du_ref[...]
-  row, col = _iota(chunk)
-  incl, strict = row >= col, row > col
-  if segmented:
-    run = run_ref[...]
-    same = run[:, None] == run[None, :]
-    incl, strict = incl & same, strict & same
-  kk = _dot(k, k, precision, trans_b=True)
-  qk = _dot(q, k, precision, trans_b=True)
+  bk = q_ref.shape[-1]
+
+  def body(j, acc):
+    ds, dqh, dkh, dwh, hdh = acc
+    sl = pl.ds(pl.multiple_of(j * block_v, block_v), block_v)
+    do, u, du, h, dh = (r[:, sl] for r in (do_ref, u_ref, du_ref, h_ref, dh_ref))
+    ds = ds + _dot(do, u, precision, trans_b=True)
+    dqh = dqh + _dot(do, h, precision, trans_b=True)
+    dkh = dkh + _dot(u, dh, precision, trans_b=True)
+    dwh = dwh + _dot(du, h, precision, trans_b=True)
+    if gated:
+      hdh = hdh + jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)
+    return ds, dqh, dkh, dwh, hdh
+
+  zeros = lambda *s: jnp.zeros(s, F32)
+  init = (zeros(chunk, chunk), zeros(chunk, bk), zeros(chunk, bk), zeros(chunk, bk), zeros(bk))
+  ds, dqh, dkh, dwh, hdh = lax.fori_loop(0, do_ref.shape[-1] // block_v, body, init)
+
+  q, k = q_ref[...], k_ref[...]
+  incl, _ = _masks(chunk, run_ref)
+  dp = jnp.where(incl, scale * ds, 0.0)          # dP, P = [Q K^T . decay]_{j<=i}
   if gated:
     g, g0 = g_ref[...], g0_ref[...]
-    decay = jnp.exp(jnp.where(incl, g[:, None] - g[None, :], 0.0))
-    gamma0 = jnp.exp(g0)
-    end = jnp.exp(_last(g) - g)
-    if segmented:
-      end = jnp.where(run == _last(run), end, 0.0)
+    dp = dp * jnp.exp(jnp.where(incl, g[:, None] - g[None, :], 0.0))
+    dqh = dqh * (scale * jnp.exp(g0))[:, None]
+    dkh = dkh * _end_gate(g, None if run_ref is None else run_ref[...])[:, None]
   else:
-    decay = 1.0
-    gamma0 = jnp.ones((chunk,), f32)
-  a = jnp.where(strict, beta[:, None] * kk * decay, 0.0)
-  t = _invert_unit_lower(a, chunk, precision)
-  tt = t.astype(dt)
-
-  # o = scale (gamma0 . q h + P u), P = [q k^T . decay]_{j<=i}
-  dp = jnp.where(incl, scale * _dot(do, u, precision, trans_b=True), 0.0)
-  dqk = (dp * decay).astype(dt)
-  dq = scale * gamma0[:, None] * _dot(do, h, precision, trans_b=True) + _dot(dqk, k, precision)
-  dk = _dot(dqk, q, precision, trans_a=True)
-  grad_decay = dp * qk * decay                         # d(decay) . decay, from P
-  # S' = e^{g0_C} h + (end . k)^T u
-  dk_end = _dot(u, dh, precision, trans_b=True)         # d(end . k)
-  # u = u~ - W h; W = T (beta gamma0 . k); u~ = T (beta . v)
-  dw = -_dot(du, h, precision, trans_b=True)
-  xw = (k.astype(f32) * (beta * gamma0)[:, None]).astype(dt)
-  xu = (v.astype(f32) * beta[:, None]).astype(dt)
-  dt_mat = _dot(dw.astype(dt), xw, precision, trans_b=True) + _dot(du, xu, precision, trans_b=True)
-  dxw = _dot(tt, dw.astype(dt), precision, trans_a=True)
-  dxu = _dot(tt, du, precision, trans_a=True)
-  dk = dk + (beta * gamma0)[:, None] * dxw
-  sw = jnp.sum(k.astype(f32) * dxw, axis=1)
-  dv = beta[:, None] * dxu
-  dbeta = gamma0 * sw + jnp.sum(v.astype(f32) * dxu, axis=1)
-  dgamma0 = scale * jnp.sum(do.astype(f32) * _dot(q, h, precision), axis=1) + beta * sw
-  # T = (I + A)^{-1}: dA = -T^T dT T^T on the strictly lower part
-  da = -_dot(_dot(t, dt_mat, precision, trans_a=True), t, precision, trans_b=True)
-  da = jnp.where(strict, da, 0.0)
-  dkk = da * beta[:, None] * decay
-  dkk_dt = dkk.astype(dt)
-  dk = dk + _dot(dkk_dt, k, precision) + _dot(dkk_dt, k, precision, trans_a=True)
-  dbeta = dbeta + jnp.sum(da * kk * decay, axis=1)
+    dqh = scale * dqh
+  dp = dp.astype(dt)
+  dq_p = _dot(dp, k, precision)
+  dk_p = _dot(dp, q, precision, trans_a=True)
+  dq_ref[...] = (dqh + dq_p).astype(dq_ref.dtype)
+  dk_ref[...] = dk_p + dkh
+  dw_ref[...] = (-dwh).astype(dw_ref.dtype)
   if gated:
-    dk = dk + end[:, None] * dk_end
-    grad_decay = grad_decay + da * a
-    dend = jnp.sum(k.astype(f32) * dk_end, axis=1) * end
+    dg_ref, dg0_ref = outs[3:]
+    qf, kf = q.astype(F32), k.astype(F32)
     is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-    dg = jnp.sum(grad_decay, axis=1) - jnp.sum(grad_decay, axis=0) - dend
-    dg = dg + jnp.where(is_last, jnp.sum(dend), 0.0)
-    dg0 = dgamma0 * gamma0
-    state_term = jnp.exp(_last(g0)) * jnp.sum(h.astype(f32) * dh.astype(f32))
-    dg0 = dg0 + jnp.where(is_last, state_term, 0.0)
-    dg_ref[...] = dg
-    dg0_ref[...] = dg0
-  else:
-    dk = dk + dk_end
-  dq_ref[...] = dq.astype(dq_ref.dtype)
+    # P's decay: rows +g_i, columns -g_j; S' = e^{g0_C} h + (K . e^{g_C - g})^T U
+    dend = jnp.sum(kf * dkh, axis=1)
+    dg_ref[...] = (jnp.sum(qf * dq_p, axis=1) - jnp.sum(kf * dk_p, axis=1) - dend
+                   + jnp.where(is_last, jnp.sum(dend), 0.0))
+    state_term = jnp.exp(_last(g0)) * jnp.sum(hdh)
+    dg0_ref[...] = jnp.sum(qf * dqh, axis=1) + jnp.where(is_last, state_term, 0.0)
+
+
+def _grad_wy_kernel(*refs, chunk, gated, segmented, precision):
+  """Backward through W = T diag(beta e^{g0}) K and U~ = T diag(beta) V with the stored
+  T = (I + A)^{-1}: dA = -T^T dT T^T, then dk (adding the partial dk), dv, dbeta and the gate
+  gradients of A and W."""
+  ins, g_ref, g0_ref, run_ref, outs = _unpack(refs, 7, gated, segmented)
+  k_ref, v_ref, beta_ref, t_ref, dw_ref, du_ref, dkp_ref = ins
+  dk_ref, dv_ref, dbeta_ref = outs[:3]
+  dt = k_ref.dtype
+  k, v, beta, t, dw, du = (r[...] for r in (k_ref, v_ref, beta_ref, t_ref, dw_ref, du_ref))
+  kf = k.astype(F32)
+  _, strict = _masks(chunk, run_ref)
+  gamma0 = jnp.exp(g0_ref[...]) if gated else jnp.ones((chunk,), F32)
+  bg = beta * gamma0
+  xw = (kf * bg[:, None]).astype(dt)
+  xu = (v.astype(F32) * beta[:, None]).astype(dt)
+  dtm = _dot(dw, xw, precision, trans_b=True) + _dot(du, xu, precision, trans_b=True)
+  dxw = _dot(t, dw, precision, trans_a=True)
+  dxu = _dot(t, du, precision, trans_a=True)
+  sw = jnp.sum(kf * dxw, axis=1)
+  da = _dot(_dot(t, dtm.astype(dt), precision, trans_a=True).astype(dt), t, precision,
+            trans_b=True)
+  da = jnp.where(strict, -da, 0.0)
+  if gated:                                       # A = beta K K^T . decay
+    g = g_ref[...]
+    da = da * jnp.exp(jnp.where(strict, g[:, None] - g[None, :], 0.0))
+  da_kk = da * _dot(k, k, precision, trans_b=True)
+  dkk = (da * beta[:, None]).astype(dt)
+  dk = (dkp_ref[...] + bg[:, None] * dxw + _dot(dkk, k, precision)
+        + _dot(dkk, k, precision, trans_a=True))
   dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-  dbeta_ref[...] = dbeta
+  dv_ref[...] = (beta[:, None] * dxu).astype(dv_ref.dtype)
+  dbeta_ref[...] = gamma0 * sw + jnp.sum(v.astype(F32) * dxu, axis=1) + jnp.sum(da_kk, axis=1)
+  if gated:
+    dg_ref, dg0_ref = outs[3:]
+    grad_decay = da_kk * beta[:, None]
+    dg_ref[...] = jnp.sum(grad_decay, axis=1) - jnp.sum(grad_decay, axis=0)
+    dg0_ref[...] = bg * sw
 
 
-class _Calls:
-  """The pallas_calls for one problem shape (static configuration in one place)."""
+class Kernels:
+  """The pallas_calls for one problem shape; each method is one kernel launch.
 
-  def __init__(self, q, v, *, chunk, gated, segmented, interpret, block_v, num_warps,
-               num_stages):
-    self.b, self.tp, self.h, self.dk = q.shape
-    self.dv = v.shape[-1]
+  q, v give the shapes ([B, Tp, H, K], [B, Tp, H, V]; Tp a multiple of `chunk`, K and V powers
+  of two) and the operand dtype."""
+
+  def __init__(self, q, v, *, chunk, gated, segmented, interpret=False, tuning=Tuning()):
+    self.b, self.tp, self.h, self.kd = q.shape
+    self.vd = v.shape[-1]
     self.n = self.tp // chunk
     self.chunk, self.gated, self.segmented = chunk, gated, segmented
-    self.block_v = min(block_v, self.dv)
     self.dt = q.dtype
-    self.precision = (lax.Precision.HIGHEST if self.dt == jnp.float32
-                      else lax.Precision.DEFAULT)
-    self.interpret = interpret
-    self.num_warps, self.num_stages = num_warps, num_stages
+    self.precision = lax.Precision.HIGHEST if self.dt == F32 else lax.Precision.DEFAULT
+    self.interpret, self.tuning = interpret, tuning
+    self.state_block_v = self._block_v(tuning.state_block_v, 128)
+    self.dstate_block_v = self._block_v(tuning.dstate_block_v, 256)
 
-  def call(self, kernel, name, warps=None, **kw):
+  def _call(self, kernel, name, launch, grid, in_specs, out_specs, out_shape, **kw):
     params = None if self.interpret else pltriton.CompilerParams(
-        num_warps=warps or self.num_warps, num_stages=self.num_stages)
-    return pl.pallas_call(kernel, interpret=self.interpret, compiler_params=params, name=name,
-                          **kw)
+        num_warps=launch[0], num_stages=launch[1])
+    kernel = functools.partial(kernel, chunk=self.chunk, gated=self.gated,
+                               segmented=self.segmented, precision=self.precision, **kw)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shape, interpret=self.interpret,
+                          compiler_params=params, name=name)
 
-  # BlockSpecs ------------------------------------------------------------------------------
-  def chunk_gates(self):   # per-chunk gate vectors on a (b, h, n) grid
+  def _block_v(self, block_v, programs):
+    if block_v is None:
+      block_v = 64
+      while block_v > 16 and self.b * self.h * (self.vd // block_v) < programs:
+        block_v //= 2
+    return min(block_v, self.vd)
+
+  def _shape(self, *dims, dtype=None):
+    return jax.ShapeDtypeStruct(dims, dtype or self.dt)
+
+  # BlockSpecs on a (b, h, n) grid: one chunk ------------------------------------------------
+  def _gates(self):
     c = self.chunk
-    return ([pl.BlockSpec((None, None, c), lambda i, j, n: (i, j, n))] * (2 if self.gated else 0)
-            + [pl.BlockSpec((None, c), lambda i, j, n: (i, n))] * (1 if self.segmented else 0))
+    return ([pl.BlockSpec((None, None, c), lambda i, j, n, *_: (i, j, n))] * (2 * self.gated)
+            + [pl.BlockSpec((None, c), lambda i, j, n, *_: (i, n))] * self.segmented)
 
-  def seq_gates(self):     # whole-sequence gate vectors on a (b, h, v-block) grid
-    tp = self.tp
-    return ([pl.BlockSpec((None, None, tp), lambda i, j, c: (i, j, 0))] * (2 if self.gated else 0)
-            + [pl.BlockSpec((None, tp), lambda i, j, c: (i, 0))] * (1 if self.segmented else 0))
-
-  def bthd(self, d):       # one chunk of a [B, T, H, D] array on a (b, h, n) grid
+  def _bthd(self, d):      # [B, T, H, D]
     return pl.BlockSpec((None, self.chunk, None, d), lambda i, j, n: (i, n, j, 0))
 
-  def bhtd(self, d):       # one chunk of a [B, H, T, D] array on a (b, h, n) grid
+  def _bhtd(self, d):      # [B, H, T, D]
     return pl.BlockSpec((None, None, self.chunk, d), lambda i, j, n: (i, j, n, 0))
 
-  def vec(self):           # one chunk of a [B, H, T] array on a (b, h, n) grid
+  def _vec(self):          # [B, H, T]
     return pl.BlockSpec((None, None, self.chunk), lambda i, j, n: (i, j, n))
 
-  def state_chunk(self):   # [B, H, N, K, V] at chunk n on a (b, h, n) grid
-    return pl.BlockSpec((None, None, None, self.dk, self.dv), lambda i, j, n: (i, j, n, 0, 0))
+  def _state(self):        # [B, H, N, K, V]
+    return pl.BlockSpec((None, None, None, self.kd, self.vd), lambda i, j, n: (i, j, n, 0, 0))
 
-  def seq_bthd(self, d):   # whole sequence of a [B, T, H, D] array on a (b, h, v-block) grid
-    return pl.BlockSpec((None, self.tp, None, d), lambda i, j, c: (i, 0, j, 0))
+  # BlockSpecs on a (b, h, v-block) grid: the whole sequence ---------------------------------
+  def _seq_gates(self):
+    tp = self.tp
+    return ([pl.BlockSpec((None, None, tp), lambda i, j, c: (i, j, 0))] * (2 * self.gated)
+            + [pl.BlockSpec((None, tp), lambda i, j, c: (i, 0))] * self.segmented)
 
-  def seq_bthd_v(self):
-    return pl.BlockSpec((None, self.tp, None, self.block_v), lambda i, j, c: (i, 0, j, c))
+  def _seq_bthd(self, d, bv=None):
+    if bv is None:
+      return pl.BlockSpec((None, self.tp, None, d), lambda i, j, c: (i, 0, j, 0))
+    return pl.BlockSpec((None, self.tp, None, bv), lambda i, j, c: (i, 0, j, c))
 
-  def seq_bhtd(self, d):
-    return pl.BlockSpec((None, None, self.tp, d), lambda i, j, c: (i, j, 0, 0))
+  def _seq_bhtd(self, d, bv=None):
+    if bv is None:
+      return pl.BlockSpec((None, None, self.tp, d), lambda i, j, c: (i, j, 0, 0))
+    return pl.BlockSpec((None, None, self.tp, bv), lambda i, j, c: (i, j, 0, c))
 
-  def seq_bhtd_v(self):
-    return pl.BlockSpec((None, None, self.tp, self.block_v), lambda i, j, c: (i, j, 0, c))
+  def _seq_states(self, bv):
+    return pl.BlockSpec((None, None, self.n, self.kd, bv), lambda i, j, c: (i, j, 0, 0, c))
 
-  def states_v(self):      # [B, H, N, K, V] for a v-block
-    return pl.BlockSpec((None, None, self.n, self.dk, self.block_v),
-                        lambda i, j, c: (i, j, 0, 0, c))
+  def _seq_state(self, bv):
+    return pl.BlockSpec((None, None, self.kd, bv), lambda i, j, c: (i, j, 0, c))
 
-  def state_v(self):       # [B, H, K, V] for a v-block
-    return pl.BlockSpec((None, None, self.dk, self.block_v), lambda i, j, c: (i, j, 0, c))
+  # Kernels -----------------------------------------------------------------------------------
+  def wy(self, k, v, beta, gates, with_t=False):
+    """(W [B,H,Tp,K], U~ [B,H,Tp,V]) and, with_t, T = (I + A)^{-1} [B,H,Tp,C]."""
+    b, h, tp, c = self.b, self.h, self.tp, self.chunk
+    out_specs = [self._bhtd(self.kd), self._bhtd(self.vd)]
+    out_shape = [self._shape(b, h, tp, self.kd), self._shape(b, h, tp, self.vd)]
+    if with_t:
+      out_specs.append(self._bhtd(c))
+      out_shape.append(self._shape(b, h, tp, c))
+    return self._call(
+        _wy_kernel, "delta_rule_wy", self.tuning.wy, (b, h, self.n),
+        [self._bthd(self.kd), self._bthd(self.vd), self._vec()] + self._gates(),
+        out_specs, out_shape)(k, v, beta, *gates)
 
-  def flags(self):
-    return dict(chunk=self.chunk, gated=self.gated, segmented=self.segmented,
-                precision=self.precision)
-
-  # Kernels ---------------------------------------------------------------------------------
-  def wy(self, k, v, beta, gates):
-    b, h, tp, dk, dv = self.b, self.h, self.tp, self.dk, self.dv
-    return self.call(
-        functools.partial(_wy_kernel, **self.flags()), "delta_rule_wy",
-        grid=(b, h, self.n),
-        in_specs=[self.bthd(dk), self.bthd(dv), self.vec()] + self.chunk_gates(),
-        out_specs=[self.bhtd(dk), self.bhtd(dv)],
-        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dk), self.dt),
-                   jax.ShapeDtypeStruct((b, h, tp, dv), self.dt)],
-    )(k, v, beta, *gates)
+  def wu(self, k, v, beta, t, gates):
+    """(W, U~) from the stored T."""
+    b, h, tp = self.b, self.h, self.tp
+    return self._call(
+        _wu_kernel, "delta_rule_wu", self.tuning.wu, (b, h, self.n),
+        [self._bthd(self.kd), self._bthd(self.vd), self._vec(), self._bhtd(self.chunk)]
+        + self._gates(),
+        [self._bhtd(self.kd), self._bhtd(self.vd)],
+        [self._shape(b, h, tp, self.kd), self._shape(b, h, tp, self.vd)])(k, v, beta, t, *gates)
 
   def states(self, w, u_tilde, k, s0, gates):
-    b, h, tp, dk, dv = self.b, self.h, self.tp, self.dk, self.dv
-    return self.call(
-        functools.partial(_state_kernel, n_chunks=self.n, **self.flags()), "delta_rule_state",
-        grid=(b, h, dv // self.block_v),
-        in_specs=[self.seq_bhtd(dk), self.seq_bhtd_v(), self.seq_bthd(dk), self.state_v()]
-        + self.seq_gates(),
-        out_specs=[self.states_v(), self.seq_bhtd_v(), self.state_v()],
-        out_shape=[jax.ShapeDtypeStruct((b, h, self.n, dk, dv), self.dt),
-                   jax.ShapeDtypeStruct((b, h, tp, dv), self.dt),
-                   jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)],
-    )(w, u_tilde, k, s0, *gates)
+    """(h [B,H,N,K,V] entering states, U [B,H,Tp,V], final state [B,H,K,V] float32)."""
+    b, h, tp, kd, vd = self.b, self.h, self.tp, self.kd, self.vd
+    bv = self.state_block_v
+    return self._call(
+        _state_kernel, "delta_rule_state", self.tuning.state, (b, h, vd // bv),
+        [self._seq_bhtd(kd), self._seq_bhtd(vd, bv), self._seq_bthd(kd), self._seq_state(bv)]
+        + self._seq_gates(),
+        [self._seq_states(bv), self._seq_bhtd(vd, bv), self._seq_state(bv)],
+        [self._shape(b, h, self.n, kd, vd), self._shape(b, h, tp, vd),
+         self._shape(b, h, kd, vd, dtype=F32)],
+        n_chunks=self.n)(w, u_tilde, k, s0, *gates)
 
   def output(self, q, k, states, u, gates, scale, out_dtype):
-    b, h, tp, dk, dv = self.b, self.h, self.tp, self.dk, self.dv
-    return self.call(
-        functools.partial(_output_kernel, scale=scale, **self.flags()), "delta_rule_output",
-        grid=(b, h, self.n),
-        in_specs=[self.bthd(dk), self.bthd(dk), self.state_chunk(), self.bhtd(dv)]
-        + self.chunk_gates(),
-        out_specs=self.bthd(dv),
-        out_shape=jax.ShapeDtypeStruct((b, tp, h, dv), out_dtype),
-    )(q, k, states, u, *gates)
+    return self._call(
+        _output_kernel, "delta_rule_output", self.tuning.output, (self.b, self.h, self.n),
+        [self._bthd(self.kd), self._bthd(self.kd), self._state(), self._bhtd(self.vd)]
+        + self._gates(),
+        self._bthd(self.vd), self._shape(self.b, self.tp, self.h, self.vd, dtype=out_dtype),
+        scale=scale)(q, k, states, u, *gates)
 
-  def dstates(self, q, k, w, do, dsf, gates, scale):
-    b, h, tp, dk, dv = self.b, self.h, self.tp, self.dk, self.dv
-    return self.call(
-        functools.partial(_dstate_kernel, n_chunks=self.n, scale=scale, **self.flags()),
-        "delta_rule_dstate",
-        grid=(b, h, dv // self.block_v),
-        in_specs=[self.seq_bthd(dk), self.seq_bthd(dk), self.seq_bhtd(dk), self.seq_bthd_v(),
-                  self.state_v()] + self.seq_gates(),
-        out_specs=[self.states_v(), self.seq_bhtd_v(), self.state_v()],
-        out_shape=[jax.ShapeDtypeStruct((b, h, self.n, dk, dv), self.dt),
-                   jax.ShapeDtypeStruct((b, h, tp, dv), self.dt),
-                   jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)],
-    )(q, k, w, do, dsf, *gates)
+  def dv_local(self, q, k, do, gates, scale):
+    """scale P^T dO [B,H,Tp,V]."""
+    return self._call(
+        _dv_local_kernel, "delta_rule_dv_local", self.tuning.dv_local, (self.b, self.h, self.n),
+        [self._bthd(self.kd), self._bthd(self.kd), self._bthd(self.vd)] + self._gates(),
+        self._bhtd(self.vd), self._shape(self.b, self.h, self.tp, self.vd),
+        scale=scale)(q, k, do, *gates)
 
-  def grads(self, q, k, v, beta, states, dstates, do, u, du, gates, scale, warps=8):
-    b, h, tp, dk, dv = self.b, self.h, self.tp, self.dk, self.dv
-    vec_out = [jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
-    return self.call(
-        functools.partial(_grad_kernel, scale=scale, **self.flags()), "delta_rule_grads",
-        warps=warps,
-        grid=(b, h, self.n),
-        in_specs=[self.bthd(dk), self.bthd(dk), self.bthd(dv), self.vec(), self.state_chunk(),
-                  self.state_chunk(), self.bthd(dv), self.bhtd(dv), self.bhtd(dv)]
-        + self.chunk_gates(),
-        out_specs=[self.bthd(dk), self.bthd(dk), self.bthd(dv), self.vec()]
-        + [self.vec()] * (2 if self.gated else 0),
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, dk), q.dtype),
-                   jax.ShapeDtypeStruct((b, tp, h, dk), k.dtype),
-                   jax.ShapeDtypeStruct((b, tp, h, dv), v.dtype)]
-        + vec_out * (3 if self.gated else 1),
-    )(q, k, v, beta, states, dstates, do, u, du, *gates)
+  def dstates(self, q, k, w, do, dvl, dsf, gates, scale):
+    """(dS' [B,H,N,K,V] at each chunk's exit, dU [B,H,Tp,V], d initial state float32)."""
+    b, h, tp, kd, vd = self.b, self.h, self.tp, self.kd, self.vd
+    bv = self.dstate_block_v
+    return self._call(
+        _dstate_kernel, "delta_rule_dstate", self.tuning.dstate, (b, h, vd // bv),
+        [self._seq_bthd(kd), self._seq_bthd(kd), self._seq_bhtd(kd), self._seq_bthd(vd, bv),
+         self._seq_bhtd(vd, bv), self._seq_state(bv)] + self._seq_gates(),
+        [self._seq_states(bv), self._seq_bhtd(vd, bv), self._seq_state(bv)],
+        [self._shape(b, h, self.n, kd, vd), self._shape(b, h, tp, vd),
+         self._shape(b, h, kd, vd, dtype=F32)],
+        n_chunks=self.n, scale=scale)(q, k, w, do, dvl, dsf, *gates)
 
+  def grad_qk(self, q, k, states, dstates, do, u, du, gates, scale):
+    """(dq [B,Tp,H,K], partial dk [B,H,Tp,K] float32, dW [B,H,Tp,K]) and, gated, the partial
+    gate gradients (dg, dg0) [B,H,K/BK,Tp]."""
+    b, h, tp, kd, vd, c = self.b, self.h, self.tp, self.kd, self.vd, self.chunk
+    bk = min(self.tuning.grad_block_k, kd)
+    nk = kd // bk
+    bthk = pl.BlockSpec((None, c, None, bk), lambda i, j, n, x: (i, n, j, x))
+    bhtk = pl.BlockSpec((None, None, c, bk), lambda i, j, n, x: (i, j, n, x))
+    state = pl.BlockSpec((None, None, None, bk, vd), lambda i, j, n, x: (i, j, n, x, 0))
+    bhtv = pl.BlockSpec((None, None, c, vd), lambda i, j, n, x: (i, j, n, 0))
+    bthv = pl.BlockSpec((None, c, None, vd), lambda i, j, n, x: (i, n, j, 0))
+    part = pl.BlockSpec((None, None, None, c), lambda i, j, n, x: (i, j, x, n))
+    return self._call(
+        _grad_qk_kernel, "delta_rule_grad_qk", self.tuning.grad_qk, (b, h, self.n, nk),
+        [bthk, bthk, state, state, bthv, bhtv, bhtv] + self._gates(),
+        [bthk, bhtk, bhtk] + [part] * (2 * self.gated),
+        [self._shape(b, tp, h, kd), self._shape(b, h, tp, kd, dtype=F32),
+         self._shape(b, h, tp, kd)] + [self._shape(b, h, nk, tp, dtype=F32)] * (2 * self.gated),
+        scale=scale, block_v=min(self.tuning.grad_block_v, vd),
+    )(q, k, states, dstates, do, u, du, *gates)
 
-def _config(q, v, g, run, interpret, block_v=64, num_warps=4, num_stages=2, *, chunk):
-  return _Calls(q, v, chunk=chunk, gated=g is not None, segmented=run is not None,
-                interpret=interpret, block_v=block_v, num_warps=num_warps,
-                num_stages=num_stages)
+  def grad_wy(self, k, v, beta, t, dw, du, dk_part, gates):
+    """(dk [B,Tp,H,K], dv [B,Tp,H,V], dbeta [B,H,Tp]) and, gated, (dg, dg0) [B,H,Tp] of A, W."""
+    b, h, tp, kd, vd = self.b, self.h, self.tp, self.kd, self.vd
+    return self._call(
+        _grad_wy_kernel, "delta_rule_grad_wy", self.tuning.grad_wy, (b, h, self.n),
+        [self._bthd(kd), self._bthd(vd), self._vec(), self._bhtd(self.chunk), self._bhtd(kd),
+         self._bhtd(vd), self._bhtd(kd)] + self._gates(),
+        [self._bthd(kd), self._bthd(vd)] + [self._vec()] * (1 + 2 * self.gated),
+        [self._shape(b, tp, h, kd), self._shape(b, tp, h, vd)]
+        + [self._shape(b, h, tp, dtype=F32)] * (1 + 2 * self.gated),
+    )(k, v, beta, t, dw, du, dk_part, *gates)
 
 
 def _gates(g, g0, run):
   return ([g, g0] if g is not None else []) + ([run] if run is not None else [])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "block_v", "interpret",
-                                             "num_warps", "num_stages"))
-def forward(q, k, v, beta, g, g0, run, initial_state, *, scale, chunk, block_v=64,
-            interpret=False, num_warps=4, num_stages=3):
+def _kernels(q, v, g, run, chunk, interpret, tuning):
+  return Kernels(q, v, chunk=chunk, gated=g is not None, segmented=run is not None,
+                 interpret=interpret, tuning=tuning)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "interpret", "tuning", "with_t"))
+def forward(q, k, v, beta, g, g0, run, initial_state, *, scale, chunk, interpret=False,
+            tuning=Tuning(), with_t=False):
   """Kernel forward on prepared inputs (see chunked_jnp.chunked); head dims powers of two >= 16.
-  Returns (o, final_state). Defaults: the fastest of five configurations timed on one H200
-  (bf16, B,T,H,D = 4,4096,16,128): num_stages=3 0.52 ms, num_stages=2 0.58 ms."""
-  o, final, _ = _forward(q, k, v, beta, g, g0, run, initial_state, scale=scale, chunk=chunk,
-                         block_v=block_v, interpret=interpret, num_warps=num_warps,
-                         num_stages=num_stages)
-  return o, final
-
-
-def _forward(q, k, v, beta, g, g0, run, initial_state, *, scale, chunk, interpret, **tune):
-  calls = _config(q, v, g, run, interpret, chunk=chunk, **tune)
+  Returns (o, final_state), and T = (I + A)^{-1} [B,H,Tp,C] (the backward's residual) with_t."""
+  calls = _kernels(q, v, g, run, chunk, interpret, tuning)
   gates = _gates(g, g0, run)
-  w, u_tilde = calls.wy(k, v, beta, gates)
+  w, u_tilde, *t = calls.wy(k, v, beta, gates, with_t=with_t)
   states, u, final = calls.states(w, u_tilde, k, initial_state, gates)
-  o = calls.output(q, k, states, u, gates, scale, v.dtype)
-  return o, final, (w, states, u)
+  return (calls.output(q, k, states, u, gates, scale, v.dtype), final, *t)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "block_v", "interpret",
-                                             "num_warps", "num_stages", "grad_warps"))
-def backward(q, k, v, beta, g, g0, run, initial_state, do, dfinal, *, scale, chunk,
-             block_v=64, interpret=False, num_warps=4, num_stages=2, grad_warps=8):
-  """Kernel backward: recomputes W, the chunk states and U, then a reverse state-gradient
-  pass and a per-chunk gradient kernel. Returns (dq, dk, dv, dbeta, dg, dg0, dinitial_state)."""
-  tune = dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages)
-  calls = _config(q, v, g, run, interpret, chunk=chunk, **tune)
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "interpret", "tuning"))
+def backward(q, k, v, beta, g, g0, run, initial_state, t, do, dfinal, *, scale, chunk,
+             interpret=False, tuning=Tuning()):
+  """Kernel backward from the inputs and the forward's T: recomputes W, U~, the chunk states
+  and U, then the reverse state-gradient pass and the two per-chunk gradient kernels.
+  Returns (dq, dk, dv, dbeta, dg, dg0, ds0)."""
+  calls = _kernels(q, v, g, run, chunk, interpret, tuning)
   gates = _gates(g, g0, run)
-  w, u_tilde = calls.wy(k, v, beta, gates)
+  w, u_tilde = calls.wu(k, v, beta, t, gates)
   states, u, _ = calls.states(w, u_tilde, k, initial_state, gates)
   do = do.astype(v.dtype)
-  dstates, du, ds0 = calls.dstates(q, k, w, do, dfinal.astype(jnp.float32), gates, scale)
-  outs = calls.grads(q, k, v, beta, states, dstates, do, u, du, gates, scale, grad_warps)
-  dq, dk, dv, dbeta = outs[:4]
-  dg, dg0 = outs[4:] if g is not None else (None, None)
+  dvl = calls.dv_local(q, k, do, gates, scale)
+  dstates, du, ds0 = calls.dstates(q, k, w, do, dvl, dfinal.astype(F32), gates, scale)
+  dq, dk_part, dw, *dg_qk = calls.grad_qk(q, k, states, dstates, do, u, du, gates, scale)
+  dk, dv, dbeta, *dg_wy = calls.grad_wy(k, v, beta, t, dw, du, dk_part, gates)
+  dg = dg0 = None
+  if g is not None:
+    dg, dg0 = (part.sum(axis=2) + wy for part, wy in zip(dg_qk, dg_wy))
   return dq, dk, dv, dbeta, dg, dg0, ds0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _delta_rule_vjp(q, k, v, beta, g, g0, run, initial_state, scale, chunk, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _delta_rule_vjp(q, k, v, beta, g, g0, run, initial_state, scale, chunk, interpret, tuning):
   return forward(q, k, v, beta, g, g0, run, initial_state, scale=scale, chunk=chunk,
-                 interpret=interpret)
+                 interpret=interpret, tuning=tuning)
 
 
-def _vjp_fwd(q, k, v, beta, g, g0, run, initial_state, scale, chunk, interpret):
-  out = forward(q, k, v, beta, g, g0, run, initial_state, scale=scale, chunk=chunk,
-                interpret=interpret)
-  return out, (q, k, v, beta, g, g0, run, initial_state)
+def _vjp_fwd(q, k, v, beta, g, g0, run, initial_state, scale, chunk, interpret, tuning):
+  o, final, t = forward(q, k, v, beta, g, g0, run, initial_state, scale=scale, chunk=chunk,
+                        interpret=interpret, tuning=tuning, with_t=True)
+  return (o, final), (q, k, v, beta, g, g0, run, initial_state, t)
 
 
-def _vjp_bwd(scale, chunk, interpret, residuals, cotangents):
-  q, k, v, beta, g, g0, run, initial_state = residuals
-  do, dfinal = cotangents
-  dq, dk, dv, dbeta, dg, dg0, ds0 = backward(q, k, v, beta, g, g0, run, initial_state, do,
-                                             dfinal, scale=scale, chunk=chunk,
-                                             interpret=interpret)
+def _vjp_bwd(scale, chunk, interpret, tuning, residuals, cotangents):
+  run = residuals[6]
+  dq, dk, dv, dbeta, dg, dg0, ds0 = backward(*residuals, *cotangents, scale=scale, chunk=chunk,
+                                             interpret=interpret, tuning=tuning)
   drun = None if run is None else jnp.zeros_like(run)
   return dq, dk, dv, dbeta, dg, dg0, drun, ds0
 
@@ -507,7 +578,7 @@ _delta_rule_vjp.defvjp(_vjp_fwd, _vjp_bwd)
 
 
 def delta_rule(q, k, v, beta, *, scale, log_decay=None, initial_state=None,
-               segment_ids=None, chunk=None, interpret=False):
+               segment_ids=None, chunk=None, interpret=False, tuning=Tuning()):
   """Chunked delta rule through the Pallas kernels, differentiable.
 
   q, k [B,T,H,K], v [B,T,H,V] (one dtype), beta [B,T,H], log_decay [B,T,H] or None,
@@ -522,9 +593,9 @@ def delta_rule(q, k, v, beta, *, scale, log_decay=None, initial_state=None,
   pk, pv = _next_pow2(dk), _next_pow2(dv)
   pad = lambda x, d: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])))
   if initial_state is None:
-    s0 = jnp.zeros((b, h, pk, pv), jnp.float32)
+    s0 = jnp.zeros((b, h, pk, pv), F32)
   else:
-    s0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, pk - dk), (0, pv - dv)))
+    s0 = jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, pk - dk), (0, pv - dv)))
   o, final = _delta_rule_vjp(pad(q, pk), pad(k, pk), pad(v, pv), beta_p, g, g0, run, s0,
-                             float(scale), chunk, interpret)
+                             float(scale), chunk, interpret, tuning)
   return o[:, :t, :, :dv], final[:, :, :dk, :dv]

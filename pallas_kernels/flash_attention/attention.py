@@ -1,7 +1,6 @@
 """flash_attention: padding, tile schedules and the custom_vjp around the Pallas kernels."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -16,6 +15,9 @@ from pallas_kernels.flash_attention.config import BlockSizes, default_block_size
 LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
+# Largest schedule (query tiles x kv tiles) computed with numpy while tracing and embedded as a
+# constant; larger ones are computed by XLA.
+MAX_STATIC_SCHEDULE = 2**18
 
 
 def _pow2_at_least(n, floor=16):
@@ -46,15 +48,15 @@ def unsupported_reason(q, k, v, *, block_mask_size=None):
   return None
 
 
-def _pad_axis(x, axis, size, mode="constant", value=0):
+def _pad_axis(x, axis, size, mode="constant", value=0, xp=jnp):
   pad = size - x.shape[axis]
   if pad == 0:
     return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, pad)
   if mode == "edge":
-    return jnp.pad(x, widths, mode="edge")
-  return jnp.pad(x, widths, constant_values=value)
+    return xp.pad(x, widths, mode="edge")
+  return xp.pad(x, widths, constant_values=value)
 
 
 def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
@@ -84,7 +86,9 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
       window = (window, 0)
     window = (int(window[0]), int(window[1]))
   if block_sizes is None:
-    block_sizes = default_block_sizes(max(d, dv), jnp.dtype(q.dtype).itemsize)
+    local = window is not None and window[0] + window[1] < tk // 2
+    block_sizes = default_block_sizes(max(d, dv), jnp.dtype(q.dtype).itemsize, local=local,
+                                      causal=causal)
   ub = block_mask_size if block_mask is not None else (None, None)
   bs = block_sizes
   tiles = dict(
@@ -104,26 +108,36 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
     scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (heads,))
   if softcap is not None:
     softcap = float(softcap)
-  contiguous_full = bool(bs.direct_full and q_positions is None and kv_positions is None
-                         and segment_ids is None and block_mask is None)
+  # Default positions and no segments / block mask: the schedule depends only on shapes.
+  static_masks = (q_positions is None and kv_positions is None and segment_ids is None
+                  and block_mask is None)
   cfg = kernels.KernelConfig(
-      contiguous_full=contiguous_full,
+      contiguous_full=bool(bs.direct_full and static_masks), head_group=bs.head_group,
       static_scale=static_scale, causal=bool(causal), window=window,
       has_segments=segment_ids is not None, softcap=softcap, groups=groups,
       precise=q.dtype == jnp.float32, interpret=bool(interpret),
+      fast_exp2=not interpret and kernels.nvidia_gpu(),
       num_warps=bs.num_warps, num_stages=bs.num_stages, num_warps_dq=bs.num_warps_dq,
       num_stages_dq=bs.num_stages_dq, num_warps_dkv=bs.num_warps_dkv,
       num_stages_dkv=bs.num_stages_dkv, **tiles)
 
   # Positions and segments, padded: padded keys are empty slots; padded queries repeat the
-  # last real query (so tile summaries stay tight) and their outputs are dropped.
+  # last real query (so tile summaries stay tight) and their outputs are dropped. With static
+  # masks the positions are one row [1, T] shared by the batch, and (unless the schedule is
+  # large) they and the schedules are numpy constants.
+  min_tile = min(tiles.values())
+  small = (tq_pad // min_tile) * (tk_pad // min_tile) <= MAX_STATIC_SCHEDULE
+  xp = np if static_masks and small else jnp
   if q_positions is None:
-    q_positions = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (batch, tq))
+    q_positions = xp.arange(tq, dtype=xp.int32)[None]
   if kv_positions is None:
-    kv_positions = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (batch, tk))
-  q_pos = _pad_axis(jnp.asarray(q_positions, jnp.int32), 1, tq_pad, "edge")
-  kv_pos = _pad_axis(jnp.asarray(kv_positions, jnp.int32), 1, tk_pad,
-                     value=sched_lib.EMPTY)
+    kv_positions = xp.arange(tk, dtype=xp.int32)[None]
+  if not static_masks:
+    q_positions = jnp.broadcast_to(q_positions, (batch, tq))
+    kv_positions = jnp.broadcast_to(kv_positions, (batch, tk))
+  q_pos = _pad_axis(xp.asarray(q_positions, xp.int32), 1, tq_pad, "edge", xp=xp)
+  kv_pos = _pad_axis(xp.asarray(kv_positions, xp.int32), 1, tk_pad, value=sched_lib.EMPTY,
+                     xp=xp)
   q_seg = kv_seg = None
   if segment_ids is not None:
     if kv_segment_ids is None:
@@ -137,14 +151,13 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
       user = sched_lib.user_tiles(block_mask, block_mask_size, batch=batch, nq=tq_pad // bq,
                                   nk=tk_pad // bk, block_q=bq, block_k=bk)
     return sched_lib.tile_kinds(q_pos, kv_pos, q_seg, kv_seg, block_q=bq, block_k=bk,
-                                causal=causal, window=window, user_tiles=user)
+                                causal=causal, window=window, user_tiles=user, xp=xp)
 
-  kind_fwd = kinds(cfg.block_q, cfg.block_k)
-  sched_fwd = sched_lib.schedule_rows(kind_fwd)
+  sched_fwd = sched_lib.schedule_rows(kinds(cfg.block_q, cfg.block_k), xp)
   sched_dq = (sched_fwd if (cfg.block_q_dq, cfg.block_k_dq) == (cfg.block_q, cfg.block_k)
-              else sched_lib.schedule_rows(kinds(cfg.block_q_dq, cfg.block_k_dq)))
+              else sched_lib.schedule_rows(kinds(cfg.block_q_dq, cfg.block_k_dq), xp))
   sched_dkv = sched_lib.schedule_rows(
-      jnp.swapaxes(kinds(cfg.block_q_dkv, cfg.block_k_dkv), 1, 2))
+      xp.swapaxes(kinds(cfg.block_q_dkv, cfg.block_k_dkv), 1, 2), xp)
   aux = (q_pos, kv_pos, q_seg, kv_seg, sched_fwd, sched_dq, sched_dkv)
 
   dp, dvp = _pow2_at_least(d), _pow2_at_least(dv)

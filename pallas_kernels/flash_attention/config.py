@@ -30,6 +30,11 @@ class BlockSizes:
   # Index fully visible tiles arithmetically (no schedule load in the loop) when the mask
   # guarantees they are one contiguous run (causal / window on default positions).
   direct_full: bool = True
+  # Launch order: programs go out in groups of `head_group` heads (its gcd with the head
+  # count); within a group the query tiles with the most kv tiles under a causal mask go first
+  # for all of the group's heads, so the causal tail is short while few heads' K/V are live
+  # in L2. 1 = one head at a time (heaviest tile first).
+  head_group: int = 4
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -37,16 +42,30 @@ class BlockSizes:
         b = getattr(self, f.name)
         if b < 16 or b & (b - 1):
           raise ValueError(f"BlockSizes.{f.name} must be a power of two >= 16, got {b}")
+    if self.head_group < 1:
+      raise ValueError(f"BlockSizes.head_group must be >= 1, got {self.head_group}")
 
 
-def default_block_sizes(head_dim: int, dtype_bytes: int) -> BlockSizes:
+def default_block_sizes(head_dim: int, dtype_bytes: int, local: bool = False,
+                        causal: bool = True) -> BlockSizes:
   """Defaults by head dim and dtype; larger rows take smaller tiles to fit shared memory.
 
-  Only the bf16/f16 head_dim<=128 entry has been timed on a GPU; the others are chosen to fit
-  the H100/H200 shared memory (227 KiB) and have not been tuned.
+  `local`: a sliding window much shorter than the keys. Each query tile then visits few kv
+  tiles, so per-program start-up and the partly visible edge tiles weigh more; bf16/f16 take
+  smaller forward tiles (64-row query tiles waste ~6% of a 1024 window's pairs, 128-row ones
+  ~12%; half the shared memory per program). The bf16/f16 head_dim<=128 entries are the ones
+  to time on a GPU (`attnzoo bench attention --sweep` ranks the candidates); the others are
+  chosen to fit the H100/H200 shared memory (227 KiB) and have not been tuned.
+  The bf16 forward tiles are the H200 sweep's winners
+  (experiments/results/kernels/attention_nvidia_h200_sweep.md): 128x64 w8 s3 causal,
+  128x128 w8 s3 one head at a time without a causal mask, 128x64 w4 s2 for local windows.
   """
   if head_dim <= 128 and dtype_bytes <= 2:
-    return BlockSizes()
+    if local:
+      return BlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=2)
+    if causal:
+      return BlockSizes(block_k=64)
+    return BlockSizes(head_group=1)
   if head_dim <= 64:  # float32
     return BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=2)
   if head_dim <= 128 or dtype_bytes <= 2:  # f32 head_dim 128, or bf16/f16 head_dim 256

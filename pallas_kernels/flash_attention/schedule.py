@@ -10,6 +10,10 @@ A schedule row for query tile i lists the kv tiles to visit: `[n_full, n_visible
 full tiles..., partial tiles..., skipped tiles...]`; the kernels run one loop over the full
 tiles without masking and one over the partial tiles with masking. The dk/dv kernel uses the
 transposed schedule (per kv tile, the query tiles).
+
+`tile_kinds` and `schedule_rows` take `xp` (numpy or jax.numpy): with default positions and no
+segments or block mask the schedule depends only on static shapes, and is computed with numpy
+while tracing (a constant: no XLA work per call).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ _SMALL = -(2**31)
 
 
 def tile_kinds(q_pos, kv_pos, q_seg, kv_seg, *, block_q, block_k, causal, window,
-               user_tiles=None):
+               user_tiles=None, xp=jnp):
   """int32 [B, nq, nk] tile kinds. Inputs are already padded to whole tiles."""
   batch, tq = q_pos.shape
   tk = kv_pos.shape[1]
@@ -31,27 +35,27 @@ def tile_kinds(q_pos, kv_pos, q_seg, kv_seg, *, block_q, block_k, causal, window
   qmax = qp.max(-1)[:, :, None]
   kp = kv_pos.reshape(batch, nk, block_k)
   valid = kp != EMPTY
-  kmin = jnp.where(valid, kp, _BIG).min(-1)[:, None, :]
-  kmax = jnp.where(valid, kp, _SMALL).max(-1)[:, None, :]
-  visible = jnp.broadcast_to(valid.any(-1)[:, None, :], (batch, nq, nk))
-  full = jnp.broadcast_to(valid.all(-1)[:, None, :], (batch, nq, nk))
+  kmin = xp.where(valid, kp, _BIG).min(-1)[:, None, :]
+  kmax = xp.where(valid, kp, _SMALL).max(-1)[:, None, :]
+  visible = xp.broadcast_to(valid.any(-1)[:, None, :], (batch, nq, nk))
+  full = xp.broadcast_to(valid.all(-1)[:, None, :], (batch, nq, nk))
   if causal:
-    visible &= kmin <= qmax
-    full &= kmax <= qmin
+    visible = visible & (kmin <= qmax)
+    full = full & (kmax <= qmin)
   if window is not None:
     left, right = window
-    visible &= (kmax >= qmin - left) & (kmin <= qmax + right)
-    full &= (kmin >= qmax - left) & (kmax <= qmin + right)
+    visible = visible & (kmax >= qmin - left) & (kmin <= qmax + right)
+    full = full & (kmin >= qmax - left) & (kmax <= qmin + right)
   if q_seg is not None:
     qs = q_seg.reshape(batch, nq, block_q)
     ks = kv_seg.reshape(batch, nk, block_k)
     sqmin, sqmax = qs.min(-1)[:, :, None], qs.max(-1)[:, :, None]
     skmin, skmax = ks.min(-1)[:, None, :], ks.max(-1)[:, None, :]
-    visible &= (skmin <= sqmax) & (sqmin <= skmax)
-    full &= (sqmin == sqmax) & (skmin == skmax) & (sqmin == skmin)
+    visible = visible & (skmin <= sqmax) & (sqmin <= skmax)
+    full = full & (sqmin == sqmax) & (skmin == skmax) & (sqmin == skmin)
   if user_tiles is not None:
-    visible &= user_tiles
-  return jnp.where(visible, jnp.where(full, 2, 1), 0).astype(jnp.int32)
+    visible = visible & user_tiles
+  return xp.where(visible, xp.where(full, 2, 1), 0).astype(xp.int32)
 
 
 def user_tiles(block_mask, block_mask_size, *, batch, nq, nk, block_q, block_k):
@@ -69,12 +73,12 @@ def user_tiles(block_mask, block_mask_size, *, batch, nq, nk, block_q, block_k):
   return jnp.broadcast_to(tiles, (batch, nq, nk))
 
 
-def schedule_rows(kinds):
+def schedule_rows(kinds, xp=jnp):
   """[B, n_rows, n_cols] kinds -> int32 [B, n_rows, 2 + n_cols] schedule rows."""
-  order = jnp.argsort(2 - kinds, axis=-1, stable=True).astype(jnp.int32)
-  n_full = (kinds == 2).sum(-1, dtype=jnp.int32)[..., None]
-  n_vis = (kinds > 0).sum(-1, dtype=jnp.int32)[..., None]
-  return jnp.concatenate([n_full, n_vis, order], axis=-1)
+  order = xp.argsort(2 - kinds, axis=-1, stable=True).astype(xp.int32)
+  n_full = (kinds == 2).sum(-1, dtype=xp.int32)[..., None]
+  n_vis = (kinds > 0).sum(-1, dtype=xp.int32)[..., None]
+  return xp.concatenate([n_full, n_vis, order], axis=-1)
 
 
 def visible_fraction(kinds):

@@ -188,3 +188,58 @@ def test_unsupported_raise_before_tracing(monkeypatch):
   if jax.default_backend() != "gpu":
     with pytest.raises(Unsupported, match="GPU"):
       _call(q, q, q, "pallas")
+
+
+def _flash_value_and_grads(q, k, v, **kw):
+  from pallas_kernels.flash_attention import flash_attention
+
+  def loss(q, k, v):
+    o = flash_attention(q, k, v, scale=0.2, interpret=IMPL == "interpret", **kw)
+    return jnp.sum(o * jnp.cos(jnp.arange(o.size, dtype=o.dtype).reshape(o.shape))), o
+  (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return o, grads
+
+
+def test_launch_order_head_groups():
+  # Programs are decoded from (head in group, tile, group x batch) ids, the query tiles
+  # heaviest first; every head_group (dividing H or not) must give the same result.
+  from pallas_kernels.flash_attention import BlockSizes
+  q, k, v, _, _ = inputs(7, 2, 100, 100, 6, 3, 32, jnp.float32)
+  seg = jnp.asarray(np.repeat([[0, 1], [2, 2]], 50, axis=1).astype(np.int32))
+  small = dict(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=16,
+               block_k_dkv=32)
+  results = []
+  for group in (1, 4, 6):
+    bs = BlockSizes(**small, head_group=group)
+    results.append(_flash_value_and_grads(q, k, v, causal=True, window=(40, 0),
+                                          segment_ids=seg, block_sizes=bs))
+  for other in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with jax.default_matmul_precision("highest"):  # no TF32 in the reference on GPU
+    ref = reference(q, k, v, scale=0.2, causal=True, window=(40, 0), segment_ids=seg)
+  assert rel_err(results[0][0], ref) <= F32_TOL
+
+
+def test_static_schedule_matches_traced(monkeypatch):
+  # Default positions: numpy schedules embedded as constants; the same computed by XLA (a
+  # schedule too large for a constant), and explicit positions (per-batch schedule, tiles
+  # read from the list) give the same outputs and gradients.
+  from pallas_kernels.flash_attention import attention
+  b, t = 2, 90
+  q, k, v, _, _ = inputs(8, b, t, t, 2, 1, 32, jnp.float32)
+  kw = dict(causal=True, window=(30, 0))
+  static = _flash_value_and_grads(q, k, v, **kw)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  explicit = _flash_value_and_grads(q, k, v, q_positions=pos, kv_positions=pos, **kw)
+  monkeypatch.setattr(attention, "MAX_STATIC_SCHEDULE", 0)
+  traced = _flash_value_and_grads(q, k, v, **kw)
+  for other in (explicit, traced):
+    for a, c in zip(jax.tree.leaves(static), jax.tree.leaves(other)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-6, atol=1e-6)
+  pos = np.arange(96, dtype=np.int32)[None]
+  rows_np = schedule.schedule_rows(schedule.tile_kinds(
+      pos, pos, None, None, block_q=32, block_k=16, xp=np, **kw), np)
+  rows_jnp = schedule.schedule_rows(schedule.tile_kinds(
+      jnp.asarray(pos), jnp.asarray(pos), None, None, block_q=32, block_k=16, **kw))
+  np.testing.assert_array_equal(rows_np, np.asarray(rows_jnp))

@@ -39,14 +39,16 @@ def kernel_op(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
   return (o, hT) if return_final_state else o
 
 
-# chunk 16 with 16-wide V blocks (V=20 -> two blocks: partial dq/dk sums), chunk 32 (two
-# 16-row sub-blocks for vector decay)
-CONFIGS = {"c16": KernelConfig(chunk=16, block_v=16), "c32": KernelConfig(chunk=32, block_v=32)}
+# chunk 16 with 16-wide state tiles (V=20 -> two V tiles in every kernel); chunk 32 (vector
+# decay: one 32-row block where exact, else two 16-row sub-blocks; c32s16 forces the latter)
+CONFIGS = {"c16": KernelConfig(chunk=16, block_k=16, block_v=16, block_v_out=16),
+           "c32": KernelConfig(chunk=32, block_k=16, block_v=32),
+           "c32s16": KernelConfig(chunk=32, sub=16, block_k=16, block_v=32)}
 
 
 @pytest.mark.parametrize("variant,config", [
-    ("none", "c16"), ("scalar", "c16"), ("vector", "c32"), ("bonus", "c16"),
-    ("retnet", "c32")])
+    ("none", "c16"), ("scalar", "c16"), ("vector", "c32"), ("vector", "c32s16"),
+    ("bonus", "c16"), ("bonus", "c32"), ("retnet", "c32")])
 def test_kernel_float32(variant, config):
   q, k, v, kw = make_inputs(variant, seed=11)
   want = loss_and_grads(la.reference, q, k, v, kw)
@@ -55,6 +57,37 @@ def test_kernel_float32(variant, config):
   if variant == "retnet":  # the kernel took the fixed decay broadcast to [B,T,H]
     got[2][3]["log_decay"] = jnp.sum(got[2][3]["log_decay"], axis=(0, 1))
   assert_all_close(got, want, 1e-5, f"{variant} ")
+
+
+@pytest.mark.parametrize("variant", ["scalar", "vector"])
+def test_kernel_state_tiles_over_k(variant):
+  """K=40 (padded to 64) in 16-wide K tiles of the state kernels, V=20 in 16-wide V tiles."""
+  ks = jax.random.split(jax.random.key(16), 5)
+  b, t, h, kd, vd = 2, 37, 3, 40, 20
+  q = jax.random.normal(ks[0], (b, t, h, kd)) * 0.3
+  k = jax.random.normal(ks[1], (b, t, h, kd)) * 0.3
+  v = jax.random.normal(ks[2], (b, t, h, vd))
+  shape = (b, t, h) if variant == "scalar" else (b, t, h, kd)
+  kw = dict(scale=0.2, log_decay=jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 2.0),
+            initial_state=jax.random.normal(ks[4], (b, h, kd, vd)) * 0.1,
+            segment_ids=jnp.asarray((jnp.arange(t)[None] >= jnp.array([[20], [0]])), jnp.int32))
+  want = loss_and_grads(la.reference, q, k, v, kw)
+  got = loss_and_grads(functools.partial(kernel_op, config=CONFIGS["c16"]), q, k, v, kw)
+  assert_all_close(got, want, 1e-5, f"{variant} K tiles ")
+
+
+def test_kernel_strong_vector_decay_takes_sub_blocks():
+  """About -6 per step: one 32-row block would clamp (wrong), so the default config takes
+  16-row sub-blocks through lax.cond and stays exact."""
+  q, k, v, kw = make_inputs("vector", seed=17)
+  kw["log_decay"] = -6.0 + 0.5 * jnp.tanh(kw["log_decay"])
+  want = loss_and_grads(la.reference, q, k, v, kw)
+  got = loss_and_grads(functools.partial(kernel_op, config=CONFIGS["c32"]), q, k, v, kw)
+  # the decay gradient sums terms ~e^40 apart; the pure-jnp chunked form is 1.6e-4 off too
+  assert rel(got[2][3].pop("log_decay"), want[2][3].pop("log_decay")) <= 1e-3
+  assert_all_close(got, want, 1e-5, "strong decay ")
+  wide = functools.partial(kernel_op, config=KernelConfig(chunk=32, sub=32, block_v=32))
+  assert rel(wide(q, k, v, **kw), want[0]) > 1e-2  # the bound the default avoids is real
 
 
 def _full_decay(kw, q):
