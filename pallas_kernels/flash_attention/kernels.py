@@ -183,6 +183,15 @@ def _bi(arr, b):
   return b if arr.shape[0] > 1 else 0
 
 
+def _call(kernel, cfg, suffix, name, grid, in_specs, out_specs, out_shape, args):
+  """pallas_call with the Triton launch knobs `num_warps{suffix}`, `num_stages{suffix}`."""
+  params = plgpu_triton.CompilerParams(num_warps=getattr(cfg, "num_warps" + suffix),
+                                       num_stages=getattr(cfg, "num_stages" + suffix))
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                        out_shape=out_shape, compiler_params=params,
+                        interpret=cfg.interpret, name=name)(*args)
+
+
 def _split_refs(refs, cfg, n_out):
   refs = list(refs)
   outs = refs[len(refs) - n_out:]
@@ -277,17 +286,8 @@ def forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched, cfg: Kernel
                spec((None, None, bq), lambda i, h, b: (b, h, i))]
   out_shape = [jax.ShapeDtypeStruct((batch, tq, heads, dv), q.dtype),
                jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)]
-  return pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg),
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu_triton.CompilerParams(num_warps=cfg.num_warps,
-                                                  num_stages=cfg.num_stages),
-      interpret=cfg.interpret,
-      name="flash_attention_fwd",
-  )(*args)
+  return _call(functools.partial(_fwd_kernel, cfg=cfg), cfg, "", "flash_attention_fwd",
+               grid, in_specs, out_specs, out_shape, args)
 
 
 # ------------------------------------------------------------------------------- dq
@@ -362,17 +362,9 @@ def backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_se
     in_specs.append(spec((None,), lambda i, h, b: (h,)))
     args.append(scale_arr)
     out_dtype = jnp.float32
-  return pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg),
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=spec((None, bq, None, d), lambda i, h, b: (b, i, h, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, out_dtype),
-      compiler_params=plgpu_triton.CompilerParams(num_warps=cfg.num_warps_dq,
-                                                  num_stages=cfg.num_stages_dq),
-      interpret=cfg.interpret,
-      name="flash_attention_dq",
-  )(*args)
+  return _call(functools.partial(_dq_kernel, cfg=cfg), cfg, "_dq", "flash_attention_dq",
+               grid, in_specs, spec((None, bq, None, d), lambda i, h, b: (b, i, h, 0)),
+               jax.ShapeDtypeStruct(q.shape, out_dtype), args)
 
 
 # ------------------------------------------------------------------------------- dk, dv
@@ -471,16 +463,8 @@ def backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_s
   if cfg.static_scale is None:
     in_specs.append(spec((None, g), lambda j, hk, b: (hk, 0)))
     args.append(scale_arr.reshape(kv_heads, g))
-  return pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg),
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=[spec((None, bk, None, d), lambda j, hk, b: (b, j, hk, 0)),
-                 spec((None, bk, None, dv), lambda j, hk, b: (b, j, hk, 0))],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=plgpu_triton.CompilerParams(num_warps=cfg.num_warps_dkv,
-                                                  num_stages=cfg.num_stages_dkv),
-      interpret=cfg.interpret,
-      name="flash_attention_dkv",
-  )(*args)
+  out_specs = [spec((None, bk, None, d), lambda j, hk, b: (b, j, hk, 0)),
+               spec((None, bk, None, dv), lambda j, hk, b: (b, j, hk, 0))]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  return _call(functools.partial(_dkv_kernel, cfg=cfg), cfg, "_dkv", "flash_attention_dkv",
+               grid, in_specs, out_specs, out_shape, args)

@@ -551,21 +551,11 @@ def _canonical_segments(segment_ids):
                           jnp.cumsum(change.astype(jnp.int32), axis=1)], axis=1)
 
 
-def linear_attention(q, k, v, log_decay=None, *, scale, bonus=None, initial_state=None,
-                     segment_ids=None, config: KernelConfig | None = None, interpret=False,
-                     out_dtype=None):
-  """Decayed linear attention; returns (o[B,T,H,V] in v's dtype, final_state[B,H,K,V] f32).
-
-  log_decay: None | [B,T,H] | [B,T,H,K] float, <= 0. bonus: None or u[H,K]; when given the
-  readout is RWKV-6's, o_t = scale (S_{t-1}^T q_t + (q_t . (u * k_t)) v_t).
-  initial_state: [B,H,K,V] float32 (zeros when None). segment_ids: [B,T] int; the state is
-  reset to zero where the id changes. T, K and V need no particular size (padded here).
-  out_dtype: dtype of o (default v's).
-  """
-  why = reason(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
-               segment_ids=segment_ids, config=config)
-  if why is not None:
-    raise NotImplementedError(f"pallas linear_attention: {why}")
+def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, config,
+             interpret, out_dtype):
+  """The static description and the padded kernel inputs (a dict keyed by _ARGS): T padded to
+  whole chunks, K to a power of two, V to whole tiles; chunk-local cumulative decays G, Gq;
+  segment masks."""
   b, t, h, k_dim = q.shape
   v_dim = v.shape[-1]
   kind = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "vector")
@@ -582,8 +572,7 @@ def linear_attention(q, k, v, log_decay=None, *, scale, bonus=None, initial_stat
   st = _Static(kind=kind, exclusive=bonus is not None, segments=segment_ids is not None,
                scale=float(scale), chunk=c, sub=(cfg.sub or c) if kind == "vector" else c,
                interpret=bool(interpret), block_k=bk, block_v=bv, block_v_out=bvo,
-               out_dtype=out_dtype,
-               config=cfg)
+               out_dtype=out_dtype, config=cfg)
 
   def pad(x, width):
     cfgpad = [(0, 0), (0, tp - t), (0, 0)] + ([(0, width - x.shape[-1])] if x.ndim == 4 else [])
@@ -610,14 +599,38 @@ def linear_attention(q, k, v, log_decay=None, *, scale, bonus=None, initial_stat
     gg = g.reshape(b, tp // c, c, *g.shape[2:])
     G = jnp.cumsum(gg, axis=2).reshape(g.shape)
     Gq = G - g if bonus is not None else G
-  args = (qp, kpd, vpd, G, Gq, h0, seg, m0, mk)
-  if kind == "vector" and cfg.sub is None and c > 16:
+  return st, dict(zip(_ARGS, (qp, kpd, vpd, G, Gq, h0, seg, m0, mk)))
+
+
+def linear_attention(q, k, v, log_decay=None, *, scale, bonus=None, initial_state=None,
+                     segment_ids=None, config: KernelConfig | None = None, interpret=False,
+                     out_dtype=None):
+  """Decayed linear attention; returns (o[B,T,H,V] in v's dtype, final_state[B,H,K,V] f32).
+
+  log_decay: None | [B,T,H] | [B,T,H,K] float, <= 0. bonus: None or u[H,K]; when given the
+  readout is RWKV-6's, o_t = scale (S_{t-1}^T q_t + (q_t . (u * k_t)) v_t).
+  initial_state: [B,H,K,V] float32 (zeros when None). segment_ids: [B,T] int; the state is
+  reset to zero where the id changes. T, K and V need no particular size (padded here).
+  out_dtype: dtype of o (default v's).
+  """
+  why = reason(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
+               segment_ids=segment_ids, config=config)
+  if why is not None:
+    raise NotImplementedError(f"pallas linear_attention: {why}")
+  st, a = _prepare(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
+                   segment_ids=segment_ids, config=config, interpret=interpret,
+                   out_dtype=out_dtype)
+  args = tuple(a[n] for n in _ARGS)
+  b, t, h, k_dim = q.shape
+  c, kp = st.chunk, a["q"].shape[-1]
+  if st.kind == "vector" and st.config.sub is None and c > 16:
     # one sub-block per chunk is exact when no chunk decays by more than e^-CLAMP
-    exact = jnp.min(G.reshape(b, tp // c, c, h, kp)[:, :, -1]) >= -CLAMP
+    exact = jnp.min(a["G"].reshape(b, -1, c, h, kp)[:, :, -1]) >= -CLAMP
     narrow = dataclasses.replace(st, sub=16)
     o, hT = lax.cond(exact, functools.partial(_core, st), functools.partial(_core, narrow), *args)
   else:
     o, hT = _core(st, *args)
+  v_dim = v.shape[-1]
   o = o[:, :t, :, :v_dim]
   hT = hT[:, :, :k_dim, :v_dim]
   if bonus is not None:
