@@ -232,9 +232,11 @@ def peak_memory(variant, impl, t, b=1, h=16, d=128):
   return row
 
 
-def device_name():
-  import jax
-  kind = jax.devices()[0].device_kind
+def device_name(kind=None):
+  """File-name form of a device kind (default: this process's first device)."""
+  if kind is None:
+    import jax
+    kind = jax.devices()[0].device_kind
   return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
 
 
@@ -248,7 +250,7 @@ def to_markdown(rows, device, fla_source):
       fla[(r["op"], r["mode"], r["shape"][0], r["shape"][1])] = (r["ms"], "")
   for key, ms in FLA_RECORDED.items():
     fla.setdefault(key, (ms, " (recorded)"))
-  earlier = sorted({r["impl"] for r in rows if r.get("earlier_run")})
+  earlier = sorted({f"{r['op']} ({r['impl']})" for r in rows if r.get("earlier_run")})
   lines = [f"# Decayed linear attention on {device}", "",
            "bf16, H=16, K=V=128; ms (TFLOP/s with FLOPs = B·H·T·(2cK+2cV+4KV), c=64, ×3 for "
            "fwd+bwd). `xla` = chunked pure-jnp form (chunk 64), same run unless noted; "
@@ -309,6 +311,29 @@ def to_markdown(rows, device, fla_source):
   return "\n".join(lines) + "\n"
 
 
+def merge(paths, out_dir):
+  """Writes one table (md + json) from the JSON files of runs on the same kind of device."""
+  runs = []
+  for path in paths:
+    with open(path) as f:
+      runs.append(json.load(f))
+  device = runs[0]["device"]
+  if any(r["device"] != device for r in runs):
+    raise SystemExit(f"merge: runs from different devices: {sorted({r['device'] for r in runs})}")
+  fla = [r["fla"] for r in runs if r["fla"].startswith("fla 0.6.0 measured")]
+  fla_source = fla[0] if fla else runs[0]["fla"]
+  rows = [row for r in runs for row in r["rows"]]
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, f"linear_{device_name(device)}")
+  with open(stem + ".json", "w") as f:
+    json.dump(dict(device=device, jax=runs[0]["jax"], fla=fla_source, rows=rows), f, indent=1)
+  md = to_markdown(rows, device, fla_source)
+  with open(stem + ".md", "w") as f:
+    f.write(md)
+  print(md, flush=True)
+  return 0
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(prog="attnzoo bench linear", description=__doc__)
   p.add_argument("--out-dir", default=os.path.join("experiments", "results", "kernels"))
@@ -325,7 +350,12 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
   p.add_argument("--fla-worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--shapes", default=None, help="'B,T,H,D;...' (default: the two bench shapes)")
+  p.add_argument("--merge", default=None,
+                 help="'a.json,b.json,...': no measuring; one table from runs made in parallel "
+                      "(one GPU each), written to --out-dir")
   args = p.parse_args(argv)
+  if args.merge:
+    return merge(args.merge.split(","), args.out_dir)
   shapes = SHAPES
   if args.shapes:
     shapes = tuple(tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";"))

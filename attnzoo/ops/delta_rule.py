@@ -9,9 +9,10 @@ a_t = exp(log_decay_t) (log_decay <= 0; a_t = 1 without it). `initial_state` is 
 Where `segment_ids` changes between t-1 and t the state is reset: S_{t-1} := 0 (packed
 documents). DeltaNet expects L2-normalised keys and beta in (0, 1); the op does not enforce it.
 
-Implementations: "xla" (chunked WY form in pure JAX), "pallas" (Triton kernels on GPU),
-"interpret" (the same kernels in Pallas interpret mode). The forms differ only in
-floating-point rounding; `recurrent` (= `reference`) is the float32 ground truth.
+Implementations: "xla" (chunked WY form in pure JAX), "pallas" (the Pallas kernels: Triton on
+GPU, Mosaic on TPU v5 and newer), "interpret" (the same kernels in Pallas interpret mode). The
+forms differ only in floating-point rounding; `recurrent` (= `reference`) is the float32 ground
+truth.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pallas_kernels import delta_rule as kernels
 
 dispatcher = Dispatcher("delta_rule", auto_order={
     "gpu": ("pallas", "xla"),
+    "tpu": ("pallas", "xla"),
     # On CPU the scan beats the chunked form (its batched triangular solves are slow there).
     "cpu": ("recurrent", "xla"),
     "default": ("xla",),
@@ -141,10 +143,15 @@ def _interpret_supports(*, q, v, scale, **_):
 
 
 def _pallas_supports(*, q, v, scale, **_):
-  if jax.default_backend() != "gpu":
-    return "the delta-rule Pallas kernels are compiled with Triton and run only on GPU"
+  backend = jax.default_backend()
+  if backend not in ("gpu", "tpu"):
+    return (f"the delta-rule Pallas kernels run only on GPU (Triton) or TPU (Mosaic), not on "
+            f"{backend}; use 'interpret'")
+  if backend == "tpu" and jax.devices()[0].device_kind in ("TPU v2", "TPU v3", "TPU v4"):
+    # Mosaic compiles the backward (per-position row sums) only from TPU v5 on.
+    return f"needs TPU v5 or newer, got {jax.devices()[0].device_kind}"
   if q.shape[-1] > 128 or v.shape[-1] > 128:
-    # The [K, V] state tiles live in registers; only head dims <= 128 were run on the GPU.
+    # The [K, V] state tiles live in registers (GPU) or VMEM (TPU); head dims <= 128 only.
     return f"head dims (key {q.shape[-1]}, value {v.shape[-1]}) > 128"
   return _interpret_supports(q=q, v=v, scale=scale)
 

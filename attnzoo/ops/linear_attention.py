@@ -18,8 +18,8 @@ Layout BTHD: q, k [B,T,H,K], v [B,T,H,V]; state [B,H,K,V] float32.
 `initial_state` feeds the first segment only.
 
 Implementations: `reference` (quadratic, float32), `recurrent` (lax.scan of `step`), "xla"
-(chunked pure jnp, `chunked`), "pallas" (pallas_kernels.linear_attention through Pallas'
-Triton backend, GPU) and "interpret" (that kernel in Pallas interpret mode, any backend).
+(chunked pure jnp, `chunked`), "pallas" (pallas_kernels.linear_attention: Triton on GPU,
+Mosaic on TPU v5 and newer) and "interpret" (that kernel in Pallas interpret mode, any backend).
 
 Numerics of the chunked forms ("xla", "pallas"): every exponent is <= 0 except, for per-channel
 decay, inside 16-token sub-blocks, where the factors are referenced to the sub-block's middle
@@ -41,7 +41,7 @@ CLAMP = 80.0  # vector-decay sub-block trick: largest positive exponent of eithe
 
 dispatcher = Dispatcher("linear_attention", auto_order={
     "gpu": ("pallas", "xla"),
-    "tpu": ("xla",),
+    "tpu": ("pallas", "xla"),
     "default": ("xla",),
 })
 
@@ -339,20 +339,38 @@ def _kernel_reason(*, q, k, v, scale, log_decay, bonus, initial_state, segment_i
 
 
 def _pallas_supports(**args):
-  if jax.default_backend() != "gpu":
-    return "the Pallas kernel is lowered through Triton and runs only on GPU (use 'interpret')"
+  backend = jax.default_backend()
+  if backend not in ("gpu", "tpu"):
+    return (f"the Pallas kernel runs only on GPU (Triton) or TPU (Mosaic), not on {backend} "
+            "(use 'interpret')")
+  if backend == "tpu" and jax.devices()[0].device_kind in ("TPU v2", "TPU v3", "TPU v4"):
+    # Mosaic rejects the decay kernels' sublane gathers before v5 (AOT-checked on v4)
+    return f"needs TPU v5 or newer, got {jax.devices()[0].device_kind}"
   return _kernel_reason(**args)
 
 
 def _run_kernel(*, q, k, v, scale, log_decay, bonus, normalize, initial_state,
                 return_final_state, segment_ids, eps, interpret):
+  """The kernel on v; with the normaliser, a second call on a ones column gives z_t . q_t
+  (one narrow V tile instead of widening every value tile by one column)."""
   from pallas_kernels.linear_attention import linear_attention as kernel
-  va = _augment(v, normalize)
-  o, hT = kernel(q, k, va, log_decay, scale=float(scale), bonus=bonus,
-                 initial_state=initial_state, segment_ids=segment_ids, interpret=interpret,
-                 out_dtype=F32 if normalize else None)  # the normaliser divides in float32
-  return _finish(o.astype(F32), hT, v=v, normalize=normalize, eps=eps,
-                 return_final_state=return_final_state)
+  vd = v.shape[-1]
+  h0 = initial_state
+
+  def run(values, state, out_dtype):
+    return kernel(q, k, values, log_decay, scale=float(scale), bonus=bonus,
+                  initial_state=state, segment_ids=segment_ids, interpret=interpret,
+                  out_dtype=out_dtype)
+  if not normalize:
+    o, hT = run(v, h0, None)
+    return (o, hT) if return_final_state else o
+  # the numerator in v's dtype, the normaliser in float32
+  num, hT = run(v, None if h0 is None else h0[..., :vd], None)
+  den, zT = run(jnp.ones(v.shape[:-1] + (1,), v.dtype), None if h0 is None else h0[..., vd:],
+                F32)
+  return _finish(jnp.concatenate([num.astype(F32), den], axis=-1),
+                 jnp.concatenate([hT, zT], axis=-1),
+                 v=v, normalize=True, eps=eps, return_final_state=return_final_state)
 
 
 @dispatcher.register("pallas", supports=_pallas_supports)

@@ -190,14 +190,18 @@ def _flash_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_i
                     q_positions, kv_positions, softcap, bias, return_lse, explicit_positions,
                     block_mask, block_mask_size, on_device):
   from pallas_kernels.flash_attention import unsupported_reason
-  if on_device and jax.default_backend() != "gpu":
-    return ("the Pallas flash kernel lowers through Triton and runs only on GPU here "
-            f"(backend {jax.default_backend()!r}); use 'interpret' to run it on CPU")
+  backend = jax.default_backend()
+  if on_device and backend not in ("gpu", "tpu"):
+    return ("the Pallas flash kernel lowers for GPU (Triton) and TPU (Mosaic) only "
+            f"(backend {backend!r}); use 'interpret' to run it on CPU")
   if bias is not None:
     return "the Pallas flash kernel takes no additive bias (use a per-head scale array, masks)"
   if jnp.ndim(scale) > 1 or (jnp.ndim(scale) == 1 and jnp.shape(scale)[0] not in (1, q.shape[2])):
     return f"scale must be a number or a per-head array [{q.shape[2]}], got shape {jnp.shape(scale)}"
-  return unsupported_reason(q, k, v, block_mask_size=block_mask_size)
+  per_batch = explicit_positions or segment_ids is not None or block_mask is not None
+  return unsupported_reason(q, k, v, block_mask_size=block_mask_size,
+                            platform="tpu" if backend == "tpu" else "gpu",
+                            per_batch_schedule=per_batch)
 
 
 def _flash(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids, q_positions,
@@ -230,8 +234,9 @@ def softmax_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=
 
   Returns o[B,Tq,H,Dv], or (o, lse[B,Tq,H] float32) when return_lse.
   implementation: "auto" | "xla" | "cudnn" | "pallas" | "interpret". "pallas" is the
-  flash kernel of pallas_kernels.flash_attention on GPU (Triton lowering); "interpret" runs
-  the same kernel in Pallas interpret mode (any backend; how CPU tests exercise it).
+  flash kernel of pallas_kernels.flash_attention on GPU (Triton lowering) or TPU (Mosaic
+  lowering); "interpret" runs the same kernel in Pallas interpret mode (any backend; how CPU
+  tests exercise it).
   """
   explicit_positions = q_positions is not None or kv_positions is not None
   args = _canonical(q, k, v, scale=scale, causal=causal, window=window,

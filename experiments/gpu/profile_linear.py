@@ -1,9 +1,15 @@
-"""Times each pallas_call of the linear-attention kernel separately (GPU), for the H200 runs.
+"""Times the pieces of the linear-attention kernel separately (GPU), for the H200 runs.
 
 python experiments/gpu/profile_linear.py [--shapes 'B,T,H,D;...'] [--variants scalar,vector]
-Prints one line per (variant, shape, kernel): milliseconds, median of repeated calls.
+    [--configs 'vector:block_v_out=128,num_warps=8;...']
+Prints one line per (variant, config, shape, piece): milliseconds, median of repeated calls.
+Pieces: prepare (padding, XLA), the chunk-local cumsum of the log decay (kernel 0), the states
+kernel, the forward kernels (states + output), each backward kernel and all of them (the
+vector sub-block choice is not applied), and the public op forward and forward+backward.
 """
 import argparse
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -11,39 +17,91 @@ from attnzoo.bench.timing import median_seconds
 from pallas_kernels.linear_attention import kernel as lk
 
 
+def _config(variant, text):
+  """'field=value,...' -> KernelConfig over the variant's default (None: the default)."""
+  if not text:
+    return None
+  kind = "vector" if variant in ("vector", "rwkv6") else "scalar"
+  base = lk.default_config(0, 0, 0, 0, kind)
+  fields = {}
+  for item in text.split(","):
+    name, value = item.split("=")
+    fields[name] = None if value == "None" else int(value)
+  return dataclasses.replace(base, **fields)
+
+
+def _inputs(variant, b, t, h, d):
+  ks = jax.random.split(jax.random.key(0), 6)
+  bf = jnp.bfloat16
+  q = (jax.random.normal(ks[0], (b, t, h, d)) * d ** -0.5).astype(bf)
+  k = (jax.random.normal(ks[1], (b, t, h, d)) * d ** -0.5).astype(bf)
+  v = jax.random.normal(ks[2], (b, t, h, d)).astype(bf)
+  g = bonus = None
+  if variant == "scalar":
+    g = -jax.nn.softplus(jax.random.normal(ks[3], (b, t, h))) * 0.1
+  elif variant in ("vector", "rwkv6"):
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, d))) / 16
+  if variant == "rwkv6":
+    bonus = jax.random.normal(ks[4], (h, d)) * 0.1
+  do = jax.random.normal(ks[5], v.shape).astype(bf)
+  return q, k, v, g, bonus, do
+
+
+def _time(label, fn, *args):
+  try:
+    ms = median_seconds(fn, *args) * 1e3
+    print(f"{label}: {ms:.3f} ms", flush=True)
+  except Exception as e:  # keep going: one failing piece should not hide the others
+    print(f"{label}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--shapes", default="4,4096,16,128;1,16384,16,128")
   p.add_argument("--variants", default="scalar,vector")
+  p.add_argument("--configs", default="", help="'variant:field=value,...;...' extra configs")
   p.add_argument("--interpret", action="store_true")
   args = p.parse_args()
+  extra = [c.split(":", 1) for c in args.configs.split(";") if c]
   for shape in args.shapes.split(";"):
     b, t, h, d = (int(x) for x in shape.split(","))
     for variant in args.variants.split(","):
-      ks = jax.random.split(jax.random.key(0), 5)
-      bf = jnp.bfloat16
-      q = (jax.random.normal(ks[0], (b, t, h, d)) * d ** -0.5).astype(bf)
-      k = (jax.random.normal(ks[1], (b, t, h, d)) * d ** -0.5).astype(bf)
-      v = jax.random.normal(ks[2], (b, t, h, d)).astype(bf)
-      gshape = (b, t, h) if variant == "scalar" else (b, t, h, d)
-      g = jax.nn.log_sigmoid(jax.random.normal(ks[3], gshape)) / 16
-      st, a = lk._prepare(q, k, v, g, scale=d ** -0.5, bonus=None, initial_state=None,
-                          segment_ids=None, config=None, interpret=args.interpret,
-                          out_dtype=None)
-      do = jax.random.normal(ks[4], v.shape).astype(bf)
-      dhT = jnp.zeros(a["h0"].shape, jnp.float32)
-      parts = {
-          "states": jax.jit(lambda a: lk._states(st, a)),
-          "forward (states+output)": jax.jit(lambda a: lk._forward(st, a)),
-          "backward (states+dstates+grads)": jax.jit(lambda a, do, dhT: lk._backward(st, a, do, dhT)),
-      }
-      for name, fn in parts.items():
-        call_args = (a, do, dhT) if name.startswith("backward") else (a,)
-        try:
-          ms = median_seconds(fn, *call_args) * 1e3
-          print(f"{variant} {b}x{t}: {name}: {ms:.3f} ms", flush=True)
-        except Exception as e:  # keep going: one failing kernel should not hide the others
-          print(f"{variant} {b}x{t}: {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+      q, k, v, g, bonus, do = _inputs(variant, b, t, h, d)
+      scale = d ** -0.5
+      for cfg_text in [""] + [c for var, c in extra if var == variant]:
+        cfg = _config(variant, cfg_text)
+        tag = f"{variant} {b}x{t} [{cfg_text or 'default'}]"
+        prep = lambda q, k, v, g: lk._prepare(
+            q, k, v, g, scale=scale, bonus=bonus, initial_state=None, segment_ids=None,
+            config=cfg, interpret=args.interpret, out_dtype=None)
+        st, a = prep(q, k, v, g)
+        dhT = jnp.zeros(a["h0"].shape, jnp.float32)
+        _time(f"{tag}: prepare", jax.jit(lambda q, k, v, g: prep(q, k, v, g)[1]), q, k, v, g)
+        core_args = tuple(a[n] for n in lk._ARGS)
+        _time(f"{tag}: chunk cumsum", jax.jit(lambda x: lk._with_cumsum(st, x)), core_args)
+        a = lk._with_cumsum(st, core_args)
+        _time(f"{tag}: states kernel", jax.jit(lambda a: lk._states(st, a)), a)
+        _time(f"{tag}: forward kernels", jax.jit(lambda a: lk._forward(st, a)), a)
+        hs, _ = jax.jit(lambda a: lk._states(st, a))(a)
+        _time(f"{tag}: dstates kernel", jax.jit(lambda a, do, hs: lk._dstates(st, a, do, dhT, hs)),
+              a, do, hs)
+        dhs, _, rs = jax.jit(lambda a, do, hs: lk._dstates(st, a, do, dhT, hs))(a, do, hs)
+        _time(f"{tag}: dv kernel", jax.jit(lambda a, do, dhs: lk._dv(st, a, do, dhs)), a, do, dhs)
+        _time(f"{tag}: dqk kernel", jax.jit(lambda a, do, hs, dhs, rs: lk._dqk(st, a, do, hs, dhs, rs)),
+              a, do, hs, dhs, rs)
+        _time(f"{tag}: backward kernels", jax.jit(lambda a, do, dhT: lk._backward(st, a, do, dhT)),
+              a, do, dhT)
+
+        def op(q, k, v, g):
+          o, _ = lk.linear_attention(q, k, v, g, scale=scale, bonus=bonus, config=cfg,
+                                     interpret=args.interpret)
+          return o
+
+        def loss(q, k, v, g):
+          return jnp.sum(op(q, k, v, g).astype(jnp.float32) * do)
+        _time(f"{tag}: op fwd", jax.jit(op), q, k, v, g)
+        argnums = (0, 1, 2) if g is None else (0, 1, 2, 3)
+        _time(f"{tag}: op fwdbwd", jax.jit(jax.grad(loss, argnums=argnums)), q, k, v, g)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Flash attention in Pallas (portable subset, Triton lowering on GPU, interpret mode on CPU).
+"""Flash attention in Pallas (portable subset: Triton on GPU, Mosaic on TPU, interpret on CPU).
 
 Pure JAX + Pallas: no Flax, no attnzoo imports. The op-level contract (mask semantics, the
 float32 reference) lives in attnzoo.ops.softmax_attention, which dispatches here.

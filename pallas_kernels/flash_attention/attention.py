@@ -10,7 +10,8 @@ import numpy as np
 
 from pallas_kernels.flash_attention import kernels
 from pallas_kernels.flash_attention import schedule as sched_lib
-from pallas_kernels.flash_attention.config import BlockSizes, default_block_sizes
+from pallas_kernels.flash_attention.config import (TPU_BLOCK_SIZES, BlockSizes,
+                                                    default_block_sizes)
 
 LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -18,6 +19,10 @@ MAX_HEAD_DIM = 256
 # Largest schedule (query tiles x kv tiles) computed with numpy while tracing and embedded as a
 # constant; larger ones are computed by XLA.
 MAX_STATIC_SCHEDULE = 2**18
+# TPU: tiles are multiples of the 128 lanes (every dynamic slice tile-aligned); the schedules
+# of one kernel, scalar-prefetched, may take half of the 1 MiB SMEM.
+TPU_TILE = 128
+TPU_SMEM_BUDGET = 2**19
 
 
 def _pow2_at_least(n, floor=16):
@@ -28,15 +33,79 @@ def _largest_pow2_divisor(n):
   return n & -n
 
 
-def _tile(block, t, user_block):
-  b = min(block, _pow2_at_least(t))
+def _round_up(n, m):
+  return -(-n // m) * m
+
+
+def _tile(block, t, user_block, floor):
+  b = min(block, _pow2_at_least(t, floor))
   if user_block is not None:
     b = min(b, _largest_pow2_divisor(user_block))
   return b
 
 
-def unsupported_reason(q, k, v, *, block_mask_size=None):
-  """Why the kernel cannot serve these shapes/dtypes, or None (static check, no tracing)."""
+def _tiles(bs, tq, tk, user_blocks, floor):
+  """Kernel tiles: the block sizes, no larger than T needs, dividing the user mask blocks."""
+  uq, uk = user_blocks
+  return dict(
+      block_q=_tile(bs.block_q, tq, uq, floor), block_k=_tile(bs.block_k, tk, uk, floor),
+      block_q_dq=_tile(bs.block_q_dq, tq, uq, floor),
+      block_k_dq=_tile(bs.block_k_dq, tk, uk, floor),
+      block_q_dkv=_tile(bs.block_q_dkv, tq, uq, floor),
+      block_k_dkv=_tile(bs.block_k_dkv, tk, uk, floor))
+
+
+def _padded_lengths(tiles, tq, tk):
+  bq = max(tiles["block_q"], tiles["block_q_dq"], tiles["block_q_dkv"])
+  bk = max(tiles["block_k"], tiles["block_k_dq"], tiles["block_k_dkv"])
+  return _round_up(tq, bq), _round_up(tk, bk)
+
+
+def _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule):
+  """Why the TPU kernels cannot serve these shapes (tiles, VMEM, SMEM), or None."""
+  if block_mask_size is not None and any(b % TPU_TILE for b in block_mask_size):
+    return (f"on TPU block_mask_size entries must be multiples of {TPU_TILE} (kernel tiles "
+            f"divide them), got {block_mask_size}")
+  batch, tq, heads, d = q.shape
+  tk, kv_heads = k.shape[1], k.shape[2]
+  itemsize = 4 if q.dtype == jnp.float16 else q.dtype.itemsize  # f16 runs in f32 on TPU
+  tiles = _tiles(block_sizes or TPU_BLOCK_SIZES, tq, tk, block_mask_size or (None, None),
+                 TPU_TILE)
+  if any(t % TPU_TILE for t in tiles.values()):
+    return f"on TPU every block size must be a multiple of {TPU_TILE}, got {block_sizes}"
+  tq_pad, tk_pad = _padded_lengths(tiles, tq, tk)
+  width = _round_up(d, TPU_TILE) + _round_up(v.shape[-1], TPU_TILE)
+  # Whole-sequence blocks (single-buffered): K, V (forward, dq); the group's Q, dO and their
+  # lse/delta rows (dk/dv); int32 position and segment rows (padded to 8 sublanes).
+  kv = tk_pad * (width * itemsize + 2 * 8 * 4)
+  groups = heads // kv_heads
+  qdo = groups * tq_pad * (width * itemsize + 2 * 8 * 4) + 2 * 8 * 4 * tq_pad
+  vmem = max(kv, qdo)
+  if vmem > kernels.TPU_VMEM_LIMIT - 8 * 2**20:
+    return (f"on TPU the kernels keep whole-sequence K/V and Q/dO blocks in VMEM: Tq {tq}, Tk "
+            f"{tk}, head_dim {d}, {groups} q heads per kv head need {vmem / 2**20:.0f} MiB, "
+            f"over {kernels.TPU_VMEM_LIMIT // 2**20 - 8} MiB")
+  rows = batch if per_batch_schedule else 1
+  nq = max(tq_pad // tiles[n] for n in ("block_q", "block_q_dq", "block_q_dkv"))
+  nk = max(tk_pad // tiles[n] for n in ("block_k", "block_k_dq", "block_k_dkv"))
+  smem = 4 * rows * max(nq * _round_up(2 + nk, 128), nk * _round_up(2 + nq, 128))
+  if smem > TPU_SMEM_BUDGET:
+    return (f"on TPU the tile schedule ({rows} x {nq} x {nk} tiles) needs {smem // 1024} KiB "
+            f"of SMEM, over {TPU_SMEM_BUDGET // 1024} KiB")
+  return None
+
+
+def _default_platform():
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+def unsupported_reason(q, k, v, *, block_mask_size=None, platform=None, block_sizes=None,
+                       per_batch_schedule=True):
+  """Why the kernel cannot serve these shapes/dtypes, or None (static check, no tracing).
+
+  `platform` as in `flash_attention`; `per_batch_schedule`: whether the masks differ across
+  the batch (segment ids, explicit positions or a block mask), which sizes the TPU schedule.
+  """
   if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
     return f"flash kernel needs q, k, v of one dtype in f32/bf16/f16, got {q.dtype}, {k.dtype}, {v.dtype}"
   if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
@@ -45,6 +114,8 @@ def unsupported_reason(q, k, v, *, block_mask_size=None):
     for b in block_mask_size:
       if b % 16:
         return f"block_mask_size entries must be multiples of 16 (kernel tiles divide them), got {block_mask_size}"
+  if (platform or _default_platform()) == "tpu":
+    return _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule)
   return None
 
 
@@ -62,7 +133,7 @@ def _pad_axis(x, axis, size, mode="constant", value=0, xp=jnp):
 def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
                     kv_segment_ids=None, q_positions=None, kv_positions=None, softcap=None,
                     block_mask=None, block_mask_size=None, return_lse=False,
-                    block_sizes: BlockSizes | None = None, interpret=False):
+                    block_sizes: BlockSizes | None = None, interpret=False, platform=None):
   """Blockwise softmax attention with Pallas forward and backward kernels.
 
   q[B,Tq,H,D], k[B,Tk,Hkv,D], v[B,Tk,Hkv,Dv] (BTHD; Hkv divides H). `scale` is a Python
@@ -72,10 +143,35 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   `block_mask` [B|1, ceil(Tq/bq), ceil(Tk/bk)] bool with `block_mask_size=(bq, bk)`.
   Tiles with nothing visible are skipped. Returns o[B,Tq,H,Dv] (and lse[B,Tq,H] float32,
   natural log, -inf on rows that see nothing, when return_lse).
+
+  `platform`: "gpu" (Triton lowering) or "tpu" (Mosaic TPU lowering: BHTD layout inside,
+  tiles of 128, TPU_BLOCK_SIZES by default; float16 inputs run the float32 kernels, Mosaic
+  having no float16 vectors); None picks "tpu" when jax.default_backend() is
+  "tpu", else "gpu". `interpret` runs the kernels in Pallas interpret mode (TPU: the Mosaic
+  TPU interpreter, pltpu.InterpretParams).
   """
-  why = unsupported_reason(q, k, v, block_mask_size=block_mask_size)
+  platform = platform or _default_platform()
+  if platform not in ("gpu", "tpu"):
+    raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
+  tpu = platform == "tpu"
+  # Default positions and no segments / block mask: the schedule depends only on shapes.
+  static_masks = (q_positions is None and kv_positions is None and segment_ids is None
+                  and block_mask is None)
+  why = unsupported_reason(q, k, v, block_mask_size=block_mask_size, platform=platform,
+                           block_sizes=block_sizes, per_batch_schedule=not static_masks)
   if why:
     raise NotImplementedError(why)
+  if tpu and q.dtype == jnp.float16:
+    # Mosaic has no float16 vectors (not even loads or stores): the float32 kernels serve
+    # float16 inputs (IEEE f32 dots, exact on f16 values); o goes back to float16.
+    f32 = lambda x: x.astype(jnp.float32)
+    r = flash_attention(
+        f32(q), f32(k), f32(v), scale=scale, causal=causal, window=window,
+        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+        kv_positions=kv_positions, softcap=softcap, block_mask=block_mask,
+        block_mask_size=block_mask_size, return_lse=return_lse, block_sizes=block_sizes,
+        interpret=interpret, platform=platform)
+    return (r[0].astype(q.dtype), r[1]) if return_lse else r.astype(q.dtype)
   batch, tq, heads, d = q.shape
   tk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[-1]
   if heads % kv_heads:
@@ -85,21 +181,16 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
     if isinstance(window, int):
       window = (window, 0)
     window = (int(window[0]), int(window[1]))
+  if block_sizes is None and tpu:
+    block_sizes = TPU_BLOCK_SIZES
   if block_sizes is None:
     local = window is not None and window[0] + window[1] < tk // 2
     block_sizes = default_block_sizes(max(d, dv), jnp.dtype(q.dtype).itemsize, local=local,
                                       causal=causal)
   ub = block_mask_size if block_mask is not None else (None, None)
   bs = block_sizes
-  tiles = dict(
-      block_q=_tile(bs.block_q, tq, ub[0]), block_k=_tile(bs.block_k, tk, ub[1]),
-      block_q_dq=_tile(bs.block_q_dq, tq, ub[0]), block_k_dq=_tile(bs.block_k_dq, tk, ub[1]),
-      block_q_dkv=_tile(bs.block_q_dkv, tq, ub[0]),
-      block_k_dkv=_tile(bs.block_k_dkv, tk, ub[1]))
-  tq_pad = -(-tq // max(tiles["block_q"], tiles["block_q_dq"], tiles["block_q_dkv"])) * max(
-      tiles["block_q"], tiles["block_q_dq"], tiles["block_q_dkv"])
-  tk_pad = -(-tk // max(tiles["block_k"], tiles["block_k_dq"], tiles["block_k_dkv"])) * max(
-      tiles["block_k"], tiles["block_k_dq"], tiles["block_k_dkv"])
+  tiles = _tiles(bs, tq, tk, ub, TPU_TILE if tpu else 16)
+  tq_pad, tk_pad = _padded_lengths(tiles, tq, tk)
 
   if isinstance(scale, (int, float, np.floating, np.integer)):
     static_scale, scale_arr = float(scale), None
@@ -108,15 +199,12 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
     scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (heads,))
   if softcap is not None:
     softcap = float(softcap)
-  # Default positions and no segments / block mask: the schedule depends only on shapes.
-  static_masks = (q_positions is None and kv_positions is None and segment_ids is None
-                  and block_mask is None)
   cfg = kernels.KernelConfig(
       contiguous_full=bool(bs.direct_full and static_masks), head_group=bs.head_group,
       static_scale=static_scale, causal=bool(causal), window=window,
       has_segments=segment_ids is not None, softcap=softcap, groups=groups,
-      precise=q.dtype == jnp.float32, interpret=bool(interpret),
-      fast_exp2=not interpret and kernels.nvidia_gpu(),
+      precise=q.dtype == jnp.float32, interpret=bool(interpret), tpu=tpu,
+      fast_exp2=not interpret and not tpu and kernels.nvidia_gpu(),
       num_warps=bs.num_warps, num_stages=bs.num_stages, num_warps_dq=bs.num_warps_dq,
       num_stages_dq=bs.num_stages_dq, num_warps_dkv=bs.num_warps_dkv,
       num_stages_dkv=bs.num_stages_dkv, **tiles)
@@ -160,11 +248,18 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
       xp.swapaxes(kinds(cfg.block_q_dkv, cfg.block_k_dkv), 1, 2), xp)
   aux = (q_pos, kv_pos, q_seg, kv_seg, sched_fwd, sched_dq, sched_dkv)
 
-  dp, dvp = _pow2_at_least(d), _pow2_at_least(dv)
+  if tpu:  # head dims fill the 128 lanes; the kernels take BHTD
+    dp, dvp = _round_up(d, TPU_TILE), _round_up(dv, TPU_TILE)
+  else:
+    dp, dvp = _pow2_at_least(d), _pow2_at_least(dv)
   qp = _pad_axis(_pad_axis(q, 1, tq_pad), 3, dp)
   kp = _pad_axis(_pad_axis(k, 1, tk_pad), 3, dp)
   vp = _pad_axis(_pad_axis(v, 1, tk_pad), 3, dvp)
+  if tpu:
+    qp, kp, vp = (jnp.swapaxes(x, 1, 2) for x in (qp, kp, vp))
   o, lse2 = _flash(qp, kp, vp, scale_arr, aux, cfg)
+  if tpu:
+    o = jnp.swapaxes(o, 1, 2)
   o = o[:, :tq, :, :dv]
   if not return_lse:
     return o
@@ -190,8 +285,9 @@ def _flash_bwd(cfg, res, cts):
   do, dlse2 = cts
   q_pos, kv_pos, q_seg, kv_seg, _, sched_dq, sched_dkv = aux
   do = do.astype(q.dtype)
+  seq = "bhtd" if cfg.tpu else "bthd"  # the kernels' layout
   # delta_i = sum_d o*do; an lse cotangent enters as dlogits += p * dlse (natural units).
-  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  delta = jnp.einsum(f"{seq},{seq}->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   if dlse2 is not None and not isinstance(dlse2, jax.custom_derivatives.SymbolicZero):
     delta = delta - dlse2.astype(jnp.float32) / LN2
   dq = kernels.backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
@@ -201,8 +297,9 @@ def _flash_bwd(cfg, res, cts):
   dscale = None
   if cfg.static_scale is None:
     # dq came back unscaled: dL/dscale_h = sum q . dq_raw; dq = scale * dq_raw.
-    dscale = jnp.einsum("bthd,bthd->h", q.astype(jnp.float32), dq)
-    dq = (dq * scale_arr[None, None, :, None]).astype(q.dtype)
+    dscale = jnp.einsum(f"{seq},{seq}->h", q.astype(jnp.float32), dq)
+    per_head = scale_arr[None, :, None, None] if cfg.tpu else scale_arr[None, None, :, None]
+    dq = (dq * per_head).astype(q.dtype)
   zero_aux = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), aux)
   return dq, dk, dv, dscale, zero_aux
 

@@ -6,7 +6,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes (powers of two, >= 16) and Triton launch parameters.
+  """Tile sizes (powers of two, >= 16; >= 128 on TPU) and Triton launch parameters.
 
   Forward: one program per (q tile of `block_q` rows, head, batch), looping over kv tiles of
   `block_k`. Backward: a dq kernel tiled like the forward (`block_q_dq` x `block_k_dq`) and a
@@ -44,6 +44,12 @@ class BlockSizes:
           raise ValueError(f"BlockSizes.{f.name} must be a power of two >= 16, got {b}")
     if self.head_group < 1:
       raise ValueError(f"BlockSizes.head_group must be >= 1, got {self.head_group}")
+
+
+# Mosaic TPU: 128-row tiles everywhere (multiples of the 128 lanes; not tuned on a TPU). The
+# Triton launch fields are unused there.
+TPU_BLOCK_SIZES = BlockSizes(block_q=128, block_k=128, block_q_dq=128, block_k_dq=128,
+                             block_q_dkv=128, block_k_dkv=128)
 
 
 def default_block_sizes(head_dim: int, dtype_bytes: int, local: bool = False,

@@ -1,13 +1,24 @@
-"""Pallas kernels: forward (online softmax), dq, and dk/dv. Portable Pallas lowered to Triton.
+"""Pallas kernels: forward (online softmax), dq, dk/dv; lowered to Triton (GPU) or Mosaic (TPU).
 
-All kernels work on padded arrays (every T a multiple of its tiles, head dims powers of two)
-and on base-2 logits: s2 = log2(e) * scale * q.k (or log2(e) * softcap * tanh(scale*q.k /
-softcap)), so the forward stores lse2 = log2(sum 2^s2) and the backward recomputes
-p = 2^(s2 - lse2). A row with no visible key has lse2 = +inf internally (p = 0 everywhere).
+All kernels work on padded arrays (every T a multiple of its tiles, head dims powers of two;
+TPU: multiples of 128) and on base-2 logits: s2 = log2(e) * scale * q.k (or log2(e) * softcap
+* tanh(scale*q.k / softcap)), so the forward stores lse2 = log2(sum 2^s2) and the backward
+recomputes p = 2^(s2 - lse2). A row with no visible key has lse2 = +inf internally (p = 0
+everywhere).
 
 Every kernel has one program per (tile, head, batch); `_launch` orders them (heaviest tiles
 first within groups of heads). Per-row arrays (positions, segments, schedules) may have batch
 size 1, shared by the whole batch.
+
+One kernel body serves both platforms; `KernelConfig.tpu` picks the Mosaic TPU form:
+- layout BHTD (blocks (None, heads, rows, D), whose last two dims satisfy Mosaic's (8, 128)
+  tiling) instead of BTHD;
+- per-token vectors as 2-D columns [rows, 1] (query side of the forward and dq, kv side of
+  dk/dv) or rows [1, cols] instead of 1-D blocks, and per-row statistics kept as [rows, 1];
+- the schedules scalar-prefetched into SMEM (each program reads its row through a view), the
+  per-head scale array in SMEM; tiles are multiples of 128 so every dynamic slice is aligned;
+- grid (head, batch, tile), all dimensions parallel, run with the tiles of one head in
+  sequence so its K/V blocks stay in VMEM.
 """
 from __future__ import annotations
 
@@ -19,11 +30,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.flash_attention.schedule import EMPTY
 
 LOG2E = math.log2(math.e)
+# VMEM limit of the TPU kernels: whole-sequence K/V (forward, dq) or Q/dO (dk/dv) blocks stay
+# in VMEM; fits the 64-128 MiB VMEM of v5e/v5p/v6e/v7x.
+TPU_VMEM_LIMIT = 48 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +52,7 @@ class KernelConfig:
   groups: int  # q heads per kv head
   precise: bool  # f32 inputs: IEEE f32 dots (no TF32)
   interpret: bool
+  tpu: bool  # Mosaic TPU lowering (see the module docstring); else Triton
   fast_exp2: bool  # NVIDIA GPU: exp2 as the bare ex2.approx.ftz.f32 instruction
   contiguous_full: bool  # full tiles form one ascending run: index them without the list
   head_group: int  # launch order: see BlockSizes.head_group
@@ -123,11 +139,13 @@ def _visible(qp, kp, qs, ks, cfg):
 
 
 def _col(a):
-  return None if a is None else a[:, None]
+  """A column [n, 1] of a 1-D vector (TPU vectors already are 2-D)."""
+  return a if a is None or a.ndim == 2 else a[:, None]
 
 
 def _row(a):
-  return None if a is None else a[None, :]
+  """A row [1, n] of a 1-D vector (TPU vectors already are 2-D)."""
+  return a if a is None or a.ndim == 2 else a[None, :]
 
 
 def _mask(qp, kp, qs, ks, cfg):
@@ -155,16 +173,19 @@ def _tile_index(sched_ref, first_full, j, masked):
   return sched_ref[2 + j]
 
 
-def _launch(n_tiles, heads, batch, head_group, *, reverse):
+def _launch(n_tiles, heads, batch, cfg, *, reverse):
   """Grid and program-id decoder for a kernel with one program per (tile, head, batch).
 
   Triton runs the first grid axis fastest, so programs go out in groups of g heads (g = the
   gcd of head_group and heads): tile by tile, each for all g heads of the group, starting at
   the last tile when `reverse` (query tiles: the most kv tiles under a causal mask) or the
-  first (kv tiles: the most query tiles). Returns (grid, ids) with ids(*program_ids) =
+  first (kv tiles: the most query tiles). A TPU core runs the grid in order, last axis
+  fastest: grid (head, batch, tile). Returns (grid, ids) with ids(*program_ids) =
   (tile, head, batch).
   """
-  g = math.gcd(head_group, heads)
+  if cfg.tpu:
+    return (heads, batch, n_tiles), lambda h, b, t: (t, h, b)
+  g = math.gcd(cfg.head_group, heads)
   per_batch = heads // g
 
   def ids(hg, t, r):
@@ -173,9 +194,90 @@ def _launch(n_tiles, heads, batch, head_group, *, reverse):
   return (g, n_tiles, per_batch * batch), ids
 
 
-def _spec(ids, block_shape, index_map):
-  """BlockSpec whose index_map takes (tile, head, batch) instead of the program ids."""
-  return pl.BlockSpec(block_shape, lambda *pid: index_map(*ids(*pid)))
+def _spec(ids, block_shape, index_map, single_buffer=False):
+  """BlockSpec whose index_map takes (tile, head, batch) instead of the program ids (TPU
+  index maps also receive the scalar-prefetched schedule, unused). `single_buffer` (TPU):
+  no second VMEM buffer to prefetch the next block into."""
+  index = lambda *pid: index_map(*ids(*pid[:3]))
+  if single_buffer:
+    return pl.BlockSpec(block_shape, index, pipeline_mode=pl.Buffered(1))
+  return pl.BlockSpec(block_shape, index)
+
+
+def _dims(x, cfg):
+  """(batch, T, heads, D) of a BTHD (GPU) or BHTD (TPU) array."""
+  if cfg.tpu:
+    batch, heads, t, d = x.shape
+    return batch, t, heads, d
+  return x.shape
+
+
+def _seq_shape(batch, t, heads, d, cfg):
+  return (batch, heads, t, d) if cfg.tpu else (batch, t, heads, d)
+
+
+def _seq_spec(spec, cfg, rows, heads, d, index_map, whole=False):
+  """Spec of a [B, T, H, D] (GPU) / [B, H, T, D] (TPU) array: `rows` tokens and `heads` heads
+  (None: one, squeezed) per block; index_map(tile, head, batch) -> (batch, row block, head
+  block). A `whole`-sequence block changes only with the head: single-buffered on TPU (the
+  next head's block loads at the switch, once per tile sweep)."""
+  if cfg.tpu:
+    return spec((None, heads, rows, d), lambda t, h, b: _bhtd(*index_map(t, h, b)), whole)
+  return spec((None, rows, heads, d), lambda t, h, b: _bthd(*index_map(t, h, b)))
+
+
+def _bthd(b, t, h):
+  return b, t, h, 0
+
+
+def _bhtd(b, t, h):
+  return b, h, t, 0
+
+
+def _token_operand(spec, cfg, arr, rows, *, column, whole=False):
+  """Spec and array of a per-token int32 array [B|1, T] (positions, segment ids): the
+  program's tile of `rows` tokens, or the `whole` sequence. TPU: a column [B|1, T, 1] or a
+  row [B|1, 1, T]."""
+  tile_of = (lambda t: 0) if whole else (lambda t: t)
+  if not cfg.tpu:
+    return spec((None, rows), lambda t, h, b: (_bi(arr, b), tile_of(t))), arr
+  if column:
+    return (spec((None, rows, 1), lambda t, h, b: (_bi(arr, b), tile_of(t), 0), whole),
+            arr[:, :, None])
+  return (spec((None, 1, rows), lambda t, h, b: (_bi(arr, b), 0, tile_of(t)), whole),
+          arr[:, None, :])
+
+
+def _stat_spec(spec, cfg, heads, rows, index_map, *, column, whole=False):
+  """Spec of a per-query statistic [B, H, Tq] (lse2, delta); index_map(tile, head, batch) ->
+  (batch, head block, row block). TPU: of a column [B, H, Tq, 1] or a row [B, H, 1, Tq]."""
+  if not cfg.tpu:
+    return spec((None, heads, rows), index_map)
+  if column:
+    return spec((None, heads, rows, 1), lambda *i: (*index_map(*i), 0), whole)
+  return spec((None, heads, 1, rows), lambda *i: _insert_unit(*index_map(*i)), whole)
+
+
+def _insert_unit(b, h, t):
+  return b, h, 0, t
+
+
+def _stat_operand(spec, cfg, arr, heads, rows, index_map, *, column, whole=False):
+  """Spec and array of a per-query statistic (see `_stat_spec`)."""
+  if cfg.tpu:
+    arr = arr[..., None] if column else arr[:, :, None, :]
+  return _stat_spec(spec, cfg, heads, rows, index_map, column=column, whole=whole), arr
+
+
+def _head_rows(ref, head, start, rows, cfg):
+  """Rows [start, start + rows) of one head of a multi-head block."""
+  if cfg.tpu:
+    return ref[head, pl.ds(start, rows), :]
+  return ref[pl.ds(start, rows), head, :]
+
+
+def _stat_shape(rows, cfg):
+  return (rows, 1) if cfg.tpu else (rows,)
 
 
 def _bi(arr, b):
@@ -183,8 +285,34 @@ def _bi(arr, b):
   return b if arr.shape[0] > 1 else 0
 
 
-def _call(kernel, cfg, suffix, name, grid, in_specs, out_specs, out_shape, args):
-  """pallas_call with the Triton launch knobs `num_warps{suffix}`, `num_stages{suffix}`."""
+def _call(kernel, cfg, suffix, name, grid, ids, operands, sched, scale, out_specs, out_shape):
+  """pallas_call of `kernel` over (spec, array) `operands`, the schedule `sched` [B|1, tiles,
+  2 + n] and the per-head scale (spec, array) or None.
+
+  Triton: the schedule row and scale are blocks after the operands, launch knobs
+  `num_warps{suffix}`, `num_stages{suffix}`. TPU: the schedule is scalar-prefetched into SMEM
+  and the scale array lies whole in SMEM.
+  """
+  in_specs = [s for s, _ in operands]
+  args = [a for _, a in operands]
+  if cfg.tpu:
+    if scale is not None:
+      in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
+      args.append(scale[1])
+    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid,
+                                             in_specs=in_specs, out_specs=out_specs)
+    params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid),
+                                  vmem_limit_bytes=TPU_VMEM_LIMIT)
+    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
+                          compiler_params=params, name=name,
+                          interpret=pltpu.InterpretParams() if cfg.interpret else False)(
+                              sched, *args)
+  in_specs.append(_spec(ids, (None, None, sched.shape[-1]),
+                        lambda t, h, b: (_bi(sched, b), t, 0)))
+  args.append(sched)
+  if scale is not None:
+    in_specs.append(scale[0])
+    args.append(scale[1])
   params = plgpu_triton.CompilerParams(num_warps=getattr(cfg, "num_warps" + suffix),
                                        num_stages=getattr(cfg, "num_stages" + suffix))
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
@@ -192,26 +320,37 @@ def _call(kernel, cfg, suffix, name, grid, in_specs, out_specs, out_shape, args)
                         interpret=cfg.interpret, name=name)(*args)
 
 
-def _split_refs(refs, cfg, n_out):
+def _split_refs(refs, cfg, n_out, ids):
+  """(operand refs, q segment ref, kv segment ref, schedule row, scale ref, output refs).
+
+  On TPU the schedule and scale refs hold every program's data: narrowed here to this
+  program's schedule row and head (the dk/dv kernel: its kv head's group of query heads)."""
   refs = list(refs)
+  sched_ref = refs.pop(0) if cfg.tpu else None
   outs = refs[len(refs) - n_out:]
   refs = refs[:len(refs) - n_out]
   scale_ref = refs.pop() if cfg.static_scale is None else None
-  sched_ref = refs.pop()
+  if not cfg.tpu:
+    sched_ref = refs.pop()
   if cfg.has_segments:
     ks_ref = refs.pop()
     qs_ref = refs.pop()
   else:
     qs_ref = ks_ref = None
+  if cfg.tpu:
+    tile, head, b = ids(*(pl.program_id(axis) for axis in range(3)))
+    sched_ref = sched_ref.at[_bi(sched_ref, b), tile]
+    if scale_ref is not None:
+      scale_ref = scale_ref.at[head]
   return refs, qs_ref, ks_ref, sched_ref, scale_ref, outs
 
 
 # ------------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, cfg: KernelConfig):
+def _fwd_kernel(*refs, cfg: KernelConfig, ids):
   (q_ref, k_ref, v_ref, qpos_ref, kpos_ref), qs_ref, ks_ref, sched_ref, scale_ref, outs = (
-      _split_refs(refs, cfg, 2))
+      _split_refs(refs, cfg, 2, ids))
   o_ref, lse_ref = outs
   bq, bk = cfg.block_q, cfg.block_k
   dv = v_ref.shape[-1]
@@ -229,73 +368,74 @@ def _fwd_kernel(*refs, cfg: KernelConfig):
     if not cfg.max_before_scale:
       u, c = u * c, None
     if masked:
-      ks = ks_ref[pl.ds(start, bk)] if cfg.has_segments else None
-      mask = _mask(qp, kpos_ref[pl.ds(start, bk)], qs, ks, cfg)
+      ks = ks_ref[..., pl.ds(start, bk)] if cfg.has_segments else None
+      mask = _mask(qp, kpos_ref[..., pl.ds(start, bk)], qs, ks, cfg)
       u = jnp.where(mask, u, -jnp.inf)
-    u_max = u.max(axis=-1)
+    u_max = u.max(axis=-1, keepdims=cfg.tpu)
     m_new = jnp.maximum(m, u_max if c is None else u_max * c)
     if masked:  # a row may still have seen nothing: keep exponents finite
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     else:
       m_use = m_new
-    p = _exp2((u if c is None else u * c) - m_use[:, None], cfg)
+    p = _exp2((u if c is None else u * c) - _col(m_use), cfg)
     alpha = _exp2(m - m_use, cfg)
-    l = l * alpha + p.sum(axis=-1)
+    l = l * alpha + p.sum(axis=-1, keepdims=cfg.tpu)
     v = v_ref[pl.ds(start, bk), :]
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, cfg)
+    acc = acc * _col(alpha) + _dot(p.astype(v.dtype), v, cfg)
     return acc, m_new, l
 
-  carry = (jnp.zeros((bq, dv), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
-           jnp.zeros((bq,), jnp.float32))
+  stat = _stat_shape(bq, cfg)
+  carry = (jnp.zeros((bq, dv), jnp.float32), jnp.full(stat, -jnp.inf, jnp.float32),
+           jnp.zeros(stat, jnp.float32))
   n_full = sched_ref[0]
   n_vis = sched_ref[1]
   carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
   acc, m, l = lax.fori_loop(n_full, n_vis, functools.partial(body, masked=True), carry)
   empty = l == 0.0
   l = jnp.where(empty, 1.0, l)
-  o_ref[...] = (acc * (1.0 / l)[:, None]).astype(o_ref.dtype)
+  o_ref[...] = (acc * _col(1.0 / l)).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l))
 
 
 def forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched, cfg: KernelConfig):
-  """q[B,Tq,H,D] k[B,Tk,Hkv,D] v[B,Tk,Hkv,Dv] -> o[B,Tq,H,Dv], lse2[B,H,Tq] float32."""
-  batch, tq, heads, d = q.shape
-  tk, dv = k.shape[1], v.shape[-1]
+  """q[B,Tq,H,D] k[B,Tk,Hkv,D] v[B,Tk,Hkv,Dv] -> o[B,Tq,H,Dv], lse2[B,H,Tq] float32.
+
+  On TPU q, k, v and o are BHTD."""
+  batch, tq, heads, d = _dims(q, cfg)
+  tk, dv = _dims(k, cfg)[1], v.shape[-1]
   bq = cfg.block_q
   g = cfg.groups
-  grid, ids = _launch(tq // bq, heads, batch, cfg.head_group, reverse=True)
+  grid, ids = _launch(tq // bq, heads, batch, cfg, reverse=True)
   spec = functools.partial(_spec, ids)
-  in_specs = [
-      spec((None, bq, None, d), lambda i, h, b: (b, i, h, 0)),
-      spec((None, tk, None, d), lambda i, h, b: (b, 0, h // g, 0)),
-      spec((None, tk, None, dv), lambda i, h, b: (b, 0, h // g, 0)),
-      spec((None, bq), lambda i, h, b: (_bi(q_pos, b), i)),
-      spec((None, tk), lambda i, h, b: (_bi(kv_pos, b), 0)),
+  operands = [
+      (_seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)), q),
+      (_seq_spec(spec, cfg, tk, None, d, lambda i, h, b: (b, 0, h // g), whole=True), k),
+      (_seq_spec(spec, cfg, tk, None, dv, lambda i, h, b: (b, 0, h // g), whole=True), v),
+      _token_operand(spec, cfg, q_pos, bq, column=True),
+      _token_operand(spec, cfg, kv_pos, tk, column=False, whole=True),
   ]
-  args = [q, k, v, q_pos, kv_pos]
   if cfg.has_segments:
-    in_specs += [spec((None, bq), lambda i, h, b: (_bi(q_seg, b), i)),
-                 spec((None, tk), lambda i, h, b: (_bi(kv_seg, b), 0))]
-    args += [q_seg, kv_seg]
-  in_specs.append(spec((None, None, sched.shape[-1]), lambda i, h, b: (_bi(sched, b), i, 0)))
-  args.append(sched)
+    operands += [_token_operand(spec, cfg, q_seg, bq, column=True),
+                 _token_operand(spec, cfg, kv_seg, tk, column=False, whole=True)]
+  scale = None
   if cfg.static_scale is None:
-    in_specs.append(spec((None,), lambda i, h, b: (h,)))
-    args.append(scale_arr)
-  out_specs = [spec((None, bq, None, dv), lambda i, h, b: (b, i, h, 0)),
-               spec((None, None, bq), lambda i, h, b: (b, h, i))]
-  out_shape = [jax.ShapeDtypeStruct((batch, tq, heads, dv), q.dtype),
-               jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)]
-  return _call(functools.partial(_fwd_kernel, cfg=cfg), cfg, "", "flash_attention_fwd",
-               grid, in_specs, out_specs, out_shape, args)
+    scale = (spec((None,), lambda i, h, b: (h,)), scale_arr)
+  out_specs = [_seq_spec(spec, cfg, bq, None, dv, lambda i, h, b: (b, i, h)),
+               _stat_spec(spec, cfg, None, bq, lambda i, h, b: (b, h, i), column=True)]
+  out_shape = [jax.ShapeDtypeStruct(_seq_shape(batch, tq, heads, dv, cfg), q.dtype),
+               jax.ShapeDtypeStruct((batch, heads, tq, 1) if cfg.tpu else (batch, heads, tq),
+                                    jnp.float32)]
+  o, lse2 = _call(functools.partial(_fwd_kernel, cfg=cfg, ids=ids), cfg, "",
+                  "flash_attention_fwd", grid, ids, operands, sched, scale, out_specs, out_shape)
+  return o, lse2[..., 0] if cfg.tpu else lse2
 
 
 # ------------------------------------------------------------------------------- dq
 
 
-def _dq_kernel(*refs, cfg: KernelConfig):
+def _dq_kernel(*refs, cfg: KernelConfig, ids):
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref), qs_ref, ks_ref, \
-      sched_ref, scale_ref, (dq_ref,) = _split_refs(refs, cfg, 1)
+      sched_ref, scale_ref, (dq_ref,) = _split_refs(refs, cfg, 1, ids)
   bq, bk = cfg.block_q_dq, cfg.block_k_dq
   scale = _scale_value(scale_ref, cfg)
   q = q_ref[...]
@@ -311,12 +451,12 @@ def _dq_kernel(*refs, cfg: KernelConfig):
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
     s, t = _logits2(_dot(q, k, cfg, trans_b=True), scale, cfg)
-    p = _exp2(s - lse[:, None], cfg)
+    p = _exp2(s - _col(lse), cfg)
     if masked:
-      ks = ks_ref[pl.ds(start, bk)] if cfg.has_segments else None
-      p = jnp.where(_mask(qp, kpos_ref[pl.ds(start, bk)], qs, ks, cfg), p, 0.0)
+      ks = ks_ref[..., pl.ds(start, bk)] if cfg.has_segments else None
+      p = jnp.where(_mask(qp, kpos_ref[..., pl.ds(start, bk)], qs, ks, cfg), p, 0.0)
     dp = _dot(do, v, cfg, trans_b=True)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - _col(delta))
     if t is not None:
       ds = ds * (1.0 - t * t)
     return dq + _dot(ds.astype(k.dtype), k, cfg)
@@ -333,46 +473,43 @@ def _dq_kernel(*refs, cfg: KernelConfig):
 
 def backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched,
                 cfg: KernelConfig):
-  """dq [B,Tq,H,D]; with a per-head scale array, the unscaled sum (float32)."""
-  batch, tq, heads, d = q.shape
-  tk, dv = k.shape[1], v.shape[-1]
+  """dq [B,Tq,H,D] (TPU: BHTD); with a per-head scale array, the unscaled sum (float32)."""
+  batch, tq, heads, d = _dims(q, cfg)
+  tk, dv = _dims(k, cfg)[1], v.shape[-1]
   bq = cfg.block_q_dq
   g = cfg.groups
-  grid, ids = _launch(tq // bq, heads, batch, cfg.head_group, reverse=True)
+  grid, ids = _launch(tq // bq, heads, batch, cfg, reverse=True)
   spec = functools.partial(_spec, ids)
-  in_specs = [
-      spec((None, bq, None, d), lambda i, h, b: (b, i, h, 0)),
-      spec((None, tk, None, d), lambda i, h, b: (b, 0, h // g, 0)),
-      spec((None, tk, None, dv), lambda i, h, b: (b, 0, h // g, 0)),
-      spec((None, bq, None, dv), lambda i, h, b: (b, i, h, 0)),
-      spec((None, None, bq), lambda i, h, b: (b, h, i)),
-      spec((None, None, bq), lambda i, h, b: (b, h, i)),
-      spec((None, bq), lambda i, h, b: (_bi(q_pos, b), i)),
-      spec((None, tk), lambda i, h, b: (_bi(kv_pos, b), 0)),
+  operands = [
+      (_seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)), q),
+      (_seq_spec(spec, cfg, tk, None, d, lambda i, h, b: (b, 0, h // g), whole=True), k),
+      (_seq_spec(spec, cfg, tk, None, dv, lambda i, h, b: (b, 0, h // g), whole=True), v),
+      (_seq_spec(spec, cfg, bq, None, dv, lambda i, h, b: (b, i, h)), do),
+      _stat_operand(spec, cfg, lse2, None, bq, lambda i, h, b: (b, h, i), column=True),
+      _stat_operand(spec, cfg, delta, None, bq, lambda i, h, b: (b, h, i), column=True),
+      _token_operand(spec, cfg, q_pos, bq, column=True),
+      _token_operand(spec, cfg, kv_pos, tk, column=False, whole=True),
   ]
-  args = [q, k, v, do, lse2, delta, q_pos, kv_pos]
   if cfg.has_segments:
-    in_specs += [spec((None, bq), lambda i, h, b: (_bi(q_seg, b), i)),
-                 spec((None, tk), lambda i, h, b: (_bi(kv_seg, b), 0))]
-    args += [q_seg, kv_seg]
-  in_specs.append(spec((None, None, sched.shape[-1]), lambda i, h, b: (_bi(sched, b), i, 0)))
-  args.append(sched)
+    operands += [_token_operand(spec, cfg, q_seg, bq, column=True),
+                 _token_operand(spec, cfg, kv_seg, tk, column=False, whole=True)]
   out_dtype = q.dtype
+  scale = None
   if cfg.static_scale is None:
-    in_specs.append(spec((None,), lambda i, h, b: (h,)))
-    args.append(scale_arr)
+    scale = (spec((None,), lambda i, h, b: (h,)), scale_arr)
     out_dtype = jnp.float32
-  return _call(functools.partial(_dq_kernel, cfg=cfg), cfg, "_dq", "flash_attention_dq",
-               grid, in_specs, spec((None, bq, None, d), lambda i, h, b: (b, i, h, 0)),
-               jax.ShapeDtypeStruct(q.shape, out_dtype), args)
+  return _call(functools.partial(_dq_kernel, cfg=cfg, ids=ids), cfg, "_dq",
+               "flash_attention_dq", grid, ids, operands, sched, scale,
+               _seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)),
+               jax.ShapeDtypeStruct(q.shape, out_dtype))
 
 
 # ------------------------------------------------------------------------------- dk, dv
 
 
-def _dkv_kernel(*refs, cfg: KernelConfig):
+def _dkv_kernel(*refs, cfg: KernelConfig, ids):
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref), qs_ref, ks_ref, \
-      sched_ref, scale_ref, (dk_ref, dv_ref) = _split_refs(refs, cfg, 2)
+      sched_ref, scale_ref, (dk_ref, dv_ref) = _split_refs(refs, cfg, 2, ids)
   bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
   groups = cfg.groups
   k = k_ref[...]
@@ -396,21 +533,21 @@ def _dkv_kernel(*refs, cfg: KernelConfig):
     else:
       g, jj = j // n, j % n
     start = pl.multiple_of(_tile_index(sched_ref, first_full, first + jj, masked) * bq, bq)
-    q = q_ref[pl.ds(start, bq), g, :]
-    do = do_ref[pl.ds(start, bq), g, :]
-    lse = lse_ref[g, pl.ds(start, bq)]
-    delta = delta_ref[g, pl.ds(start, bq)]
+    q = _head_rows(q_ref, g, start, bq, cfg)
+    do = _head_rows(do_ref, g, start, bq, cfg)
+    lse = lse_ref[g, ..., pl.ds(start, bq)]
+    delta = delta_ref[g, ..., pl.ds(start, bq)]
     scale = _scale_value(scale_ref, cfg, g)
     s_t, t_t = _logits2(_dot(k, q, cfg, trans_b=True), scale, cfg)  # [bk, bq]
-    p_t = _exp2(s_t - lse[None, :], cfg)
+    p_t = _exp2(s_t - _row(lse), cfg)
     if masked:
-      qs = qs_ref[pl.ds(start, bq)] if cfg.has_segments else None
-      qp = qpos_ref[pl.ds(start, bq)]
+      qs = qs_ref[..., pl.ds(start, bq)] if cfg.has_segments else None
+      qp = qpos_ref[..., pl.ds(start, bq)]
       mask_t = _mask_t(kp, qp, ks, qs, cfg)
       p_t = jnp.where(mask_t, p_t, 0.0)
     dv = dv + _dot(p_t.astype(do.dtype), do, cfg)
     dp_t = _dot(v, do, cfg, trans_b=True)
-    ds_t = p_t * (dp_t - delta[None, :])
+    ds_t = p_t * (dp_t - _row(delta))
     if t_t is not None:
       ds_t = ds_t * (1.0 - t_t * t_t)
     if cfg.static_scale is None:
@@ -435,36 +572,36 @@ def _mask_t(kp, qp, ks, qs, cfg):
 
 def backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
                  sched_t, cfg: KernelConfig):
-  """dk [B,Tk,Hkv,D], dv [B,Tk,Hkv,Dv]; sums over the query heads of each kv head."""
-  batch, tq, heads, d = q.shape
-  tk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[-1]
+  """dk [B,Tk,Hkv,D], dv [B,Tk,Hkv,Dv] (TPU: BHTD); sums over the query heads of each kv
+  head."""
+  batch, tq, heads, d = _dims(q, cfg)
+  _, tk, kv_heads, _ = _dims(k, cfg)
+  dv = v.shape[-1]
   bk = cfg.block_k_dkv
   g = cfg.groups
-  grid, ids = _launch(tk // bk, kv_heads, batch, cfg.head_group, reverse=False)
+  grid, ids = _launch(tk // bk, kv_heads, batch, cfg, reverse=False)
   spec = functools.partial(_spec, ids)
-  in_specs = [
-      spec((None, tq, g, d), lambda j, hk, b: (b, 0, hk, 0)),
-      spec((None, bk, None, d), lambda j, hk, b: (b, j, hk, 0)),
-      spec((None, bk, None, dv), lambda j, hk, b: (b, j, hk, 0)),
-      spec((None, tq, g, dv), lambda j, hk, b: (b, 0, hk, 0)),
-      spec((None, g, tq), lambda j, hk, b: (b, hk, 0)),
-      spec((None, g, tq), lambda j, hk, b: (b, hk, 0)),
-      spec((None, tq), lambda j, hk, b: (_bi(q_pos, b), 0)),
-      spec((None, bk), lambda j, hk, b: (_bi(kv_pos, b), j)),
+  operands = [
+      (_seq_spec(spec, cfg, tq, g, d, lambda j, hk, b: (b, 0, hk), whole=True), q),
+      (_seq_spec(spec, cfg, bk, None, d, lambda j, hk, b: (b, j, hk)), k),
+      (_seq_spec(spec, cfg, bk, None, dv, lambda j, hk, b: (b, j, hk)), v),
+      (_seq_spec(spec, cfg, tq, g, dv, lambda j, hk, b: (b, 0, hk), whole=True), do),
+      _stat_operand(spec, cfg, lse2, g, tq, lambda j, hk, b: (b, hk, 0), column=False,
+                    whole=True),
+      _stat_operand(spec, cfg, delta, g, tq, lambda j, hk, b: (b, hk, 0), column=False,
+                    whole=True),
+      _token_operand(spec, cfg, q_pos, tq, column=False, whole=True),
+      _token_operand(spec, cfg, kv_pos, bk, column=True),
   ]
-  args = [q, k, v, do, lse2, delta, q_pos, kv_pos]
   if cfg.has_segments:
-    in_specs += [spec((None, tq), lambda j, hk, b: (_bi(q_seg, b), 0)),
-                 spec((None, bk), lambda j, hk, b: (_bi(kv_seg, b), j))]
-    args += [q_seg, kv_seg]
-  in_specs.append(spec((None, None, sched_t.shape[-1]),
-                       lambda j, hk, b: (_bi(sched_t, b), j, 0)))
-  args.append(sched_t)
+    operands += [_token_operand(spec, cfg, q_seg, tq, column=False, whole=True),
+                 _token_operand(spec, cfg, kv_seg, bk, column=True)]
+  scale = None
   if cfg.static_scale is None:
-    in_specs.append(spec((None, g), lambda j, hk, b: (hk, 0)))
-    args.append(scale_arr.reshape(kv_heads, g))
-  out_specs = [spec((None, bk, None, d), lambda j, hk, b: (b, j, hk, 0)),
-               spec((None, bk, None, dv), lambda j, hk, b: (b, j, hk, 0))]
+    scale = (spec((None, g), lambda j, hk, b: (hk, 0)), scale_arr.reshape(kv_heads, g))
+  out_specs = [_seq_spec(spec, cfg, bk, None, d, lambda j, hk, b: (b, j, hk)),
+               _seq_spec(spec, cfg, bk, None, dv, lambda j, hk, b: (b, j, hk))]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  return _call(functools.partial(_dkv_kernel, cfg=cfg), cfg, "_dkv", "flash_attention_dkv",
-               grid, in_specs, out_specs, out_shape, args)
+  return _call(functools.partial(_dkv_kernel, cfg=cfg, ids=ids), cfg, "_dkv",
+               "flash_attention_dkv", grid, ids, operands, sched_t, scale, out_specs,
+               out_shape)

@@ -9,8 +9,8 @@ Recurrence (layout BTHD; state [K, V] per batch and head, float32):
 Segment ids [B,T] reset the state to zero wherever the id changes (packed sequences).
 
 Chunkwise form (GLA, Yang et al. 2024, sec. 4; the kernel split of flash-linear-attention):
-chunks of C tokens, G = chunk-local cumsum of g (float32, computed outside the kernels),
-Gq = G (or G - g when exclusive), Gamma = G at the chunk's last row. Every exponent is <= 0:
+chunks of C tokens, G = chunk-local cumsum of g (float32, kernel 0), Gq = G (or G - g when
+exclusive), Gamma = G at the chunk's last row. Every exponent is <= 0:
   - intra-chunk scores A[i, j] = scale * sum_k q_ik k_jk exp(Gq_ik - G_jk), j <= i (j < i),
     masked with `where`. Scalar decay: (q k^T) * exp(Gq_i - G_j). Vector decay: per sub-block
     I of S query rows with reference r = Gq at its middle row, A_I = (q_I e^{Gq_I - r})
@@ -23,27 +23,31 @@ Gq = G (or G - g when exclusive), Gamma = G at the chunk's last row. Every expon
   - o = A v + scale (q e^{Gq}) h_n,   h_{n+1} = e^{Gamma} h_n + (k e^{Gamma - G})^T v.
 
 Kernels (matmul operands in the input dtype, accumulation and carried states in float32):
+  0. `_cumsum_kernel`, grid (B, H, N): G from g (triangular matmuls on the tensor cores).
   1. `_states_kernel`, grid (B, H, K/BK, V/BV): a sequential loop over chunks carrying one
      [BK, BV] tile of the state; stores h_n (the state entering chunk n, in the input dtype)
      and returns the final state.
   2. `_output_kernel`, grid (B, H, N, V/BV), every chunk in parallel: o from A and h_n.
-Backward (only the inputs are saved; kernel 1 runs again to recompute h_n):
+Backward (only the inputs and G are saved; kernel 1 runs again to recompute h_n):
   3. `_dstates_kernel`, grid (B, H, K/BK, V/BV), a reverse loop: stores dh_n, the gradient at
-     chunk n's exit, with dh <- e^{Gamma} dh + scale (q e^{Gq})^T do; returns dh_0.
-  4. `_grad_kernel`, grid (B, H, N), every chunk in parallel (a static loop over V tiles):
-     dq, dk, dv and the decay-gradient pieces. It differentiates w.r.t. the chunk-local cumsums
-     G (keys, chunk total) and Gq (queries); autodiff of the cumsum maps them back to g, so
-     every reverse cumsum stays inside one chunk:
-       dGq = q * dq,  dG = -k * dk (+ R_n on the chunk's last row),
-       R_n = sum_v (e^Gamma h_n) * dh_n + sum_j k_j * dk_state_j   (per key channel).
-     For scalar decay the intra-chunk part is summed from the pair matrix A * dA (rows for
-     dGq, columns for dG), so that pairs inside a suffix cancel exactly instead of through two
-     noisy K-dim dot products.
+     chunk n's exit, with dh <- e^{Gamma} dh + scale (q e^{Gq})^T do; returns dh_0; with decay
+     also its V tile's part of sum_v (e^Gamma h_n) dh_n.
+  4. `_dv_kernel`, grid (B, H, N, V/BV), every chunk in parallel: dv.
+  5. `_dqk_kernel`, grid (B, H, N), every chunk in parallel: dq, dk and dg directly (the
+     chunk-local suffix sums of dGq = q dq and dG = -k dk + R_n on the last row, see there).
 
+Platforms (`platform="gpu"|"tpu"`; None: "tpu" when JAX's default backend is TPU). The kernel
+bodies are shared.
 GPU: lowered through Pallas' Triton backend (explicit `CompilerParams`): the kernels use
 general in-register arithmetic (exp, where, broadcasting, 16..64-row dots) that Triton lowers
 for any shape, which the Mosaic GPU pallas_call lowering does not; the same kernels run with
 `interpret=True` on CPU.
+TPU (Mosaic, v5 and newer): the same kernels in the block shapes Mosaic accepts (`_TpuSpecs`):
+q, k, v, o, vector decays and their gradients in [B,H,T,D] (the wrapper transposes), per-position
+vectors as [..., N, 1, C], whole head dims (one K and one V tile); the sequential kernels (1, 3)
+take one chunk per step of a fifth, "arbitrary" grid axis with their float32 carry in VMEM
+scratch (pallas_kernels.common); single rows of G are read as masked sums; interpret mode is
+Pallas' TPU interpreter. Of `KernelConfig` only `chunk` and `sub` apply there.
 """
 from __future__ import annotations
 
@@ -54,6 +58,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import common
 
 F32 = jnp.float32
 CLAMP = 80.0  # largest positive exponent of either side of the vector-decay sub-block trick
@@ -86,6 +93,7 @@ class _Static:
   chunk: int
   sub: int
   interpret: bool
+  tpu: bool          # Mosaic TPU form (see `_TpuSpecs`), else Triton
   block_k: int
   block_v: int
   block_v_out: int
@@ -102,7 +110,7 @@ def default_config(batch, heads, k_dim, v_dim, kind="scalar") -> KernelConfig:
   experiments/results/kernels/linear_nvidia_h200.md."""
   del batch, heads, k_dim, v_dim
   if kind == "vector":
-    return KernelConfig(num_warps=8)
+    return KernelConfig(block_v_out=128)
   return KernelConfig(block_v_out=128, num_stages=3, state_stages=3)
 
 
@@ -154,17 +162,34 @@ class _Chunk:
   @property
   def G(self):
     """Chunk-local cumulative log decay: [C, K] (vector), [C] (scalar)."""
-    g = self.refs["G"]
-    return g[self.rows, :] if self.st.kind == "vector" else g[self.rows]
+    return self.gq(self.rows, queries=False)
+
+  def load(self, name, rows):
+    """refs[name] at `rows`: a pl.ds, or one row index (then a scalar, or [K] if 2-D)."""
+    ref = self.refs[name]
+    at = (rows,) if len(ref.shape) == 1 else (rows, slice(None))
+    if not self.st.tpu or isinstance(rows, pl.Slice):
+      return ref[at]
+    # Mosaic loads no single element or row at an unaligned offset: a masked sum instead
+    x = self.load(name, self.rows)
+    i = self.rows.start + lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(i == rows, x, 0.0), axis=0)
+
+  def gq(self, rows, queries=True):
+    """G at `rows` (a slice or one row index); for queries of the exclusive readout G - g."""
+    x = self.load("G", rows)
+    if queries and self.st.exclusive:
+      x = x - self.load("g", rows)
+    return x
 
   def key_factor(self):
     """exp(Gamma - G) <= 1 times the key mask: [C, K] or [C, 1], or None."""
     st, refs = self.st, self.refs
     f = None
     if st.kind == "vector":
-      f = jnp.exp(refs["G"][self.last, :][None, :] - self.G)
+      f = jnp.exp(self.load("G", self.last)[None, :] - self.G)
     elif st.kind == "scalar":
-      f = jnp.exp(refs["G"][self.last] - self.G)[:, None]
+      f = jnp.exp(self.load("G", self.last) - self.G)[:, None]
     if st.segments:
       mk = refs["mk"][self.rows][:, None]
       f = mk if f is None else f * mk
@@ -178,22 +203,22 @@ class _Chunk:
 
   def carry(self, h):
     """h * exp(Gamma) (* crossing mask): the state (or its gradient) across the chunk."""
-    st, refs = self.st, self.refs
+    st = self.st
     if st.kind == "vector":
-      h = h * jnp.exp(refs["G"][self.last, :])[:, None]
+      h = h * jnp.exp(self.load("G", self.last))[:, None]
     elif st.kind == "scalar":
-      h = h * jnp.exp(refs["G"][self.last])
+      h = h * jnp.exp(self.load("G", self.last))
     if st.segments:
-      h = h * refs["m0"][self.last]
+      h = h * self.load("m0", self.last)
     return h
 
   def query_side(self, x, rows):
     """x[S, K] * exp(Gq) (* row mask) * scale: how query rows read the entering state."""
     st, refs = self.st, self.refs
     if st.kind == "vector":
-      x = x * jnp.exp(refs["Gq"][rows, :])
+      x = x * jnp.exp(self.gq(rows))
     elif st.kind == "scalar":
-      x = x * jnp.exp(refs["Gq"][rows])[:, None]
+      x = x * jnp.exp(self.gq(rows))[:, None]
     if st.segments:
       x = x * refs["m0"][rows][:, None]
     return x * st.scale
@@ -214,13 +239,9 @@ class _Rows:
       seg = refs["seg"]
       mask = mask & (seg[self.rows][:, None] == seg[ch.rows][None, :])
     self.mask = mask
-    if st.kind == "vector":
-      gq = refs["Gq"][self.rows, :]                      # [S, K]
-      r = refs["Gq"][index * s + s // 2 - 1, :]          # [K] reference: middle row
-      self.qfac = jnp.exp(jnp.minimum(gq - r[None, :], CLAMP))     # [S, K]
-      self.kfac = jnp.exp(jnp.minimum(r[None, :] - ch.G, CLAMP))   # [C, K]
-    elif st.kind == "scalar":
-      gq = refs["Gq"][self.rows]                         # [S]
+    self.ref_row = index * s + s // 2 - 1                # vector decay: the reference row
+    if st.kind == "scalar":
+      gq = ch.gq(self.rows)                              # [S]
       self.pair = jnp.exp(jnp.where(mask, gq[:, None] - ch.G[None, :], -jnp.inf))  # [S, C]
 
   def weigh(self, x):
@@ -230,12 +251,21 @@ class _Rows:
       return x * self.pair * st.scale
     return jnp.where(self.mask, x, 0.0) * st.scale
 
+  def qfac(self):
+    """Vector decay: exp(Gq - r) for the block's query rows [S, K] (computed where used:
+    [C, K] float32 factors kept live would spill)."""
+    return jnp.exp(jnp.minimum(self.ch.gq(self.rows) - self.ch.gq(self.ref_row)[None, :], CLAMP))
+
+  def kfac(self):
+    """Vector decay: exp(r - G) for all keys of the chunk [C, K]."""
+    return jnp.exp(jnp.minimum(self.ch.gq(self.ref_row)[None, :] - self.ch.G, CLAMP))
+
   def factored(self, q, k):
     """(q, k) with the vector-decay factors applied (unchanged otherwise), input dtype."""
     if self.ch.st.kind != "vector":
       return q, k
     dt = k.dtype
-    return ((q.astype(F32) * self.qfac).astype(dt), (k.astype(F32) * self.kfac).astype(dt))
+    return ((q.astype(F32) * self.qfac()).astype(dt), (k.astype(F32) * self.kfac()).astype(dt))
 
   def scores(self, q, k):
     """A[S, C] = scale * sum_k q_ik k_jk exp(Gq_ik - G_jk), masked; float32."""
@@ -250,7 +280,7 @@ def _unpack(names, refs):
 def _decay_names(st, query_side):
   names = []
   if st.kind != "none":
-    names += ["G", "Gq"] if query_side else ["G"]
+    names += ["G", "g"] if query_side and st.exclusive else ["G"]
   if st.segments:
     names += ["m0", "mk"]
   return names
@@ -259,7 +289,7 @@ def _decay_names(st, query_side):
 def _input_names(st):
   names = ["q", "k", "v"]
   if st.kind != "none":
-    names += ["G", "Gq"]
+    names += ["G", "g"] if st.exclusive else ["G"]
   if st.segments:
     names += ["seg", "m0", "mk"]
   return names
@@ -267,7 +297,13 @@ def _input_names(st):
 
 # ----------------------------------------------------------------------------- kernels
 
-def _states_kernel(st, *refs):
+def _cumsum_kernel(st, g_ref, G_ref):
+  """One chunk: G, the chunk-local cumulative sum of the log decay g (float32)."""
+  del st
+  G_ref[...] = _running_sum(g_ref[...].astype(F32))
+
+
+def _states_kernel(st, *refs, loop):
   """Forward over chunks: stores the entering state h_n of every chunk; returns the last."""
   r = _unpack(["k", "v"] + _decay_names(st, False) + ["h0", "hs", "hT"], refs)
   c = st.chunk
@@ -279,12 +315,15 @@ def _states_kernel(st, *refs):
     kd = ch.kd(r["k"][ch.rows, :]).astype(dt)
     return ch.carry(h) + _dot(kd, r["v"][ch.rows, :], ta=True)
 
-  r["hT"][...] = lax.fori_loop(0, r["k"].shape[0] // c, body, r["h0"][...].astype(F32))
+  loop(body, r["k"].shape[0] // c, r["h0"], r["hT"])
 
 
-def _dstates_kernel(st, *refs):
-  """Reverse over chunks: stores the state gradient at every chunk's exit; returns dh_0."""
-  r = _unpack(["q", "do"] + _decay_names(st, True) + ["dhT", "dhs", "dh0"], refs)
+def _dstates_kernel(st, *refs, loop):
+  """Reverse over chunks: stores the state gradient at every chunk's exit; returns dh_0.
+  With decay, also this V tile's part of sum_v (e^Gamma h_n) * dh_n per chunk (in R_n)."""
+  decay = st.kind != "none"
+  names = ["q", "do"] + _decay_names(st, True) + (["hs"] if decay else []) + ["dhT", "dhs", "dh0"]
+  r = _unpack(names + (["rs"] if decay else []), refs)
   c = st.chunk
   dt = r["q"].dtype
   n_chunks = r["q"].shape[0] // c
@@ -293,10 +332,12 @@ def _dstates_kernel(st, *refs):
     n = n_chunks - 1 - i
     ch = _Chunk(st, r, pl.multiple_of(n * c, c))
     r["dhs"][n, :, :] = dh.astype(r["dhs"].dtype)
+    if decay:
+      r["rs"][n, :] = jnp.sum(ch.carry(r["hs"][n, :, :].astype(F32)) * dh, axis=1)
     qs = ch.query_side(r["q"][ch.rows, :].astype(F32), ch.rows).astype(dt)
     return ch.carry(dh) + _dot(qs, r["do"][ch.rows, :], ta=True)
 
-  r["dh0"][...] = lax.fori_loop(0, n_chunks, body, r["dhT"][...].astype(F32))
+  loop(body, n_chunks, r["dhT"], r["dh0"])
 
 
 def _output_kernel(st, *refs):
@@ -313,71 +354,134 @@ def _output_kernel(st, *refs):
     r["o"][rows.rows, :] = o.astype(r["o"].dtype)
 
 
-def _grad_kernel(st, *refs):
-  """One chunk, all V tiles: dq, dk, dv; R_n; for scalar decay the pair sums of A * dA (rows
-  and columns) and q . dq_state (how the rows' reading of h_n depends on Gq)."""
-  names = _input_names(st) + ["do", "hs", "dhs", "dq", "dk", "dv"]
-  names += (["R"] if st.kind != "none" else []) + (
-      ["rowm", "colm", "qdq"] if st.kind == "scalar" else [])
-  r = _unpack(names, refs)
+def _split3(x):
+  """float32 x as three bfloat16 parts whose sum is x to about 2^-24 relative."""
+  hi = x.astype(jnp.bfloat16)
+  rest = x - hi.astype(F32)
+  mid = rest.astype(jnp.bfloat16)
+  return hi, mid, (rest - mid.astype(F32)).astype(jnp.bfloat16)
+
+
+def _running_sum(x, reverse=False):
+  """Cumulative sum over the rows of x[C] or x[C, K] (float32): the prefix sums, or the suffix
+  sums when reverse. [C, K] tiles go through 0/1 triangular matmuls on the tensor cores (MXU),
+  with x split into three bfloat16 parts so that no precision is lost; [C] by a masked sum."""
+  c = x.shape[0]
+  i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  tri = j >= i if reverse else j <= i
+  if x.ndim == 1:
+    return jnp.sum(jnp.where(tri, x[None, :], 0.0), axis=1)
+  tri = tri.astype(jnp.bfloat16)
+  hi, mid, lo = _split3(x)
+  return _dot(tri, hi) + _dot(tri, mid) + _dot(tri, lo)
+
+
+def _place(x, index, rows):
+  """x[S, K] as rows index*S.. of a [rows, K] float32 tile (zeros elsewhere), exactly."""
+  s = x.shape[0]
+  if s == rows:
+    return x
+  i = lax.broadcasted_iota(jnp.int32, (rows, s), 0)
+  j = lax.broadcasted_iota(jnp.int32, (rows, s), 1)
+  onehot = (i == index * s + j).astype(F32)
+  return lax.dot_general(onehot, x, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=F32)
+
+
+def _dv_kernel(st, *refs):
+  """One chunk and V tile: dv = (k e^{Gamma-G}) dh_n + A^T do."""
+  r = _unpack(_input_names(st) + ["do", "dhs", "dv"], refs)
+  dt = r["q"].dtype
+  ch = _Chunk(st, r, 0)
+  dv = _dot(ch.kd(r["k"][...]).astype(dt), r["dhs"][...])
+  for index in range(st.chunk // st.sub):
+    rows = _Rows(ch, index)
+    a = rows.scores(r["q"][rows.rows, :], r["k"][...]).astype(dt)
+    dv = dv + _dot(a, r["do"][rows.rows, :], ta=True)
+  r["dv"][...] = dv.astype(r["dv"].dtype)
+
+
+def _dqk_kernel(st, *refs):
+  """One chunk, all V tiles: dq, dk and dg, the gradient of the per-step log decay.
+
+  The decay enters through the chunk-local cumsums G (keys, chunk total) and Gq (queries):
+  dGq = q * dq; dG = -k * dk, plus R_n on the last row (how the carried state and the keys'
+  factors e^{Gamma - G} depend on Gamma), R_n = sum_v (e^Gamma h_n) dh_n (from the dstates
+  kernel) + sum_j k_j dk_state_j. dg is their chunk-local suffix sum (the transpose of the
+  cumsum), minus dGq when the readout is exclusive (Gq = G - g). For scalar decay the
+  intra-chunk terms are summed from the pair matrix A * dA (rows for dGq, columns for dG), so
+  that pairs inside a suffix cancel exactly instead of through two noisy K-dim dot products.
+  Order: dA, then dk (stored, folded into dG), then dq (stored, folded into dGq), so that at
+  most two [C, K] float32 tiles are live at once."""
+  decay = st.kind != "none"
+  names = _input_names(st) + ["do", "hs", "dhs"] + (["rs"] if decay else [])
+  r = _unpack(names + ["dq", "dk"] + (["dg"] if decay else []), refs)
   c, bv = st.chunk, st.block_v_out
   dt = r["q"].dtype
-  k = r["k"][...]
   tiles = [pl.ds(j * bv, bv) for j in range(r["v"].shape[1] // bv)]
-  # the state's part: dv = (k e^{Gamma-G}) dh, dk = (v dh^T) e^{Gamma-G}, and R_n
   ch = _Chunk(st, r, 0)
-  kd = ch.kd(k).astype(dt)
-  dvs, dk, r_state = [], None, None
+  blocks = [_Rows(ch, index) for index in range(c // st.sub)]
+  factored = [rows.factored(r["q"][rows.rows, :], r["k"][...]) for rows in blocks]
+  # dA per block of query rows (scaled, masked, decayed: ds); scalar decay: sums of A * dA
+  ds = []
+  for rows, (qf, kf) in zip(blocks, factored):
+    ds_raw = None
+    for tile in tiles:
+      x = _dot(r["do"][rows.rows, tile], r["v"][:, tile], tb=True)     # [S, C]
+      ds_raw = x if ds_raw is None else ds_raw + x
+    ds.append(rows.weigh(ds_raw).astype(dt))
+    if st.kind == "scalar":                                  # one block: S = C
+      m = rows.weigh(_dot(qf, kf, tb=True)) * ds_raw         # dL/d(log pair weight)
+      rowm, colm = jnp.sum(m, axis=1), jnp.sum(m, axis=0)
+  # dk = (v dh_n^T) e^{Gamma-G} + sum over blocks of (ds^T qf) e^{r-G}
+  dk = None
   for tile in tiles:
-    dh = r["dhs"][:, tile]
-    dvs.append(_dot(kd, dh))                                           # [C, BV]
-    term = _dot(r["v"][:, tile], dh, tb=True)                          # [C, K]
+    term = _dot(r["v"][:, tile], r["dhs"][:, tile], tb=True)          # [C, K]
     dk = term if dk is None else dk + term
-    if st.kind != "none":
-      hd = jnp.sum(ch.carry(r["hs"][:, tile].astype(F32)) * dh.astype(F32), axis=1)
-      r_state = hd if r_state is None else r_state + hd
   f = ch.key_factor()
   if f is not None:
     dk = dk * f
-  if st.kind != "none":
-    u = k.astype(F32) * dk                                             # [C, K]
-    r["R"][...] = r_state + jnp.sum(u, axis=0)
+  if decay:
+    u = r["k"][...].astype(F32) * dk                                   # [C, K]
+    big_r = jnp.sum(r["rs"][...], axis=0) + jnp.sum(u, axis=0)         # R_n [K]
     if st.kind == "scalar":
-      colm = jnp.sum(u, axis=1)                                        # k . dk_state  [C]
-  # the intra-chunk part, per sub-block of query rows
-  for index in range(c // st.sub):
-    rows = _Rows(ch, index)
-    q = r["q"][rows.rows, :]
-    qf, kf = rows.factored(q, k)
-    a32 = rows.weigh(_dot(qf, kf, tb=True))                            # [S, C]
-    a = a32.astype(dt)
-    ds_raw = dq_state = None
-    for j, tile in enumerate(tiles):
-      do = r["do"][rows.rows, tile]
-      dvs[j] = dvs[j] + _dot(a, do, ta=True)
-      x = _dot(do, r["v"][:, tile], tb=True)                           # [S, C]
-      y = _dot(do, r["hs"][:, tile].astype(dt), tb=True)               # [S, K]
-      ds_raw = x if ds_raw is None else ds_raw + x
+      colm = colm + jnp.sum(u, axis=1)                                 # + k . dk_state
+  for rows, (qf, _), d in zip(blocks, factored, ds):
+    x = _dot(d, qf, ta=True)
+    dk = dk + (x * rows.kfac() if st.kind == "vector" else x)
+  r["dk"][...] = dk.astype(r["dk"].dtype)
+  if st.kind == "vector":
+    dsum = -(r["k"][...].astype(F32) * dk)                             # dG, then + dGq
+  # dq = (ds kf) e^{Gq-r} + scale (do h_n^T) e^{Gq}
+  dgq = None
+  for index, (rows, (_, kf), d) in enumerate(zip(blocks, factored, ds)):
+    dq_state = None
+    for tile in tiles:
+      y = _dot(r["do"][rows.rows, tile], r["hs"][:, tile].astype(dt), tb=True)   # [S, K]
       dq_state = y if dq_state is None else dq_state + y
     dq_state = ch.query_side(dq_state, rows.rows)
-    ds = rows.weigh(ds_raw).astype(dt)
-    dq = _dot(ds, kf)
-    dk_intra = _dot(ds, qf, ta=True)
+    dq = _dot(d, kf)
     if st.kind == "vector":
-      dq = dq * rows.qfac
-      dk_intra = dk_intra * rows.kfac
-    dk = dk + dk_intra
+      dq = dq * rows.qfac()
+    dq = dq + dq_state
+    r["dq"][rows.rows, :] = dq.astype(r["dq"].dtype)
+    q32 = r["q"][rows.rows, :].astype(F32)
     if st.kind == "scalar":
-      m = a32 * ds_raw                                       # dL/d(log pair weight)
-      r["rowm"][rows.rows] = jnp.sum(m, axis=1)
-      colm = colm + jnp.sum(m, axis=0)
-      r["qdq"][rows.rows] = jnp.sum(q.astype(F32) * dq_state, axis=1)
-    r["dq"][rows.rows, :] = (dq + dq_state).astype(r["dq"].dtype)
-  if st.kind == "scalar":
-    r["colm"][...] = colm
-  r["dk"][...] = dk.astype(r["dk"].dtype)
-  for tile, dv in zip(tiles, dvs):
-    r["dv"][:, tile] = dv.astype(r["dv"].dtype)
+      dgq = rowm + jnp.sum(q32 * dq_state, axis=1)                     # [C]
+    elif st.kind == "vector":
+      piece = _place(q32 * dq, index, c)                               # [C, K]
+      dsum = dsum + piece
+      if st.exclusive:
+        dgq = piece if dgq is None else dgq + piece
+  if decay:
+    if st.kind == "scalar":
+      dg = _running_sum(dgq - colm, reverse=True) + jnp.sum(big_r)
+    else:
+      dg = _running_sum(dsum, reverse=True) + big_r[None, :]
+    if st.exclusive:
+      dg = dg - dgq
+    r["dg"][...] = dg
 
 
 # ----------------------------------------------------------------------------- pallas_call glue
@@ -390,19 +494,22 @@ class _Specs:
     self.st, self.t, self.k, self.v = st, t, k_dim, v_dim
     self.n = t // st.chunk
 
-  # sequential kernels: whole sequences of one K or V tile
-  def seq(self, name):
+  # sequential kernels: whole sequences of one K or V tile (`reverse` concerns only TPU)
+  def seq(self, name, reverse=False):
+    del reverse
     st, t, bk, bv = self.st, self.t, self.st.block_k, self.st.block_v
-    if name in ("q", "k") or (name in ("G", "Gq") and st.kind == "vector"):
+    if name in ("q", "k") or (name in ("G", "g") and st.kind == "vector"):
       return pl.BlockSpec((None, t, None, bk), lambda b, h, i, j: (b, 0, h, i))
     if name in ("v", "do"):
       return pl.BlockSpec((None, t, None, bv), lambda b, h, i, j: (b, 0, h, j))
-    if name in ("G", "Gq"):
+    if name in ("G", "g"):
       return pl.BlockSpec((None, t, None), lambda b, h, i, j: (b, 0, h))
     if name in ("m0", "mk"):
       return pl.BlockSpec((None, t), lambda b, h, i, j: (b, 0))
     if name == "state":
       return pl.BlockSpec((None, None, bk, bv), lambda b, h, i, j: (b, h, i, j))
+    if name == "rs":
+      return pl.BlockSpec((None, None, None, self.n, bk), lambda b, h, i, j: (b, h, j, 0, i))
     assert name == "states", name
     return pl.BlockSpec((None, None, self.n, bk, bv), lambda b, h, i, j: (b, h, 0, i, j))
 
@@ -414,23 +521,92 @@ class _Specs:
       idx = lambda f: (lambda b, h, n, j: f(b, h, n, j))
     else:
       idx = lambda f: (lambda b, h, n: f(b, h, n, 0))
-    if name in ("q", "k", "dq", "dk") or (name in ("G", "Gq") and self.st.kind == "vector"):
+    vector = self.st.kind == "vector"
+    if name in ("q", "k", "dq", "dk") or (name in ("G", "g", "dg") and vector):
       return pl.BlockSpec((None, c, None, kd), idx(lambda b, h, n, j: (b, n, h, 0)))
     if name in ("v", "do", "o", "dv"):
       return pl.BlockSpec((None, c, None, vw), idx(lambda b, h, n, j: (b, n, h, j)))
-    if name in ("G", "Gq", "rowm", "colm", "qdq"):
+    if name in ("G", "g", "dg"):
       return pl.BlockSpec((None, c, None), idx(lambda b, h, n, j: (b, n, h)))
     if name in ("seg", "m0", "mk"):
       return pl.BlockSpec((None, c), idx(lambda b, h, n, j: (b, n)))
-    if name == "R":
-      return pl.BlockSpec((None, None, None, kd), idx(lambda b, h, n, j: (b, h, n, 0)))
+    if name == "rs":   # summed over the V tiles (see _dstates)
+      return pl.BlockSpec((None, None, 1, None, kd), idx(lambda b, h, n, j: (b, h, 0, n, 0)))
     assert name == "states", name
     return pl.BlockSpec((None, None, None, kd, vw), idx(lambda b, h, n, j: (b, h, n, 0, j)))
 
+  def rs_shape(self, b, h):
+    return (b, h, self.v // self.st.block_v, self.n, self.k)
 
-def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, sequential):
+
+class _TpuSpecs(_Specs):
+  """The TPU forms (Mosaic: the last two block dims divisible by (8, 128) or whole): q, k, v, o,
+  their gradients and vector decays [B,H,T,D]; scalar decays [B,H,N,1,C]; segment masks
+  [B,N,1,C]; R_n pieces [B,H,1,N,1,K]; whole head dims. The sequential grid gains a last,
+  "arbitrary" axis over the chunks (reversed for the backward), one chunk per block."""
+
+  def _block(self, name, b, h, n, seq):
+    """(block shape, block index) of chunk n of batch b, head h."""
+    c, kd, vd = self.st.chunk, self.k, self.v
+    if name in ("q", "k", "dq", "dk") or (name in ("G", "g", "dg") and self.st.kind == "vector"):
+      return (None, None, c, kd), (b, h, n, 0)
+    if name in ("v", "do", "o", "dv"):
+      return (None, None, c, vd), (b, h, n, 0)
+    if name in ("G", "g", "dg"):
+      return (None,) * 4 + (c,), (b, h, n, 0, 0)
+    if name in ("seg", "m0", "mk"):
+      return (None,) * 3 + (c,), (b, n, 0, 0)
+    if name == "rs":
+      return (None,) * 4 + (1, kd), (b, h, 0, n, 0, 0)
+    if name == "state":
+      return (None, None, kd, vd), (b, h, 0, 0)
+    assert name == "states", name   # the sequential kernels index their one chunk as [0]
+    return (None, None, 1 if seq else None, kd, vd), (b, h, n, 0, 0)
+
+  def seq(self, name, reverse=False):
+    at = (lambda s: self.n - 1 - s) if reverse else (lambda s: s)
+    shape, _ = self._block(name, 0, 0, 0, True)
+    return pl.BlockSpec(shape, lambda b, h, i, j, s: self._block(name, b, h, at(s), True)[1])
+
+  def chunk(self, name, v_tiled):
+    del v_tiled
+    shape, _ = self._block(name, 0, 0, 0, False)
+    return pl.BlockSpec(shape, lambda b, h, n, *_: self._block(name, b, h, n, False)[1])
+
+  def rs_shape(self, b, h):
+    return (b, h, 1, self.n, 1, self.k)
+
+
+def _sizes(st, a):
+  """(B, T, H, K, V) of the kernel inputs (of the platform's layout) and their BlockSpecs."""
+  if st.tpu:
+    b, h, t, k_dim = a["q"].shape
+  else:
+    b, t, h, k_dim = a["q"].shape
+  v_dim = a["v"].shape[-1]
+  return b, t, h, k_dim, v_dim, (_TpuSpecs if st.tpu else _Specs)(st, t, k_dim, v_dim)
+
+
+def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None):
+  """chunks: for the sequential kernels, the number of chunks they loop over carrying a
+  [BK, BV] float32 state (pallas_kernels.common): on TPU the grid gains a chunk axis and the
+  carry lives in VMEM scratch."""
+  name = kernel.__name__.strip("_")
+  kernel = functools.partial(kernel, st)
   kwargs = {}
-  if st.interpret:
+  sequential = chunks is not None
+  if sequential and not st.tpu:
+    kernel = functools.partial(kernel, loop=common.loop_in_kernel)
+  if st.tpu:
+    semantics = ("parallel",) * len(grid)
+    if sequential:
+      kernel = common.carry_in_scratch(kernel, len(grid))
+      kwargs["scratch_shapes"] = [pltpu.VMEM((st.block_k, st.block_v), F32)]
+      grid, semantics = grid + (chunks,), semantics + ("arbitrary",)
+    kwargs["compiler_params"] = pltpu.CompilerParams(dimension_semantics=semantics)
+    if st.interpret:
+      kwargs["interpret"] = pltpu.InterpretParams()
+  elif st.interpret:
     kwargs["interpret"] = True
   else:
     from jax.experimental.pallas import triton as pltriton
@@ -440,9 +616,8 @@ def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, sequential):
     else:
       warps, stages = cfg.num_warps or 4, cfg.num_stages or 2
     kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
-  return pl.pallas_call(
-      functools.partial(kernel, st), grid=grid, in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, name=kernel.__name__.strip("_"), **kwargs)(*args)
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                        out_shape=out_shape, name=name, **kwargs)(*args)
 
 
 def _arrays(names, arrays):
@@ -451,94 +626,124 @@ def _arrays(names, arrays):
 
 def _states(st, a):
   """Kernel 1: (h_n for every chunk [B,H,N,K,V] in the input dtype, final state f32)."""
-  b, t, h, k_dim = a["k"].shape
-  v_dim = a["v"].shape[-1]
-  sp = _Specs(st, t, k_dim, v_dim)
+  b, _, h, k_dim, v_dim, sp = _sizes(st, a)
   names = ["k", "v"] + _decay_names(st, False)
   return _call(st, _states_kernel, (b, h, k_dim // st.block_k, v_dim // st.block_v),
                [sp.seq(n) for n in names] + [sp.seq("state")],
                [sp.seq("states"), sp.seq("state")],
                [jax.ShapeDtypeStruct((b, h, sp.n, k_dim, v_dim), a["k"].dtype),
                 jax.ShapeDtypeStruct((b, h, k_dim, v_dim), F32)],
-               _arrays(names, a) + [a["h0"]], sequential=True)
+               _arrays(names, a) + [a["h0"]], chunks=sp.n)
 
 
 def _forward(st, a):
   hs, hT = _states(st, a)
-  b, t, h, k_dim = a["q"].shape
-  v_dim = a["v"].shape[-1]
-  sp = _Specs(st, t, k_dim, v_dim)
+  b, _, h, _, v_dim, sp = _sizes(st, a)
   names = _input_names(st)
   o = _call(st, _output_kernel, (b, h, sp.n, v_dim // st.block_v_out),
             [sp.chunk(n, True) for n in names] + [sp.chunk("states", True)],
             sp.chunk("o", True),
             jax.ShapeDtypeStruct(a["v"].shape, st.out_dtype or a["v"].dtype),
-            _arrays(names, a) + [hs], sequential=False)
+            _arrays(names, a) + [hs])
   return o, hT
 
 
-def _backward(st, a, do, dhT):
-  """Gradients w.r.t. q, k, v, the chunk-local cumsums G and Gq, and h0."""
-  q, k = a["q"], a["k"]
-  b, t, h, k_dim = q.shape
-  v_dim = a["v"].shape[-1]
-  sp = _Specs(st, t, k_dim, v_dim)
-  hs, _ = _states(st, a)
+def _dstates(st, a, do, dhT, hs):
+  """Kernel 3: (dh_n for every chunk, dh_0, [the state part of R_n]); on GPU the R_n pieces
+  of the V tiles are summed here (one small XLA reduction)."""
+  b, _, h, k_dim, v_dim, sp = _sizes(st, a)
+  decay = st.kind != "none"
   names = ["q", "do"] + _decay_names(st, True)
-  dhs, dh0 = _call(st, _dstates_kernel, (b, h, k_dim // st.block_k, v_dim // st.block_v),
-                   [sp.seq(n) for n in names] + [sp.seq("state")],
-                   [sp.seq("states"), sp.seq("state")],
-                   [jax.ShapeDtypeStruct(hs.shape, hs.dtype),
-                    jax.ShapeDtypeStruct((b, h, k_dim, v_dim), F32)],
-                   _arrays(names, dict(a, do=do)) + [dhT], sequential=True)
+  seq = functools.partial(sp.seq, reverse=True)
+  res = _call(st, _dstates_kernel, (b, h, k_dim // st.block_k, v_dim // st.block_v),
+              [seq(n) for n in names] + ([seq("states")] if decay else []) + [seq("state")],
+              [seq("states"), seq("state")] + ([seq("rs")] if decay else []),
+              [jax.ShapeDtypeStruct(hs.shape, hs.dtype),
+               jax.ShapeDtypeStruct((b, h, k_dim, v_dim), F32)]
+              + ([jax.ShapeDtypeStruct(sp.rs_shape(b, h), F32)] if decay else []),
+              _arrays(names, dict(a, do=do)) + ([hs] if decay else []) + [dhT], chunks=sp.n)
+  rs = [x if st.tpu else jnp.sum(x, axis=2, keepdims=True) for x in res[2:]]
+  return res[0], res[1], rs
+
+
+def _dv(st, a, do, dhs):
+  """Kernel 4: dv."""
+  b, _, h, _, v_dim, sp = _sizes(st, a)
   names = _input_names(st)
-  kdt = F32 if st.kind == "vector" else q.dtype   # dGq = q dq, dG = -k dk need float32
-  outs = ["dq", "dk", "dv"] + (["R"] if st.kind != "none" else [])
-  out_shape = [jax.ShapeDtypeStruct(q.shape, kdt), jax.ShapeDtypeStruct(k.shape, kdt),
-               jax.ShapeDtypeStruct(a["v"].shape, a["v"].dtype)]
+  return _call(st, _dv_kernel, (b, h, sp.n, v_dim // st.block_v_out),
+               [sp.chunk(n, True) for n in names + ["do", "states"]], sp.chunk("dv", True),
+               jax.ShapeDtypeStruct(a["v"].shape, a["v"].dtype), _arrays(names, a) + [do, dhs])
+
+
+def _dqk(st, a, do, hs, dhs, rs):
+  """Kernel 5: dq, dk and dg (None without decay)."""
+  q, k = a["q"], a["k"]
+  b, _, h, _, _, sp = _sizes(st, a)
+  names = _input_names(st)
+  outs = ["dq", "dk"]
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k)]
   if st.kind != "none":
-    out_shape.append(jax.ShapeDtypeStruct((b, h, sp.n, k_dim), F32))
-  if st.kind == "scalar":
-    outs += ["rowm", "colm", "qdq"]
-    out_shape += [jax.ShapeDtypeStruct((b, t, h), F32)] * 3
-  res = _call(st, _grad_kernel, (b, h, sp.n),
-              [sp.chunk(n, False) for n in names + ["do", "states", "states"]],
+    outs.append("dg")
+    out_shape.append(jax.ShapeDtypeStruct(a["G"].shape, F32))
+  res = _call(st, _dqk_kernel, (b, h, sp.n),
+              [sp.chunk(n, False) for n in names + ["do", "states", "states"]]
+              + [sp.chunk("rs", False) for _ in rs],
               [sp.chunk(n, False) for n in outs], out_shape,
-              _arrays(names, a) + [do, hs, dhs], sequential=False)
-  dq, dk, dv = res[:3]
-  dG = dGq = None
-  if st.kind != "none":
-    # R_n sits on the chunk's last row of dG
-    R = res[3].transpose(0, 2, 1, 3)                                   # [B,N,H,K]
-    last = jnp.zeros((b, sp.n, st.chunk, h, k_dim), F32).at[:, :, -1].set(R)
-    last = last.reshape(b, t, h, k_dim)
-    if st.kind == "scalar":
-      rowm, colm, qdq = res[4:]
-      dGq = rowm + qdq
-      dG = jnp.sum(last, axis=-1) - colm
-    else:
-      dGq = q.astype(F32) * dq
-      dG = last - k.astype(F32) * dk
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv, dG, dGq, dh0
+              _arrays(names, a) + [do, hs, dhs] + rs)
+  return res[0], res[1], (res[2] if st.kind != "none" else None)
 
 
-_ARGS = ("q", "k", "v", "G", "Gq", "h0", "seg", "m0", "mk")
+def _backward(st, a, do, dhT):
+  """Gradients w.r.t. q, k, v, the per-step log decay g, and h0 (the states h_n are
+  recomputed, not saved)."""
+  hs, _ = _states(st, a)
+  dhs, dh0, rs = _dstates(st, a, do, dhT, hs)
+  dq, dk, dg = _dqk(st, a, do, hs, dhs, rs)
+  return dq, dk, _dv(st, a, do, dhs), dg, dh0
+
+
+def _with_sub(st, a, fn, *args):
+  """fn(st', *args) with the vector-decay sub-block size chosen at run time: the whole chunk
+  when no chunk decays by more than e^-CLAMP (then nothing is clamped), else 16 rows."""
+  if st.kind != "vector" or st.config.sub is not None or st.chunk <= 16:
+    return fn(st, *args)
+  ends = a["G"][:, :, st.chunk - 1::st.chunk] if st.tpu else a["G"][:, st.chunk - 1::st.chunk]
+  exact = jnp.min(ends) >= -CLAMP
+  narrow = dataclasses.replace(st, sub=16)
+  return lax.cond(exact, functools.partial(fn, st), functools.partial(fn, narrow), *args)
+
+
+_ARGS = ("q", "k", "v", "g", "h0", "seg", "m0", "mk")
+
+
+def _with_cumsum(st, args):
+  """The kernel inputs: the arguments plus G, the chunk-local cumsum of g (float32)."""
+  a = dict(zip(_ARGS, args))
+  g = a["g"]
+  if g is not None:
+    b, _, h, _, _, sp = _sizes(st, a)
+    spec = sp.chunk("G", False)
+    a["G"] = _call(st, _cumsum_kernel, (b, h, sp.n), [spec], spec,
+                   jax.ShapeDtypeStruct(g.shape, F32), [g])
+  return a
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(st, q, k, v, G, Gq, h0, seg, m0, mk):
-  return _forward(st, dict(zip(_ARGS, (q, k, v, G, Gq, h0, seg, m0, mk))))
+def _core(st, *args):
+  a = _with_cumsum(st, args)
+  return _with_sub(st, a, _forward, a)
 
 
 def _core_fwd(st, *args):
-  return _forward(st, dict(zip(_ARGS, args))), args
+  a = _with_cumsum(st, args)
+  return _with_sub(st, a, _forward, a), a
 
 
-def _core_bwd(st, args, cts):
+def _core_bwd(st, a, cts):
   do, dhT = cts
-  a = dict(zip(_ARGS, args))
-  dq, dk, dv, dG, dGq, dh0 = _backward(st, a, do.astype(a["v"].dtype), dhT.astype(F32))
-  return dq, dk, dv, dG, dGq, dh0.astype(a["h0"].dtype), None, None, None
+  dq, dk, dv, dg, dh0 = _with_sub(st, a, _backward, a, do.astype(a["v"].dtype),
+                                  dhT.astype(F32))
+  return dq, dk, dv, dg, dh0.astype(a["h0"].dtype), None, None, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -552,10 +757,11 @@ def _canonical_segments(segment_ids):
 
 
 def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, config,
-             interpret, out_dtype):
+             interpret, out_dtype, platform=None):
   """The static description and the padded kernel inputs (a dict keyed by _ARGS): T padded to
-  whole chunks, K to a power of two, V to whole tiles; chunk-local cumulative decays G, Gq;
-  segment masks."""
+  whole chunks, K to a power of two, V to whole tiles; the log decay in float32; segment
+  masks; in the platform's layout (see `_TpuSpecs`)."""
+  tpu = common.resolve_platform(platform) == "tpu"
   b, t, h, k_dim = q.shape
   v_dim = v.shape[-1]
   kind = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "vector")
@@ -569,9 +775,11 @@ def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, co
   while max(bv, bvo) > 16 and -(-v_dim // max(bv, bvo)) * max(bv, bvo) > 1.5 * v_dim:
     bv, bvo = min(bv, max(bv, bvo) // 2), min(bvo, max(bv, bvo) // 2)  # V=129: tiles of 64
   vp = -(-v_dim // max(bv, bvo)) * max(bv, bvo)
+  if tpu:
+    bk, bv, bvo = kp, vp, vp
   st = _Static(kind=kind, exclusive=bonus is not None, segments=segment_ids is not None,
                scale=float(scale), chunk=c, sub=(cfg.sub or c) if kind == "vector" else c,
-               interpret=bool(interpret), block_k=bk, block_v=bv, block_v_out=bvo,
+               interpret=bool(interpret), tpu=tpu, block_k=bk, block_v=bv, block_v_out=bvo,
                out_dtype=out_dtype, config=cfg)
 
   def pad(x, width):
@@ -594,24 +802,27 @@ def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, co
     seg = cs
     m0 = (cc == prev[:, :, None]).astype(F32).reshape(b, tp)
     mk = (cc == cc[:, :, -1:]).astype(F32).reshape(b, tp)
-  G = Gq = None
-  if g is not None:  # chunk-local cumulative log decay (autodiff maps dG, dGq back to g)
-    gg = g.reshape(b, tp // c, c, *g.shape[2:])
-    G = jnp.cumsum(gg, axis=2).reshape(g.shape)
-    Gq = G - g if bonus is not None else G
-  return st, dict(zip(_ARGS, (qp, kpd, vpd, G, Gq, h0, seg, m0, mk)))
+  if tpu:
+    qp, kpd, vpd = (jnp.swapaxes(x, 1, 2) for x in (qp, kpd, vpd))
+    vecs = lambda x: None if x is None else x.reshape(*x.shape[:-1], tp // c, 1, c)
+    if g is not None:
+      g = jnp.swapaxes(g, 1, 2)
+      g = vecs(g) if kind == "scalar" else g
+    seg, m0, mk = vecs(seg), vecs(m0), vecs(mk)
+  return st, dict(zip(_ARGS, (qp, kpd, vpd, g, h0, seg, m0, mk)))
 
 
 def linear_attention(q, k, v, log_decay=None, *, scale, bonus=None, initial_state=None,
                      segment_ids=None, config: KernelConfig | None = None, interpret=False,
-                     out_dtype=None):
+                     out_dtype=None, platform=None):
   """Decayed linear attention; returns (o[B,T,H,V] in v's dtype, final_state[B,H,K,V] f32).
 
   log_decay: None | [B,T,H] | [B,T,H,K] float, <= 0. bonus: None or u[H,K]; when given the
   readout is RWKV-6's, o_t = scale (S_{t-1}^T q_t + (q_t . (u * k_t)) v_t).
   initial_state: [B,H,K,V] float32 (zeros when None). segment_ids: [B,T] int; the state is
   reset to zero where the id changes. T, K and V need no particular size (padded here).
-  out_dtype: dtype of o (default v's).
+  out_dtype: dtype of o (default v's). platform: "gpu" (Triton) | "tpu" (Mosaic) | None (TPU
+  when JAX's default backend is TPU); with interpret=True, the interpreter of that form.
   """
   why = reason(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
                segment_ids=segment_ids, config=config)
@@ -619,18 +830,11 @@ def linear_attention(q, k, v, log_decay=None, *, scale, bonus=None, initial_stat
     raise NotImplementedError(f"pallas linear_attention: {why}")
   st, a = _prepare(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
                    segment_ids=segment_ids, config=config, interpret=interpret,
-                   out_dtype=out_dtype)
-  args = tuple(a[n] for n in _ARGS)
-  b, t, h, k_dim = q.shape
-  c, kp = st.chunk, a["q"].shape[-1]
-  if st.kind == "vector" and st.config.sub is None and c > 16:
-    # one sub-block per chunk is exact when no chunk decays by more than e^-CLAMP
-    exact = jnp.min(a["G"].reshape(b, -1, c, h, kp)[:, :, -1]) >= -CLAMP
-    narrow = dataclasses.replace(st, sub=16)
-    o, hT = lax.cond(exact, functools.partial(_core, st), functools.partial(_core, narrow), *args)
-  else:
-    o, hT = _core(st, *args)
-  v_dim = v.shape[-1]
+                   out_dtype=out_dtype, platform=platform)
+  o, hT = _core(st, *(a[n] for n in _ARGS))
+  if st.tpu:
+    o = jnp.swapaxes(o, 1, 2)
+  t, k_dim, v_dim = q.shape[1], q.shape[-1], v.shape[-1]
   o = o[:, :t, :, :v_dim]
   hT = hT[:, :, :k_dim, :v_dim]
   if bonus is not None:

@@ -41,8 +41,9 @@ def inputs(seed, batch, tq, tk, heads, kv_heads, dim, dtype, dim_v=None):
   return q.astype(dtype), k.astype(dtype), v.astype(dtype), do, dlse
 
 
-def check(q, k, v, do, dlse, *, tol, use_lse=True, grad_scale=False, **kw):
-  """Compares o, lse and d(q,k,v[,scale]) of the kernel against the f32 reference."""
+def check(q, k, v, do, dlse, *, tol, use_lse=True, grad_scale=False, kernel=None, **kw):
+  """Compares o, lse and d(q,k,v[,scale]) of the kernel (default: softmax_attention with
+  IMPL) against the f32 reference."""
   scale = kw.pop("scale", q.shape[-1] ** -0.5)
 
   static_scale = None if grad_scale else scale  # a Python float stays a static constant
@@ -55,7 +56,8 @@ def check(q, k, v, do, dlse, *, tol, use_lse=True, grad_scale=False, **kw):
       total += jnp.sum(lse * dlse)
     return total, (o, lse)
 
-  kernel = lambda *a, **k2: softmax_attention(*a, implementation=IMPL, **k2)
+  if kernel is None:
+    kernel = lambda *a, **k2: softmax_attention(*a, implementation=IMPL, **k2)
   argnums = (0, 1, 2, 3) if grad_scale else (0, 1, 2)
   (_, (o, lse)), grads = jax.jit(jax.value_and_grad(
       lambda *a: loss(kernel, *a), argnums=argnums, has_aux=True))(q, k, v, scale, do, dlse)
@@ -185,7 +187,7 @@ def test_unsupported_raise_before_tracing(monkeypatch):
     softmax_attention(q, q, q, scale=jnp.ones((3,)), implementation=IMPL)
   with pytest.raises(Unsupported, match="multiples of 16"):
     _call(q, q, q, IMPL, block_mask=jnp.ones((1, 4, 4), bool), block_mask_size=(8, 8))
-  if jax.default_backend() != "gpu":
+  if jax.default_backend() not in ("gpu", "tpu"):
     with pytest.raises(Unsupported, match="GPU"):
       _call(q, q, q, "pallas")
 
