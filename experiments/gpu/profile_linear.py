@@ -3,9 +3,9 @@
 python experiments/gpu/profile_linear.py [--shapes 'B,T,H,D;...'] [--variants scalar,vector]
     [--configs 'vector:block_v_out=128,num_warps=8;...']
 Prints one line per (variant, config, shape, piece): milliseconds, median of repeated calls.
-Pieces: prepare (padding, XLA), the chunk-local cumsum of the log decay (kernel 0), the states
-kernel, the forward kernels (states + output), each backward kernel and all of them (the
-vector sub-block choice is not applied), and the public op forward and forward+backward.
+Pieces: the chunk-local cumsum of the log decay (kernel 0), the states kernel, the forward
+kernels (states + output), each backward kernel and all of them (the vector sub-block choice
+is not applied), and the public op forward and forward+backward.
 """
 import argparse
 import dataclasses
@@ -71,14 +71,14 @@ def main():
       for cfg_text in [""] + [c for var, c in extra if var == variant]:
         cfg = _config(variant, cfg_text)
         tag = f"{variant} {b}x{t} [{cfg_text or 'default'}]"
-        prep = lambda q, k, v, g: lk._prepare(
-            q, k, v, g, scale=scale, bonus=bonus, initial_state=None, segment_ids=None,
-            config=cfg, interpret=args.interpret, out_dtype=None)
-        st, a = prep(q, k, v, g)
+        st, a = lk._prepare(q, k, v, g, scale=scale, bonus=bonus, initial_state=None,
+                            segment_ids=None, config=cfg, interpret=args.interpret,
+                            out_dtype=None)
         dhT = jnp.zeros(a["h0"].shape, jnp.float32)
-        _time(f"{tag}: prepare", jax.jit(lambda q, k, v, g: prep(q, k, v, g)[1]), q, k, v, g)
         core_args = tuple(a[n] for n in lk._ARGS)
-        _time(f"{tag}: chunk cumsum", jax.jit(lambda x: lk._with_cumsum(st, x)), core_args)
+        if g is not None:
+          _time(f"{tag}: chunk cumsum", jax.jit(lambda x: lk._with_cumsum(st, x)["G"]),
+                core_args)
         a = lk._with_cumsum(st, core_args)
         _time(f"{tag}: states kernel", jax.jit(lambda a: lk._states(st, a)), a)
         _time(f"{tag}: forward kernels", jax.jit(lambda a: lk._forward(st, a)), a)

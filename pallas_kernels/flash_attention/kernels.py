@@ -397,20 +397,18 @@ def _fwd_kernel(*refs, cfg: KernelConfig, ids):
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l))
 
 
-def forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched, cfg: KernelConfig):
-  """q[B,Tq,H,D] k[B,Tk,Hkv,D] v[B,Tk,Hkv,Dv] -> o[B,Tq,H,Dv], lse2[B,H,Tq] float32.
-
-  On TPU q, k, v and o are BHTD."""
-  batch, tq, heads, d = _dims(q, cfg)
-  tk, dv = _dims(k, cfg)[1], v.shape[-1]
-  bq = cfg.block_q
+def _query_tile_operands(spec, cfg, bq, q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
+                         tile_stats=()):
+  """(spec, array) operands of a kernel with one query tile per program (forward, dq): the q
+  tile, the whole k and v of its kv head, `tile_stats` (more per-tile operands: dO, lse2,
+  delta), the positions and segment ids; and the per-head scale operand (None when static)."""
+  tk, d, dv = _dims(k, cfg)[1], q.shape[-1], v.shape[-1]
   g = cfg.groups
-  grid, ids = _launch(tq // bq, heads, batch, cfg, reverse=True)
-  spec = functools.partial(_spec, ids)
   operands = [
       (_seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)), q),
       (_seq_spec(spec, cfg, tk, None, d, lambda i, h, b: (b, 0, h // g), whole=True), k),
       (_seq_spec(spec, cfg, tk, None, dv, lambda i, h, b: (b, 0, h // g), whole=True), v),
+      *tile_stats,
       _token_operand(spec, cfg, q_pos, bq, column=True),
       _token_operand(spec, cfg, kv_pos, tk, column=False, whole=True),
   ]
@@ -420,6 +418,20 @@ def forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched, cfg: Kernel
   scale = None
   if cfg.static_scale is None:
     scale = (spec((None,), lambda i, h, b: (h,)), scale_arr)
+  return operands, scale
+
+
+def forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched, cfg: KernelConfig):
+  """q[B,Tq,H,D] k[B,Tk,Hkv,D] v[B,Tk,Hkv,Dv] -> o[B,Tq,H,Dv], lse2[B,H,Tq] float32.
+
+  On TPU q, k, v and o are BHTD."""
+  batch, tq, heads, _ = _dims(q, cfg)
+  dv = v.shape[-1]
+  bq = cfg.block_q
+  grid, ids = _launch(tq // bq, heads, batch, cfg, reverse=True)
+  spec = functools.partial(_spec, ids)
+  operands, scale = _query_tile_operands(spec, cfg, bq, q, k, v, scale_arr, q_pos, kv_pos,
+                                         q_seg, kv_seg)
   out_specs = [_seq_spec(spec, cfg, bq, None, dv, lambda i, h, b: (b, i, h)),
                _stat_spec(spec, cfg, None, bq, lambda i, h, b: (b, h, i), column=True)]
   out_shape = [jax.ShapeDtypeStruct(_seq_shape(batch, tq, heads, dv, cfg), q.dtype),
@@ -475,29 +487,18 @@ def backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_se
                 cfg: KernelConfig):
   """dq [B,Tq,H,D] (TPU: BHTD); with a per-head scale array, the unscaled sum (float32)."""
   batch, tq, heads, d = _dims(q, cfg)
-  tk, dv = _dims(k, cfg)[1], v.shape[-1]
+  dv = v.shape[-1]
   bq = cfg.block_q_dq
-  g = cfg.groups
   grid, ids = _launch(tq // bq, heads, batch, cfg, reverse=True)
   spec = functools.partial(_spec, ids)
-  operands = [
-      (_seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)), q),
-      (_seq_spec(spec, cfg, tk, None, d, lambda i, h, b: (b, 0, h // g), whole=True), k),
-      (_seq_spec(spec, cfg, tk, None, dv, lambda i, h, b: (b, 0, h // g), whole=True), v),
+  tile_stats = [
       (_seq_spec(spec, cfg, bq, None, dv, lambda i, h, b: (b, i, h)), do),
       _stat_operand(spec, cfg, lse2, None, bq, lambda i, h, b: (b, h, i), column=True),
       _stat_operand(spec, cfg, delta, None, bq, lambda i, h, b: (b, h, i), column=True),
-      _token_operand(spec, cfg, q_pos, bq, column=True),
-      _token_operand(spec, cfg, kv_pos, tk, column=False, whole=True),
   ]
-  if cfg.has_segments:
-    operands += [_token_operand(spec, cfg, q_seg, bq, column=True),
-                 _token_operand(spec, cfg, kv_seg, tk, column=False, whole=True)]
-  out_dtype = q.dtype
-  scale = None
-  if cfg.static_scale is None:
-    scale = (spec((None,), lambda i, h, b: (h,)), scale_arr)
-    out_dtype = jnp.float32
+  operands, scale = _query_tile_operands(spec, cfg, bq, q, k, v, scale_arr, q_pos, kv_pos,
+                                         q_seg, kv_seg, tile_stats)
+  out_dtype = q.dtype if scale is None else jnp.float32
   return _call(functools.partial(_dq_kernel, cfg=cfg, ids=ids), cfg, "_dq",
                "flash_attention_dq", grid, ids, operands, sched, scale,
                _seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)),

@@ -68,9 +68,10 @@ CLAMP = 80.0  # largest positive exponent of either side of the vector-decay sub
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Tuning knobs (static). `block_k`/`block_v`: the state tile of the sequential kernels
-  (1, 3); `block_v_out`: the V tile of the output and gradient kernels (2, 4). Warps and
-  pipeline stages: `num_*` for kernels 2 and 4, `state_*` for kernels 1 and 3 (None: default).
+  """Tuning knobs (static), GPU only except `chunk` and `sub`. `block_k`/`block_v`: the state
+  tile of the sequential kernels (1, 3); `block_v_out`: the V tile of the output and dv
+  kernels (2, 4) and of the dq/dk/dg kernel's loop over V (5). Warps and pipeline stages:
+  `state_*` for kernels 1 and 3, `num_*` for the others (None: default).
   `sub`: query rows per intra-chunk sub-block for vector decay (see the module docstring);
   None: the whole chunk where that is exact, else 16."""
   chunk: int = 64
@@ -287,12 +288,7 @@ def _decay_names(st, query_side):
 
 
 def _input_names(st):
-  names = ["q", "k", "v"]
-  if st.kind != "none":
-    names += ["G", "g"] if st.exclusive else ["G"]
-  if st.segments:
-    names += ["seg", "m0", "mk"]
-  return names
+  return ["q", "k", "v"] + _decay_names(st, True) + (["seg"] if st.segments else [])
 
 
 # ----------------------------------------------------------------------------- kernels
