@@ -7,6 +7,10 @@ forward+backward; plus at T=16384 a causal sliding window of 1024 and causal pac
 exact number of visible (q, k) pairs replaces T^2/2), x3.5 for forward+backward.
 Writes experiments/results/kernels/attention_<device>.{md,json}.
 
+--hopper picks the kernel's forward: auto (the Hopper Mosaic GPU forward on sm90 where it
+serves the case, else Triton), on, off (Triton), or both: "pallas" rows use the Triton forward
+and "hopper" rows the Hopper forward (same Triton backward), side by side.
+
 --sweep instead times the kernel's forward over tile / launch candidates (SWEEP_FWD) on
 causal and full 4x4096 and 1x16384 and the 1024-window at 16384 (cuDNN alongside), compiled
 in parallel threads, and writes the table and the best defaults it implies to
@@ -33,6 +37,7 @@ from attnzoo.bench.timing import median_seconds as _time
 from attnzoo.ops.softmax_attention import softmax_attention
 
 IMPLS = ("pallas", "cudnn", "xla", "mha")
+HOPPER_MODES = {"auto": None, "on": True, "off": False, "both": False}
 
 
 def _packed_segments(batch, t, docs, seed=0):
@@ -62,14 +67,17 @@ def _visible_pairs(t, *, causal, window=None, segments=None):
   return float(np.maximum(hi - lo + 1, 0).sum())
 
 
-def _impl_fn(impl, *, scale, causal, window, segments, block_sizes=None):
-  """(q, k, v) -> o for one implementation, or raises when it cannot serve the case."""
+def _impl_fn(impl, *, scale, causal, window, segments, block_sizes=None, hopper=None):
+  """(q, k, v) -> o for one implementation, or raises when it cannot serve the case.
+  `hopper`: the pallas kernel's forward (see flash_attention); impl "hopper" forces it on."""
+  if impl == "hopper":
+    impl, hopper = "pallas", True
   if impl == "pallas":
-    if block_sizes is not None:
+    if block_sizes is not None or hopper is not None:
       from pallas_kernels.flash_attention import flash_attention
       return lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal,
                                              window=window, segment_ids=segments,
-                                             block_sizes=block_sizes)
+                                             block_sizes=block_sizes, hopper=hopper)
     return lambda q, k, v: softmax_attention(q, k, v, scale=scale, causal=causal,
                                              window=window, segment_ids=segments,
                                              implementation="pallas")
@@ -96,10 +104,11 @@ def _impl_fn(impl, *, scale, causal, window, segments, block_sizes=None):
   raise ValueError(impl)
 
 
-def _measure(impl, q, k, v, do, *, causal, window, segments, mode, block_sizes=None):
+def _measure(impl, q, k, v, do, *, causal, window, segments, mode, block_sizes=None,
+             hopper=None):
   scale = 1.0 / math.sqrt(q.shape[-1])
   f = _impl_fn(impl, scale=scale, causal=causal, window=window, segments=segments,
-               block_sizes=block_sizes)
+               block_sizes=block_sizes, hopper=hopper)
   if mode == "fwd":
     g = jax.jit(f)
     return _time(g, q, k, v), g(q, k, v)
@@ -154,7 +163,8 @@ def run(args, rows, save):
         try:
           s, o = _measure(impl, q, k, v, do, causal=case["causal"], window=case["window"],
                           segments=segments, mode=mode,
-                          block_sizes=args.block_sizes if impl == "pallas" else None)
+                          block_sizes=args.block_sizes if impl == "pallas" else None,
+                          hopper=HOPPER_MODES[args.hopper] if impl == "pallas" else None)
           row.update(ms=s * 1e3, tflops=flops / s / 1e12)
           if o is not None:
             outs[impl] = o
@@ -165,12 +175,11 @@ def run(args, rows, save):
         rows.append(row)
         print(json.dumps(row), flush=True)
         save()
-      if "pallas" in outs:
-        base = outs.get("xla", outs.get("cudnn"))
-        if base is not None:
-          for r in rows[-len(args.impls):]:
-            if r["impl"] == "pallas":
-              r["relerr_vs_" + ("xla" if "xla" in outs else "cudnn")] = _rel(outs["pallas"], base)
+      base = outs.get("xla", outs.get("cudnn"))
+      if base is not None:
+        for r in rows[-len(args.impls):]:
+          if r["impl"] in ("pallas", "hopper") and r["impl"] in outs:
+            r["relerr_vs_" + ("xla" if "xla" in outs else "cudnn")] = _rel(outs[r["impl"]], base)
   return rows
 
 
@@ -402,6 +411,10 @@ def to_markdown(rows, device):
            "Pallas mha TFLOP/s | vs cuDNN | vs XLA | vs mha |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   main = [r for r in rows if "impl" in r]
+  hop = any(r["impl"] == "hopper" for r in main)
+  if hop:  # --hopper both: "ours" is the Triton forward; the Hopper forward gets columns
+    lines[-2] += (" with Hopper fwd: ms | TFLOP/s | vs cuDNN | vs mha |")
+    lines[-1] += "---|---|---|---|"
   tuned = [r["tuned_block_sizes"] for r in rows if "tuned_block_sizes" in r]
   earlier = sorted({r["impl"] for r in rows if r.get("earlier_run")})
   if earlier:
@@ -434,9 +447,16 @@ def to_markdown(rows, device):
         return f"{r['ms'] / ours['ms']:.2f}x"
       return "—"
     ms = f"{ours['ms']:.3f}" if "ms" in ours else "error"
-    lines.append(f"| {key[0]} | {key[1]}x{key[2]} | {key[3]} | {ms} | {tf('pallas')} | "
-                 f"{tf('cudnn')} | {tf('xla')} | {tf('mha')} | {ratio('cudnn')} | "
-                 f"{ratio('xla')} | {ratio('mha')} |")
+    line = (f"| {key[0]} | {key[1]}x{key[2]} | {key[3]} | {ms} | {tf('pallas')} | "
+            f"{tf('cudnn')} | {tf('xla')} | {tf('mha')} | {ratio('cudnn')} | "
+            f"{ratio('xla')} | {ratio('mha')} |")
+    if hop:
+      h = by.get("hopper", {})
+      line += (f" {h['ms']:.3f} |" if "ms" in h else " — |") + f" {tf('hopper')} |"
+      for anchor in ("cudnn", "mha"):
+        a = by.get(anchor, {})
+        line += f" {a['ms'] / h['ms']:.2f}x |" if "ms" in h and "ms" in a else " — |"
+    lines.append(line)
   def ours_ms(case, t, mode):
     for r in main:
       if (r["impl"], r["case"], r["T"], r["mode"]) == ("pallas", case, t, mode) and "ms" in r:
@@ -473,9 +493,14 @@ def main(argv=None):
                  help="only time the forward tile candidates (SWEEP_FWD), to *_sweep.{md,json}")
   p.add_argument("--sweep-budget", type=float, default=240,
                  help="seconds after which --sweep starts no more compiles")
+  p.add_argument("--hopper", choices=tuple(HOPPER_MODES), default="auto",
+                 help="the kernel's forward: auto (Hopper on sm90 where supported), on, off "
+                 "(Triton), both (Triton as 'pallas' plus the Hopper forward as 'hopper')")
   p.add_argument("--verbose", action="store_true")
   args = p.parse_args(argv)
   args.impls = tuple(args.impls.split(","))
+  if args.hopper == "both" and "hopper" not in args.impls:
+    args.impls += ("hopper",)
   device = jax.devices()[0].device_kind
   print(f"device: {device}, jax {jax.__version__}", flush=True)
   os.makedirs(args.out_dir, exist_ok=True)

@@ -97,10 +97,13 @@ def _augment(v, normalize):
   return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
 
 
-def _finish(o, final_state, *, v, normalize, eps, return_final_state):
-  """o is [B,T,H,V(+1)] float32; divides by the normaliser and casts to v's dtype."""
+def _finish(o, final_state, *, v, normalize, eps, return_final_state, den=None):
+  """o is [B,T,H,V(+1)] float32 with the normaliser in its last column, or in `den`
+  [B,T,H,1] when given; divides by the normaliser and casts to v's dtype."""
   if normalize:
-    o = o[..., :-1] / (o[..., -1:] + eps)
+    if den is None:
+      o, den = o[..., :-1], o[..., -1:]
+    o = o / (den + eps)
   o = o.astype(v.dtype)
   return (o, final_state) if return_final_state else o
 
@@ -368,9 +371,9 @@ def _run_kernel(*, q, k, v, scale, log_decay, bonus, normalize, initial_state,
   num, hT = run(v, None if h0 is None else h0[..., :vd], None)
   den, zT = run(jnp.ones(v.shape[:-1] + (1,), v.dtype), None if h0 is None else h0[..., vd:],
                 F32)
-  return _finish(jnp.concatenate([num.astype(F32), den], axis=-1),
-                 jnp.concatenate([hT, zT], axis=-1),
-                 v=v, normalize=True, eps=eps, return_final_state=return_final_state)
+  return _finish(num.astype(F32), jnp.concatenate([hT, zT], axis=-1) if return_final_state
+                 else None, v=v, normalize=True, eps=eps,
+                 return_final_state=return_final_state, den=den)
 
 
 @dispatcher.register("pallas", supports=_pallas_supports)

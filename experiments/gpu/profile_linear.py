@@ -1,28 +1,32 @@
 """Times the pieces of the linear-attention kernel separately (GPU), for the H200 runs.
 
 python experiments/gpu/profile_linear.py [--shapes 'B,T,H,D;...'] [--variants scalar,vector]
-    [--configs 'vector:block_v_out=128,num_warps=8;...']
+    [--configs 'vector:block_v_out=128,num_warps=8;...'] [--module path/to/kernel.py]
+Variants: linear (no decay), scalar, vector, rwkv6, den (no decay, v a ones column: the
+normaliser's call). --module times another copy of the kernel module (an experiment).
 Prints one line per (variant, config, shape, piece): milliseconds, median of repeated calls.
 Pieces: the chunk-local cumsum of the log decay (kernel 0), the states kernel, the forward
-kernels (states + output), each backward kernel and all of them (the vector sub-block choice
-is not applied), and the public op forward and forward+backward.
+kernels (states + output), each backward kernel and all of them (from the forward's states;
+the vector sub-block choice is not applied), and the public op forward and forward+backward.
 """
 import argparse
 import dataclasses
+import importlib.util
+import sys
 
 import jax
 import jax.numpy as jnp
 
 from attnzoo.bench.timing import median_seconds
-from pallas_kernels.linear_attention import kernel as lk
+from pallas_kernels.linear_attention import kernel as default_module
 
 
-def _config(variant, text):
+def _config(lk, variant, text, b, h, d):
   """'field=value,...' -> KernelConfig over the variant's default (None: the default)."""
   if not text:
     return None
-  kind = "vector" if variant in ("vector", "rwkv6") else "scalar"
-  base = lk.default_config(0, 0, 0, 0, kind)
+  kind = {"vector": "vector", "rwkv6": "vector", "scalar": "scalar"}.get(variant, "none")
+  base = lk.default_config(b, h, d, 1 if variant == "den" else d, kind)
   fields = {}
   for item in text.split(","):
     name, value = item.split("=")
@@ -36,6 +40,8 @@ def _inputs(variant, b, t, h, d):
   q = (jax.random.normal(ks[0], (b, t, h, d)) * d ** -0.5).astype(bf)
   k = (jax.random.normal(ks[1], (b, t, h, d)) * d ** -0.5).astype(bf)
   v = jax.random.normal(ks[2], (b, t, h, d)).astype(bf)
+  if variant == "den":
+    v = jnp.ones((b, t, h, 1), bf)
   g = bonus = None
   if variant == "scalar":
     g = -jax.nn.softplus(jax.random.normal(ks[3], (b, t, h))) * 0.1
@@ -61,7 +67,14 @@ def main():
   p.add_argument("--variants", default="scalar,vector")
   p.add_argument("--configs", default="", help="'variant:field=value,...;...' extra configs")
   p.add_argument("--interpret", action="store_true")
+  p.add_argument("--module", default="", help="path of another copy of the kernel module")
   args = p.parse_args()
+  lk = default_module
+  if args.module:
+    spec = importlib.util.spec_from_file_location("kernel_under_test", args.module)
+    lk = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = lk
+    spec.loader.exec_module(lk)
   extra = [c.split(":", 1) for c in args.configs.split(";") if c]
   for shape in args.shapes.split(";"):
     b, t, h, d = (int(x) for x in shape.split(","))
@@ -69,8 +82,8 @@ def main():
       q, k, v, g, bonus, do = _inputs(variant, b, t, h, d)
       scale = d ** -0.5
       for cfg_text in [""] + [c for var, c in extra if var == variant]:
-        cfg = _config(variant, cfg_text)
-        tag = f"{variant} {b}x{t} [{cfg_text or 'default'}]"
+        cfg = _config(lk, variant, cfg_text, b, h, d)
+        tag = f"{variant} {b}x{t} [{cfg_text or 'default'}]" + (" (module)" if args.module else "")
         st, a = lk._prepare(q, k, v, g, scale=scale, bonus=bonus, initial_state=None,
                             segment_ids=None, config=cfg, interpret=args.interpret,
                             out_dtype=None)
@@ -89,8 +102,8 @@ def main():
         _time(f"{tag}: dv kernel", jax.jit(lambda a, do, dhs: lk._dv(st, a, do, dhs)), a, do, dhs)
         _time(f"{tag}: dqk kernel", jax.jit(lambda a, do, hs, dhs, rs: lk._dqk(st, a, do, hs, dhs, rs)),
               a, do, hs, dhs, rs)
-        _time(f"{tag}: backward kernels", jax.jit(lambda a, do, dhT: lk._backward(st, a, do, dhT)),
-              a, do, dhT)
+        _time(f"{tag}: backward kernels",
+              jax.jit(lambda a, do, hs: lk._backward(st, a, do, dhT, hs)), a, do, hs)
 
         def op(q, k, v, g):
           o, _ = lk.linear_attention(q, k, v, g, scale=scale, bonus=bonus, config=cfg,

@@ -1,6 +1,7 @@
 """flash_attention: padding, tile schedules and the custom_vjp around the Pallas kernels."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.flash_attention import hopper as hopper_lib
 from pallas_kernels.flash_attention import kernels
 from pallas_kernels.flash_attention import schedule as sched_lib
 from pallas_kernels.flash_attention.config import (TPU_BLOCK_SIZES, BlockSizes,
@@ -119,6 +121,70 @@ def unsupported_reason(q, k, v, *, block_mask_size=None, platform=None, block_si
   return None
 
 
+@functools.cache
+def _sm90_default_device() -> bool:
+  """Whether the default device is an NVIDIA GPU of compute capability 9.x (Hopper)."""
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return False
+  cc = getattr(device, "compute_capability", None)
+  return device.platform == "gpu" and isinstance(cc, str) and cc.split(".")[0] == "9"
+
+
+def hopper_reason(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
+                  kv_segment_ids=None, q_positions=None, kv_positions=None, softcap=None,
+                  block_mask=None, platform=None, interpret=False,
+                  hopper_config: hopper_lib.HopperConfig | None = None):
+  """Why the Hopper (Mosaic GPU) forward cannot serve these arguments, or None (static check;
+  the device is not queried: `flash_attention(hopper=None)` adds that)."""
+  if (platform or _default_platform()) != "gpu":
+    return "the Hopper forward runs on GPU only"
+  if interpret:
+    return "the Hopper forward has no interpret mode (wgmma)"
+  extras = dict(window=window, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
+                block_mask=block_mask)
+  if used := [name for name, val in extras.items() if val is not None]:
+    return f"the Hopper forward does not support {', '.join(used)}"
+  if not isinstance(scale, (int, float, np.floating, np.integer)) or not scale > 0:
+    return "the Hopper forward needs a static positive Python-number scale"
+  if not (q.dtype == k.dtype == v.dtype):
+    return f"the Hopper forward needs one dtype for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}"
+  d, dv = q.shape[-1], v.shape[-1]
+  if d != dv:
+    return f"the Hopper forward needs v's head dim equal to q's, got {d} and {dv}"
+  if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2] or q.shape[2] % k.shape[2]:
+    return f"the Hopper forward needs k, v of one shape with Hkv dividing H, got {k.shape}, {v.shape}"
+  if causal and q.shape[1] != k.shape[1]:
+    return f"the Hopper forward needs Tq == Tk when causal, got {q.shape[1]} and {k.shape[1]}"
+  dp = _pow2_at_least(d)
+  return hopper_lib.config_reason(dp, q.dtype, hopper_config or hopper_lib.default_config(dp))
+
+
+@dataclasses.dataclass(frozen=True)
+class _HopperCall:
+  """Static arguments of the Hopper forward inside `_flash`."""
+  config: hopper_lib.HopperConfig
+  scale: float
+  causal: bool
+  kv_len: int  # real keys; padded ones are masked
+
+
+def _hopper_forward(q, k, v, hop: _HopperCall):
+  """The Hopper forward on the Triton-padded q, k, v; o and lse2 shaped as kernels.forward's.
+
+  Pads Tq to 2 * block_q and cuts or pads Tk to round_up(kv_len, block_kv), then slices the
+  results back to the padded Tq the Triton backward expects."""
+  tq_pad, tk_pad = q.shape[1], k.shape[1]
+  tq_h, tk_h = hopper_lib.padded_lengths(tq_pad, hop.kv_len, hop.config)
+  qh = _pad_axis(q, 1, tq_h)
+  kh, vh = (_pad_axis(x, 1, max(tk_pad, tk_h))[:, :tk_h] for x in (k, v))
+  o, lse2 = hopper_lib.forward(qh, kh, vh, scale=hop.scale, causal=hop.causal,
+                               kv_len=hop.kv_len, config=hop.config)
+  return o[:, :tq_pad], lse2[:, :, :tq_pad]
+
+
 def _pad_axis(x, axis, size, mode="constant", value=0, xp=jnp):
   pad = size - x.shape[axis]
   if pad == 0:
@@ -133,7 +199,9 @@ def _pad_axis(x, axis, size, mode="constant", value=0, xp=jnp):
 def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
                     kv_segment_ids=None, q_positions=None, kv_positions=None, softcap=None,
                     block_mask=None, block_mask_size=None, return_lse=False,
-                    block_sizes: BlockSizes | None = None, interpret=False, platform=None):
+                    block_sizes: BlockSizes | None = None, interpret=False, platform=None,
+                    hopper: bool | None = None,
+                    hopper_config: hopper_lib.HopperConfig | None = None):
   """Blockwise softmax attention with Pallas forward and backward kernels.
 
   q[B,Tq,H,D], k[B,Tk,Hkv,D], v[B,Tk,Hkv,Dv] (BTHD; Hkv divides H). `scale` is a Python
@@ -149,8 +217,23 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   having no float16 vectors); None picks "tpu" when jax.default_backend() is
   "tpu", else "gpu". `interpret` runs the kernels in Pallas interpret mode (TPU: the Mosaic
   TPU interpreter, pltpu.InterpretParams).
+
+  `hopper`: the forward kernel. None: the Hopper (Mosaic GPU: TMA, wgmma, warp-specialised;
+  hopper.py) forward when the platform is "gpu", not interpreted, the default device is an
+  sm90 GPU and `hopper_reason` finds nothing against the arguments; else the Triton one.
+  True: the Hopper forward, or NotImplementedError saying why not. False: Triton. The
+  backward is the Triton kernels in every case. `hopper_config`: its tuning knobs.
   """
   platform = platform or _default_platform()
+  if hopper is None or hopper:
+    why_hopper = hopper_reason(
+        q, k, v, scale=scale, causal=causal, window=window, segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids, q_positions=q_positions, kv_positions=kv_positions,
+        softcap=softcap, block_mask=block_mask, platform=platform, interpret=interpret,
+        hopper_config=hopper_config)
+    if hopper and why_hopper:
+      raise NotImplementedError(why_hopper)
+    hopper = why_hopper is None and (hopper or _sm90_default_device())
   if platform not in ("gpu", "tpu"):
     raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
   tpu = platform == "tpu"
@@ -257,7 +340,11 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   vp = _pad_axis(_pad_axis(v, 1, tk_pad), 3, dvp)
   if tpu:
     qp, kp, vp = (jnp.swapaxes(x, 1, 2) for x in (qp, kp, vp))
-  o, lse2 = _flash(qp, kp, vp, scale_arr, aux, cfg)
+  hop = None
+  if hopper:
+    hop = _HopperCall(hopper_config or hopper_lib.default_config(dp), float(scale),
+                      bool(causal), tk)
+  o, lse2 = _flash(qp, kp, vp, scale_arr, aux, cfg, hop)
   if tpu:
     o = jnp.swapaxes(o, 1, 2)
   o = o[:, :tq, :, :dv]
@@ -268,19 +355,24 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   return o, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, scale_arr, aux, cfg):
-  out, _ = _flash_fwd(q, k, v, scale_arr, aux, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, scale_arr, aux, cfg, hop):
+  out, _ = _flash_fwd(q, k, v, scale_arr, aux, cfg, hop)
   return out
 
 
-def _flash_fwd(q, k, v, scale_arr, aux, cfg):
+def _flash_fwd(q, k, v, scale_arr, aux, cfg, hop):
   q_pos, kv_pos, q_seg, kv_seg, sched_fwd, _, _ = aux
-  o, lse2 = kernels.forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched_fwd, cfg)
+  if hop is not None:  # same o / lse2 conventions: the Triton backward below reads them
+    o, lse2 = _hopper_forward(q, k, v, hop)
+  else:
+    o, lse2 = kernels.forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched_fwd,
+                              cfg)
   return (o, lse2), (q, k, v, scale_arr, aux, o, lse2)
 
 
-def _flash_bwd(cfg, res, cts):
+def _flash_bwd(cfg, hop, res, cts):
+  del hop
   q, k, v, scale_arr, aux, o, lse2 = res
   do, dlse2 = cts
   q_pos, kv_pos, q_seg, kv_seg, _, sched_dq, sched_dkv = aux

@@ -10,7 +10,7 @@ Segment ids [B,T] reset the state to zero wherever the id changes (packed sequen
 
 Chunkwise form (GLA, Yang et al. 2024, sec. 4; the kernel split of flash-linear-attention):
 chunks of C tokens, G = chunk-local cumsum of g (float32, kernel 0), Gq = G (or G - g when
-exclusive), Gamma = G at the chunk's last row. Every exponent is <= 0:
+exclusive, also from kernel 0), Gamma = G at the chunk's last row. Every exponent is <= 0:
   - intra-chunk scores A[i, j] = scale * sum_k q_ik k_jk exp(Gq_ik - G_jk), j <= i (j < i),
     masked with `where`. Scalar decay: (q k^T) * exp(Gq_i - G_j). Vector decay: per sub-block
     I of S query rows with reference r = Gq at its middle row, A_I = (q_I e^{Gq_I - r})
@@ -23,18 +23,24 @@ exclusive), Gamma = G at the chunk's last row. Every exponent is <= 0:
   - o = A v + scale (q e^{Gq}) h_n,   h_{n+1} = e^{Gamma} h_n + (k e^{Gamma - G})^T v.
 
 Kernels (matmul operands in the input dtype, accumulation and carried states in float32):
-  0. `_cumsum_kernel`, grid (B, H, N): G from g (triangular matmuls on the tensor cores).
+  0. `_cumsum_kernel`, grid (B, H, N): G from g (triangular matmuls on the tensor cores), and
+     Gq = G - g for the exclusive readout.
   1. `_states_kernel`, grid (B, H, K/BK, V/BV): a sequential loop over chunks carrying one
      [BK, BV] tile of the state; stores h_n (the state entering chunk n, in the input dtype)
      and returns the final state.
   2. `_output_kernel`, grid (B, H, N, V/BV), every chunk in parallel: o from A and h_n.
-Backward (only the inputs and G are saved; kernel 1 runs again to recompute h_n):
+Backward (the inputs, G and the h_n are saved: B*H*(T/C)*K*V in the input dtype, 4x v's
+bytes at K=128, C=64; recomputing them instead saves nothing under jit, where XLA merges the
+identical states kernels of the forward and the backward and keeps h_n alive anyway):
   3. `_dstates_kernel`, grid (B, H, K/BK, V/BV), a reverse loop: stores dh_n, the gradient at
      chunk n's exit, with dh <- e^{Gamma} dh + scale (q e^{Gq})^T do; returns dh_0; with decay
      also its V tile's part of sum_v (e^Gamma h_n) dh_n.
   4. `_dv_kernel`, grid (B, H, N, V/BV), every chunk in parallel: dv.
-  5. `_dqk_kernel`, grid (B, H, N), every chunk in parallel: dq, dk and dg directly (the
-     chunk-local suffix sums of dGq = q dq and dG = -k dk + R_n on the last row, see there).
+  5. `_dqk_kernel`, grid (B, H, N[, K/BKg]), every chunk in parallel: dq, dk and dg directly
+     (the chunk-local suffix sums of dGq = q dq and dG = -k dk + R_n on the last row, see
+     there). Without decay or with vector decay the key columns are independent, so the grid
+     may tile K (`block_k_grad`): smaller tiles per program, no register spills (vector decay
+     at 4x4096 on an H200: 1.44 -> 0.52 ms for K=128 in tiles of 64).
 
 Platforms (`platform="gpu"|"tpu"`; None: "tpu" when JAX's default backend is TPU). The kernel
 bodies are shared.
@@ -68,10 +74,13 @@ CLAMP = 80.0  # largest positive exponent of either side of the vector-decay sub
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Tuning knobs (static), GPU only except `chunk` and `sub`. `block_k`/`block_v`: the state
-  tile of the sequential kernels (1, 3); `block_v_out`: the V tile of the output and dv
-  kernels (2, 4) and of the dq/dk/dg kernel's loop over V (5). Warps and pipeline stages:
-  `state_*` for kernels 1 and 3, `num_*` for the others (None: default).
+  """Tuning knobs (static), GPU only except `chunk` and `sub`.
+  `block_k`/`block_v`: the state tile of the sequential kernels (1, 3); `block_v_out`: the V
+  tile of the output and dv kernels (2, 4) and of the dq/dk/dg kernel's loop over V (5);
+  `block_k_grad`: the K tile of the dq/dk/dg kernel's grid without decay or with vector decay,
+  whose key columns are independent there (None: all of K; scalar decay always takes all of
+  K). Warps and pipeline stages: `state_*` for kernels 1 and 3 (`dstates_stages` for kernel 3
+  if set), `num_*` for the others (None: default).
   `sub`: query rows per intra-chunk sub-block for vector decay (see the module docstring);
   None: the whole chunk where that is exact, else 16."""
   chunk: int = 64
@@ -79,10 +88,12 @@ class KernelConfig:
   block_k: int = 64
   block_v: int = 64
   block_v_out: int = 64
+  block_k_grad: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
   state_warps: int | None = None
   state_stages: int | None = None
+  dstates_stages: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +109,7 @@ class _Static:
   block_k: int
   block_v: int
   block_v_out: int
+  block_k_grad: int
   out_dtype: object
   config: KernelConfig
 
@@ -107,18 +119,22 @@ def _next_pow2(n):
 
 
 def default_config(batch, heads, k_dim, v_dim, kind="scalar") -> KernelConfig:
-  """A fixed block configuration per decay kind (no autotuning), from the H200 sweeps in
-  experiments/results/kernels/linear_nvidia_h200.md."""
-  del batch, heads, k_dim, v_dim
+  """A fixed block configuration per decay kind and size (no autotuning), from the H200 sweeps
+  in experiments/results/kernels/linear_nvidia_h200.md. Scalar decay with few sequences (under
+  128 state tiles of 64x64, e.g. 1x16384x16: 64 programs for 132 SMs) takes 32x32 state tiles
+  (fwd+bwd 1.18 -> 1.06 ms there); vector decay measured no gain from them."""
   if kind == "vector":
-    return KernelConfig(block_v_out=128)
-  return KernelConfig(block_v_out=128, num_stages=3, state_stages=3)
+    return KernelConfig(block_v_out=128, block_k_grad=64, state_stages=3, dstates_stages=2)
+  cfg = KernelConfig(block_v_out=128, num_stages=3, state_stages=3)
+  if kind == "scalar" and batch * heads * -(-k_dim // 64) * -(-v_dim // 64) < 128:
+    cfg = dataclasses.replace(cfg, block_k=32, block_v=32)
+  return cfg
 
 
 def _check_config(cfg):
   if (cfg.sub or 16) > cfg.chunk:
     return f"sub ({cfg.sub or 16}) must not exceed chunk ({cfg.chunk})"
-  for name in ("chunk", "sub", "block_k", "block_v", "block_v_out"):
+  for name in ("chunk", "sub", "block_k", "block_v", "block_v_out", "block_k_grad"):
     x = getattr(cfg, name) or 16
     if x < 16 or x & (x - 1):
       return f"{name} must be a power of two >= 16, got {x}"
@@ -178,10 +194,7 @@ class _Chunk:
 
   def gq(self, rows, queries=True):
     """G at `rows` (a slice or one row index); for queries of the exclusive readout G - g."""
-    x = self.load("G", rows)
-    if queries and self.st.exclusive:
-      x = x - self.load("g", rows)
-    return x
+    return self.load("Gq" if queries and self.st.exclusive else "G", rows)
 
   def key_factor(self):
     """exp(Gamma - G) <= 1 times the key mask: [C, K] or [C, 1], or None."""
@@ -281,7 +294,7 @@ def _unpack(names, refs):
 def _decay_names(st, query_side):
   names = []
   if st.kind != "none":
-    names += ["G", "g"] if query_side and st.exclusive else ["G"]
+    names += ["G", "Gq"] if query_side and st.exclusive else ["G"]
   if st.segments:
     names += ["m0", "mk"]
   return names
@@ -293,10 +306,15 @@ def _input_names(st):
 
 # ----------------------------------------------------------------------------- kernels
 
-def _cumsum_kernel(st, g_ref, G_ref):
-  """One chunk: G, the chunk-local cumulative sum of the log decay g (float32)."""
+def _cumsum_kernel(st, g_ref, G_ref, Gq_ref=None):
+  """One chunk: G, the chunk-local cumulative sum of the log decay g (float32); exclusive
+  readout: also Gq = G - g, the queries' exclusive sum."""
   del st
-  G_ref[...] = _running_sum(g_ref[...].astype(F32))
+  g = g_ref[...].astype(F32)
+  G = _running_sum(g)
+  G_ref[...] = G
+  if Gq_ref is not None:
+    Gq_ref[...] = G - g
 
 
 def _states_kernel(st, *refs, loop):
@@ -337,8 +355,9 @@ def _dstates_kernel(st, *refs, loop):
 
 
 def _output_kernel(st, *refs):
-  """One chunk and V tile: o = A v + scale (q e^{Gq}) h_n."""
-  r = _unpack(_input_names(st) + ["hs", "o"], refs)
+  """One chunk and V tile: o = A v + scale (q e^{Gq}) h_n (+ the RWKV-6 bonus, the diagonal
+  term scale (q_t . (u * k_t)) v_t, when the readout is exclusive)."""
+  r = _unpack(_input_names(st) + (["u"] if st.exclusive else []) + ["hs", "o"], refs)
   ch = _Chunk(st, r, 0)
   dt = r["q"].dtype
   k, v, h = r["k"][...], r["v"][...], r["hs"][...].astype(dt)
@@ -347,6 +366,9 @@ def _output_kernel(st, *refs):
     q = r["q"][rows.rows, :]
     o = _dot(rows.scores(q, k).astype(dt), v)
     o = o + _dot(ch.query_side(q.astype(F32), rows.rows).astype(dt), h)
+    if st.exclusive:
+      beta = jnp.sum(q.astype(F32) * r["u"][...] * r["k"][rows.rows, :].astype(F32), axis=1)
+      o = o + (st.scale * beta)[:, None] * r["v"][rows.rows, :].astype(F32)
     r["o"][rows.rows, :] = o.astype(r["o"].dtype)
 
 
@@ -399,7 +421,8 @@ def _dv_kernel(st, *refs):
 
 
 def _dqk_kernel(st, *refs):
-  """One chunk, all V tiles: dq, dk and dg, the gradient of the per-step log decay.
+  """One chunk, all V tiles, all of K or one K tile: dq, dk and dg, the gradient of the
+  per-step log decay.
 
   The decay enters through the chunk-local cumsums G (keys, chunk total) and Gq (queries):
   dGq = q * dq; dG = -k * dk, plus R_n on the last row (how the carried state and the keys'
@@ -494,11 +517,11 @@ class _Specs:
   def seq(self, name, reverse=False):
     del reverse
     st, t, bk, bv = self.st, self.t, self.st.block_k, self.st.block_v
-    if name in ("q", "k") or (name in ("G", "g") and st.kind == "vector"):
+    if name in ("q", "k") or (name in ("G", "Gq") and st.kind == "vector"):
       return pl.BlockSpec((None, t, None, bk), lambda b, h, i, j: (b, 0, h, i))
     if name in ("v", "do"):
       return pl.BlockSpec((None, t, None, bv), lambda b, h, i, j: (b, 0, h, j))
-    if name in ("G", "g"):
+    if name in ("G", "Gq"):
       return pl.BlockSpec((None, t, None), lambda b, h, i, j: (b, 0, h))
     if name in ("m0", "mk"):
       return pl.BlockSpec((None, t), lambda b, h, i, j: (b, 0))
@@ -509,27 +532,33 @@ class _Specs:
     assert name == "states", name
     return pl.BlockSpec((None, None, self.n, bk, bv), lambda b, h, i, j: (b, h, 0, i, j))
 
-  # chunk kernels: one chunk, all of K, one V tile (output) or all of V (grads)
-  def chunk(self, name, v_tiled):
-    c, kd = self.st.chunk, self.k
-    vw = self.st.block_v_out if v_tiled else self.v
-    if v_tiled:
+  # chunk kernels: one chunk; all of K and V, or one V tile (tiled="v"), or one K tile ("k")
+  def chunk(self, name, tiled=None):
+    c = self.st.chunk
+    kw = self.st.block_k_grad if tiled == "k" else self.k
+    vw = self.st.block_v_out if tiled == "v" else self.v
+    if tiled:
       idx = lambda f: (lambda b, h, n, j: f(b, h, n, j))
     else:
       idx = lambda f: (lambda b, h, n: f(b, h, n, 0))
+    kj = (lambda j: j) if tiled == "k" else (lambda j: 0)
+    vj = (lambda j: j) if tiled == "v" else (lambda j: 0)
     vector = self.st.kind == "vector"
-    if name in ("q", "k", "dq", "dk") or (name in ("G", "g", "dg") and vector):
-      return pl.BlockSpec((None, c, None, kd), idx(lambda b, h, n, j: (b, n, h, 0)))
+    if name in ("q", "k", "dq", "dk") or (name in ("G", "Gq", "dg") and vector):
+      return pl.BlockSpec((None, c, None, kw), idx(lambda b, h, n, j: (b, n, h, kj(j))))
     if name in ("v", "do", "o", "dv"):
-      return pl.BlockSpec((None, c, None, vw), idx(lambda b, h, n, j: (b, n, h, j)))
-    if name in ("G", "g", "dg"):
+      return pl.BlockSpec((None, c, None, vw), idx(lambda b, h, n, j: (b, n, h, vj(j))))
+    if name in ("G", "Gq", "dg"):
       return pl.BlockSpec((None, c, None), idx(lambda b, h, n, j: (b, n, h)))
     if name in ("seg", "m0", "mk"):
       return pl.BlockSpec((None, c), idx(lambda b, h, n, j: (b, n)))
     if name == "rs":   # summed over the V tiles (see _dstates)
-      return pl.BlockSpec((None, None, 1, None, kd), idx(lambda b, h, n, j: (b, h, 0, n, 0)))
+      return pl.BlockSpec((None, None, 1, None, kw), idx(lambda b, h, n, j: (b, h, 0, n, kj(j))))
+    if name == "u":    # the RWKV-6 bonus [H, 1, K]
+      return pl.BlockSpec((None, 1, self.k), idx(lambda b, h, n, j: (h, 0, 0)))
     assert name == "states", name
-    return pl.BlockSpec((None, None, None, kd, vw), idx(lambda b, h, n, j: (b, h, n, 0, j)))
+    return pl.BlockSpec((None, None, None, kw, vw),
+                        idx(lambda b, h, n, j: (b, h, n, kj(j), vj(j))))
 
   def rs_shape(self, b, h):
     return (b, h, self.v // self.st.block_v, self.n, self.k)
@@ -544,16 +573,18 @@ class _TpuSpecs(_Specs):
   def _block(self, name, b, h, n, seq):
     """(block shape, block index) of chunk n of batch b, head h."""
     c, kd, vd = self.st.chunk, self.k, self.v
-    if name in ("q", "k", "dq", "dk") or (name in ("G", "g", "dg") and self.st.kind == "vector"):
+    if name in ("q", "k", "dq", "dk") or (name in ("G", "Gq", "dg") and self.st.kind == "vector"):
       return (None, None, c, kd), (b, h, n, 0)
     if name in ("v", "do", "o", "dv"):
       return (None, None, c, vd), (b, h, n, 0)
-    if name in ("G", "g", "dg"):
+    if name in ("G", "Gq", "dg"):
       return (None,) * 4 + (c,), (b, h, n, 0, 0)
     if name in ("seg", "m0", "mk"):
       return (None,) * 3 + (c,), (b, n, 0, 0)
     if name == "rs":
       return (None,) * 4 + (1, kd), (b, h, 0, n, 0, 0)
+    if name == "u":
+      return (None, 1, kd), (h, 0, 0)
     if name == "state":
       return (None, None, kd, vd), (b, h, 0, 0)
     assert name == "states", name   # the sequential kernels index their one chunk as [0]
@@ -564,8 +595,8 @@ class _TpuSpecs(_Specs):
     shape, _ = self._block(name, 0, 0, 0, True)
     return pl.BlockSpec(shape, lambda b, h, i, j, s: self._block(name, b, h, at(s), True)[1])
 
-  def chunk(self, name, v_tiled):
-    del v_tiled
+  def chunk(self, name, tiled=None):
+    del tiled
     shape, _ = self._block(name, 0, 0, 0, False)
     return pl.BlockSpec(shape, lambda b, h, n, *_: self._block(name, b, h, n, False)[1])
 
@@ -608,7 +639,10 @@ def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None):
     from jax.experimental.pallas import triton as pltriton
     cfg = st.config
     if sequential:
-      warps, stages = cfg.state_warps or 4, cfg.state_stages or 2
+      stages = cfg.state_stages
+      if name == "dstates_kernel" and cfg.dstates_stages:
+        stages = cfg.dstates_stages
+      warps, stages = cfg.state_warps or 4, stages or 2
     else:
       warps, stages = cfg.num_warps or 4, cfg.num_stages or 2
     kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
@@ -633,15 +667,20 @@ def _states(st, a):
 
 
 def _forward(st, a):
+  """(o, final state, h_n of every chunk)."""
   hs, hT = _states(st, a)
+  return _with_sub(st, a, _output, a, hs), hT, hs
+
+
+def _output(st, a, hs):
+  """Kernel 2: o."""
   b, _, h, _, v_dim, sp = _sizes(st, a)
-  names = _input_names(st)
-  o = _call(st, _output_kernel, (b, h, sp.n, v_dim // st.block_v_out),
-            [sp.chunk(n, True) for n in names] + [sp.chunk("states", True)],
-            sp.chunk("o", True),
-            jax.ShapeDtypeStruct(a["v"].shape, st.out_dtype or a["v"].dtype),
-            _arrays(names, a) + [hs])
-  return o, hT
+  names = _input_names(st) + (["u"] if st.exclusive else [])
+  return _call(st, _output_kernel, (b, h, sp.n, v_dim // st.block_v_out),
+               [sp.chunk(n, "v") for n in names] + [sp.chunk("states", "v")],
+               sp.chunk("o", "v"),
+               jax.ShapeDtypeStruct(a["v"].shape, st.out_dtype or a["v"].dtype),
+               _arrays(names, a) + [hs])
 
 
 def _dstates(st, a, do, dhT, hs):
@@ -667,32 +706,32 @@ def _dv(st, a, do, dhs):
   b, _, h, _, v_dim, sp = _sizes(st, a)
   names = _input_names(st)
   return _call(st, _dv_kernel, (b, h, sp.n, v_dim // st.block_v_out),
-               [sp.chunk(n, True) for n in names + ["do", "states"]], sp.chunk("dv", True),
+               [sp.chunk(n, "v") for n in names + ["do", "states"]], sp.chunk("dv", "v"),
                jax.ShapeDtypeStruct(a["v"].shape, a["v"].dtype), _arrays(names, a) + [do, dhs])
 
 
 def _dqk(st, a, do, hs, dhs, rs):
   """Kernel 5: dq, dk and dg (None without decay)."""
   q, k = a["q"], a["k"]
-  b, _, h, _, _, sp = _sizes(st, a)
+  b, _, h, k_dim, _, sp = _sizes(st, a)
   names = _input_names(st)
   outs = ["dq", "dk"]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k)]
   if st.kind != "none":
     outs.append("dg")
     out_shape.append(jax.ShapeDtypeStruct(a["G"].shape, F32))
-  res = _call(st, _dqk_kernel, (b, h, sp.n),
-              [sp.chunk(n, False) for n in names + ["do", "states", "states"]]
-              + [sp.chunk("rs", False) for _ in rs],
-              [sp.chunk(n, False) for n in outs], out_shape,
-              _arrays(names, a) + [do, hs, dhs] + rs)
+  grid, tiled = (b, h, sp.n), None
+  if st.block_k_grad < k_dim:
+    grid, tiled = grid + (k_dim // st.block_k_grad,), "k"
+  spec = functools.partial(sp.chunk, tiled=tiled)
+  res = _call(st, _dqk_kernel, grid,
+              [spec(n) for n in names + ["do", "states", "states"]] + [spec("rs") for _ in rs],
+              [spec(n) for n in outs], out_shape, _arrays(names, a) + [do, hs, dhs] + rs)
   return res[0], res[1], (res[2] if st.kind != "none" else None)
 
 
-def _backward(st, a, do, dhT):
-  """Gradients w.r.t. q, k, v, the per-step log decay g, and h0 (the states h_n are
-  recomputed, not saved)."""
-  hs, _ = _states(st, a)
+def _backward(st, a, do, dhT, hs):
+  """Gradients w.r.t. q, k, v, the per-step log decay g, and h0, from the forward's h_n."""
   dhs, dh0, rs = _dstates(st, a, do, dhT, hs)
   dq, dk, dg = _dqk(st, a, do, hs, dhs, rs)
   return dq, dk, _dv(st, a, do, dhs), dg, dh0
@@ -709,40 +748,63 @@ def _with_sub(st, a, fn, *args):
   return lax.cond(exact, functools.partial(fn, st), functools.partial(fn, narrow), *args)
 
 
-_ARGS = ("q", "k", "v", "g", "h0", "seg", "m0", "mk")
+_ARGS = ("q", "k", "v", "g", "u", "h0", "seg", "m0", "mk")
 
 
 def _with_cumsum(st, args):
-  """The kernel inputs: the arguments plus G, the chunk-local cumsum of g (float32)."""
+  """The kernel inputs: the arguments plus G, the chunk-local cumsum of g (float32), and Gq
+  for the exclusive readout."""
   a = dict(zip(_ARGS, args))
   g = a["g"]
   if g is not None:
     b, _, h, _, _, sp = _sizes(st, a)
-    spec = sp.chunk("G", False)
-    a["G"] = _call(st, _cumsum_kernel, (b, h, sp.n), [spec], spec,
-                   jax.ShapeDtypeStruct(g.shape, F32), [g])
+    spec = sp.chunk("G")
+    outs = ["G", "Gq"] if st.exclusive else ["G"]
+    res = _call(st, _cumsum_kernel, (b, h, sp.n), [spec], [spec] * len(outs),
+                [jax.ShapeDtypeStruct(g.shape, F32)] * len(outs), [g])
+    a.update(zip(outs, res))
   return a
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(st, *args):
-  a = _with_cumsum(st, args)
-  return _with_sub(st, a, _forward, a)
+  o, hT, _ = _forward(st, _with_cumsum(st, args))
+  return o, hT
 
 
 def _core_fwd(st, *args):
   a = _with_cumsum(st, args)
-  return _with_sub(st, a, _forward, a), a
+  o, hT, hs = _forward(st, a)
+  return (o, hT), (a, hs)
 
 
-def _core_bwd(st, a, cts):
+def _core_bwd(st, res, cts):
+  a, hs = res
   do, dhT = cts
-  dq, dk, dv, dg, dh0 = _with_sub(st, a, _backward, a, do.astype(a["v"].dtype),
-                                  dhT.astype(F32))
-  return dq, dk, dv, dg, dh0.astype(a["h0"].dtype), None, None, None
+  do = do.astype(a["v"].dtype)
+  dq, dk, dv, dg, dh0 = _with_sub(st, a, _backward, a, do, dhT.astype(F32), hs)
+  du = None
+  if st.exclusive:
+    dq, dk, dv, du = _bonus_grads(st, a, do, dq, dk, dv)
+  return dq, dk, dv, dg, du, dh0.astype(a["h0"].dtype), None, None, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+def _bonus_grads(st, a, do, dq, dk, dv):
+  """Adds the RWKV-6 bonus term's gradients (XLA): with beta = q . (u * k) and
+  dbeta = do . v per step, dq += scale dbeta u k, dk += scale dbeta u q, dv += scale beta do,
+  du = scale sum_{b,t} dbeta q k."""
+  f = lambda x: x.astype(F32)
+  u = a["u"] if st.tpu else a["u"][:, 0, :]         # broadcasts against [..., H, T|., K]
+  q, k = f(a["q"]), f(a["k"])
+  beta = jnp.sum(q * u * k, axis=-1, keepdims=True) * st.scale
+  dbeta = jnp.sum(f(do) * f(a["v"]), axis=-1, keepdims=True) * st.scale
+  du = jnp.sum(dbeta * q * k, axis=(0, 2) if st.tpu else (0, 1))
+  grads = (f(dq) + dbeta * u * k, f(dk) + dbeta * u * q, f(dv) + beta * f(do))
+  return (*(g.astype(x.dtype) for g, x in zip(grads, (dq, dk, dv))),
+          du.reshape(a["u"].shape))
 
 
 def _canonical_segments(segment_ids):
@@ -771,12 +833,13 @@ def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, co
   while max(bv, bvo) > 16 and -(-v_dim // max(bv, bvo)) * max(bv, bvo) > 1.5 * v_dim:
     bv, bvo = min(bv, max(bv, bvo) // 2), min(bvo, max(bv, bvo) // 2)  # V=129: tiles of 64
   vp = -(-v_dim // max(bv, bvo)) * max(bv, bvo)
+  bkg = kp if kind == "scalar" or cfg.block_k_grad is None else min(cfg.block_k_grad, kp)
   if tpu:
-    bk, bv, bvo = kp, vp, vp
+    bk, bv, bvo, bkg = kp, vp, vp, kp
   st = _Static(kind=kind, exclusive=bonus is not None, segments=segment_ids is not None,
                scale=float(scale), chunk=c, sub=(cfg.sub or c) if kind == "vector" else c,
                interpret=bool(interpret), tpu=tpu, block_k=bk, block_v=bv, block_v_out=bvo,
-               out_dtype=out_dtype, config=cfg)
+               block_k_grad=bkg, out_dtype=out_dtype, config=cfg)
 
   def pad(x, width):
     cfgpad = [(0, 0), (0, tp - t), (0, 0)] + ([(0, width - x.shape[-1])] if x.ndim == 4 else [])
@@ -784,6 +847,7 @@ def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, co
 
   qp, kpd, vpd = pad(q, kp), pad(k, kp), pad(v, vp)
   g = None if log_decay is None else pad(log_decay.astype(F32), kp)
+  u = None if bonus is None else jnp.pad(bonus.astype(F32), [(0, 0), (0, kp - k_dim)])[:, None]
   if initial_state is None:
     h0 = jnp.zeros((b, h, kp, vp), F32)
   else:
@@ -805,7 +869,7 @@ def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, co
       g = jnp.swapaxes(g, 1, 2)
       g = vecs(g) if kind == "scalar" else g
     seg, m0, mk = vecs(seg), vecs(m0), vecs(mk)
-  return st, dict(zip(_ARGS, (qp, kpd, vpd, g, h0, seg, m0, mk)))
+  return st, dict(zip(_ARGS, (qp, kpd, vpd, g, u, h0, seg, m0, mk)))
 
 
 def linear_attention(q, k, v, log_decay=None, *, scale, bonus=None, initial_state=None,
@@ -833,7 +897,4 @@ def linear_attention(q, k, v, log_decay=None, *, scale, bonus=None, initial_stat
   t, k_dim, v_dim = q.shape[1], q.shape[-1], v.shape[-1]
   o = o[:, :t, :, :v_dim]
   hT = hT[:, :, :k_dim, :v_dim]
-  if bonus is not None:
-    beta = jnp.einsum("bthk,hk,bthk->bth", q.astype(F32), bonus.astype(F32), k.astype(F32))
-    o = (o.astype(F32) + scale * beta[..., None] * v.astype(F32)).astype(o.dtype)
   return o, hT

@@ -39,11 +39,13 @@ def kernel_op(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
   return (o, hT) if return_final_state else o
 
 
-# chunk 16 with 16-wide state tiles (V=20 -> two V tiles in every kernel); chunk 32 (vector
-# decay: one 32-row block where exact, else two 16-row sub-blocks; c32s16 forces the latter)
-CONFIGS = {"c16": KernelConfig(chunk=16, block_k=16, block_v=16, block_v_out=16),
+# chunk 16 with 16-wide state tiles (V=20 -> two V tiles in every kernel; the gradient kernel
+# in 16-wide K tiles without decay or with vector decay); chunk 32 (vector decay: one 32-row
+# block where exact, else two 16-row sub-blocks; c32s16 forces the latter, in K tiles)
+CONFIGS = {"c16": KernelConfig(chunk=16, block_k=16, block_v=16, block_v_out=16,
+                               block_k_grad=16),
            "c32": KernelConfig(chunk=32, block_k=16, block_v=32),
-           "c32s16": KernelConfig(chunk=32, sub=16, block_k=16, block_v=32)}
+           "c32s16": KernelConfig(chunk=32, sub=16, block_k=16, block_v=32, block_k_grad=16)}
 
 
 @pytest.mark.parametrize("variant,config", [
@@ -59,16 +61,18 @@ def test_kernel_float32(variant, config):
   assert_all_close(got, want, 1e-5, f"{variant} ")
 
 
-@pytest.mark.parametrize("variant", ["scalar", "vector"])
+@pytest.mark.parametrize("variant", ["none", "scalar", "vector"])
 def test_kernel_state_tiles_over_k(variant):
-  """K=40 (padded to 64) in 16-wide K tiles of the state kernels, V=20 in 16-wide V tiles."""
+  """K=40 (padded to 64) in 16-wide K tiles of the state kernels and (no decay, vector decay)
+  of the gradient kernel, V=20 in 16-wide V tiles."""
   ks = jax.random.split(jax.random.key(16), 5)
   b, t, h, kd, vd = 2, 37, 3, 40, 20
   q = jax.random.normal(ks[0], (b, t, h, kd)) * 0.3
   k = jax.random.normal(ks[1], (b, t, h, kd)) * 0.3
   v = jax.random.normal(ks[2], (b, t, h, vd))
   shape = (b, t, h) if variant == "scalar" else (b, t, h, kd)
-  kw = dict(scale=0.2, log_decay=jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 2.0),
+  log_decay = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 2.0)
+  kw = dict(scale=0.2, log_decay=None if variant == "none" else log_decay,
             initial_state=jax.random.normal(ks[4], (b, h, kd, vd)) * 0.1,
             segment_ids=jnp.asarray((jnp.arange(t)[None] >= jnp.array([[20], [0]])), jnp.int32))
   want = loss_and_grads(la.reference, q, k, v, kw)
@@ -134,7 +138,10 @@ def test_kernel_bf16_long_decay_stability():
 @pytest.mark.skipif(INTERPRET, reason="device shapes: compiled kernel only")
 @pytest.mark.parametrize("variant", ["scalar", "vector", "bonus", "normalized"])
 def test_kernel_device_shapes_bf16(variant):
-  """Default blocks at K=V=128, T=1000 (not a multiple of 64), vs the float32 chunked form."""
+  """Default blocks at K=V=128, T=1000 (not a multiple of 64), vs the float32 chunked form.
+  The normalised case runs in float32 under "highest" matmul precision: on an H200 ptxas spends
+  minutes on its IEEE float32 dots of 64x128 tiles (still compiling after 80 s), so give this
+  file about 6 minutes on a GPU."""
   b, t, h, d = 2, 1000, 4, 128
   ks = jax.random.split(jax.random.key(15), 6)
   q = jax.random.normal(ks[0], (b, t, h, d)) * d ** -0.5

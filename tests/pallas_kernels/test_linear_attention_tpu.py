@@ -55,9 +55,9 @@ def test_exports_for_tpu(dtype, kind, bonus, segments):
   args = inputs(kind, bonus, segments, 2, 100, 3, 40, 20, dtype)
   cumsum = ["cumsum_kernel"] if kind != "none" else []
   forward = cumsum + ["states_kernel", "output_kernel"]
-  # vector decay: both sub-block sizes behind lax.cond
-  assert tpu_kernels(run, args) == (forward + forward[-2:] if kind == "vector" else forward)
-  backward = ["states_kernel", "dstates_kernel", "dqk_kernel", "dv_kernel"]
+  # vector decay: the output kernel at both sub-block sizes behind lax.cond
+  assert tpu_kernels(run, args) == (forward + forward[-1:] if kind == "vector" else forward)
+  backward = ["dstates_kernel", "dqk_kernel", "dv_kernel"]   # h_n saved by the forward
   assert set(tpu_kernels(grads, args)) == set(forward + backward)
 
 
