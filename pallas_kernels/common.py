@@ -1,5 +1,6 @@
-"""Helpers shared by the Pallas kernel packages: the target platform, and the two forms of a
-sequential kernel's loop over chunks (GPU: inside the kernel; TPU: along the grid's last axis).
+"""Helpers shared by the Pallas kernel packages: the target platform, padded sizes, the 2-D
+dot of the kernel bodies, and the two forms of a sequential kernel's loop over chunks (GPU:
+inside the kernel; TPU: along the grid's last axis).
 
 A sequential kernel takes `loop` and calls `loop(body, n_chunks, init_ref, final_ref)`, with
 `body(i, carry) -> carry` handling chunk i of its blocks (n_chunks = 1 on TPU)."""
@@ -22,6 +23,18 @@ def resolve_platform(platform: str | None = None) -> str:
   if platform not in ("gpu", "tpu"):
     raise ValueError(f"Pallas kernels: platform must be 'gpu' or 'tpu', got {platform!r}")
   return platform
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+  """The smallest power of two >= n and >= minimum (a power of two)."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def dot(a, b, *, trans_a=False, trans_b=False, precision=None):
+  """2-D dot with float32 accumulation; trans_a/trans_b contract over a's first / b's last
+  axis."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
 def loop_in_kernel(body, n_chunks, init_ref, final_ref):

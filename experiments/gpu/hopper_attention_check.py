@@ -32,7 +32,7 @@ import numpy as np
 
 from attnzoo.bench.timing import median_seconds
 from attnzoo.ops.softmax_attention import reference
-from pallas_kernels.flash_attention import HopperConfig, flash_attention, hopper
+from pallas_kernels.flash_attention import flash_attention, hopper
 
 H, D = 16, 128
 SHAPES = [(4, 4096), (1, 16384)]

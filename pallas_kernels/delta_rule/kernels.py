@@ -83,16 +83,8 @@ class Tuning:
   grad_block_v: int = 64
 
 
-def _next_pow2(x: int, minimum: int = 16) -> int:
-  p = minimum
-  while p < x:
-    p *= 2
-  return p
-
-
 def _dot(a, b, precision, trans_a=False, trans_b=False):
-  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+  return common.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def _iota(c):
@@ -709,7 +701,7 @@ def delta_rule(q, k, v, beta, *, scale, log_decay=None, initial_state=None,
   chunk = chunk or chunked_lib.chunk_size_for(t)
   beta_p, g, g0, run = chunked_lib.prepare_gates(beta, log_decay, segment_ids, chunk)
   tp = beta_p.shape[-1]
-  pk, pv = _next_pow2(dk), _next_pow2(dv)
+  pk, pv = common.next_pow2(dk, 16), common.next_pow2(dv, 16)
   pad = lambda x, d: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])))
   if initial_state is None:
     s0 = jnp.zeros((b, h, pk, pv), F32)

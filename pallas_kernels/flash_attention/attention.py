@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import common
 from pallas_kernels.flash_attention import hopper as hopper_lib
 from pallas_kernels.flash_attention import kernels
 from pallas_kernels.flash_attention import schedule as sched_lib
 from pallas_kernels.flash_attention.config import (TPU_BLOCK_SIZES, BlockSizes,
                                                     default_block_sizes)
 
-LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
 # Largest schedule (query tiles x kv tiles) computed with numpy while tracing and embedded as a
@@ -27,10 +26,6 @@ TPU_TILE = 128
 TPU_SMEM_BUDGET = 2**19
 
 
-def _pow2_at_least(n, floor=16):
-  return max(floor, 1 << max(0, int(n) - 1).bit_length())
-
-
 def _largest_pow2_divisor(n):
   return n & -n
 
@@ -40,7 +35,7 @@ def _round_up(n, m):
 
 
 def _tile(block, t, user_block, floor):
-  b = min(block, _pow2_at_least(t, floor))
+  b = min(block, common.next_pow2(t, floor))
   if user_block is not None:
     b = min(b, _largest_pow2_divisor(user_block))
   return b
@@ -97,10 +92,6 @@ def _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule):
   return None
 
 
-def _default_platform():
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
-
-
 def unsupported_reason(q, k, v, *, block_mask_size=None, platform=None, block_sizes=None,
                        per_batch_schedule=True):
   """Why the kernel cannot serve these shapes/dtypes, or None (static check, no tracing).
@@ -116,7 +107,7 @@ def unsupported_reason(q, k, v, *, block_mask_size=None, platform=None, block_si
     for b in block_mask_size:
       if b % 16:
         return f"block_mask_size entries must be multiples of 16 (kernel tiles divide them), got {block_mask_size}"
-  if (platform or _default_platform()) == "tpu":
+  if common.resolve_platform(platform) == "tpu":
     return _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule)
   return None
 
@@ -138,7 +129,7 @@ def hopper_reason(q, k, v, *, scale, causal=False, window=None, segment_ids=None
                   hopper_config: hopper_lib.HopperConfig | None = None):
   """Why the Hopper (Mosaic GPU) forward cannot serve these arguments, or None (static check;
   the device is not queried: `flash_attention(hopper=None)` adds that)."""
-  if (platform or _default_platform()) != "gpu":
+  if common.resolve_platform(platform) != "gpu":
     return "the Hopper forward runs on GPU only"
   if interpret:
     return "the Hopper forward has no interpret mode (wgmma)"
@@ -158,7 +149,7 @@ def hopper_reason(q, k, v, *, scale, causal=False, window=None, segment_ids=None
     return f"the Hopper forward needs k, v of one shape with Hkv dividing H, got {k.shape}, {v.shape}"
   if causal and q.shape[1] != k.shape[1]:
     return f"the Hopper forward needs Tq == Tk when causal, got {q.shape[1]} and {k.shape[1]}"
-  dp = _pow2_at_least(d)
+  dp = common.next_pow2(d, 16)
   return hopper_lib.config_reason(dp, q.dtype, hopper_config or hopper_lib.default_config(dp))
 
 
@@ -224,7 +215,7 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   True: the Hopper forward, or NotImplementedError saying why not. False: Triton. The
   backward is the Triton kernels in every case. `hopper_config`: its tuning knobs.
   """
-  platform = platform or _default_platform()
+  platform = common.resolve_platform(platform)
   if hopper is None or hopper:
     why_hopper = hopper_reason(
         q, k, v, scale=scale, causal=causal, window=window, segment_ids=segment_ids,
@@ -234,8 +225,6 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
     if hopper and why_hopper:
       raise NotImplementedError(why_hopper)
     hopper = why_hopper is None and (hopper or _sm90_default_device())
-  if platform not in ("gpu", "tpu"):
-    raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
   tpu = platform == "tpu"
   # Default positions and no segments / block mask: the schedule depends only on shapes.
   static_masks = (q_positions is None and kv_positions is None and segment_ids is None
@@ -334,7 +323,7 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   if tpu:  # head dims fill the 128 lanes; the kernels take BHTD
     dp, dvp = _round_up(d, TPU_TILE), _round_up(dv, TPU_TILE)
   else:
-    dp, dvp = _pow2_at_least(d), _pow2_at_least(dv)
+    dp, dvp = common.next_pow2(d, 16), common.next_pow2(dv, 16)
   qp = _pad_axis(_pad_axis(q, 1, tq_pad), 3, dp)
   kp = _pad_axis(_pad_axis(k, 1, tk_pad), 3, dp)
   vp = _pad_axis(_pad_axis(v, 1, tk_pad), 3, dvp)
@@ -351,7 +340,7 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   if not return_lse:
     return o
   lse2 = jnp.swapaxes(lse2[:, :, :tq], 1, 2)
-  lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * LN2)
+  lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * kernels.LN2)
   return o, lse
 
 
@@ -381,7 +370,7 @@ def _flash_bwd(cfg, hop, res, cts):
   # delta_i = sum_d o*do; an lse cotangent enters as dlogits += p * dlse (natural units).
   delta = jnp.einsum(f"{seq},{seq}->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   if dlse2 is not None and not isinstance(dlse2, jax.custom_derivatives.SymbolicZero):
-    delta = delta - dlse2.astype(jnp.float32) / LN2
+    delta = delta - dlse2.astype(jnp.float32) / kernels.LN2
   dq = kernels.backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
                            sched_dq, cfg)
   dk, dv = kernels.backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg,

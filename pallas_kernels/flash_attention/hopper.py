@@ -28,7 +28,6 @@ execution need an sm90 GPU.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+from pallas_kernels.flash_attention.kernels import LN2, LOG2E
+
 DTYPES = (jnp.bfloat16, jnp.float16)
 HEAD_DIMS = (64, 128, 256)
 # Hopper shared memory per CTA (227 KiB; Mosaic GPU checks it while lowering). The kernel asks

@@ -33,9 +33,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu_triton
 
+from pallas_kernels import common
 from pallas_kernels.flash_attention.schedule import EMPTY
 
 LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 # VMEM limit of the TPU kernels: whole-sequence K/V (forward, dq) or Q/dO (dk/dv) blocks stay
 # in VMEM; fits the 64-128 MiB VMEM of v5e/v5p/v6e/v7x.
 TPU_VMEM_LIMIT = 48 * 2**20
@@ -88,9 +90,8 @@ def nvidia_gpu() -> bool:
 
 
 def _dot(a, b, cfg, *, trans_a=False, trans_b=False):
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   precision = lax.Precision.HIGHEST if cfg.precise else None
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+  return common.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def _logit_parts(qk, scale, cfg):
@@ -448,7 +449,7 @@ def forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched, cfg: Kernel
 def _dq_kernel(*refs, cfg: KernelConfig, ids):
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref), qs_ref, ks_ref, \
       sched_ref, scale_ref, (dq_ref,) = _split_refs(refs, cfg, 1, ids)
-  bq, bk = cfg.block_q_dq, cfg.block_k_dq
+  bk = cfg.block_k_dq
   scale = _scale_value(scale_ref, cfg)
   q = q_ref[...]
   do = do_ref[...]
@@ -511,7 +512,7 @@ def backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_se
 def _dkv_kernel(*refs, cfg: KernelConfig, ids):
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref), qs_ref, ks_ref, \
       sched_ref, scale_ref, (dk_ref, dv_ref) = _split_refs(refs, cfg, 2, ids)
-  bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
+  bq = cfg.block_q_dkv
   groups = cfg.groups
   k = k_ref[...]
   v = v_ref[...]

@@ -114,10 +114,6 @@ class _Static:
   config: KernelConfig
 
 
-def _next_pow2(n):
-  return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def default_config(batch, heads, k_dim, v_dim, kind="scalar") -> KernelConfig:
   """A fixed block configuration per decay kind and size (no autotuning), from the H200 sweeps
   in experiments/results/kernels/linear_nvidia_h200.md. Scalar decay with few sequences (under
@@ -151,7 +147,7 @@ def reason(q, k, v, log_decay=None, *, scale=None, bonus=None, initial_state=Non
   dts = {q.dtype, k.dtype, v.dtype}
   if len(dts) != 1 or q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     return f"needs q, k, v of one float dtype (f32/bf16/f16), got {sorted(map(str, dts))}"
-  if _next_pow2(max(16, q.shape[-1])) > 256:
+  if common.next_pow2(q.shape[-1], 16) > 256:
     return f"key head dim {q.shape[-1]} > 256 (state tile too large)"
   if log_decay is not None and log_decay.shape not in (q.shape[:3], q.shape):
     return f"log_decay must be [B,T,H] or [B,T,H,K], got {log_decay.shape}"
@@ -159,12 +155,6 @@ def reason(q, k, v, log_decay=None, *, scale=None, bonus=None, initial_state=Non
 
 
 # ----------------------------------------------------------------------------- kernel pieces
-
-def _dot(a, b, ta=False, tb=False):
-  """2-D dot with float32 accumulation; ta/tb contract over the first/last axis."""
-  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=F32)
-
 
 class _Chunk:
   """Decay factors and masks of the chunk at rows [start, start + C) of the refs (start is 0
@@ -284,7 +274,7 @@ class _Rows:
   def scores(self, q, k):
     """A[S, C] = scale * sum_k q_ik k_jk exp(Gq_ik - G_jk), masked; float32."""
     qf, kf = self.factored(q, k)
-    return self.weigh(_dot(qf, kf, tb=True))
+    return self.weigh(common.dot(qf, kf, trans_b=True))
 
 
 def _unpack(names, refs):
@@ -327,7 +317,7 @@ def _states_kernel(st, *refs, loop):
     ch = _Chunk(st, r, pl.multiple_of(n * c, c))
     r["hs"][n, :, :] = h.astype(r["hs"].dtype)
     kd = ch.kd(r["k"][ch.rows, :]).astype(dt)
-    return ch.carry(h) + _dot(kd, r["v"][ch.rows, :], ta=True)
+    return ch.carry(h) + common.dot(kd, r["v"][ch.rows, :], trans_a=True)
 
   loop(body, r["k"].shape[0] // c, r["h0"], r["hT"])
 
@@ -349,7 +339,7 @@ def _dstates_kernel(st, *refs, loop):
     if decay:
       r["rs"][n, :] = jnp.sum(ch.carry(r["hs"][n, :, :].astype(F32)) * dh, axis=1)
     qs = ch.query_side(r["q"][ch.rows, :].astype(F32), ch.rows).astype(dt)
-    return ch.carry(dh) + _dot(qs, r["do"][ch.rows, :], ta=True)
+    return ch.carry(dh) + common.dot(qs, r["do"][ch.rows, :], trans_a=True)
 
   loop(body, n_chunks, r["dhT"], r["dh0"])
 
@@ -364,8 +354,8 @@ def _output_kernel(st, *refs):
   for index in range(st.chunk // st.sub):
     rows = _Rows(ch, index)
     q = r["q"][rows.rows, :]
-    o = _dot(rows.scores(q, k).astype(dt), v)
-    o = o + _dot(ch.query_side(q.astype(F32), rows.rows).astype(dt), h)
+    o = common.dot(rows.scores(q, k).astype(dt), v)
+    o = o + common.dot(ch.query_side(q.astype(F32), rows.rows).astype(dt), h)
     if st.exclusive:
       beta = jnp.sum(q.astype(F32) * r["u"][...] * r["k"][rows.rows, :].astype(F32), axis=1)
       o = o + (st.scale * beta)[:, None] * r["v"][rows.rows, :].astype(F32)
@@ -392,7 +382,7 @@ def _running_sum(x, reverse=False):
     return jnp.sum(jnp.where(tri, x[None, :], 0.0), axis=1)
   tri = tri.astype(jnp.bfloat16)
   hi, mid, lo = _split3(x)
-  return _dot(tri, hi) + _dot(tri, mid) + _dot(tri, lo)
+  return common.dot(tri, hi) + common.dot(tri, mid) + common.dot(tri, lo)
 
 
 def _place(x, index, rows):
@@ -412,11 +402,11 @@ def _dv_kernel(st, *refs):
   r = _unpack(_input_names(st) + ["do", "dhs", "dv"], refs)
   dt = r["q"].dtype
   ch = _Chunk(st, r, 0)
-  dv = _dot(ch.kd(r["k"][...]).astype(dt), r["dhs"][...])
+  dv = common.dot(ch.kd(r["k"][...]).astype(dt), r["dhs"][...])
   for index in range(st.chunk // st.sub):
     rows = _Rows(ch, index)
     a = rows.scores(r["q"][rows.rows, :], r["k"][...]).astype(dt)
-    dv = dv + _dot(a, r["do"][rows.rows, :], ta=True)
+    dv = dv + common.dot(a, r["do"][rows.rows, :], trans_a=True)
   r["dv"][...] = dv.astype(r["dv"].dtype)
 
 
@@ -447,16 +437,16 @@ def _dqk_kernel(st, *refs):
   for rows, (qf, kf) in zip(blocks, factored):
     ds_raw = None
     for tile in tiles:
-      x = _dot(r["do"][rows.rows, tile], r["v"][:, tile], tb=True)     # [S, C]
+      x = common.dot(r["do"][rows.rows, tile], r["v"][:, tile], trans_b=True)     # [S, C]
       ds_raw = x if ds_raw is None else ds_raw + x
     ds.append(rows.weigh(ds_raw).astype(dt))
     if st.kind == "scalar":                                  # one block: S = C
-      m = rows.weigh(_dot(qf, kf, tb=True)) * ds_raw         # dL/d(log pair weight)
+      m = rows.weigh(common.dot(qf, kf, trans_b=True)) * ds_raw         # dL/d(log pair weight)
       rowm, colm = jnp.sum(m, axis=1), jnp.sum(m, axis=0)
   # dk = (v dh_n^T) e^{Gamma-G} + sum over blocks of (ds^T qf) e^{r-G}
   dk = None
   for tile in tiles:
-    term = _dot(r["v"][:, tile], r["dhs"][:, tile], tb=True)          # [C, K]
+    term = common.dot(r["v"][:, tile], r["dhs"][:, tile], trans_b=True)          # [C, K]
     dk = term if dk is None else dk + term
   f = ch.key_factor()
   if f is not None:
@@ -467,7 +457,7 @@ def _dqk_kernel(st, *refs):
     if st.kind == "scalar":
       colm = colm + jnp.sum(u, axis=1)                                 # + k . dk_state
   for rows, (qf, _), d in zip(blocks, factored, ds):
-    x = _dot(d, qf, ta=True)
+    x = common.dot(d, qf, trans_a=True)
     dk = dk + (x * rows.kfac() if st.kind == "vector" else x)
   r["dk"][...] = dk.astype(r["dk"].dtype)
   if st.kind == "vector":
@@ -477,10 +467,10 @@ def _dqk_kernel(st, *refs):
   for index, (rows, (_, kf), d) in enumerate(zip(blocks, factored, ds)):
     dq_state = None
     for tile in tiles:
-      y = _dot(r["do"][rows.rows, tile], r["hs"][:, tile].astype(dt), tb=True)   # [S, K]
+      y = common.dot(r["do"][rows.rows, tile], r["hs"][:, tile].astype(dt), trans_b=True)   # [S, K]
       dq_state = y if dq_state is None else dq_state + y
     dq_state = ch.query_side(dq_state, rows.rows)
-    dq = _dot(d, kf)
+    dq = common.dot(d, kf)
     if st.kind == "vector":
       dq = dq * rows.qfac()
     dq = dq + dq_state
@@ -614,10 +604,10 @@ def _sizes(st, a):
   return b, t, h, k_dim, v_dim, (_TpuSpecs if st.tpu else _Specs)(st, t, k_dim, v_dim)
 
 
-def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None):
+def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None, stages=None):
   """chunks: for the sequential kernels, the number of chunks they loop over carrying a
   [BK, BV] float32 state (pallas_kernels.common): on TPU the grid gains a chunk axis and the
-  carry lives in VMEM scratch."""
+  carry lives in VMEM scratch. stages: Triton pipeline stages instead of the config's."""
   name = kernel.__name__.strip("_")
   kernel = functools.partial(kernel, st)
   kwargs = {}
@@ -639,12 +629,9 @@ def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None):
     from jax.experimental.pallas import triton as pltriton
     cfg = st.config
     if sequential:
-      stages = cfg.state_stages
-      if name == "dstates_kernel" and cfg.dstates_stages:
-        stages = cfg.dstates_stages
-      warps, stages = cfg.state_warps or 4, stages or 2
+      warps, stages = cfg.state_warps or 4, stages or cfg.state_stages or 2
     else:
-      warps, stages = cfg.num_warps or 4, cfg.num_stages or 2
+      warps, stages = cfg.num_warps or 4, stages or cfg.num_stages or 2
     kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, name=name, **kwargs)(*args)
@@ -696,7 +683,8 @@ def _dstates(st, a, do, dhT, hs):
               [jax.ShapeDtypeStruct(hs.shape, hs.dtype),
                jax.ShapeDtypeStruct((b, h, k_dim, v_dim), F32)]
               + ([jax.ShapeDtypeStruct(sp.rs_shape(b, h), F32)] if decay else []),
-              _arrays(names, dict(a, do=do)) + ([hs] if decay else []) + [dhT], chunks=sp.n)
+              _arrays(names, dict(a, do=do)) + ([hs] if decay else []) + [dhT], chunks=sp.n,
+              stages=st.config.dstates_stages)
   rs = [x if st.tpu else jnp.sum(x, axis=2, keepdims=True) for x in res[2:]]
   return res[0], res[1], rs
 
@@ -826,9 +814,9 @@ def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, co
   cfg = config or default_config(b, h, k_dim, v_dim, kind)
   c = cfg.chunk
   tp = -(-t // c) * c
-  kp = _next_pow2(max(16, k_dim))
+  kp = common.next_pow2(k_dim, 16)
   bk = min(cfg.block_k, kp)
-  vw = _next_pow2(max(16, v_dim))
+  vw = common.next_pow2(v_dim, 16)
   bv, bvo = min(cfg.block_v, vw), min(cfg.block_v_out, vw)
   while max(bv, bvo) > 16 and -(-v_dim // max(bv, bvo)) * max(bv, bvo) > 1.5 * v_dim:
     bv, bvo = min(bv, max(bv, bvo) // 2), min(bvo, max(bv, bvo) // 2)  # V=129: tiles of 64

@@ -5,7 +5,6 @@ them with Triton (the default is "interpret").
 """
 import os
 
-import jax
 import jax.numpy as jnp
 import pytest
 

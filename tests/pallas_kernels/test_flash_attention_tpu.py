@@ -30,18 +30,45 @@ def export_tpu(fn, *args, device_kind="TPU v5 lite"):
     return jax.export.export(jax.jit(fn), platforms=("tpu",))(*args).mlir_module()
 
 
-def loss_and_grads(attention, extra_names, grad_scale=False):
-  """value_and_grad of a loss over o and lse, w.r.t. q, k, v (and a per-head scale)."""
+def attention_loss(attention, extra_names, grad_scale=False, grad=True):
+  """A loss over o and lse; with `grad` its value_and_grad w.r.t. q, k, v (and a per-head
+  scale)."""
   def loss(q, k, v, *extra):
     kw = dict(zip(extra_names, extra))
     o, lse = attention(q, k, v, scale=kw.pop("scale", 0.125), return_lse=True, **kw)
     return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+  if not grad:
+    return loss
   argnums = (0, 1, 2, 3 + list(extra_names).index("scale")) if grad_scale else (0, 1, 2)
   return jax.value_and_grad(loss, argnums=argnums)
 
 
-# (batch, Tq, Tk, H, Hkv, D, dtype), mask keywords; "segments", "positions", "block_mask" and
-# "scale" add those arguments (a [H] scale is differentiated).
+def flash_case(shape, kw, sds=S, grad=True):
+  """(fn, args) of one case: `attention_loss` of flash_attention(platform="tpu") and its
+  arguments as ShapeDtypeStructs made by `sds`. shape = (batch, Tq, Tk, H, Hkv, D, dtype); the
+  keywords "segments", "positions", "block_mask" and "scale" add those arguments (a [H] scale
+  is differentiated), the others go to flash_attention."""
+  b, tq, tk, h, hkv, d, dtype = shape
+  kw = dict(kw)
+  extra = {}
+  if kw.pop("segments", False):
+    extra["segment_ids"] = sds((b, tq), jnp.int32)
+  if kw.pop("positions", False):
+    extra["q_positions"] = sds((b, tq), jnp.int32)
+    extra["kv_positions"] = sds((b, tk), jnp.int32)
+  if kw.pop("block_mask", False):
+    extra["block_mask"] = sds((b, -(-tq // 128), -(-tk // 128)), jnp.bool_)
+    kw["block_mask_size"] = (128, 128)
+  grad_scale = kw.pop("scale", False)
+  if grad_scale:
+    extra["scale"] = sds((h,), jnp.float32)
+  attention = functools.partial(flash_attention, platform="tpu", **kw)
+  return (attention_loss(attention, list(extra), grad_scale, grad),
+          (sds((b, tq, h, d), dtype), sds((b, tk, hkv, d), dtype), sds((b, tk, hkv, d), dtype),
+           *extra.values()))
+
+
+# (batch, Tq, Tk, H, Hkv, D, dtype), mask keywords (see `flash_case`).
 EXPORT_CASES = {
     "causal_gqa_bf16_d128": ((2, 300, 300, 8, 2, 128, jnp.bfloat16), dict(causal=True)),
     "noncausal_mqa_f32_d64": ((1, 200, 330, 4, 1, 64, jnp.float32), dict()),
@@ -58,24 +85,8 @@ EXPORT_CASES = {
 
 
 def export_case(name, device_kind="TPU v5 lite"):
-  (b, tq, tk, h, hkv, d, dtype), kw = EXPORT_CASES[name]
-  kw = dict(kw)
-  extra = {}
-  if kw.pop("segments", False):
-    extra["segment_ids"] = S((b, tq), jnp.int32)
-  if kw.pop("positions", False):
-    extra["q_positions"] = S((b, tq), jnp.int32)
-    extra["kv_positions"] = S((b, tk), jnp.int32)
-  if kw.pop("block_mask", False):
-    extra["block_mask"] = S((b, -(-tq // 128), -(-tk // 128)), jnp.bool_)
-    kw["block_mask_size"] = (128, 128)
-  grad_scale = kw.pop("scale", False)
-  if grad_scale:
-    extra["scale"] = S((h,), jnp.float32)
-  attention = functools.partial(flash_attention, platform="tpu", **kw)
-  return export_tpu(loss_and_grads(attention, list(extra), grad_scale),
-                    S((b, tq, h, d), dtype), S((b, tk, hkv, d), dtype),
-                    S((b, tk, hkv, d), dtype), *extra.values(), device_kind=device_kind)
+  fn, args = flash_case(*EXPORT_CASES[name])
+  return export_tpu(fn, *args, device_kind=device_kind)
 
 
 def assert_three_kernels(text):
@@ -174,7 +185,7 @@ def test_interpret_bf16():
 def test_float16_runs_float32_kernels():
   # Mosaic has no float16 vectors: float16 inputs take the float32 kernels (o back in f16).
   q = S((1, 200, 2, 64), jnp.float16)
-  text = export_tpu(loss_and_grads(functools.partial(flash_attention, platform="tpu",
+  text = export_tpu(attention_loss(functools.partial(flash_attention, platform="tpu",
                                                      causal=True), []), q, q, q)
   assert_three_kernels(text)
   calls = [line for line in text.splitlines() if "@tpu_custom_call" in line]

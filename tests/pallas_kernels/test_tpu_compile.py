@@ -71,9 +71,9 @@ def test_mosaic_compiles(generation):
 
 # ------------------------------------------------------------------ the compiling subprocess
 
-# Flash attention: (batch, Tq, Tk, H, Hkv, D, dtype name), keywords; "segments", "positions",
-# "block_mask" and "scale" add those arguments (a per-head scale is differentiated). Every T
-# but the block-mask case's is off the 128-row tile.
+# Flash attention: (batch, Tq, Tk, H, Hkv, D, dtype name), keywords as in
+# test_flash_attention_tpu.flash_case. Every T but the block-mask case's is off the 128-row
+# tile.
 FLASH_CASES = {
     "causal_gqa_bf16_d128": ((1, 300, 300, 4, 2, 128, "bfloat16"), dict(causal=True)),
     "cross_mqa_f32_d64": ((1, 200, 330, 4, 1, 64, "float32"), dict()),
@@ -126,37 +126,11 @@ def _case_names():
 
 
 def _flash_fn(name, sds, grad):
-  import jax
   import jax.numpy as jnp
 
-  from pallas_kernels.flash_attention import flash_attention
-  (b, tq, tk, h, hkv, d, dtype), kw = FLASH_CASES[name]
-  dtype = jnp.dtype(dtype)
-  kw = dict(kw)
-  extra = {}
-  if kw.pop("segments", False):
-    extra["segment_ids"] = sds((b, tq), jnp.int32)
-  if kw.pop("positions", False):
-    extra["q_positions"] = sds((b, tq), jnp.int32)
-    extra["kv_positions"] = sds((b, tk), jnp.int32)
-  if kw.pop("block_mask", False):
-    extra["block_mask"] = sds((b, -(-tq // 128), -(-tk // 128)), jnp.bool_)
-    kw["block_mask_size"] = (128, 128)
-  grad_scale = kw.pop("scale", False)
-  if grad_scale:
-    extra["scale"] = sds((h,), jnp.float32)
-  names = list(extra)
-
-  def loss(q, k, v, *args):
-    args = dict(zip(names, args))
-    o, lse = flash_attention(q, k, v, scale=args.pop("scale", 0.125), return_lse=True,
-                             platform="tpu", **args, **kw)
-    return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
-
-  argnums = (0, 1, 2) + ((3 + names.index("scale"),) if grad_scale else ())
-  fn = jax.value_and_grad(loss, argnums=argnums) if grad else loss
-  return fn, (sds((b, tq, h, d), dtype), sds((b, tk, hkv, d), dtype),
-              sds((b, tk, hkv, d), dtype), *extra.values())
+  from tests.pallas_kernels.test_flash_attention_tpu import flash_case
+  shape, kw = FLASH_CASES[name]
+  return flash_case(shape[:-1] + (jnp.dtype(shape[-1]),), kw, sds, grad)
 
 
 def _delta_fn(name, sds):
