@@ -5,6 +5,6 @@
 See `kernel.linear_attention` for the arguments; `reason(...)` says why a call cannot be served.
 """
 from pallas_kernels.linear_attention.kernel import (
-    KernelConfig, default_config, linear_attention, reason)
+    KernelConfig, default_config, default_splits, linear_attention, reason)
 
-__all__ = ["KernelConfig", "default_config", "linear_attention", "reason"]
+__all__ = ["KernelConfig", "default_config", "default_splits", "linear_attention", "reason"]

@@ -19,22 +19,27 @@ exclusive, also from kernel 0), Gamma = G at the chunk's last row. Every exponen
     earlier sub-blocks always have r - G <= 0. By default S is the whole chunk (one 64-row
     matmul; 16-row sub-blocks run 4x slower on Hopper), which is exact whenever no chunk decays
     by more than e^-80 in any channel; calls where some chunk does take S = 16 (exact unless the
-    decay over 8 steps is stronger than e^-80, about -10 per step), chosen with `lax.cond`;
+    decay over 8 steps is stronger than e^-80, about -10 per step), chosen with `lax.cond`
+    (in-kernel, per-chunk choice measured slower: both forms in one kernel);
   - o = A v + scale (q e^{Gq}) h_n,   h_{n+1} = e^{Gamma} h_n + (k e^{Gamma - G})^T v.
 
 Kernels (matmul operands in the input dtype, accumulation and carried states in float32):
-  0. `_cumsum_kernel`, grid (B, H, N): G from g (triangular matmuls on the tensor cores), and
-     Gq = G - g for the exclusive readout.
-  1. `_states_kernel`, grid (B, H, K/BK, V/BV): a sequential loop over chunks carrying one
+  0. `_cumsum_kernel`, grid (B, H, N): G from g (Triton's scan on GPU, triangular matmuls on
+     the MXU on TPU), and Gq = G - g for the exclusive readout.
+  1. `_states_kernel`, grid (B, H, K/BK, V/BV, P): a sequential loop over chunks carrying one
      [BK, BV] tile of the state; stores h_n (the state entering chunk n, in the input dtype)
-     and returns the final state.
-  2. `_output_kernel`, grid (B, H, N, V/BV), every chunk in parallel: o from A and h_n.
+     and returns the final state. On GPU a small grid (1x16384x16: 64 tiles for 132 SMs, each
+     ~2.3 us per chunk step) walks P pieces of the sequence in parallel (`_sequential`): once
+     from zero for each piece's own contribution, the pieces' entering states chained in XLA,
+     then again from those (1x16384: states 0.59 -> 0.36 ms with P = 4).
+  2. `_output_kernel`, grid (B, H, N, V/BV), every chunk in parallel: o from A and h_n (the
+     RWKV-6 bonus as A's diagonal).
 Backward (the inputs, G and the h_n are saved: B*H*(T/C)*K*V in the input dtype, 4x v's
 bytes at K=128, C=64; recomputing them instead saves nothing under jit, where XLA merges the
 identical states kernels of the forward and the backward and keeps h_n alive anyway):
-  3. `_dstates_kernel`, grid (B, H, K/BK, V/BV), a reverse loop: stores dh_n, the gradient at
-     chunk n's exit, with dh <- e^{Gamma} dh + scale (q e^{Gq})^T do; returns dh_0; with decay
-     also its V tile's part of sum_v (e^Gamma h_n) dh_n.
+  3. `_dstates_kernel`, grid (B, H, K/BK, V/BV, P), a reverse loop (split like kernel 1):
+     stores dh_n, the gradient at chunk n's exit, with dh <- e^{Gamma} dh + scale (q e^{Gq})^T
+     do; returns dh_0; with decay also its V tile's part of sum_v (e^Gamma h_n) dh_n.
   4. `_dv_kernel`, grid (B, H, N, V/BV), every chunk in parallel: dv.
   5. `_dqk_kernel`, grid (B, H, N[, K/BKg]), every chunk in parallel: dq, dk and dg directly
      (the chunk-local suffix sums of dGq = q dq and dG = -k dk + R_n on the last row, see
@@ -80,7 +85,9 @@ class KernelConfig:
   `block_k_grad`: the K tile of the dq/dk/dg kernel's grid without decay or with vector decay,
   whose key columns are independent there (None: all of K; scalar decay always takes all of
   K). Warps and pipeline stages: `state_*` for kernels 1 and 3 (`dstates_stages` for kernel 3
-  if set), `num_*` for the others (None: default).
+  if set), `num_*` for the others (None: default). `state_splits`: how many pieces of the
+  sequence the sequential kernels walk in parallel (see `_sequential`; a power of two; None:
+  doubled while the grid has fewer than 256 programs and each piece keeps 8 or more chunks).
   `sub`: query rows per intra-chunk sub-block for vector decay (see the module docstring);
   None: the whole chunk where that is exact, else 16."""
   chunk: int = 64
@@ -94,6 +101,7 @@ class KernelConfig:
   state_warps: int | None = None
   state_stages: int | None = None
   dstates_stages: int | None = None
+  state_splits: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +118,7 @@ class _Static:
   block_v: int
   block_v_out: int
   block_k_grad: int
+  splits: int        # pieces of the sequence walked in parallel by the sequential kernels
   out_dtype: object
   config: KernelConfig
 
@@ -127,6 +136,16 @@ def default_config(batch, heads, k_dim, v_dim, kind="scalar") -> KernelConfig:
   return cfg
 
 
+def default_splits(programs, chunks):
+  """Pieces of the sequence for the sequential kernels when the config leaves it open: doubled
+  while their grid has under 256 programs (an H200 has 132 SMs) and each piece keeps 8 or more
+  chunks."""
+  splits = 1
+  while programs * splits < 256 and chunks % (2 * splits) == 0 and chunks // (2 * splits) >= 8:
+    splits *= 2
+  return splits
+
+
 def _check_config(cfg):
   if (cfg.sub or 16) > cfg.chunk:
     return f"sub ({cfg.sub or 16}) must not exceed chunk ({cfg.chunk})"
@@ -134,6 +153,9 @@ def _check_config(cfg):
     x = getattr(cfg, name) or 16
     if x < 16 or x & (x - 1):
       return f"{name} must be a power of two >= 16, got {x}"
+  x = cfg.state_splits or 1
+  if x < 1 or x & (x - 1):
+    return f"state_splits must be a power of two, got {x}"
   return None
 
 
@@ -151,7 +173,11 @@ def reason(q, k, v, log_decay=None, *, scale=None, bonus=None, initial_state=Non
     return f"key head dim {q.shape[-1]} > 256 (state tile too large)"
   if log_decay is not None and log_decay.shape not in (q.shape[:3], q.shape):
     return f"log_decay must be [B,T,H] or [B,T,H,K], got {log_decay.shape}"
-  return _check_config(config or KernelConfig())
+  cfg = config or KernelConfig()
+  why = _check_config(cfg)
+  if why is None and cfg.state_splits and -(-q.shape[1] // cfg.chunk) % cfg.state_splits:
+    why = f"state_splits={cfg.state_splits} does not divide the chunks of T={q.shape[1]}"
+  return why
 
 
 # ----------------------------------------------------------------------------- kernel pieces
@@ -239,6 +265,7 @@ class _Rows:
     i = index * s + lax.broadcasted_iota(jnp.int32, (s, c), 0)
     j = lax.broadcasted_iota(jnp.int32, (s, c), 1)
     mask = j < i if st.exclusive else j <= i
+    self.diagonal = j == i
     if st.segments:
       seg = refs["seg"]
       mask = mask & (seg[self.rows][:, None] == seg[ch.rows][None, :])
@@ -299,35 +326,38 @@ def _input_names(st):
 def _cumsum_kernel(st, g_ref, G_ref, Gq_ref=None):
   """One chunk: G, the chunk-local cumulative sum of the log decay g (float32); exclusive
   readout: also Gq = G - g, the queries' exclusive sum."""
-  del st
   g = g_ref[...].astype(F32)
-  G = _running_sum(g)
+  G = _running_sum(g) if st.tpu else jnp.cumsum(g, axis=0)
   G_ref[...] = G
   if Gq_ref is not None:
     Gq_ref[...] = G - g
 
 
-def _states_kernel(st, *refs, loop):
-  """Forward over chunks: stores the entering state h_n of every chunk; returns the last."""
-  r = _unpack(["k", "v"] + _decay_names(st, False) + ["h0", "hs", "hT"], refs)
+def _states_kernel(st, *refs, loop, store=True):
+  """Forward over the chunks of its rows: stores the entering state h_n of every chunk (unless
+  `store` is False: the first pass of a split sequence); returns the last."""
+  r = _unpack(["k", "v"] + _decay_names(st, False) + ["h0"] + (["hs"] if store else []) + ["hT"],
+              refs)
   c = st.chunk
   dt = r["k"].dtype
 
   def body(n, h):
     ch = _Chunk(st, r, pl.multiple_of(n * c, c))
-    r["hs"][n, :, :] = h.astype(r["hs"].dtype)
+    if store:
+      r["hs"][n, :, :] = h.astype(r["hs"].dtype)
     kd = ch.kd(r["k"][ch.rows, :]).astype(dt)
     return ch.carry(h) + common.dot(kd, r["v"][ch.rows, :], trans_a=True)
 
   loop(body, r["k"].shape[0] // c, r["h0"], r["hT"])
 
 
-def _dstates_kernel(st, *refs, loop):
-  """Reverse over chunks: stores the state gradient at every chunk's exit; returns dh_0.
-  With decay, also this V tile's part of sum_v (e^Gamma h_n) * dh_n per chunk (in R_n)."""
-  decay = st.kind != "none"
-  names = ["q", "do"] + _decay_names(st, True) + (["hs"] if decay else []) + ["dhT", "dhs", "dh0"]
-  r = _unpack(names + (["rs"] if decay else []), refs)
+def _dstates_kernel(st, *refs, loop, store=True):
+  """Reverse over the chunks of its rows: stores the state gradient at every chunk's exit and,
+  with decay, this V tile's part of sum_v (e^Gamma h_n) * dh_n per chunk (in R_n), unless
+  `store` is False; returns the gradient at the first chunk's entry."""
+  rs = store and st.kind != "none"
+  r = _unpack(["q", "do"] + _decay_names(st, True) + (["hs"] if rs else []) + ["dhT"]
+              + (["dhs"] if store else []) + ["dh0"] + (["rs"] if rs else []), refs)
   c = st.chunk
   dt = r["q"].dtype
   n_chunks = r["q"].shape[0] // c
@@ -335,8 +365,9 @@ def _dstates_kernel(st, *refs, loop):
   def body(i, dh):
     n = n_chunks - 1 - i
     ch = _Chunk(st, r, pl.multiple_of(n * c, c))
-    r["dhs"][n, :, :] = dh.astype(r["dhs"].dtype)
-    if decay:
+    if store:
+      r["dhs"][n, :, :] = dh.astype(r["dhs"].dtype)
+    if rs:
       r["rs"][n, :] = jnp.sum(ch.carry(r["hs"][n, :, :].astype(F32)) * dh, axis=1)
     qs = ch.query_side(r["q"][ch.rows, :].astype(F32), ch.rows).astype(dt)
     return ch.carry(dh) + common.dot(qs, r["do"][ch.rows, :], trans_a=True)
@@ -345,8 +376,10 @@ def _dstates_kernel(st, *refs, loop):
 
 
 def _output_kernel(st, *refs):
-  """One chunk and V tile: o = A v + scale (q e^{Gq}) h_n (+ the RWKV-6 bonus, the diagonal
-  term scale (q_t . (u * k_t)) v_t, when the readout is exclusive)."""
+  """One chunk and V tile: o = A v + scale (q e^{Gq}) h_n. With the exclusive readout the
+  RWKV-6 bonus scale (q_t . (u * k_t)) v_t is A's diagonal: scale ((q * u) k^T)_tt, from one
+  more [S, C] matmul instead of float32 [S, K] products and a [S, V] update (the same speed on
+  an H200)."""
   r = _unpack(_input_names(st) + (["u"] if st.exclusive else []) + ["hs", "o"], refs)
   ch = _Chunk(st, r, 0)
   dt = r["q"].dtype
@@ -354,11 +387,12 @@ def _output_kernel(st, *refs):
   for index in range(st.chunk // st.sub):
     rows = _Rows(ch, index)
     q = r["q"][rows.rows, :]
-    o = common.dot(rows.scores(q, k).astype(dt), v)
-    o = o + common.dot(ch.query_side(q.astype(F32), rows.rows).astype(dt), h)
+    a = rows.scores(q, k)
     if st.exclusive:
-      beta = jnp.sum(q.astype(F32) * r["u"][...] * r["k"][rows.rows, :].astype(F32), axis=1)
-      o = o + (st.scale * beta)[:, None] * r["v"][rows.rows, :].astype(F32)
+      qu = (q.astype(F32) * r["u"][...]).astype(dt)
+      a = a + jnp.where(rows.diagonal, common.dot(qu, k, trans_b=True), 0.0) * st.scale
+    o = common.dot(a.astype(dt), v)
+    o = o + common.dot(ch.query_side(q.astype(F32), rows.rows).astype(dt), h)
     r["o"][rows.rows, :] = o.astype(r["o"].dtype)
 
 
@@ -496,31 +530,35 @@ def _dqk_kernel(st, *refs):
 # ----------------------------------------------------------------------------- pallas_call glue
 
 class _Specs:
-  """BlockSpecs of the sequential grid (b, h, K tile, V tile) and of the chunk grid
-  (b, h, n[, V tile])."""
+  """BlockSpecs of the sequential grid (b, h, K tile, V tile, split) and of the chunk grid
+  (b, h, n[, V or K tile])."""
 
   def __init__(self, st, t, k_dim, v_dim):
     self.st, self.t, self.k, self.v = st, t, k_dim, v_dim
     self.n = t // st.chunk
 
-  # sequential kernels: whole sequences of one K or V tile (`reverse` concerns only TPU)
+  # sequential kernels: the rows of one split (the whole sequence unless split) of one K or V
+  # tile; "state" is the [B, H, splits, K, V] initial or final state (`reverse`: TPU only)
   def seq(self, name, reverse=False):
     del reverse
-    st, t, bk, bv = self.st, self.t, self.st.block_k, self.st.block_v
+    st, bk, bv = self.st, self.st.block_k, self.st.block_v
+    rows = self.t // st.splits
     if name in ("q", "k") or (name in ("G", "Gq") and st.kind == "vector"):
-      return pl.BlockSpec((None, t, None, bk), lambda b, h, i, j: (b, 0, h, i))
+      return pl.BlockSpec((None, rows, None, bk), lambda b, h, i, j, p: (b, p, h, i))
     if name in ("v", "do"):
-      return pl.BlockSpec((None, t, None, bv), lambda b, h, i, j: (b, 0, h, j))
+      return pl.BlockSpec((None, rows, None, bv), lambda b, h, i, j, p: (b, p, h, j))
     if name in ("G", "Gq"):
-      return pl.BlockSpec((None, t, None), lambda b, h, i, j: (b, 0, h))
+      return pl.BlockSpec((None, rows, None), lambda b, h, i, j, p: (b, p, h))
     if name in ("m0", "mk"):
-      return pl.BlockSpec((None, t), lambda b, h, i, j: (b, 0))
+      return pl.BlockSpec((None, rows), lambda b, h, i, j, p: (b, p))
     if name == "state":
-      return pl.BlockSpec((None, None, bk, bv), lambda b, h, i, j: (b, h, i, j))
+      return pl.BlockSpec((None, None, None, bk, bv), lambda b, h, i, j, p: (b, h, p, i, j))
     if name == "rs":
-      return pl.BlockSpec((None, None, None, self.n, bk), lambda b, h, i, j: (b, h, j, 0, i))
+      return pl.BlockSpec((None, None, None, self.n // st.splits, bk),
+                          lambda b, h, i, j, p: (b, h, j, p, i))
     assert name == "states", name
-    return pl.BlockSpec((None, None, self.n, bk, bv), lambda b, h, i, j: (b, h, 0, i, j))
+    return pl.BlockSpec((None, None, self.n // st.splits, bk, bv),
+                        lambda b, h, i, j, p: (b, h, p, i, j))
 
   # chunk kernels: one chunk; all of K and V, or one V tile (tiled="v"), or one K tile ("k")
   def chunk(self, name, tiled=None):
@@ -557,8 +595,8 @@ class _Specs:
 class _TpuSpecs(_Specs):
   """The TPU forms (Mosaic: the last two block dims divisible by (8, 128) or whole): q, k, v, o,
   their gradients and vector decays [B,H,T,D]; scalar decays [B,H,N,1,C]; segment masks
-  [B,N,1,C]; R_n pieces [B,H,1,N,1,K]; whole head dims. The sequential grid gains a last,
-  "arbitrary" axis over the chunks (reversed for the backward), one chunk per block."""
+  [B,N,1,C]; R_n pieces [B,H,1,N,1,K]; whole head dims; one split. The sequential grid gains
+  a last, "arbitrary" axis over the chunks (reversed for the backward), one chunk per block."""
 
   def _block(self, name, b, h, n, seq):
     """(block shape, block index) of chunk n of batch b, head h."""
@@ -576,7 +614,7 @@ class _TpuSpecs(_Specs):
     if name == "u":
       return (None, 1, kd), (h, 0, 0)
     if name == "state":
-      return (None, None, kd, vd), (b, h, 0, 0)
+      return (None, None, None, kd, vd), (b, h, 0, 0, 0)
     assert name == "states", name   # the sequential kernels index their one chunk as [0]
     return (None, None, 1 if seq else None, kd, vd), (b, h, n, 0, 0)
 
@@ -604,16 +642,20 @@ def _sizes(st, a):
   return b, t, h, k_dim, v_dim, (_TpuSpecs if st.tpu else _Specs)(st, t, k_dim, v_dim)
 
 
-def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None, stages=None):
+def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None, stages=None,
+          store=True):
   """chunks: for the sequential kernels, the number of chunks they loop over carrying a
   [BK, BV] float32 state (pallas_kernels.common): on TPU the grid gains a chunk axis and the
-  carry lives in VMEM scratch. stages: Triton pipeline stages instead of the config's."""
-  name = kernel.__name__.strip("_")
-  kernel = functools.partial(kernel, st)
+  carry lives in VMEM scratch; on GPU it gains the split axis. stages: Triton pipeline stages
+  instead of the config's. store=False: a sequential kernel's first pass over a split sequence
+  (no per-chunk states)."""
+  name = kernel.__name__.strip("_") + ("" if store else "_local")
+  kernel = functools.partial(kernel, st, **({} if store else {"store": False}))
   kwargs = {}
   sequential = chunks is not None
   if sequential and not st.tpu:
     kernel = functools.partial(kernel, loop=common.loop_in_kernel)
+    grid = grid + (st.splits,)
   if st.tpu:
     semantics = ("parallel",) * len(grid)
     if sequential:
@@ -641,16 +683,58 @@ def _arrays(names, arrays):
   return [arrays[n] for n in names]
 
 
+def _split_decays(st, a):
+  """[B, H, splits, K or 1, 1]: the factor by which a state crosses each split of the
+  sequence, the product over its chunks of e^Gamma (times the crossing mask)."""
+  b, _, h, _, _, sp = _sizes(st, a)
+  c, p = st.chunk, st.splits
+  log_a = jnp.zeros((b, p, h, 1), F32)
+  if st.kind != "none":
+    ends = a["G"][:, c - 1::c]                                     # [B, N, H(, K)]
+    ends = ends if st.kind == "vector" else ends[..., None]
+    log_a = jnp.sum(ends.reshape(b, p, sp.n // p, h, -1), axis=2)
+  f = jnp.exp(log_a)
+  if st.segments:
+    f = f * jnp.prod(a["m0"][:, c - 1::c].reshape(b, p, -1), axis=2)[:, :, None, None]
+  return jnp.moveaxis(f, 1, 2)[..., None]
+
+
+def _sequential(st, a, kernel, names, init, reverse, out_dtype, extra_in=(), extra_out=(),
+                **kw):
+  """A sequential kernel (1 or 3) over its splits: (per-chunk states [B,H,N,K,V], the carry
+  after the last chunk it walks, *extra outputs). With several splits (GPU) it runs twice:
+  first from zero states, for each split's own contribution L_p to the carry leaving it; then,
+  after the carries entering the splits are chained in XLA (H_next = A_p H_p + L_p, A_p from
+  `_split_decays`), from those, storing the per-chunk states. init: [B, H, K, V] float32.
+  extra_in / extra_out: (name, array) / (name, shape) of the storing pass only."""
+  b, _, h, k_dim, v_dim, sp = _sizes(st, a)
+  seq = functools.partial(sp.seq, reverse=reverse)
+  grid = (b, h, k_dim // st.block_k, v_dim // st.block_v)
+  state = jax.ShapeDtypeStruct((b, h, st.splits, k_dim, v_dim), F32)
+  specs = [seq(n) for n in names]
+  inits = init[:, :, None]
+  if st.splits > 1:
+    local = _call(st, kernel, grid, specs + [seq("state")], seq("state"), state,
+                  _arrays(names, a) + [jnp.zeros(state.shape, F32)], chunks=sp.n, store=False,
+                  **kw)
+    decay = _split_decays(st, a)
+    carries = [init]
+    for p in (range(st.splits - 1, 0, -1) if reverse else range(st.splits - 1)):
+      carries.append(decay[:, :, p] * carries[-1] + local[:, :, p])
+    inits = jnp.stack(carries[::-1] if reverse else carries, axis=2)
+  states, last, *extra = _call(
+      st, kernel, grid, specs + [seq(n) for n, _ in extra_in] + [seq("state")],
+      [seq("states"), seq("state")] + [seq(n) for n, _ in extra_out],
+      [jax.ShapeDtypeStruct((b, h, sp.n, k_dim, v_dim), out_dtype), state]
+      + [jax.ShapeDtypeStruct(shape, F32) for _, shape in extra_out],
+      _arrays(names, a) + [x for _, x in extra_in] + [inits], chunks=sp.n, **kw)
+  return (states, last[:, :, 0 if reverse else -1], *extra)
+
+
 def _states(st, a):
   """Kernel 1: (h_n for every chunk [B,H,N,K,V] in the input dtype, final state f32)."""
-  b, _, h, k_dim, v_dim, sp = _sizes(st, a)
-  names = ["k", "v"] + _decay_names(st, False)
-  return _call(st, _states_kernel, (b, h, k_dim // st.block_k, v_dim // st.block_v),
-               [sp.seq(n) for n in names] + [sp.seq("state")],
-               [sp.seq("states"), sp.seq("state")],
-               [jax.ShapeDtypeStruct((b, h, sp.n, k_dim, v_dim), a["k"].dtype),
-                jax.ShapeDtypeStruct((b, h, k_dim, v_dim), F32)],
-               _arrays(names, a) + [a["h0"]], chunks=sp.n)
+  return _sequential(st, a, _states_kernel, ["k", "v"] + _decay_names(st, False), a["h0"],
+                     False, a["k"].dtype)
 
 
 def _forward(st, a):
@@ -673,20 +757,13 @@ def _output(st, a, hs):
 def _dstates(st, a, do, dhT, hs):
   """Kernel 3: (dh_n for every chunk, dh_0, [the state part of R_n]); on GPU the R_n pieces
   of the V tiles are summed here (one small XLA reduction)."""
-  b, _, h, k_dim, v_dim, sp = _sizes(st, a)
+  b, _, h, _, _, sp = _sizes(st, a)
   decay = st.kind != "none"
-  names = ["q", "do"] + _decay_names(st, True)
-  seq = functools.partial(sp.seq, reverse=True)
-  res = _call(st, _dstates_kernel, (b, h, k_dim // st.block_k, v_dim // st.block_v),
-              [seq(n) for n in names] + ([seq("states")] if decay else []) + [seq("state")],
-              [seq("states"), seq("state")] + ([seq("rs")] if decay else []),
-              [jax.ShapeDtypeStruct(hs.shape, hs.dtype),
-               jax.ShapeDtypeStruct((b, h, k_dim, v_dim), F32)]
-              + ([jax.ShapeDtypeStruct(sp.rs_shape(b, h), F32)] if decay else []),
-              _arrays(names, dict(a, do=do)) + ([hs] if decay else []) + [dhT], chunks=sp.n,
-              stages=st.config.dstates_stages)
-  rs = [x if st.tpu else jnp.sum(x, axis=2, keepdims=True) for x in res[2:]]
-  return res[0], res[1], rs
+  dhs, dh0, *rs = _sequential(
+      st, dict(a, do=do), _dstates_kernel, ["q", "do"] + _decay_names(st, True), dhT, True,
+      hs.dtype, extra_in=[("states", hs)] if decay else [],
+      extra_out=[("rs", sp.rs_shape(b, h))] if decay else [], stages=st.config.dstates_stages)
+  return dhs, dh0, [x if st.tpu else jnp.sum(x, axis=2, keepdims=True) for x in rs]
 
 
 def _dv(st, a, do, dhs):
@@ -824,10 +901,13 @@ def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, co
   bkg = kp if kind == "scalar" or cfg.block_k_grad is None else min(cfg.block_k_grad, kp)
   if tpu:
     bk, bv, bvo, bkg = kp, vp, vp, kp
+  splits = 1 if tpu else cfg.state_splits
+  if splits is None:
+    splits = default_splits(b * h * (kp // bk) * (vp // bv), tp // c)
   st = _Static(kind=kind, exclusive=bonus is not None, segments=segment_ids is not None,
                scale=float(scale), chunk=c, sub=(cfg.sub or c) if kind == "vector" else c,
                interpret=bool(interpret), tpu=tpu, block_k=bk, block_v=bv, block_v_out=bvo,
-               block_k_grad=bkg, out_dtype=out_dtype, config=cfg)
+               block_k_grad=bkg, splits=splits, out_dtype=out_dtype, config=cfg)
 
   def pad(x, width):
     cfgpad = [(0, 0), (0, tp - t), (0, 0)] + ([(0, width - x.shape[-1])] if x.ndim == 4 else [])
