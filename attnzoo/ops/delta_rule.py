@@ -23,6 +23,7 @@ from jax import lax
 
 from attnzoo.ops.dispatch import Dispatcher
 from pallas_kernels import delta_rule as kernels
+from pallas_kernels.common import device_reason
 
 dispatcher = Dispatcher("delta_rule", auto_order={
     "gpu": ("pallas", "xla"),
@@ -143,13 +144,9 @@ def _interpret_supports(*, q, v, scale, **_):
 
 
 def _pallas_supports(*, q, v, scale, **_):
-  backend = jax.default_backend()
-  if backend not in ("gpu", "tpu"):
-    return (f"the delta-rule Pallas kernels run only on GPU (Triton) or TPU (Mosaic), not on "
-            f"{backend}; use 'interpret'")
-  if backend == "tpu" and jax.devices()[0].device_kind in ("TPU v2", "TPU v3", "TPU v4"):
-    # Mosaic compiles the backward (per-position row sums) only from TPU v5 on.
-    return f"needs TPU v5 or newer, got {jax.devices()[0].device_kind}"
+  why = device_reason("the delta-rule Pallas kernels")
+  if why is not None:
+    return why
   if q.shape[-1] > 128 or v.shape[-1] > 128:
     # The [K, V] state tiles live in registers (GPU) or VMEM (TPU); head dims <= 128 only.
     return f"head dims (key {q.shape[-1]}, value {v.shape[-1]}) > 128"

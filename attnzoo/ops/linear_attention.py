@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnzoo.ops.dispatch import Dispatcher
+from pallas_kernels.common import device_reason
 
 F32 = jnp.float32
 CLAMP = 80.0  # vector-decay sub-block trick: largest positive exponent of either side
@@ -342,14 +343,7 @@ def _kernel_reason(*, q, k, v, scale, log_decay, bonus, initial_state, segment_i
 
 
 def _pallas_supports(**args):
-  backend = jax.default_backend()
-  if backend not in ("gpu", "tpu"):
-    return (f"the Pallas kernel runs only on GPU (Triton) or TPU (Mosaic), not on {backend} "
-            "(use 'interpret')")
-  if backend == "tpu" and jax.devices()[0].device_kind in ("TPU v2", "TPU v3", "TPU v4"):
-    # Mosaic rejects the decay kernels' sublane gathers before v5 (AOT-checked on v4)
-    return f"needs TPU v5 or newer, got {jax.devices()[0].device_kind}"
-  return _kernel_reason(**args)
+  return device_reason("the linear-attention Pallas kernels") or _kernel_reason(**args)
 
 
 def _run_kernel(*, q, k, v, scale, log_decay, bonus, normalize, initial_state,

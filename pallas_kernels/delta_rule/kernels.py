@@ -50,8 +50,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import common
 from pallas_kernels.common import resolve_platform
@@ -377,28 +375,12 @@ class Kernels:
 
   def _call(self, kernel, name, launch, grid, in_specs, out_specs, out_shape, carry=None,
             **kw):
-    """carry: the [K, BV] float32 carry of a sequential kernel (on TPU its grid gains the
-    chunk axis and the carry lives in VMEM scratch)."""
-    scratch = ()
-    if self.tpu:
-      semantics = ("parallel",) * len(grid)
-      if carry is not None:
-        grid, semantics = grid + (self.n,), semantics + ("arbitrary",)
-        kernel = common.carry_in_scratch(kernel, len(grid) - 1)
-        scratch = [pltpu.VMEM(carry, F32)]
-      params = pltpu.CompilerParams(dimension_semantics=semantics)
-      interpret = pltpu.InterpretParams() if self.interpret else False
-    else:
-      if carry is not None:
-        kw["loop"] = common.loop_in_kernel
-      params = None if self.interpret else pltriton.CompilerParams(
-          num_warps=launch[0], num_stages=launch[1])
-      interpret = self.interpret
+    """carry: the [K, BV] float32 carry of a sequential kernel (`common.pallas_call`)."""
     kernel = functools.partial(kernel, chunk=self.chunk, gated=self.gated,
                                segmented=self.segmented, precision=self.precision, **kw)
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          out_shape=out_shape, scratch_shapes=scratch, interpret=interpret,
-                          compiler_params=params, name=name)
+    return common.pallas_call(kernel, tpu=self.tpu, interpret=self.interpret, grid=grid,
+                              in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                              name=name, carry=carry, chunks=self.n, launch=launch)
 
   def _block_v(self, block_v, programs):
     if block_v is None:

@@ -30,10 +30,6 @@ def _largest_pow2_divisor(n):
   return n & -n
 
 
-def _round_up(n, m):
-  return -(-n // m) * m
-
-
 def _tile(block, t, user_block, floor):
   b = min(block, common.next_pow2(t, floor))
   if user_block is not None:
@@ -55,7 +51,7 @@ def _tiles(bs, tq, tk, user_blocks, floor):
 def _padded_lengths(tiles, tq, tk):
   bq = max(tiles["block_q"], tiles["block_q_dq"], tiles["block_q_dkv"])
   bk = max(tiles["block_k"], tiles["block_k_dq"], tiles["block_k_dkv"])
-  return _round_up(tq, bq), _round_up(tk, bk)
+  return common.round_up(tq, bq), common.round_up(tk, bk)
 
 
 def _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule):
@@ -71,7 +67,7 @@ def _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule):
   if any(t % TPU_TILE for t in tiles.values()):
     return f"on TPU every block size must be a multiple of {TPU_TILE}, got {block_sizes}"
   tq_pad, tk_pad = _padded_lengths(tiles, tq, tk)
-  width = _round_up(d, TPU_TILE) + _round_up(v.shape[-1], TPU_TILE)
+  width = common.round_up(d, TPU_TILE) + common.round_up(v.shape[-1], TPU_TILE)
   # Whole-sequence blocks (single-buffered): K, V (forward, dq); the group's Q, dO and their
   # lse/delta rows (dk/dv); int32 position and segment rows (padded to 8 sublanes).
   kv = tk_pad * (width * itemsize + 2 * 8 * 4)
@@ -85,7 +81,7 @@ def _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule):
   rows = batch if per_batch_schedule else 1
   nq = max(tq_pad // tiles[n] for n in ("block_q", "block_q_dq", "block_q_dkv"))
   nk = max(tk_pad // tiles[n] for n in ("block_k", "block_k_dq", "block_k_dkv"))
-  smem = 4 * rows * max(nq * _round_up(2 + nk, 128), nk * _round_up(2 + nq, 128))
+  smem = 4 * rows * max(nq * common.round_up(2 + nk, 128), nk * common.round_up(2 + nq, 128))
   if smem > TPU_SMEM_BUDGET:
     return (f"on TPU the tile schedule ({rows} x {nq} x {nk} tiles) needs {smem // 1024} KiB "
             f"of SMEM, over {TPU_SMEM_BUDGET // 1024} KiB")
@@ -321,7 +317,7 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   aux = (q_pos, kv_pos, q_seg, kv_seg, sched_fwd, sched_dq, sched_dkv)
 
   if tpu:  # head dims fill the 128 lanes; the kernels take BHTD
-    dp, dvp = _round_up(d, TPU_TILE), _round_up(dv, TPU_TILE)
+    dp, dvp = common.round_up(d, TPU_TILE), common.round_up(dv, TPU_TILE)
   else:
     dp, dvp = common.next_pow2(d, 16), common.next_pow2(dv, 16)
   qp = _pad_axis(_pad_axis(q, 1, tq_pad), 3, dp)

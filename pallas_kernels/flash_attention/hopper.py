@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import common
 from pallas_kernels.flash_attention.kernels import LN2, LOG2E
 
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -130,7 +131,7 @@ def config_reason(head_dim: int, dtype, cfg: HopperConfig) -> str | None:
 
 def padded_lengths(tq: int, tk: int, cfg: HopperConfig) -> tuple[int, int]:
   """Tq, Tk rounded up to the kernel's tiles (2 * block_q query rows, block_kv keys)."""
-  return -(-tq // (2 * cfg.block_q)) * 2 * cfg.block_q, -(-tk // cfg.block_kv) * cfg.block_kv
+  return common.round_up(tq, 2 * cfg.block_q), common.round_up(tk, cfg.block_kv)
 
 
 def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,

@@ -69,7 +69,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import common
 
@@ -645,57 +644,48 @@ def _sizes(st, a):
 def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None, stages=None,
           store=True):
   """chunks: for the sequential kernels, the number of chunks they loop over carrying a
-  [BK, BV] float32 state (pallas_kernels.common): on TPU the grid gains a chunk axis and the
-  carry lives in VMEM scratch; on GPU it gains the split axis. stages: Triton pipeline stages
-  instead of the config's. store=False: a sequential kernel's first pass over a split sequence
-  (no per-chunk states)."""
-  name = kernel.__name__.strip("_") + ("" if store else "_local")
-  kernel = functools.partial(kernel, st, **({} if store else {"store": False}))
-  kwargs = {}
+  [BK, BV] float32 state (`common.pallas_call`); on GPU their grid gains the split axis.
+  stages: Triton pipeline stages instead of the config's. store=False: a sequential kernel's
+  first pass over a split sequence (no per-chunk states)."""
   sequential = chunks is not None
-  if sequential and not st.tpu:
-    kernel = functools.partial(kernel, loop=common.loop_in_kernel)
-    grid = grid + (st.splits,)
-  if st.tpu:
-    semantics = ("parallel",) * len(grid)
-    if sequential:
-      kernel = common.carry_in_scratch(kernel, len(grid))
-      kwargs["scratch_shapes"] = [pltpu.VMEM((st.block_k, st.block_v), F32)]
-      grid, semantics = grid + (chunks,), semantics + ("arbitrary",)
-    kwargs["compiler_params"] = pltpu.CompilerParams(dimension_semantics=semantics)
-    if st.interpret:
-      kwargs["interpret"] = pltpu.InterpretParams()
-  elif st.interpret:
-    kwargs["interpret"] = True
+  cfg = st.config
+  if sequential:
+    launch = (cfg.state_warps or 4, stages or cfg.state_stages or 2)
+    if not st.tpu:
+      grid = grid + (st.splits,)
   else:
-    from jax.experimental.pallas import triton as pltriton
-    cfg = st.config
-    if sequential:
-      warps, stages = cfg.state_warps or 4, stages or cfg.state_stages or 2
-    else:
-      warps, stages = cfg.num_warps or 4, stages or cfg.num_stages or 2
-    kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
-  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, name=name, **kwargs)(*args)
+    launch = (cfg.num_warps or 4, stages or cfg.num_stages or 2)
+  call = common.pallas_call(
+      functools.partial(kernel, st, **({} if store else {"store": False})), tpu=st.tpu,
+      interpret=st.interpret, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, name=kernel.__name__.strip("_") + ("" if store else "_local"),
+      carry=(st.block_k, st.block_v) if sequential else None, chunks=chunks, launch=launch)
+  return call(*args)
 
 
 def _arrays(names, arrays):
   return [arrays[n] for n in names]
 
 
+def _chunk_ends(st, x):
+  """x at every chunk's last position: G or a mask [B,T,...] on GPU, a vector decay's G
+  [B,H,T,K] on TPU."""
+  return x[:, :, st.chunk - 1::st.chunk] if st.tpu else x[:, st.chunk - 1::st.chunk]
+
+
 def _split_decays(st, a):
   """[B, H, splits, K or 1, 1]: the factor by which a state crosses each split of the
   sequence, the product over its chunks of e^Gamma (times the crossing mask)."""
   b, _, h, _, _, sp = _sizes(st, a)
-  c, p = st.chunk, st.splits
+  p = st.splits
   log_a = jnp.zeros((b, p, h, 1), F32)
   if st.kind != "none":
-    ends = a["G"][:, c - 1::c]                                     # [B, N, H(, K)]
+    ends = _chunk_ends(st, a["G"])                                 # [B, N, H(, K)]
     ends = ends if st.kind == "vector" else ends[..., None]
     log_a = jnp.sum(ends.reshape(b, p, sp.n // p, h, -1), axis=2)
   f = jnp.exp(log_a)
   if st.segments:
-    f = f * jnp.prod(a["m0"][:, c - 1::c].reshape(b, p, -1), axis=2)[:, :, None, None]
+    f = f * jnp.prod(_chunk_ends(st, a["m0"]).reshape(b, p, -1), axis=2)[:, :, None, None]
   return jnp.moveaxis(f, 1, 2)[..., None]
 
 
@@ -807,8 +797,7 @@ def _with_sub(st, a, fn, *args):
   when no chunk decays by more than e^-CLAMP (then nothing is clamped), else 16 rows."""
   if st.kind != "vector" or st.config.sub is not None or st.chunk <= 16:
     return fn(st, *args)
-  ends = a["G"][:, :, st.chunk - 1::st.chunk] if st.tpu else a["G"][:, st.chunk - 1::st.chunk]
-  exact = jnp.min(ends) >= -CLAMP
+  exact = jnp.min(_chunk_ends(st, a["G"])) >= -CLAMP
   narrow = dataclasses.replace(st, sub=16)
   return lax.cond(exact, functools.partial(fn, st), functools.partial(fn, narrow), *args)
 
@@ -890,14 +879,14 @@ def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, co
   kind = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "vector")
   cfg = config or default_config(b, h, k_dim, v_dim, kind)
   c = cfg.chunk
-  tp = -(-t // c) * c
+  tp = common.round_up(t, c)
   kp = common.next_pow2(k_dim, 16)
   bk = min(cfg.block_k, kp)
   vw = common.next_pow2(v_dim, 16)
   bv, bvo = min(cfg.block_v, vw), min(cfg.block_v_out, vw)
-  while max(bv, bvo) > 16 and -(-v_dim // max(bv, bvo)) * max(bv, bvo) > 1.5 * v_dim:
+  while max(bv, bvo) > 16 and common.round_up(v_dim, max(bv, bvo)) > 1.5 * v_dim:
     bv, bvo = min(bv, max(bv, bvo) // 2), min(bvo, max(bv, bvo) // 2)  # V=129: tiles of 64
-  vp = -(-v_dim // max(bv, bvo)) * max(bv, bvo)
+  vp = common.round_up(v_dim, max(bv, bvo))
   bkg = kp if kind == "scalar" or cfg.block_k_grad is None else min(cfg.block_k_grad, kp)
   if tpu:
     bk, bv, bvo, bkg = kp, vp, vp, kp
