@@ -81,13 +81,14 @@ def _loop_over_grid(body, n_chunks, init_ref, final_ref, *, carry_ref, axis):
 
 
 def pallas_call(kernel, *, tpu, interpret, grid, in_specs, out_specs, out_shape, name,
-                carry=None, chunks=None, launch=(4, 2)):
+                carry=None, chunks=None, launch=(4, 2), aliases=None):
   """pl.pallas_call in the platform's form, applied to nothing yet.
 
   carry: the float32 carry shape of a sequential kernel, which takes `loop` (module
   docstring): on TPU the grid gains a last, "arbitrary" axis of `chunks` steps and the carry
   lives in VMEM scratch; on GPU the kernel loops over its whole-sequence blocks.
-  launch: Triton's (num_warps, num_stages). interpret: Pallas' interpreter of that form."""
+  launch: Triton's (num_warps, num_stages). interpret: Pallas' interpreter of that form.
+  aliases: {input index: output index}, outputs written in place of those inputs."""
   kwargs = {}
   if tpu:
     semantics = ("parallel",) * len(grid)
@@ -112,4 +113,5 @@ def pallas_call(kernel, *, tpu, interpret, grid, in_specs, out_specs, out_shape,
       kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=launch[0],
                                                           num_stages=launch[1])
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, name=name, **kwargs)
+                        out_shape=out_shape, name=name, input_output_aliases=aliases or {},
+                        **kwargs)

@@ -172,15 +172,17 @@ def _op_fn(variant, impl, static, config=None):
 
 
 def _jitted(variant, impl, static, bwd, config=None):
+  """The forward, or forward+backward: the gradients w.r.t. q, k, v and the differentiable
+  extras for the cotangent do of o, in o's dtype (fla's o.backward(do) in bf16)."""
   import jax
-  import jax.numpy as jnp
   f = _op_fn(variant, impl, static, config)
   if not bwd:
     return jax.jit(f)
 
-  def loss(q, k, v, d, do):
-    return jnp.sum(f(q, k, v, d).astype(jnp.float32) * do)
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  def fwdbwd(q, k, v, d, do):
+    _, pullback = jax.vjp(f, q, k, v, d)
+    return pullback(do)
+  return jax.jit(fwdbwd)
 
 
 def measure(variant, impl, shape, bwd, config=None):
@@ -192,7 +194,8 @@ def measure(variant, impl, shape, bwd, config=None):
              op=variant, mode="fwdbwd" if bwd else "fwd", shape=list(shape))
   try:
     fn = _jitted(variant, impl, static, bwd, config)
-    args = (q, k, v, diff) + ((jax.random.normal(jax.random.key(9), v.shape),) if bwd else ())
+    do = jax.random.normal(jax.random.key(9), v.shape).astype(v.dtype)
+    args = (q, k, v, diff) + ((do,) if bwd else ())
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     row["first_call_s"] = time.perf_counter() - t0
@@ -221,7 +224,7 @@ def peak_memory(variant, impl, t, b=1, h=16, d=128):
   row = dict(impl=impl, op=variant, mode="fwdbwd", shape=[b, t, h, d], what="peak_memory")
   try:
     fn = _jitted(variant, impl, static, True)
-    do = jax.ShapeDtypeStruct(v.shape, jax.numpy.float32)
+    do = jax.ShapeDtypeStruct(v.shape, v.dtype)
     m = fn.lower(q, k, v, diff, do).compile().memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
     row["peak_gib"] = total / 2 ** 30
@@ -253,7 +256,8 @@ def to_markdown(rows, device, fla_source):
   earlier = sorted({f"{r['op']} ({r['impl']})" for r in rows if r.get("earlier_run")})
   lines = [f"# Decayed linear attention on {device}", "",
            "bf16, H=16, K=V=128; ms (TFLOP/s with FLOPs = B·H·T·(2cK+2cV+4KV), c=64, ×3 for "
-           "fwd+bwd). `xla` = chunked pure-jnp form (chunk 64), same run unless noted; "
+           "fwd+bwd). fwd+bwd: the forward and the pullback of a bf16 cotangent of o (fla's "
+           "o.backward(do)). `xla` = chunked pure-jnp form (chunk 64), same run unless noted; "
            f"fla: {fla_source}.", ""]
   if earlier:
     lines += [f"Measured in an earlier run on the same device (code unchanged since, not "

@@ -19,8 +19,9 @@ exclusive, also from kernel 0), Gamma = G at the chunk's last row. Every exponen
     earlier sub-blocks always have r - G <= 0. By default S is the whole chunk (one 64-row
     matmul; 16-row sub-blocks run 4x slower on Hopper), which is exact whenever no chunk decays
     by more than e^-80 in any channel; calls where some chunk does take S = 16 (exact unless the
-    decay over 8 steps is stronger than e^-80, about -10 per step), chosen with `lax.cond`
-    (in-kernel, per-chunk choice measured slower: both forms in one kernel);
+    decay over 8 steps is stronger than e^-80, about -10 per step), chosen at run time
+    (`_with_sub`: `lax.cond`, or in the GPU forward both forms launched, each program of the
+    form not chosen returning at once);
   - o = A v + scale (q e^{Gq}) h_n,   h_{n+1} = e^{Gamma} h_n + (k e^{Gamma - G})^T v.
 
 Kernels (matmul operands in the input dtype, accumulation and carried states in float32):
@@ -111,6 +112,7 @@ class _Static:
   scale: float
   chunk: int
   sub: int
+  choose_sub: bool   # vector decay: sub chosen at run time (`_with_sub`)
   interpret: bool
   tpu: bool          # Mosaic TPU form (see `_TpuSpecs`), else Triton
   block_k: int
@@ -324,7 +326,8 @@ def _input_names(st):
 
 def _cumsum_kernel(st, g_ref, G_ref, Gq_ref=None):
   """One chunk: G, the chunk-local cumulative sum of the log decay g (float32); exclusive
-  readout: also Gq = G - g, the queries' exclusive sum."""
+  readout: also Gq = G - g, the queries' exclusive sum (formed from G and g in the kernels
+  that read it instead, the backward kernels measured 17-28% slower on an H200)."""
   g = g_ref[...].astype(F32)
   G = _running_sum(g) if st.tpu else jnp.cumsum(g, axis=0)
   G_ref[...] = G
@@ -642,11 +645,13 @@ def _sizes(st, a):
 
 
 def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None, stages=None,
-          store=True):
+          store=True, turn=None):
   """chunks: for the sequential kernels, the number of chunks they loop over carrying a
   [BK, BV] float32 state (`common.pallas_call`); on GPU their grid gains the split axis.
   stages: Triton pipeline stages instead of the config's. store=False: a sequential kernel's
-  first pass over a split sequence (no per-chunk states)."""
+  first pass over a split sequence (no per-chunk states). turn=(flag [1] int32, value, the
+  output so far or None): the kernel runs only where flag == value, else every program
+  returns at once, leaving the output so far (written in place; see `_output`)."""
   sequential = chunks is not None
   cfg = st.config
   if sequential:
@@ -655,12 +660,32 @@ def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None, s
       grid = grid + (st.splits,)
   else:
     launch = (cfg.num_warps or 4, stages or cfg.num_stages or 2)
+  body = functools.partial(kernel, st, **({} if store else {"store": False}))
+  aliases = None
+  if turn is not None:
+    flag, value, out = turn
+    so_far = [] if out is None else [out]
+    body = _taking_turns(body, value, len(args), len(so_far))
+    aliases = {1 + len(args): 0} if so_far else None
+    in_specs = [pl.BlockSpec((1,), lambda *_: (0,))] + in_specs + [out_specs] * len(so_far)
+    args = [flag] + args + so_far
   call = common.pallas_call(
-      functools.partial(kernel, st, **({} if store else {"store": False})), tpu=st.tpu,
-      interpret=st.interpret, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, name=kernel.__name__.strip("_") + ("" if store else "_local"),
-      carry=(st.block_k, st.block_v) if sequential else None, chunks=chunks, launch=launch)
+      body, tpu=st.tpu, interpret=st.interpret, grid=grid, in_specs=in_specs,
+      out_specs=out_specs, out_shape=out_shape,
+      name=kernel.__name__.strip("_") + ("" if store else "_local"),
+      carry=(st.block_k, st.block_v) if sequential else None, chunks=chunks, launch=launch,
+      aliases=aliases)
   return call(*args)
+
+
+def _taking_turns(body, value, n_in, n_so_far):
+  """body under `flag == value`, its flag ref first and the aliased output-so-far ref (left
+  as it is) dropped."""
+  def kernel(flag_ref, *refs):
+    @pl.when(flag_ref[0] == value)
+    def _():
+      body(*refs[:n_in], *refs[n_in + n_so_far:])
+  return kernel
 
 
 def _arrays(names, arrays):
@@ -730,18 +755,29 @@ def _states(st, a):
 def _forward(st, a):
   """(o, final state, h_n of every chunk)."""
   hs, hT = _states(st, a)
-  return _with_sub(st, a, _output, a, hs), hT, hs
+  return _with_sub(st, a, _output, a, hs, turns=True), hT, hs
 
 
 def _output(st, a, hs):
-  """Kernel 2: o."""
+  """Kernel 2: o. When the vector sub-block size is left to it (`_with_sub`), two launches
+  write o: the whole-chunk form where a["exact"] is 1, then the 16-row form where it is 0, in
+  place of the first's o; all programs of the form not chosen read the flag and return. No
+  host round trip (XLA's GPU conditional copies its predicate to the host and waits for it,
+  stalling the dispatch of everything after it), and one form per kernel (both forms in one
+  kernel measured 6-7% slower)."""
   b, _, h, _, v_dim, sp = _sizes(st, a)
   names = _input_names(st) + (["u"] if st.exclusive else [])
-  return _call(st, _output_kernel, (b, h, sp.n, v_dim // st.block_v_out),
-               [sp.chunk(n, "v") for n in names] + [sp.chunk("states", "v")],
-               sp.chunk("o", "v"),
-               jax.ShapeDtypeStruct(a["v"].shape, st.out_dtype or a["v"].dtype),
-               _arrays(names, a) + [hs])
+  call = functools.partial(
+      _call, kernel=_output_kernel, grid=(b, h, sp.n, v_dim // st.block_v_out),
+      in_specs=[sp.chunk(n, "v") for n in names] + [sp.chunk("states", "v")],
+      out_specs=sp.chunk("o", "v"),
+      out_shape=jax.ShapeDtypeStruct(a["v"].shape, st.out_dtype or a["v"].dtype),
+      args=_arrays(names, a) + [hs])
+  if not st.choose_sub:
+    return call(st)
+  wide = dataclasses.replace(st, choose_sub=False)
+  o = call(wide, turn=(a["exact"], 1, None))
+  return call(dataclasses.replace(wide, sub=16), turn=(a["exact"], 0, o))
 
 
 def _dstates(st, a, do, dhT, hs):
@@ -792,22 +828,30 @@ def _backward(st, a, do, dhT, hs):
   return dq, dk, _dv(st, a, do, dhs), dg, dh0
 
 
-def _with_sub(st, a, fn, *args):
-  """fn(st', *args) with the vector-decay sub-block size chosen at run time: the whole chunk
-  when no chunk decays by more than e^-CLAMP (then nothing is clamped), else 16 rows."""
-  if st.kind != "vector" or st.config.sub is not None or st.chunk <= 16:
+def _with_sub(st, a, fn, *args, turns=False):
+  """fn(st, *args) with the vector-decay sub-block size chosen at run time: the whole chunk
+  where a["exact"] (no chunk decays by more than e^-CLAMP, so nothing is clamped), else 16
+  rows. Through lax.cond, or with `turns` on GPU by fn's output kernel taking turns
+  (`_output`). Vector decay at 4x4096 on an H200: turns save the forward (one kernel after
+  the choice) about 0.02 ms of XLA's GPU conditional waiting for its predicate on the host;
+  in the backward (two kernels) they cost more than that (dv 0.258 -> 0.274, dq/dk/dg 0.518
+  -> 0.549 ms): the idle launch of a 4096-8192-program kernel is not free. (A TPU reads its
+  predicate on the device.)"""
+  if not st.choose_sub or (turns and not st.tpu):
     return fn(st, *args)
-  exact = jnp.min(_chunk_ends(st, a["G"])) >= -CLAMP
-  narrow = dataclasses.replace(st, sub=16)
-  return lax.cond(exact, functools.partial(fn, st), functools.partial(fn, narrow), *args)
+  wide = dataclasses.replace(st, choose_sub=False)
+  narrow = dataclasses.replace(wide, sub=16)
+  return lax.cond(a["exact"][0] == 1, functools.partial(fn, wide), functools.partial(fn, narrow),
+                  *args)
 
 
 _ARGS = ("q", "k", "v", "g", "u", "h0", "seg", "m0", "mk")
 
 
 def _with_cumsum(st, args):
-  """The kernel inputs: the arguments plus G, the chunk-local cumsum of g (float32), and Gq
-  for the exclusive readout."""
+  """The kernel inputs: the arguments plus G, the chunk-local cumsum of g (float32), Gq for the
+  exclusive readout, and with the sub-block size chosen at run time its flag "exact" [1]
+  int32."""
   a = dict(zip(_ARGS, args))
   g = a["g"]
   if g is not None:
@@ -817,6 +861,8 @@ def _with_cumsum(st, args):
     res = _call(st, _cumsum_kernel, (b, h, sp.n), [spec], [spec] * len(outs),
                 [jax.ShapeDtypeStruct(g.shape, F32)] * len(outs), [g])
     a.update(zip(outs, res))
+    if st.choose_sub:
+      a["exact"] = (jnp.min(_chunk_ends(st, a["G"])) >= -CLAMP).astype(jnp.int32).reshape(1)
   return a
 
 
@@ -895,6 +941,7 @@ def _prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, co
     splits = default_splits(b * h * (kp // bk) * (vp // bv), tp // c)
   st = _Static(kind=kind, exclusive=bonus is not None, segments=segment_ids is not None,
                scale=float(scale), chunk=c, sub=(cfg.sub or c) if kind == "vector" else c,
+               choose_sub=kind == "vector" and cfg.sub is None and c > 16,
                interpret=bool(interpret), tpu=tpu, block_k=bk, block_v=bv, block_v_out=bvo,
                block_k_grad=bkg, splits=splits, out_dtype=out_dtype, config=cfg)
 
