@@ -109,7 +109,8 @@ def test_split_count_default():
 
 def test_kernel_strong_vector_decay_takes_sub_blocks():
   """About -6 per step: one 32-row block would clamp (wrong), so the default config takes
-  16-row sub-blocks through lax.cond and stays exact."""
+  16-row sub-blocks (chosen at run time: in the forward on GPU by the output kernel's two
+  launches, else through lax.cond) and stays exact."""
   q, k, v, kw = make_inputs("vector", seed=17)
   kw["log_decay"] = -6.0 + 0.5 * jnp.tanh(kw["log_decay"])
   want = loss_and_grads(la.reference, q, k, v, kw)
@@ -196,3 +197,24 @@ def test_kernel_device_shapes_bf16(variant):
   with jax.default_matmul_precision("TF32_TF32_F32_X3" if dtype == jnp.float32 else None):
     got = loss_and_grads(op, q, k, v, kw)
   assert_all_close(got, want, tol, f"device {variant} ")
+
+
+def test_gpu_sub_block_choice_without_host_wait():
+  """Vector decay lowered for an H200 (no device needed): the forward launches the output
+  kernel in both sub-block forms, the second writing in place of the first's o, and has no
+  conditional (XLA's GPU conditional waits on the host for its predicate); the backward keeps
+  one lax.cond around its dv and dq/dk/dg kernels (cheaper there than two idle launches)."""
+  from tests.pallas_kernels.test_flash_attention_hopper import export_cuda
+  q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  g = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
+
+  def forward(q, k, v, g):
+    return kernel(q, k, v, g, scale=0.125, platform="gpu")[0]
+
+  def loss(q, k, v, g):
+    return jnp.sum(forward(q, k, v, g).astype(jnp.float32))
+  text = export_cuda(forward, q, q, q, g)
+  assert text.count('name = "output_kernel"') == 2, text.count('name = "output_kernel"')
+  assert "output_operand_aliases" in text and "stablehlo.case" not in text
+  text = export_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), q, q, q, g)
+  assert text.count("stablehlo.case") == 1
