@@ -761,10 +761,8 @@ def _forward(st, a):
 def _output(st, a, hs):
   """Kernel 2: o. When the vector sub-block size is left to it (`_with_sub`), two launches
   write o: the whole-chunk form where a["exact"] is 1, then the 16-row form where it is 0, in
-  place of the first's o; all programs of the form not chosen read the flag and return. No
-  host round trip (XLA's GPU conditional copies its predicate to the host and waits for it,
-  stalling the dispatch of everything after it), and one form per kernel (both forms in one
-  kernel measured 6-7% slower)."""
+  place of the first's o; all programs of the form not chosen read the flag and return (one
+  form per kernel: both forms in one kernel measured 6-7% slower)."""
   b, _, h, _, v_dim, sp = _sizes(st, a)
   names = _input_names(st) + (["u"] if st.exclusive else [])
   call = functools.partial(
@@ -832,11 +830,12 @@ def _with_sub(st, a, fn, *args, turns=False):
   """fn(st, *args) with the vector-decay sub-block size chosen at run time: the whole chunk
   where a["exact"] (no chunk decays by more than e^-CLAMP, so nothing is clamped), else 16
   rows. Through lax.cond, or with `turns` on GPU by fn's output kernel taking turns
-  (`_output`). Vector decay at 4x4096 on an H200: turns save the forward (one kernel after
-  the choice) about 0.02 ms of XLA's GPU conditional waiting for its predicate on the host;
+  (`_output`). XLA's GPU conditional copies its predicate to the host and blocks there until
+  it arrives (ConditionalThunk), stalling the dispatch of everything after it. Vector decay
+  at 4x4096 on an H200: turns save the forward (one kernel after the choice) about 0.02 ms;
   in the backward (two kernels) they cost more than that (dv 0.258 -> 0.274, dq/dk/dg 0.518
-  -> 0.549 ms): the idle launch of a 4096-8192-program kernel is not free. (A TPU reads its
-  predicate on the device.)"""
+  -> 0.549 ms): the idle launch of a 4096-8192-program kernel is not free. TPU: lax.cond
+  (Mosaic prefetches every input block of a program, so an idle launch would read them all)."""
   if not st.choose_sub or (turns and not st.tpu):
     return fn(st, *args)
   wide = dataclasses.replace(st, choose_sub=False)
