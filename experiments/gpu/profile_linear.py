@@ -5,9 +5,10 @@ python experiments/gpu/profile_linear.py [--shapes 'B,T,H,D;...'] [--variants sc
 Variants: linear (no decay), scalar, vector, rwkv6, den (no decay, v a ones column: the
 normaliser's call). --module times another copy of the kernel module (an experiment).
 Prints one line per (variant, config, shape, piece): milliseconds, median of repeated calls.
-Pieces: the chunk-local cumsum of the log decay (kernel 0), the states kernel, the forward
-kernels (states + output), each backward kernel and all of them (from the forward's states;
-the vector sub-block choice is not applied), and the public op forward and forward+backward.
+Pieces: the chunk-local cumsum of the log decay (kernel 0; with kd for vector decay), the
+states kernel, the forward kernels (states + output), each backward kernel and all of them
+(from the forward's states; the vector sub-block choice is not applied), and the public op
+forward and forward+backward (the pullback of a bf16 cotangent, as the benchmark times it).
 """
 import argparse
 import dataclasses
@@ -95,7 +96,7 @@ def main():
         a = lk._with_cumsum(st, core_args)
         _time(f"{tag}: states kernel", jax.jit(lambda a: lk._states(st, a)), a)
         _time(f"{tag}: forward kernels", jax.jit(lambda a: lk._forward(st, a)), a)
-        hs, _ = jax.jit(lambda a: lk._states(st, a))(a)
+        hs = jax.jit(lambda a: lk._forward(st, a)[2])(a)
         _time(f"{tag}: dstates kernel", jax.jit(lambda a, do, hs: lk._dstates(st, a, do, dhT, hs)),
               a, do, hs)
         dhs, _, rs = jax.jit(lambda a, do, hs: lk._dstates(st, a, do, dhT, hs))(a, do, hs)
@@ -110,11 +111,10 @@ def main():
                                      interpret=args.interpret)
           return o
 
-        def loss(q, k, v, g):
-          return jnp.sum(op(q, k, v, g).astype(jnp.float32) * do)
+        def fwdbwd(q, k, v, g, do):  # the benchmark's convention: the pullback of a bf16 do
+          return jax.vjp(op, q, k, v, g)[1](do)
         _time(f"{tag}: op fwd", jax.jit(op), q, k, v, g)
-        argnums = (0, 1, 2) if g is None else (0, 1, 2, 3)
-        _time(f"{tag}: op fwdbwd", jax.jit(jax.grad(loss, argnums=argnums)), q, k, v, g)
+        _time(f"{tag}: op fwdbwd", jax.jit(fwdbwd), q, k, v, g, do)
 
 
 if __name__ == "__main__":

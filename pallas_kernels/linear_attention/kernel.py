@@ -26,18 +26,21 @@ exclusive, also from kernel 0), Gamma = G at the chunk's last row. Every exponen
 
 Kernels (matmul operands in the input dtype, accumulation and carried states in float32):
   0. `_cumsum_kernel`, grid (B, H, N): G from g (Triton's scan on GPU, triangular matmuls on
-     the MXU on TPU), and Gq = G - g for the exclusive readout.
+     the MXU on TPU), Gq = G - g for the exclusive readout, and with vector decay the keys as
+     the states kernel adds them, kd = k e^{Gamma - G} in the input dtype (`_keys_factored`).
   1. `_states_kernel`, grid (B, H, K/BK, V/BV, P): a sequential loop over chunks carrying one
      [BK, BV] tile of the state; stores h_n (the state entering chunk n, in the input dtype)
-     and returns the final state. On GPU a small grid (1x16384x16: 64 tiles for 132 SMs, each
-     ~2.3 us per chunk step) walks P pieces of the sequence in parallel (`_sequential`): once
-     from zero for each piece's own contribution, the pieces' entering states chained in XLA,
-     then again from those (1x16384: states 0.59 -> 0.36 ms with P = 4).
+     and returns the final state. Vector decay: per chunk it reads kd and G's last row, not
+     k and G. On GPU a small grid (1x16384x16: 64 tiles for 132 SMs, each ~2.3 us per chunk
+     step) walks P pieces of the sequence in parallel (`_sequential`): once from zero for each
+     piece's own contribution, the pieces' entering states chained in XLA, then again from
+     those (1x16384: states 0.59 -> 0.36 ms with P = 4).
   2. `_output_kernel`, grid (B, H, N, V/BV), every chunk in parallel: o from A and h_n (the
      RWKV-6 bonus as A's diagonal).
-Backward (the inputs, G and the h_n are saved: B*H*(T/C)*K*V in the input dtype, 4x v's
-bytes at K=128, C=64; recomputing them instead saves nothing under jit, where XLA merges the
-identical states kernels of the forward and the backward and keeps h_n alive anyway):
+Backward (the inputs, G and the h_n are saved, kd is not; the h_n are B*H*(T/C)*K*V in the
+input dtype, 4x v's bytes at K=128, C=64; recomputing them instead saves nothing under jit,
+where XLA merges the identical states kernels of the forward and the backward and keeps h_n
+alive anyway):
   3. `_dstates_kernel`, grid (B, H, K/BK, V/BV, P), a reverse loop (split like kernel 1):
      stores dh_n, the gradient at chunk n's exit, with dh <- e^{Gamma} dh + scale (q e^{Gq})^T
      do; returns dh_0; with decay also its V tile's part of sum_v (e^Gamma h_n) dh_n.
@@ -188,10 +191,11 @@ class _Chunk:
   in the parallel kernels, whose blocks are one chunk). Loads happen where a factor is used:
   [C, K] float32 tiles kept live would spill."""
 
-  def __init__(self, st, refs, start):
+  def __init__(self, st, refs, start, G=None):
     self.st, self.refs = st, refs
     self.rows = pl.ds(start, st.chunk)
     self.last = start + st.chunk - 1
+    self.given = G      # G already in registers (the cumsum kernel), else loaded from refs
 
   @property
   def G(self):
@@ -200,11 +204,17 @@ class _Chunk:
 
   def load(self, name, rows):
     """refs[name] at `rows`: a pl.ds, or one row index (then a scalar, or [K] if 2-D)."""
-    ref = self.refs[name]
-    at = (rows,) if len(ref.shape) == 1 else (rows, slice(None))
-    if not self.st.tpu or isinstance(rows, pl.Slice):
-      return ref[at]
-    # Mosaic loads no single element or row at an unaligned offset: a masked sum instead
+    given = name == "G" and self.given is not None
+    if given and isinstance(rows, pl.Slice):
+      assert rows is self.rows, "G in registers is the whole chunk's"
+      return self.given
+    if not given:
+      ref = self.refs[name]
+      at = (rows,) if len(ref.shape) == 1 else (rows, slice(None))
+      if not self.st.tpu or isinstance(rows, pl.Slice):
+        return ref[at]
+    # one row of G in registers, or (Mosaic loads no single element or row at an unaligned
+    # offset) of a ref: a masked sum
     x = self.load(name, self.rows)
     i = self.rows.start + lax.broadcasted_iota(jnp.int32, x.shape, 0)
     return jnp.sum(jnp.where(i == rows, x, 0.0), axis=0)
@@ -322,35 +332,58 @@ def _input_names(st):
   return ["q", "k", "v"] + _decay_names(st, True) + (["seg"] if st.segments else [])
 
 
+def _keys_factored(st):
+  """Vector decay: the states kernel reads the keys with their factors applied, kd = k
+  e^{Gamma - G} (* key mask) in the input dtype, from `_cumsum_kernel`, instead of k and the
+  float32 G: 3/5 of the bytes per step of its sequential loop and no [C, K] exponentials
+  there (4x4096 on an H200: states 0.206 -> 0.113 ms, cumsum 0.080 -> 0.121 ms)."""
+  return st.kind == "vector"
+
+
+def _states_names(st):
+  if _keys_factored(st):
+    return ["kd", "v", "G"] + (["m0"] if st.segments else [])
+  return ["k", "v"] + _decay_names(st, False)
+
+
 # ----------------------------------------------------------------------------- kernels
 
-def _cumsum_kernel(st, g_ref, G_ref, Gq_ref=None):
+def _cumsum_kernel(st, *refs):
   """One chunk: G, the chunk-local cumulative sum of the log decay g (float32); exclusive
   readout: also Gq = G - g, the queries' exclusive sum (formed from G and g in the kernels
-  that read it instead, the backward kernels measured 17-28% slower on an H200)."""
-  g = g_ref[...].astype(F32)
+  that read it instead, the backward kernels measured 17-28% slower on an H200); vector
+  decay: also kd = k e^{Gamma - G} (* key mask), the keys as the states kernel adds them
+  (`_keys_factored`)."""
+  factored = _keys_factored(st)
+  r = _unpack(["g"] + (["k"] + (["mk"] if st.segments else []) if factored else [])
+              + ["G"] + (["Gq"] if st.exclusive else []) + (["kd"] if factored else []), refs)
+  g = r["g"][...].astype(F32)
   G = _running_sum(g) if st.tpu else jnp.cumsum(g, axis=0)
-  G_ref[...] = G
-  if Gq_ref is not None:
-    Gq_ref[...] = G - g
+  r["G"][...] = G
+  if st.exclusive:
+    r["Gq"][...] = G - g
+  if factored:
+    r["kd"][...] = _Chunk(st, r, 0, G=G).kd(r["k"][...]).astype(r["kd"].dtype)
 
 
 def _states_kernel(st, *refs, loop, store=True):
   """Forward over the chunks of its rows: stores the entering state h_n of every chunk (unless
   `store` is False: the first pass of a split sequence); returns the last."""
-  r = _unpack(["k", "v"] + _decay_names(st, False) + ["h0"] + (["hs"] if store else []) + ["hT"],
-              refs)
+  r = _unpack(_states_names(st) + ["h0"] + (["hs"] if store else []) + ["hT"], refs)
   c = st.chunk
-  dt = r["k"].dtype
+  dt = r["v"].dtype
 
   def body(n, h):
     ch = _Chunk(st, r, pl.multiple_of(n * c, c))
     if store:
       r["hs"][n, :, :] = h.astype(r["hs"].dtype)
-    kd = ch.kd(r["k"][ch.rows, :]).astype(dt)
+    if "kd" in r:
+      kd = r["kd"][ch.rows, :]
+    else:
+      kd = ch.kd(r["k"][ch.rows, :]).astype(dt)
     return ch.carry(h) + common.dot(kd, r["v"][ch.rows, :], trans_a=True)
 
-  loop(body, r["k"].shape[0] // c, r["h0"], r["hT"])
+  loop(body, r["v"].shape[0] // c, r["h0"], r["hT"])
 
 
 def _dstates_kernel(st, *refs, loop, store=True):
@@ -545,7 +578,7 @@ class _Specs:
     del reverse
     st, bk, bv = self.st, self.st.block_k, self.st.block_v
     rows = self.t // st.splits
-    if name in ("q", "k") or (name in ("G", "Gq") and st.kind == "vector"):
+    if name in ("q", "k", "kd") or (name in ("G", "Gq") and st.kind == "vector"):
       return pl.BlockSpec((None, rows, None, bk), lambda b, h, i, j, p: (b, p, h, i))
     if name in ("v", "do"):
       return pl.BlockSpec((None, rows, None, bv), lambda b, h, i, j, p: (b, p, h, j))
@@ -574,11 +607,11 @@ class _Specs:
     kj = (lambda j: j) if tiled == "k" else (lambda j: 0)
     vj = (lambda j: j) if tiled == "v" else (lambda j: 0)
     vector = self.st.kind == "vector"
-    if name in ("q", "k", "dq", "dk") or (name in ("G", "Gq", "dg") and vector):
+    if name in ("q", "k", "kd", "dq", "dk") or (name in ("g", "G", "Gq", "dg") and vector):
       return pl.BlockSpec((None, c, None, kw), idx(lambda b, h, n, j: (b, n, h, kj(j))))
     if name in ("v", "do", "o", "dv"):
       return pl.BlockSpec((None, c, None, vw), idx(lambda b, h, n, j: (b, n, h, vj(j))))
-    if name in ("G", "Gq", "dg"):
+    if name in ("g", "G", "Gq", "dg"):
       return pl.BlockSpec((None, c, None), idx(lambda b, h, n, j: (b, n, h)))
     if name in ("seg", "m0", "mk"):
       return pl.BlockSpec((None, c), idx(lambda b, h, n, j: (b, n)))
@@ -603,11 +636,12 @@ class _TpuSpecs(_Specs):
   def _block(self, name, b, h, n, seq):
     """(block shape, block index) of chunk n of batch b, head h."""
     c, kd, vd = self.st.chunk, self.k, self.v
-    if name in ("q", "k", "dq", "dk") or (name in ("G", "Gq", "dg") and self.st.kind == "vector"):
+    if (name in ("q", "k", "kd", "dq", "dk")
+        or (name in ("g", "G", "Gq", "dg") and self.st.kind == "vector")):
       return (None, None, c, kd), (b, h, n, 0)
     if name in ("v", "do", "o", "dv"):
       return (None, None, c, vd), (b, h, n, 0)
-    if name in ("G", "Gq", "dg"):
+    if name in ("g", "G", "Gq", "dg"):
       return (None,) * 4 + (c,), (b, h, n, 0, 0)
     if name in ("seg", "m0", "mk"):
       return (None,) * 3 + (c,), (b, n, 0, 0)
@@ -748,8 +782,7 @@ def _sequential(st, a, kernel, names, init, reverse, out_dtype, extra_in=(), ext
 
 def _states(st, a):
   """Kernel 1: (h_n for every chunk [B,H,N,K,V] in the input dtype, final state f32)."""
-  return _sequential(st, a, _states_kernel, ["k", "v"] + _decay_names(st, False), a["h0"],
-                     False, a["k"].dtype)
+  return _sequential(st, a, _states_kernel, _states_names(st), a["h0"], False, a["v"].dtype)
 
 
 def _forward(st, a):
@@ -849,16 +882,20 @@ _ARGS = ("q", "k", "v", "g", "u", "h0", "seg", "m0", "mk")
 
 def _with_cumsum(st, args):
   """The kernel inputs: the arguments plus G, the chunk-local cumsum of g (float32), Gq for the
-  exclusive readout, and with the sub-block size chosen at run time its flag "exact" [1]
-  int32."""
+  exclusive readout, kd for vector decay (`_cumsum_kernel`), and with the sub-block size chosen
+  at run time its flag "exact" [1] int32."""
   a = dict(zip(_ARGS, args))
   g = a["g"]
   if g is not None:
     b, _, h, _, _, sp = _sizes(st, a)
-    spec = sp.chunk("G")
+    names = ["g"] + (["k"] + (["mk"] if st.segments else []) if _keys_factored(st) else [])
     outs = ["G", "Gq"] if st.exclusive else ["G"]
-    res = _call(st, _cumsum_kernel, (b, h, sp.n), [spec], [spec] * len(outs),
-                [jax.ShapeDtypeStruct(g.shape, F32)] * len(outs), [g])
+    shapes = [jax.ShapeDtypeStruct(g.shape, F32)] * len(outs)
+    if _keys_factored(st):
+      outs.append("kd")
+      shapes.append(jax.ShapeDtypeStruct(a["k"].shape, a["k"].dtype))
+    res = _call(st, _cumsum_kernel, (b, h, sp.n), [sp.chunk(n) for n in names],
+                [sp.chunk(n) for n in outs], shapes, _arrays(names, a))
     a.update(zip(outs, res))
     if st.choose_sub:
       a["exact"] = (jnp.min(_chunk_ends(st, a["G"])) >= -CLAMP).astype(jnp.int32).reshape(1)
@@ -874,7 +911,7 @@ def _core(st, *args):
 def _core_fwd(st, *args):
   a = _with_cumsum(st, args)
   o, hT, hs = _forward(st, a)
-  return (o, hT), (a, hs)
+  return (o, hT), ({n: x for n, x in a.items() if n != "kd"}, hs)   # kd: forward only
 
 
 def _core_bwd(st, res, cts):
