@@ -9,8 +9,6 @@ within each round, so that drift between rounds hits every module alike. Prints 
 module: the milliseconds of each round.
 """
 import argparse
-import importlib.util
-import sys
 
 import jax
 
@@ -18,14 +16,7 @@ from attnzoo.bench.linear import _inputs, _jitted
 from attnzoo.bench.timing import median_seconds
 from attnzoo.ops.linear_attention import _augment
 from pallas_kernels.linear_attention import kernel as main_module
-
-
-def _load(name, path):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up here
-  spec.loader.exec_module(module)
-  return module
+from profile_linear import load_kernel_module  # this directory
 
 
 def _functions(module, static, interpret):
@@ -50,7 +41,7 @@ def main():
   p.add_argument("--interpret", action="store_true")
   args = p.parse_args()
   modules = {"main": main_module}
-  modules.update((n, _load(n, path)) for n, path in (m.split("=") for m in args.modules))
+  modules.update((n, load_kernel_module(n, path)) for n, path in (m.split("=") for m in args.modules))
   for shape in args.shapes.split(";"):
     shape = tuple(int(x) for x in shape.split(","))
     for variant in args.variants.split(","):

@@ -22,6 +22,15 @@ from attnzoo.bench.timing import median_seconds
 from pallas_kernels.linear_attention import kernel as default_module
 
 
+def load_kernel_module(name, path):
+  """A copy of the kernel module, imported from `path` under `name`."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up here
+  spec.loader.exec_module(module)
+  return module
+
+
 def _config(lk, variant, text, b, h, d):
   """'field=value,...' -> KernelConfig over the variant's default (None: the default)."""
   if not text:
@@ -72,10 +81,7 @@ def main():
   args = p.parse_args()
   lk = default_module
   if args.module:
-    spec = importlib.util.spec_from_file_location("kernel_under_test", args.module)
-    lk = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = lk
-    spec.loader.exec_module(lk)
+    lk = load_kernel_module("kernel_under_test", args.module)
   extra = [c.split(":", 1) for c in args.configs.split(";") if c]
   for shape in args.shapes.split(";"):
     b, t, h, d = (int(x) for x in shape.split(","))
@@ -96,7 +102,7 @@ def main():
         a = lk._with_cumsum(st, core_args)
         _time(f"{tag}: states kernel", jax.jit(lambda a: lk._states(st, a)), a)
         _time(f"{tag}: forward kernels", jax.jit(lambda a: lk._forward(st, a)), a)
-        hs = jax.jit(lambda a: lk._forward(st, a)[2])(a)
+        hs, _ = jax.jit(lambda a: lk._states(st, a))(a)
         _time(f"{tag}: dstates kernel", jax.jit(lambda a, do, hs: lk._dstates(st, a, do, dhT, hs)),
               a, do, hs)
         dhs, _, rs = jax.jit(lambda a, do, hs: lk._dstates(st, a, do, dhT, hs))(a, do, hs)

@@ -204,18 +204,19 @@ class _Chunk:
 
   def load(self, name, rows):
     """refs[name] at `rows`: a pl.ds, or one row index (then a scalar, or [K] if 2-D)."""
-    given = name == "G" and self.given is not None
-    if given and isinstance(rows, pl.Slice):
-      assert rows is self.rows, "G in registers is the whole chunk's"
-      return self.given
-    if not given:
+    if name == "G" and self.given is not None:
+      x = self.given
+      if isinstance(rows, pl.Slice):
+        assert rows is self.rows, "G in registers is the whole chunk's"
+        return x
+    else:
       ref = self.refs[name]
       at = (rows,) if len(ref.shape) == 1 else (rows, slice(None))
       if not self.st.tpu or isinstance(rows, pl.Slice):
         return ref[at]
-    # one row of G in registers, or (Mosaic loads no single element or row at an unaligned
-    # offset) of a ref: a masked sum
-    x = self.load(name, self.rows)
+      # Mosaic loads no single element or row at an unaligned offset
+      x = self.load(name, self.rows)
+    # one row: a masked sum
     i = self.rows.start + lax.broadcasted_iota(jnp.int32, x.shape, 0)
     return jnp.sum(jnp.where(i == rows, x, 0.0), axis=0)
 
@@ -340,6 +341,13 @@ def _keys_factored(st):
   return st.kind == "vector"
 
 
+def _cumsum_names(st):
+  """(inputs, outputs) of `_cumsum_kernel`."""
+  factored = _keys_factored(st)
+  return (["g"] + (["k"] + (["mk"] if st.segments else []) if factored else []),
+          ["G"] + (["Gq"] if st.exclusive else []) + (["kd"] if factored else []))
+
+
 def _states_names(st):
   if _keys_factored(st):
     return ["kd", "v", "G"] + (["m0"] if st.segments else [])
@@ -354,15 +362,14 @@ def _cumsum_kernel(st, *refs):
   that read it instead, the backward kernels measured 17-28% slower on an H200); vector
   decay: also kd = k e^{Gamma - G} (* key mask), the keys as the states kernel adds them
   (`_keys_factored`)."""
-  factored = _keys_factored(st)
-  r = _unpack(["g"] + (["k"] + (["mk"] if st.segments else []) if factored else [])
-              + ["G"] + (["Gq"] if st.exclusive else []) + (["kd"] if factored else []), refs)
+  ins, outs = _cumsum_names(st)
+  r = _unpack(ins + outs, refs)
   g = r["g"][...].astype(F32)
   G = _running_sum(g) if st.tpu else jnp.cumsum(g, axis=0)
   r["G"][...] = G
   if st.exclusive:
     r["Gq"][...] = G - g
-  if factored:
+  if "kd" in r:
     r["kd"][...] = _Chunk(st, r, 0, G=G).kd(r["k"][...]).astype(r["kd"].dtype)
 
 
@@ -888,12 +895,9 @@ def _with_cumsum(st, args):
   g = a["g"]
   if g is not None:
     b, _, h, _, _, sp = _sizes(st, a)
-    names = ["g"] + (["k"] + (["mk"] if st.segments else []) if _keys_factored(st) else [])
-    outs = ["G", "Gq"] if st.exclusive else ["G"]
-    shapes = [jax.ShapeDtypeStruct(g.shape, F32)] * len(outs)
-    if _keys_factored(st):
-      outs.append("kd")
-      shapes.append(jax.ShapeDtypeStruct(a["k"].shape, a["k"].dtype))
+    names, outs = _cumsum_names(st)
+    shapes = [jax.ShapeDtypeStruct(a["k"].shape, a["k"].dtype) if n == "kd" else
+              jax.ShapeDtypeStruct(g.shape, F32) for n in outs]
     res = _call(st, _cumsum_kernel, (b, h, sp.n), [sp.chunk(n) for n in names],
                 [sp.chunk(n) for n in outs], shapes, _arrays(names, a))
     a.update(zip(outs, res))
