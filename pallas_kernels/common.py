@@ -16,6 +16,19 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 F32 = jnp.float32
+EMPTY = 2**31 - 1  # the position of an empty KV-cache slot (int32 max)
+
+
+def segment_starts(segment_ids):
+  """bool [B,T]: True at the first token of every packed segment after the first (where the id
+  changes), False at t = 0. Every recurrent form resets its state where this is True."""
+  return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
+                          segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def canonical_segments(segment_ids):
+  """int32 [B,T] segment index that grows by one at every change of id (0 at the first token)."""
+  return jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
 
 
 def resolve_platform(platform: str | None = None) -> str:
