@@ -58,7 +58,7 @@ def get_config(arg=None):
       num_steps=6_000, lr=3e-3, warmup_steps=300, min_lr_ratio=0.0, weight_decay=0.1,
       decay_all_params=False, b1=0.9, b2=0.98, grad_clip=1.0,
       compute_dtype="auto", log_every=50, eval_every=250, checkpoint_every=500,
-      early_stop_accuracy=0.99, max_checkpoints=2))
+      early_stop_at=0.99, max_checkpoints=2))
 
   for key, value in knobs.items():
     if key in KNOBS:

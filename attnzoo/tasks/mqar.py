@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+from attnzoo.tasks.base import Batch, Task, register_task
 
 IGNORE = -100
 
@@ -98,15 +103,22 @@ def with_targets(inputs, labels, num_kv_pairs):
           "targets": np.take_along_axis(labels, positions, axis=1)}
 
 
-class MQAR:
+@register_task("mqar")
+class MQAR(Task):
   """Multi-segment MQAR train and test sets; the batch at a step depends on (seed, step) only.
 
   Every batch holds one segment. Each epoch visits all train batches in an order and with
-  example groupings drawn from (seed, epoch).
+  example groupings drawn from (seed, epoch). The model is a causal LM whose logits are taken
+  at the query positions only; the loss is the cross-entropy there and an example counts as
+  scored by the fraction of its queries answered correctly (Zoology's per-example accuracy,
+  averaged over examples).
   """
+  model_kind = "causal_lm"
+  metric_names = ("loss", "accuracy")
+  early_stop_metric = "eval/accuracy"
 
-  def __init__(self, *, vocab_size, train_segments, test_segments, seed, power_a=0.01,
-               random_non_queries=True):
+  def __init__(self, *, vocab_size: int, train_segments, test_segments, seed: int,
+               power_a: float = 0.01, random_non_queries: bool = True):
     for segment in (*train_segments, *test_segments):
       check_segment(segment, vocab_size)
       if segment.batch_size > segment.num_examples:
@@ -122,9 +134,21 @@ class MQAR:
     self.batches_per_epoch = [s.num_examples // s.batch_size for s in self.train_segments]
     self._epoch_cache = (None, None)
 
+  @classmethod
+  def from_config(cls, config) -> MQAR:
+    d = config.data
+    segments = lambda specs: [Segment(*map(int, s)) for s in specs]
+    return cls(vocab_size=d.vocab_size, train_segments=segments(d.train_segments),
+               test_segments=segments(d.test_segments), seed=config.seed, power_a=d.power_a,
+               random_non_queries=d.random_non_queries)
+
   @property
   def steps_per_epoch(self) -> int:
     return sum(self.batches_per_epoch)
+
+  @property
+  def max_seq_len(self) -> int:
+    return max(s.seq_len for s in self.test_segments)
 
   def _epoch_plan(self, epoch):
     if self._epoch_cache[0] != epoch:
@@ -135,7 +159,7 @@ class MQAR:
       self._epoch_cache = (epoch, ([batches[j] for j in order], examples))
     return self._epoch_cache[1]
 
-  def train_batch(self, step: int) -> dict:
+  def train_batch(self, step: int) -> Batch:
     epoch, index = divmod(step, self.steps_per_epoch)
     batches, examples = self._epoch_plan(epoch)
     segment_index, b = batches[index]
@@ -144,8 +168,7 @@ class MQAR:
     inputs, labels = self.train_data[segment_index]
     return with_targets(inputs[rows], labels[rows], segment.num_kv_pairs)
 
-  def test_batches(self):
-    """{segment name: [batch, ...]} in a fixed order (the last batch may be smaller)."""
+  def eval_sets(self) -> dict[str, list[Batch]]:
     out = {}
     for segment, (inputs, labels) in zip(self.test_segments, self.test_data):
       out[segment.name] = [
@@ -153,3 +176,26 @@ class MQAR:
                        segment.num_kv_pairs)
           for i in range(0, segment.num_examples, segment.batch_size)]
     return out
+
+  def model_kwargs(self) -> dict:
+    return {"vocab_size": self.vocab_size}
+
+  def model_inputs(self, batch: Batch) -> dict:
+    return {"tokens": batch["inputs"], "logits_at": batch["target_positions"]}
+
+  @staticmethod
+  def _query_cross_entropy(logits, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+
+  @staticmethod
+  def _query_accuracy(logits, batch):
+    """The fraction of an example's queries answered correctly, per example [N]."""
+    return (jnp.argmax(logits, -1) == batch["targets"]).mean(-1)
+
+  def loss(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    accuracy = self._query_accuracy(outputs, batch).mean()
+    return self._query_cross_entropy(outputs, batch).mean(), {"accuracy": accuracy}
+
+  def example_metrics(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    return {"loss": self._query_cross_entropy(outputs, batch).mean(-1),
+            "accuracy": self._query_accuracy(outputs, batch)}

@@ -1,8 +1,9 @@
 """The train loop: one jitted, donated train step; periodic evaluation; early stop; orbax
 checkpoints; resuming from the last complete checkpoint of a workdir.
 
-The batch at step s is a function of (seed, s) and the step is deterministic, so a run killed
-at any point and restarted finishes with the same parameters and the same logged losses.
+Task-agnostic: the registered task (attnzoo.tasks) gives the data, the model head, the loss and
+the metrics. The batch at step s is a function of (seed, s) and the step is deterministic, so a
+run killed at any point and restarted finishes with the same parameters and logged losses.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from attnzoo.config import ConfigError
-from attnzoo.models import DecoderLM
-from attnzoo.tasks.mqar import MQAR, Segment
+from attnzoo.models import build_model
+from attnzoo.tasks import Task, build_task
 from attnzoo.train.checkpoint import Checkpoints
 from attnzoo.train.logging import MetricsLogger
 from attnzoo.train.optim import make_optimizer
@@ -40,32 +41,28 @@ def compute_dtype(name: str):
   return jnp.dtype(name)
 
 
-def build_task(config):
-  if config.task != "mqar":
-    raise ConfigError(f"unknown task {config.task!r}; known: mqar")
-  d = config.data
-  segments = lambda specs: [Segment(*map(int, s)) for s in specs]
-  return MQAR(vocab_size=d.vocab_size, train_segments=segments(d.train_segments),
-              test_segments=segments(d.test_segments), seed=config.seed,
-              power_a=d.power_a, random_non_queries=d.random_non_queries)
+def check_train_config(tc) -> None:
+  """One ConfigError naming the first impossible value of the `train` section."""
+  def need(ok, key, what):
+    if not ok:
+      raise ConfigError(f"train.{key} must be {what}, got {tc[key]!r}")
+  for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "max_checkpoints"):
+    need(isinstance(tc[key], int) and tc[key] >= 1, key, "a positive integer")
+  need(tc.lr > 0, "lr", "positive")
+  need(tc.warmup_steps >= 0, "warmup_steps", ">= 0")
+  need(0 <= tc.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+  need(tc.weight_decay >= 0, "weight_decay", ">= 0")
+  need(0 <= tc.b1 < 1, "b1", "in [0, 1)")
+  need(0 <= tc.b2 < 1, "b2", "in [0, 1)")
+  need(tc.grad_clip is None or tc.grad_clip >= 0, "grad_clip", ">= 0 (0 or None: no clipping)")
+  need(tc.checkpoint_every % tc.log_every == 0, "checkpoint_every",
+       f"a multiple of train.log_every ({tc.log_every})")
 
 
-def build_model(config) -> DecoderLM:
-  m = config.model
-  mixers = tuple(n.strip() for n in m.mixer.split("+"))
-  kwargs = m.mixer_kwargs.to_dict() if hasattr(m.mixer_kwargs, "to_dict") else dict(m.mixer_kwargs)
-  return DecoderLM(vocab_size=config.data.vocab_size, d_model=m.d_model,
-                   num_layers=m.num_layers, mixers=mixers, mixer_kwargs=kwargs,
-                   state_mixer=m.state_mixer, mlp_ratio=m.mlp_ratio, norm=m.norm,
-                   position_embedding=m.position_embedding, max_positions=m.max_positions,
-                   dtype=compute_dtype(config.train.compute_dtype))
-
-
-def query_loss(logits, targets):
-  """Mean cross-entropy over the query positions and per-example accuracy."""
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-  per_example_accuracy = (jnp.argmax(logits, -1) == targets).mean(-1)
-  return loss, per_example_accuracy
+def model_for(config, task: Task):
+  """The model the task's head needs, with the config's backbone options."""
+  return build_model(task.model_kind, config.model, compute_dtype(config.train.compute_dtype),
+                     **task.model_kwargs())
 
 
 def count_params(params) -> int:
@@ -95,62 +92,70 @@ class Experiment:
 
   def __init__(self, config):
     self.config = config
+    check_train_config(config.train)
     self.task = build_task(config)
-    self.model = build_model(config)
+    self.model = model_for(config, self.task)
     self.num_steps = config.train.num_steps
     self.optimizer = make_optimizer(config.train, self.num_steps)
     devices = np.array(jax.devices())
     self.mesh = Mesh(devices, ("data",))
-    for segment in self.task.train_segments:
-      if segment.batch_size % devices.size:
-        raise ConfigError(f"batch_size {segment.batch_size} of segment {segment.name} is not "
-                          f"divisible by the {devices.size} devices")
     replicated = NamedSharding(self.mesh, P())
     data = NamedSharding(self.mesh, P("data"))
     self.train_step = jax.jit(self._train_step, in_shardings=(replicated, data),
                               out_shardings=(replicated, replicated), donate_argnums=0)
     self.eval_step = jax.jit(self._eval_step)
 
+  def shardable(self, batch) -> dict:
+    """The batch, after checking that its examples split evenly over the data axis."""
+    size, devices = len(batch["inputs"]), self.mesh.devices.size
+    if size % devices:
+      raise ConfigError(f"a batch of {size} examples does not split over the {devices} devices")
+    return batch
+
   def init_state(self):
-    batch = self.task.train_batch(0)
-    params = jax.jit(self.model.init)(jax.random.key(self.config.seed),
-                                      jnp.asarray(batch["inputs"][:1]))["params"]
+    example = {k: v[:1] for k, v in self.task.train_batch(0).items()}
+    init = lambda rng, inputs: self.model.init(rng, **inputs)
+    params = jax.jit(init)(jax.random.key(self.config.seed),
+                           self.task.model_inputs(example))["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.optimizer.init(params)}
 
+  def _outputs(self, params, batch):
+    return self.model.apply({"params": params}, **self.task.model_inputs(batch))
+
   def _loss(self, params, batch):
-    logits = self.model.apply({"params": params}, batch["inputs"],
-                              logits_at=batch["target_positions"])
-    return query_loss(logits, batch["targets"])
+    return self.task.loss(self._outputs(params, batch), batch)
 
   def _train_step(self, state, batch):
-    (loss, accuracy), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
+    (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"train/loss": loss, "train/accuracy": accuracy.mean(),
+    metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},
                "train/grad_norm": optax.tree.norm(grads)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def _eval_step(self, params, batch):
-    loss, accuracy = self._loss(params, batch)
-    return loss, accuracy
+    return self.task.example_metrics(self._outputs(params, batch), batch)
 
   def evaluate(self, params) -> dict:
-    """eval/accuracy (mean over all test examples), per segment, and eval/loss."""
-    out, all_accuracies, losses = {}, [], []
-    for name, batches in self.task.test_batches().items():
-      accuracies = []
-      for batch in batches:
-        loss, accuracy = self.eval_step(params, batch)
-        accuracies.append(np.asarray(accuracy))
-        losses.append(float(loss) * len(batch["inputs"]))
-      accuracies = np.concatenate(accuracies)
-      out[f"eval/accuracy/{name}"] = float(accuracies.mean())
-      all_accuracies.append(accuracies)
-    all_accuracies = np.concatenate(all_accuracies)
-    out["eval/accuracy"] = float(all_accuracies.mean())
-    out["eval/loss"] = float(sum(losses) / all_accuracies.size)
+    """The task's metrics averaged over the examples of each eval segment
+    (eval/<metric>/<segment>) and of all segments (eval/<metric>), plus derived ones."""
+    out, pooled = {}, {name: [] for name in self.task.metric_names}
+    for segment, batches in self.task.eval_sets().items():
+      values = [jax.device_get(self.eval_step(params, batch)) for batch in batches]
+      for name in self.task.metric_names:
+        per_example = np.concatenate([np.asarray(v[name], np.float64) for v in values])
+        out[f"eval/{name}/{segment}"] = float(per_example.mean())
+        pooled[name].append(per_example)
+    means = {name: float(np.concatenate(v).mean()) for name, v in pooled.items()}
+    out.update({f"eval/{name}": value for name, value in means.items()})
+    out.update({f"eval/{name}": value for name, value in self.task.summarize(means).items()})
     return out
+
+  def should_stop(self, eval_metrics: dict) -> bool:
+    """Early stop: the task's early-stop metric reached train.early_stop_at."""
+    at, metric = self.config.train.early_stop_at, self.task.early_stop_metric
+    return at is not None and metric is not None and eval_metrics[metric] >= at
 
 
 def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) -> dict:
@@ -160,8 +165,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
   if summary_path.exists():
     return json.loads(summary_path.read_text())
   tc = config.train
-  if tc.checkpoint_every % tc.log_every:
-    raise ConfigError("train.checkpoint_every must be a multiple of train.log_every")
   exp = Experiment(config)
   state = exp.init_state()
   checkpoints = Checkpoints(workdir / "checkpoints", tc.max_checkpoints)
@@ -190,10 +193,10 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
 
   try:
     for step in range(start, exp.num_steps):
-      batch = exp.task.train_batch(step)
+      batch = exp.shardable(exp.task.train_batch(step))
       state, metrics = exp.train_step(state, batch)
       window.append(metrics)
-      window_tokens += batch["inputs"].size
+      window_tokens += exp.task.num_tokens(batch)
       done = step + 1
       logger.advance(1)
       if done % tc.log_every == 0:
@@ -203,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
         flush(done)
         eval_metrics = exp.evaluate(state["params"])
         logger.write(done, eval_metrics)
-        stop = eval_metrics["eval/accuracy"] >= tc.early_stop_accuracy
+        stop = exp.should_stop(eval_metrics)
       if done % tc.checkpoint_every == 0 or done == exp.num_steps or stop:
         flush(done)
         checkpoints.save(done, state)
@@ -217,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
     eval_metrics = exp.evaluate(state["params"])
   summary = {"status": status, "step": int(state["step"]),
              "params": count_params(state["params"]),
-             "state_size": exp.model.state_size(max(s.seq_len for s in exp.task.test_segments)),
+             "state_size": exp.model.state_size(exp.task.max_seq_len),
              "wall_time_s": time.time() - started, **eval_metrics}
   summary_path.write_text(json.dumps(summary, indent=2))
   return summary

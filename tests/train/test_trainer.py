@@ -23,7 +23,7 @@ TINY_ARGS = ["--config", f"{REPO}/configs/mqar.py:mixer=attention,d_model=32,num
              "--config.data.vocab_size=256", "--config.data.test_segments=((32,4,64,32),)",
              "--config.train.log_every=5", "--config.train.eval_every=100",
              "--config.train.checkpoint_every=10", "--config.train.warmup_steps=5",
-             "--config.train.early_stop_accuracy=2.0", "--quiet"]
+             "--config.train.early_stop_at=2.0", "--quiet"]
 
 
 def cli(workdir, steps):
@@ -95,8 +95,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
   """From step 23 on the loss is NaN (injected): training stops with one clear error and the
   checkpoint of step 20 is kept, with finite parameters."""
   from attnzoo.tasks.mqar import MQAR
-  from attnzoo.train import trainer
-  clean_batch, clean_loss = MQAR.train_batch, trainer.query_loss
+  clean_batch, clean_loss = MQAR.train_batch, MQAR.loss
 
   def poisoned_batch(self, step):
     batch = clean_batch(self, step)
@@ -104,12 +103,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
       batch["targets"] = -np.ones_like(batch["targets"])
     return batch
 
-  def nan_on_poison(logits, targets):
-    loss, accuracy = clean_loss(logits, targets)
-    return loss + jax.numpy.where((targets < 0).any(), jax.numpy.nan, 0.0), accuracy
+  def nan_on_poison(self, outputs, batch):
+    loss, aux = clean_loss(self, outputs, batch)
+    return loss + jax.numpy.where((batch["targets"] < 0).any(), jax.numpy.nan, 0.0), aux
 
   monkeypatch.setattr(MQAR, "train_batch", poisoned_batch)
-  monkeypatch.setattr(trainer, "query_loss", nan_on_poison)
+  monkeypatch.setattr(MQAR, "loss", nan_on_poison)
   with pytest.raises(TrainingError, match="not finite.*between steps 21 and 25.*step 20"):
     train(tiny_mqar_config(), tmp_path, quiet=True)
   assert Checkpoints(tmp_path / "checkpoints", 2).latest_step() == 20
