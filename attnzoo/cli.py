@@ -104,7 +104,9 @@ def cmd_demo(args, extra):
   from attnzoo.train.trainer import train
   root = pathlib.Path(args.workdir)
   rows = []
-  for mixer in [m for m in (*DEMO_MIXERS, *args.mixers) if set(m.split("+")) <= set(MIXERS)]:
+  for name in {n for m in args.mixers for n in m.split("+")} - set(MIXERS):
+    raise ConfigError(f"unknown mixer {name!r}; registered: {', '.join(sorted(MIXERS))}")
+  for mixer in (*DEMO_MIXERS, *args.mixers):
     spec = (f"configs/mqar.py:mixer={mixer},d_model=64,num_layers=2,seq_len=64,num_kv_pairs=4,"
             f"train_examples=20000,num_steps={args.steps}")
     if mixer == "sliding_window":

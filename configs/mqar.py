@@ -10,6 +10,7 @@ longer contexts.
 import ml_collections
 
 from attnzoo.config import ConfigError, mixer_defaults, parse_arg, set_typed
+from attnzoo.mixers import MIXERS
 
 # (seq_len, num_kv_pairs, num_examples, batch_size)
 DEFAULT_TRAIN = ((64, 4, 100_000, 64), (128, 8, 20_000, 64), (256, 16, 20_000, 64))
@@ -21,6 +22,15 @@ KNOBS = {
     "state_mixer": "model.state_mixer", "lr": "train.lr", "num_steps": "train.num_steps",
     "seed": "seed", "dtype": "train.compute_dtype",
 }
+
+
+def needs_positions(mixers: str) -> bool:
+  """Every softmax-family mixer gets a position encoding: learned positions (Zoology's choice
+  for attention) unless the mixer rotates its own (RoPE on by default). Otherwise comparisons
+  of gated and plain softmax attention would be confounded with position-free attention."""
+  softmax = [MIXERS[n.strip()] for n in mixers.split("+")
+             if n.strip() in MIXERS and issubclass(MIXERS[n.strip()], MIXERS["attention"])]
+  return any(not cls.rope for cls in softmax)
 
 
 def get_config(arg=None):
@@ -50,9 +60,9 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       mixer=mixer, mixer_kwargs=mixer_defaults(mixer), d_model=64, num_layers=2,
       state_mixer="identity", mlp_ratio=4.0, norm="layernorm",
-      # Zoology gives plain attention learned positions, and nothing else.
-      position_embedding="learned" if mixer in ("attention", "sliding_window") else "none",
-      max_positions=max(L for L, *_ in train + test)))
+      position_embedding="learned" if needs_positions(mixer) else "none",
+      max_positions=max(L for L, *_ in train + test),
+      embedding_dropout=0.0, residual_dropout=0.0))
 
   c.train = ml_collections.ConfigDict(dict(
       num_steps=6_000, lr=3e-3, warmup_steps=300, min_lr_ratio=0.0, weight_decay=0.1,

@@ -46,27 +46,6 @@ def test_overrides_are_typed_and_strict():
     set_typed(c, "data.random_non_queries", 1)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--config", f"{MQAR}:foo=1"], "error: unknown knob 'foo'"),
-    (["--config", MQAR, "--config.train.lrr=1"], "error: unknown config key 'train.lrr'"),
-    (["--config", MQAR, "--config.train.lr=abc"], "error: config key 'train.lr' wants float"),
-    (["--config", f"{MQAR}:num_heads=3,seq_len=32,num_kv_pairs=4,train_examples=64"],
-     "error: d_model (64) must be divisible by num_heads (3)"),
-    (["--config", f"{MQAR}:seq_len=64,num_kv_pairs=20"], "error: MQAR num_kv_pairs=20 does not fit"),
-])
-def test_user_mistakes_print_one_error_line(argv, message, tmp_path, capsys):
-  assert main(["train", "--workdir", str(tmp_path / "w"), "--quiet", *argv]) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith(message), err
-
-
-def test_unwritable_workdir(tmp_path, capsys):
-  blocked = tmp_path / "file"
-  blocked.write_text("")
-  assert main(["train", "--workdir", str(blocked / "w"), "--config", MQAR]) == 2
-  assert capsys.readouterr().err.startswith("error: cannot write to workdir")
-
-
 def test_python_m_train_then_eval(tmp_path):
   workdir = tmp_path / "run"
   run = lambda *a: subprocess.run([sys.executable, "-m", "attnzoo", *a], check=True,

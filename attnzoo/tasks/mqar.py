@@ -137,9 +137,17 @@ class MQAR(Task):
   @classmethod
   def from_config(cls, config) -> MQAR:
     d = config.data
-    segments = lambda specs: [Segment(*map(int, s)) for s in specs]
-    return cls(vocab_size=d.vocab_size, train_segments=segments(d.train_segments),
-               test_segments=segments(d.test_segments), seed=config.seed, power_a=d.power_a,
+
+    def segments(key):
+      specs = d[key]
+      if not specs or any(len(s) != 4 for s in specs):
+        raise ValueError(f"data.{key} must be a non-empty list of (seq_len, num_kv_pairs, "
+                         f"num_examples, batch_size), got {specs!r}")
+      return [Segment(*map(int, s)) for s in specs]
+    if not d.power_a > 0:
+      raise ValueError(f"data.power_a must be positive, got {d.power_a!r}")
+    return cls(vocab_size=d.vocab_size, train_segments=segments("train_segments"),
+               test_segments=segments("test_segments"), seed=config.seed, power_a=d.power_a,
                random_non_queries=d.random_non_queries)
 
   @property

@@ -120,14 +120,19 @@ class Experiment:
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.optimizer.init(params)}
 
-  def _outputs(self, params, batch):
-    return self.model.apply({"params": params}, **self.task.model_inputs(batch))
+  def _outputs(self, params, batch, dropout_rng=None):
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    return self.model.apply({"params": params}, **self.task.model_inputs(batch), rngs=rngs)
 
-  def _loss(self, params, batch):
-    return self.task.loss(self._outputs(params, batch), batch)
+  def _loss(self, params, batch, dropout_rng=None):
+    return self.task.loss(self._outputs(params, batch, dropout_rng), batch)
 
   def _train_step(self, state, batch):
-    (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
+    # Dropout masks are a function of (seed, step), like the batches: resuming stays exact.
+    dropout_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)  # not init's stream
+    dropout_rng = jax.random.fold_in(dropout_key, state["step"])
+    (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch,
+                                                                      dropout_rng)
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from attnzoo.models import DecoderLM, init_cache
-from attnzoo.models.lm import layer_mixers
+from attnzoo.models.backbone import layer_mixers
 from tests.conftest import relative_error
 
 
