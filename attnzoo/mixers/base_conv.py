@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import ShortConv, short_conv_state_size
+from attnzoo.mixers.layers import ShortConv, state_bytes
 from attnzoo.mixers.registry import dense_init, register
 
 
@@ -29,7 +30,8 @@ class BaseConv(nn.Module):
   dtype: Any = jnp.float32
 
   def state_size(self, seq_len: int) -> int:
-    return short_conv_state_size(self.d_model, self.kernel_size)
+    """Bytes at float32 of the conv buffer [K-1, D]."""
+    return state_bytes((self.kernel_size - 1, self.d_model))
 
   def setup(self):
     if self.kernel_size < 1:
@@ -39,7 +41,8 @@ class BaseConv(nn.Module):
                           implementation=self.implementation)
     self.projection = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=dense_init)
 
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     u_conv = self.conv(x, segment_ids=segment_ids, decode=decode)
     u_proj = self.projection(x)
     if self.use_act:
