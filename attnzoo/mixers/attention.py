@@ -8,7 +8,7 @@ tokens for sliding-window attention.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -19,17 +19,18 @@ from attnzoo.mixers.layers import (default_positions, hidden_attention, no_decod
 from attnzoo.mixers.registry import dense_init, output_init, register
 from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
-from attnzoo.ops.segments import EMPTY
+from attnzoo.ops.segments import EMPTY, segment_starts
 
 
 @register("attention")
 class Attention(nn.Module):
   """Multi-head attention; num_kv_heads < num_heads gives GQA (1 gives MQA).
 
-  window: None for full attention, or w for causal local attention in which each token sees
-  itself and the w - 1 tokens before it. head_dim may be set independently of
-  d_model / num_heads (Bhojanapalli et al. 2020: a head size of the sequence length removes
-  the low-rank bottleneck). softcap: logits -> softcap·tanh(logits / softcap).
+  window: None for full attention, or w for local attention in which each token sees itself
+  and the w - 1 tokens before it (and, with causal=False, the w - 1 tokens after it). head_dim
+  may be set independently of d_model / num_heads (Bhojanapalli et al. 2020: a head size of the
+  sequence length removes the low-rank bottleneck). softcap: logits -> softcap·tanh(logits /
+  softcap).
   """
   d_model: int
   layer_idx: int = 0
@@ -45,6 +46,8 @@ class Attention(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = True
+
   def _dims(self):
     kv_heads = self.num_kv_heads or self.num_heads
     if self.head_dim is None and self.d_model % self.num_heads:
@@ -52,12 +55,14 @@ class Attention(nn.Module):
                        f"({self.num_heads}), or set head_dim")
     if self.num_heads % kv_heads:
       raise ValueError(f"num_kv_heads ({kv_heads}) must divide num_heads ({self.num_heads})")
-    if self.window is not None and (self.window < 1 or not self.causal):
-      raise ValueError(f"window must be >= 1 and needs causal attention, got {self.window}")
+    if self.window is not None and self.window < 1:
+      raise ValueError(f"window must be >= 1, got {self.window}")
     return self.num_heads, kv_heads, self.head_dim or self.d_model // self.num_heads
 
   def _window(self):
-    return None if self.window is None else (self.window - 1, 0)
+    if self.window is None:
+      return None
+    return (self.window - 1, 0 if self.causal else self.window - 1)
 
   def state_size(self, seq_len: int) -> int:
     """KV-cache bytes at float32 for a context of seq_len tokens."""
@@ -89,7 +94,7 @@ class Attention(nn.Module):
     return self._matrix(x, positions, segment_ids=segment_ids)
 
   def _mix(self, x, positions, decode, **masks):
-    """The mixer's output; masks: segment_ids."""
+    """The mixer's output; masks: segment_ids (and block_ids where the mixer takes them)."""
     positions = default_positions(x, positions)
     q, k, v = self._project(x, positions)
     if decode:
@@ -148,7 +153,8 @@ class Attention(nn.Module):
 
 @register("sliding_window")
 class SlidingWindow(Attention):
-  """Causal local attention (Beltagy et al. 2020): each token sees the last `window` tokens."""
+  """Local attention (Beltagy et al. 2020): each token sees the last `window` tokens (itself
+  included); with causal=False also the window - 1 tokens after it."""
   window: int | None = 64
 
 
@@ -174,22 +180,48 @@ class GatedAttention(Attention):
 
 @register("block_attention")
 class BlockAttention(Attention):
-  """Block-Attention (Sun et al. 2024, "Block-Attention for Efficient RAG"): segment_ids mark
-  blocks (passages); tokens attend causally within their own block, and the last block of each
-  sequence attends causally to everything. Positions use RoPE, so a block's keys encoded at
-  local positions 0..n-1 (`encode_block`) are re-encoded to any offset exactly by a rotation
-  (`place_block`): a block's KV cache can be computed once and reused across prompts."""
+  """Block-Attention (Sun et al. 2024, "Block-Attention for Efficient RAG"): `block_ids` mark
+  blocks (passages; a block is a run of equal ids); tokens attend causally within their own
+  block, and the last block of each sequence attends causally to everything. With
+  `segment_ids` (packed documents) too, no token attends across documents and each document's
+  last block sees its whole document. Positions use RoPE, so a block's keys encoded at local
+  positions 0..n-1 (`encode_block`) are re-encoded to any offset exactly by a rotation
+  (`place_block`): a block's KV cache can be computed once and reused across prompts. Decoding
+  (the last block, from such a cache) takes no block_ids."""
   rope: bool = True
 
-  def _attend(self, q, k, v, *, segment_ids=None, **kwargs):
+  bidirectional: ClassVar[bool] = False
+  uses_block_ids: ClassVar[bool] = True
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, block_ids: jax.Array | None = None,
+               decode: bool = False) -> jax.Array:
+    return self._mix(x, positions, decode, segment_ids=segment_ids, block_ids=block_ids)
+
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None,
+                       block_ids: jax.Array | None = None) -> jax.Array:
+    """Block-Attention weights [B, H, T, T]."""
+    return self._matrix(x, positions, segment_ids=segment_ids, block_ids=block_ids)
+
+  def _attend(self, q, k, v, *, segment_ids=None, block_ids=None, **kwargs):
     if not self.rope:
       raise ValueError("block_attention re-encodes positions through RoPE: set rope=True")
-    local = super()._attend(q, k, v, segment_ids=segment_ids, **kwargs)
-    if segment_ids is None:
-      return local
-    everything = super()._attend(q, k, v, **kwargs)
-    last = segment_ids == segment_ids[:, -1:]
-    return jnp.where(last[:, :, None, None], everything, local)
+    if not self.causal:
+      raise ValueError("block_attention is causal-only")
+    everything = super()._attend(q, k, v, segment_ids=segment_ids, **kwargs)
+    if block_ids is None:
+      return everything
+    # One id per (document, block) run; a token is in its document's last block when its run
+    # is the run at the document's end.
+    documents = (jnp.zeros_like(block_ids, bool) if segment_ids is None
+                 else segment_starts(segment_ids))
+    runs = jnp.cumsum(segment_starts(block_ids) | documents, axis=1)
+    ends = jnp.concatenate([documents[:, 1:], jnp.ones_like(documents[:, :1])], axis=1)
+    last_run = jax.lax.cummin(jnp.where(ends, runs, jnp.iinfo(runs.dtype).max), axis=1,
+                              reverse=True)
+    local = super()._attend(q, k, v, segment_ids=runs, **kwargs)
+    return jnp.where((runs == last_run)[:, :, None, None], everything, local)
 
   def encode_block(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(k, v) of one block on its own, at local positions 0..n-1."""

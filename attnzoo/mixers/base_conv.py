@@ -9,7 +9,7 @@ long conv (kernel_size = -1). Decoding keeps the conv's last kernel_size - 1 inp
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,8 @@ class BaseConv(nn.Module):
   use_act: bool = False
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def state_size(self, seq_len: int) -> int:
     """Bytes at float32 of the conv buffer [K-1, D]."""

@@ -24,7 +24,7 @@ configs/sweeps/based.py builds these. (The 360M LM interleaves 1 Based : 1 slidi
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -45,6 +45,8 @@ class Based(nn.Module):
   eps: float = 1e-12
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def _head_dim(self):
     return per_head(self.d_model, self.num_heads)

@@ -61,6 +61,7 @@ class _DeltaNetBase(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
   gated: ClassVar[bool] = False
 
   def _dims(self):

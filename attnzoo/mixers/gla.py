@@ -9,7 +9,7 @@ so log alpha_t = logsigmoid(x_t W_a1 W_a2 + b_a) / tau, the gate of fla's GLA la
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -37,6 +37,8 @@ class GLA(nn.Module):
   norm_eps: float = 1e-5
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def _dims(self):
     k_total, v_total = int(self.d_model * self.expand_k), int(self.d_model * self.expand_v)

@@ -17,7 +17,7 @@ the first layer has no bound (beta = 0), as in HGRN.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,8 @@ class HGRN2(nn.Module):
   norm_eps: float = 1e-5
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def _dims(self):
     head_v = per_head(self.d_model, self.num_heads)

@@ -18,7 +18,7 @@ distillation LAWCAT extends, initialised at the identity) and the gate's paramet
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -56,6 +56,8 @@ class LAWCAT(nn.Module):
   gate_logit_normalizer: float = 16.0
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def _dims(self):
     if self.head_dim is None and self.d_model % self.num_heads:

@@ -16,7 +16,7 @@ Decoding keeps S: H x (2 d/H with LRPE, else d/H) x d/H floats.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -56,6 +56,8 @@ class Lightning(nn.Module):
   norm_eps: float = 1e-6
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def _head_dim(self):
     return per_head(self.d_model, self.num_heads)

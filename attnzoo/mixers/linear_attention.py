@@ -21,7 +21,7 @@ feature_dim^-1/2). Decoding keeps the state [H, F, head_dim (+1 with the normali
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -48,6 +48,8 @@ class LinearAttention(nn.Module):
   cosformer_horizon: int = 1024
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def _dims(self):
     head_dim = per_head(self.d_model, self.num_heads)

@@ -16,7 +16,7 @@ Decoding keeps the SSM state H x N x P and the conv buffer (d_conv - 1) x (d_inn
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -43,6 +43,8 @@ class Mamba2(nn.Module):
   norm_eps: float = 1e-5
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def _dims(self):
     d_inner = self.expand * self.d_model

@@ -13,7 +13,7 @@ Decoding keeps S: H x d_k x d_v floats.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -42,6 +42,8 @@ class RetNet(nn.Module):
   norm_eps: float = 1e-5
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def _dims(self):
     key_dim = per_head(self.d_model, self.num_heads)

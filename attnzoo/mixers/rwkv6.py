@@ -15,7 +15,7 @@ Decoding keeps the recurrent state and the last input (token shift) in the cache
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,8 @@ class RWKV6(nn.Module):
   norm_eps: float = 64e-5
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = False
 
   def _dims(self):
     heads = self.num_heads or max(1, self.d_model // 64)
