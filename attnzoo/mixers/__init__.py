@@ -13,6 +13,8 @@ Declared capabilities (class attributes, see registry): `bidirectional` — True
 has a non-causal form, taken as the field `causal` (the model passes `causal=False` for an
 encoder; a causal-only mixer refuses it in one line); `uses_block_ids` — True when `__call__`
 and `attention_matrix` also take `block_ids` [B,T] (blocks inside documents, block_attention).
+Training randomness (attention dropout) comes only from a "dropout" rng; without one (eval,
+decoding) a mixer is deterministic.
 
 A mixer module imports only `registry`, `layers` (the shared plumbing: decode caches of the
 ops, hidden attention, state bytes, default positions, feature maps, norms) and `attnzoo.ops`,

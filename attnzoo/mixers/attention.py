@@ -4,7 +4,8 @@ al. 2017; Ainslie et al. 2023 for GQA; Shazeer 2019 for MQA), optional RoPE, sli
 
 Decoding keeps a KV cache of `cache_len` slots in the "cache" collection, written as a ring
 (slot = position mod cache_len): the whole context for full attention, the last `window`
-tokens for sliding-window attention.
+tokens for sliding-window attention. `attention_dropout` drops attention probabilities while
+training, i.e. when the module is given a "dropout" rng (`apply(..., rngs={"dropout": key})`).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Attention(nn.Module):
   softcap: float | None = None
   rope: bool = False
   rope_base: float = 10000.0
+  attention_dropout: float = 0.0
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
@@ -57,6 +59,8 @@ class Attention(nn.Module):
       raise ValueError(f"num_kv_heads ({kv_heads}) must divide num_heads ({self.num_heads})")
     if self.window is not None and self.window < 1:
       raise ValueError(f"window must be >= 1, got {self.window}")
+    if not 0.0 <= self.attention_dropout < 1.0:
+      raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
     return self.num_heads, kv_heads, self.head_dim or self.d_model // self.num_heads
 
   def _window(self):
@@ -90,7 +94,7 @@ class Attention(nn.Module):
 
   def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
                        segment_ids: jax.Array | None = None) -> jax.Array:
-    """Softmax attention weights [B, H, T, T]."""
+    """Softmax attention weights [B, H, T, T] (no dropout)."""
     return self._matrix(x, positions, segment_ids=segment_ids)
 
   def _mix(self, x, positions, decode, **masks):
@@ -103,7 +107,10 @@ class Attention(nn.Module):
       no_decode_segments(**masks)
       o = self._decode(q, k, v, positions)
     else:
-      o = self._attend(q, k, v, implementation=self.implementation, **masks)
+      rng = None
+      if self.attention_dropout and self.has_rng("dropout"):
+        rng = self.make_rng("dropout")
+      o = self._attend(q, k, v, dropout_rng=rng, implementation=self.implementation, **masks)
     return self.out(self._gate(x, o))
 
   def _matrix(self, x, positions, **masks):
@@ -111,10 +118,11 @@ class Attention(nn.Module):
     q, k, _ = self._project(x, positions)
     return hidden_attention(self._attend, q, k, **masks)
 
-  def _attend(self, q, k, v, *, implementation, segment_ids=None):
+  def _attend(self, q, k, v, *, implementation, segment_ids=None, dropout_rng=None):
     return softmax_attention(q, k, v, scale=self._dims()[2] ** -0.5, causal=self.causal,
                              window=self._window(), segment_ids=segment_ids,
-                             softcap=self.softcap, implementation=implementation)
+                             softcap=self.softcap, dropout_rate=self.attention_dropout,
+                             dropout_rng=dropout_rng, implementation=implementation)
 
   def _gate(self, x, o):
     """Hook for output gating (GatedAttention); plain attention returns o."""
@@ -201,7 +209,7 @@ class BlockAttention(Attention):
   def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
                        segment_ids: jax.Array | None = None,
                        block_ids: jax.Array | None = None) -> jax.Array:
-    """Block-Attention weights [B, H, T, T]."""
+    """Block-Attention weights [B, H, T, T] (no dropout)."""
     return self._matrix(x, positions, segment_ids=segment_ids, block_ids=block_ids)
 
   def _attend(self, q, k, v, *, segment_ids=None, block_ids=None, **kwargs):

@@ -247,3 +247,16 @@ def test_non_causal_sliding_window_is_symmetric():
   with pytest.raises(ValueError, match="decoding needs causal attention"):
     mixer.init(jax.random.key(0), x, decode=True)
 
+
+def test_attention_dropout_only_with_a_dropout_rng():
+  x = x_input()
+  plain = build_mixer("gated_attention", d_model=D, num_heads=2)
+  dropped = build_mixer("gated_attention", d_model=D, num_heads=2, attention_dropout=0.5)
+  params = plain.init(jax.random.key(0), x)
+  reference = plain.apply(params, x)
+  # eval and decoding pass no "dropout" rng: deterministic, equal to the plain mixer
+  np.testing.assert_array_equal(np.asarray(dropped.apply(params, x)), np.asarray(reference))
+  train = lambda key: dropped.apply(params, x, rngs={"dropout": jax.random.key(key)})
+  assert np.abs(np.asarray(train(1) - reference)).max() > 1e-3
+  assert np.abs(np.asarray(train(1) - train(2))).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(train(1)), np.asarray(train(1)))
