@@ -38,6 +38,18 @@ def _feature_init(key, shape, dtype=jnp.float32):
   return dense_init(key, shape, dtype)
 
 
+class HedgehogMap(nn.Module):
+  """Hedgehog feature map per head (Zhang et al. 2024, as in LoLCATs): u [B,T,H,d] ->
+  [softmax(u W_h), softmax(-u W_h)] [B,T,H,2F], positive, float32. Param "kernel" [H,d,F]."""
+  features: int
+
+  @nn.compact
+  def __call__(self, u: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", _feature_init, u.shape[-2:] + (self.features,), jnp.float32)
+    proj = jnp.einsum("bthd,hdf->bthf", u.astype(jnp.float32), kernel)
+    return jnp.concatenate([jax.nn.softmax(proj, axis=-1), jax.nn.softmax(-proj, axis=-1)],
+                           axis=-1)
+
 
 @register("lawcat")
 class LAWCAT(nn.Module):
@@ -85,7 +97,7 @@ class LAWCAT(nn.Module):
     conv = lambda: ShortConv(self.conv_size, use_bias=self.conv_bias, activation=None,
                              dtype=self.dtype)
     self.q_conv, self.k_conv = conv(), conv()
-    self.feature = self.param("feature", _feature_init, (heads, head_dim, feat), jnp.float32)
+    self.feature_map = HedgehogMap(feat)
     if self.gate != "none":
       self.gate_down = nn.Dense(self.gate_low_rank_dim, dtype=self.dtype, use_bias=False,
                                 kernel_init=dense_init)
@@ -96,10 +108,8 @@ class LAWCAT(nn.Module):
     self.attn = LinearAttentionOp(scale=1.0, normalize=True, implementation=self.implementation)
 
   def phi(self, u: jax.Array) -> jax.Array:
-    """Hedgehog feature map per head: u [B,T,H,d] -> [B,T,H,2F], positive, float32."""
-    proj = jnp.einsum("bthd,hdf->bthf", u.astype(jnp.float32), self.feature)
-    return jnp.concatenate([jax.nn.softmax(proj, axis=-1), jax.nn.softmax(-proj, axis=-1)],
-                           axis=-1)
+    """The shared feature map: u [B,T,H,d] -> [B,T,H,2F], positive, float32."""
+    return self.feature_map(u)
 
   def _features(self, x, segment_ids=None, decode=False):
     heads, head_dim, _ = self._dims()

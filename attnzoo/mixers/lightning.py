@@ -76,8 +76,7 @@ class Lightning(nn.Module):
     self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                                kernel_init=output_init(self.num_layers))
     if self.lrpe:
-      # A vector (like other per-channel rates), so the trainer's matrix-only weight decay
-      # leaves it alone.
+      # Per-channel rates: not a "kernel", so weight decay leaves them alone.
       init = lambda key, shape: 10000.0 ** (-2.0 / shape[0] * jnp.arange(shape[0],
                                                                          dtype=jnp.float32))
       self.lrpe_theta = self.param("lrpe_theta", init, (heads * head_dim,))
