@@ -69,7 +69,7 @@ def mixer_defaults(mixers: str) -> ml_collections.ConfigDict:
   One mixer: its options directly. A hybrid ("a+b"): one sub-dict per mixer name.
   """
   names = [n.strip() for n in mixers.split("+")]
-  shared = {"parent", "name", "d_model", "layer_idx", "num_layers", "dtype"}
+  shared = {"parent", "name", "d_model", "layer_idx", "num_layers", "dtype", "causal"}
   per_mixer = {}
   for name in names:
     if name not in MIXERS:

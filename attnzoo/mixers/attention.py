@@ -1,33 +1,37 @@
 """Softmax attention mixers: multi-head / grouped-query / multi-query attention (Vaswani et
-al. 2017; Ainslie et al. 2023 for GQA; Shazeer 2019 for MQA), optional RoPE, and causal
-sliding-window (local) attention.
+al. 2017; Ainslie et al. 2023 for GQA; Shazeer 2019 for MQA), optional RoPE, sliding-window
+(local) attention, gated attention and Block-Attention.
 
 Decoding keeps a KV cache of `cache_len` slots in the "cache" collection, written as a ring
 (slot = position mod cache_len): the whole context for full attention, the last `window`
-tokens for sliding-window attention.
+tokens for sliding-window attention. `attention_dropout` drops attention probabilities while
+training, i.e. when the module is given a "dropout" rng (`apply(..., rngs={"dropout": key})`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attnzoo.mixers.layers import (default_positions, hidden_attention, no_decode_segments,
+                                   state_bytes)
 from attnzoo.mixers.registry import dense_init, output_init, register
 from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
-from attnzoo.ops.softmax_attention import EMPTY
+from attnzoo.ops.segments import EMPTY, segment_starts
 
 
 @register("attention")
 class Attention(nn.Module):
   """Multi-head attention; num_kv_heads < num_heads gives GQA (1 gives MQA).
 
-  window: None for full attention, or w for causal local attention in which each token sees
-  itself and the w - 1 tokens before it. head_dim may be set independently of
-  d_model / num_heads (Bhojanapalli et al. 2020: a head size of the sequence length removes
-  the low-rank bottleneck). softcap: logits -> softcap·tanh(logits / softcap).
+  window: None for full attention, or w for local attention in which each token sees itself
+  and the w - 1 tokens before it (and, with causal=False, the w - 1 tokens after it). head_dim
+  may be set independently of d_model / num_heads (Bhojanapalli et al. 2020: a head size of the
+  sequence length removes the low-rank bottleneck). softcap: logits -> softcap·tanh(logits /
+  softcap).
   """
   d_model: int
   layer_idx: int = 0
@@ -40,8 +44,11 @@ class Attention(nn.Module):
   softcap: float | None = None
   rope: bool = False
   rope_base: float = 10000.0
+  attention_dropout: float = 0.0
   implementation: str = "auto"
   dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = True
 
   def _dims(self):
     kv_heads = self.num_kv_heads or self.num_heads
@@ -50,18 +57,22 @@ class Attention(nn.Module):
                        f"({self.num_heads}), or set head_dim")
     if self.num_heads % kv_heads:
       raise ValueError(f"num_kv_heads ({kv_heads}) must divide num_heads ({self.num_heads})")
-    if self.window is not None and (self.window < 1 or not self.causal):
-      raise ValueError(f"window must be >= 1 and needs causal attention, got {self.window}")
+    if self.window is not None and self.window < 1:
+      raise ValueError(f"window must be >= 1, got {self.window}")
+    if not 0.0 <= self.attention_dropout < 1.0:
+      raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
     return self.num_heads, kv_heads, self.head_dim or self.d_model // self.num_heads
 
   def _window(self):
-    return None if self.window is None else (self.window - 1, 0)
+    if self.window is None:
+      return None
+    return (self.window - 1, 0 if self.causal else self.window - 1)
 
   def state_size(self, seq_len: int) -> int:
     """KV-cache bytes at float32 for a context of seq_len tokens."""
     _, kv_heads, head_dim = self._dims()
     kept = seq_len if self.window is None else min(seq_len, self.window)
-    return 2 * kept * kv_heads * head_dim * 4
+    return 2 * state_bytes((kept, kv_heads, head_dim))
 
   def setup(self):
     heads, kv_heads, head_dim = self._dims()
@@ -77,30 +88,41 @@ class Attention(nn.Module):
       k = apply_rope(k, positions, base=self.rope_base)
     return q, k, v
 
-  def _default_positions(self, x, positions):
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    return positions
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    return self._mix(x, positions, decode, segment_ids=segment_ids)
 
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
-    _, _, head_dim = self._dims()
-    positions = self._default_positions(x, positions)
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+    """Softmax attention weights [B, H, T, T] (no dropout)."""
+    return self._matrix(x, positions, segment_ids=segment_ids)
+
+  def _mix(self, x, positions, decode, **masks):
+    """The mixer's output; masks: segment_ids (and block_ids where the mixer takes them)."""
+    positions = default_positions(x, positions)
     q, k, v = self._project(x, positions)
-    scale = head_dim ** -0.5
     if decode:
       if not self.causal:
         raise ValueError("decoding needs causal attention")
-      if segment_ids is not None:
-        raise ValueError("decoding does not take segment_ids")
-      o = self._decode(q, k, v, positions, scale)
+      no_decode_segments(**masks)
+      o = self._decode(q, k, v, positions)
     else:
-      o = self._attend(q, k, v, scale, segment_ids)
+      rng = None
+      if self.attention_dropout and self.has_rng("dropout"):
+        rng = self.make_rng("dropout")
+      o = self._attend(q, k, v, dropout_rng=rng, implementation=self.implementation, **masks)
     return self.out(self._gate(x, o))
 
-  def _attend(self, q, k, v, scale, segment_ids):
-    return softmax_attention(q, k, v, scale=scale, causal=self.causal, window=self._window(),
-                             segment_ids=segment_ids, softcap=self.softcap,
-                             implementation=self.implementation)
+  def _matrix(self, x, positions, **masks):
+    positions = default_positions(x, positions)
+    q, k, _ = self._project(x, positions)
+    return hidden_attention(self._attend, q, k, **masks)
+
+  def _attend(self, q, k, v, *, implementation, segment_ids=None, dropout_rng=None):
+    return softmax_attention(q, k, v, scale=self._dims()[2] ** -0.5, causal=self.causal,
+                             window=self._window(), segment_ids=segment_ids,
+                             softcap=self.softcap, dropout_rate=self.attention_dropout,
+                             dropout_rng=dropout_rng, implementation=implementation)
 
   def _gate(self, x, o):
     """Hook for output gating (GatedAttention); plain attention returns o."""
@@ -108,7 +130,7 @@ class Attention(nn.Module):
     return o
 
   @nn.compact
-  def _decode(self, q, k, v, positions, scale):
+  def _decode(self, q, k, v, positions):
     batch, steps = q.shape[:2]
     initialized = self.has_variable("cache", "keys")
     # The cache is created by `model.init(..., decode=True)` on an input of the longest
@@ -118,13 +140,14 @@ class Attention(nn.Module):
     cache_v = self.variable("cache", "values", jnp.zeros, (batch, cache_len) + v.shape[2:], v.dtype)
     cache_pos = self.variable("cache", "positions", jnp.full, (batch, cache_len), EMPTY)
     if not initialized:
-      return self._attend(q, k, v, scale, None)
+      return self._attend(q, k, v, implementation=self.implementation)
     keys = jnp.concatenate([cache_k.value, k.astype(cache_k.value.dtype)], axis=1)
     values = jnp.concatenate([cache_v.value, v.astype(cache_v.value.dtype)], axis=1)
     kv_positions = jnp.concatenate([cache_pos.value, positions], axis=1)
-    o = softmax_attention(q, keys, values, scale=scale, causal=True, window=self._window(),
-                          q_positions=positions, kv_positions=kv_positions,
-                          softcap=self.softcap, implementation=self.implementation)
+    o = softmax_attention(q, keys, values, scale=self._dims()[2] ** -0.5, causal=True,
+                          window=self._window(), q_positions=positions,
+                          kv_positions=kv_positions, softcap=self.softcap,
+                          implementation=self.implementation)
     # Keep the newest tokens: slot = position mod cache_len.
     cache_len = cache_k.value.shape[1]
     kept = min(steps, cache_len)
@@ -135,24 +158,11 @@ class Attention(nn.Module):
     cache_pos.value = cache_pos.value.at[rows, slots].set(positions[:, -kept:])
     return o
 
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
-    """Softmax attention weights [B, H, T, T] (the op applied to one-hot values)."""
-    heads, kv_heads, head_dim = self._dims()
-    positions = self._default_positions(x, positions)
-    q, k, _ = self._project(x, positions)
-    steps = x.shape[1]
-    one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=jnp.float32)[None, :, None, :],
-                               (x.shape[0], steps, kv_heads, steps))
-    weights = softmax_attention(q.astype(jnp.float32), k.astype(jnp.float32), one_hot,
-                                scale=head_dim ** -0.5, causal=self.causal,
-                                window=self._window(), segment_ids=segment_ids,
-                                softcap=self.softcap, implementation="xla")
-    return jnp.transpose(weights, (0, 2, 1, 3))
-
 
 @register("sliding_window")
 class SlidingWindow(Attention):
-  """Causal local attention (Beltagy et al. 2020): each token sees the last `window` tokens."""
+  """Local attention (Beltagy et al. 2020): each token sees the last `window` tokens (itself
+  included); with causal=False also the window - 1 tokens after it."""
   window: int | None = 64
 
 
@@ -178,29 +188,54 @@ class GatedAttention(Attention):
 
 @register("block_attention")
 class BlockAttention(Attention):
-  """Block-Attention (Sun et al. 2024, "Block-Attention for Efficient RAG"): segment_ids mark
-  blocks (passages); tokens attend causally within their own block, and the last block of each
-  sequence attends causally to everything. Positions use RoPE, so a block's keys encoded at
-  local positions 0..n-1 (`encode_block`) are re-encoded to any offset exactly by a rotation
-  (`place_block`): a block's KV cache can be computed once and reused across prompts."""
+  """Block-Attention (Sun et al. 2024, "Block-Attention for Efficient RAG"): `block_ids` mark
+  blocks (passages; a block is a run of equal ids); tokens attend causally within their own
+  block, and the last block of each sequence attends causally to everything. With
+  `segment_ids` (packed documents) too, no token attends across documents and each document's
+  last block sees its whole document. Positions use RoPE, so a block's keys encoded at local
+  positions 0..n-1 (`encode_block`) are re-encoded to any offset exactly by a rotation
+  (`place_block`): a block's KV cache can be computed once and reused across prompts. Decoding
+  (the last block, from such a cache) takes no block_ids."""
   rope: bool = True
 
-  def _attend(self, q, k, v, scale, segment_ids):
+  bidirectional: ClassVar[bool] = False
+  uses_block_ids: ClassVar[bool] = True
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, block_ids: jax.Array | None = None,
+               decode: bool = False) -> jax.Array:
+    return self._mix(x, positions, decode, segment_ids=segment_ids, block_ids=block_ids)
+
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None,
+                       block_ids: jax.Array | None = None) -> jax.Array:
+    """Block-Attention weights [B, H, T, T] (no dropout)."""
+    return self._matrix(x, positions, segment_ids=segment_ids, block_ids=block_ids)
+
+  def _attend(self, q, k, v, *, segment_ids=None, block_ids=None, **kwargs):
     if not self.rope:
       raise ValueError("block_attention re-encodes positions through RoPE: set rope=True")
-    local = super()._attend(q, k, v, scale, segment_ids)
-    if segment_ids is None:
-      return local
-    everything = super()._attend(q, k, v, scale, None)
-    last = segment_ids == segment_ids[:, -1:]
-    return jnp.where(last[:, :, None, None], everything, local)
+    if not self.causal:
+      raise ValueError("block_attention is causal-only")
+    everything = super()._attend(q, k, v, segment_ids=segment_ids, **kwargs)
+    if block_ids is None:
+      return everything
+    # One id per (document, block) run; a token is in its document's last block when its run
+    # is the run at the document's end.
+    documents = (jnp.zeros_like(block_ids, bool) if segment_ids is None
+                 else segment_starts(segment_ids))
+    runs = jnp.cumsum(segment_starts(block_ids) | documents, axis=1)
+    ends = jnp.concatenate([documents[:, 1:], jnp.ones_like(documents[:, :1])], axis=1)
+    last_run = jax.lax.cummin(jnp.where(ends, runs, jnp.iinfo(runs.dtype).max), axis=1,
+                              reverse=True)
+    local = super()._attend(q, k, v, segment_ids=runs, **kwargs)
+    return jnp.where((runs == last_run)[:, :, None, None], everything, local)
 
-  def encode_block(self, x):
+  def encode_block(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(k, v) of one block on its own, at local positions 0..n-1."""
-    positions = self._default_positions(x, None)
-    _, k, v = self._project(x, positions)
+    _, k, v = self._project(x, default_positions(x, None))
     return k, v
 
-  def place_block(self, k, offset):
+  def place_block(self, k: jax.Array, offset: int | jax.Array) -> jax.Array:
     """Re-encodes keys from local positions to positions offset..offset+n-1 (RoPE rotation)."""
     return apply_rope(k, jnp.full(k.shape[:2], offset, jnp.int32), base=self.rope_base)

@@ -9,12 +9,13 @@ long conv (kernel_size = -1). Decoding keeps the conv's last kernel_size - 1 inp
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import ShortConv, short_conv_state_size
+from attnzoo.mixers.layers import ShortConv, state_bytes
 from attnzoo.mixers.registry import dense_init, register
 
 
@@ -28,8 +29,11 @@ class BaseConv(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def state_size(self, seq_len: int) -> int:
-    return short_conv_state_size(self.d_model, self.kernel_size)
+    """Bytes at float32 of the conv buffer [K-1, D]."""
+    return state_bytes((self.kernel_size - 1, self.d_model))
 
   def setup(self):
     if self.kernel_size < 1:
@@ -39,7 +43,8 @@ class BaseConv(nn.Module):
                           implementation=self.implementation)
     self.projection = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=dense_init)
 
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     u_conv = self.conv(x, segment_ids=segment_ids, decode=decode)
     u_proj = self.projection(x)
     if self.use_act:

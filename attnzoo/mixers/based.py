@@ -24,13 +24,13 @@ configs/sweeps/based.py builds these. (The 360M LM interleaves 1 Based : 1 slidi
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import (LinearAttentionOp, hidden_attention,
-                                   linear_attention_state_size, taylor_feature_map,
+from attnzoo.mixers.layers import (LinearAttentionOp, state_bytes, taylor_feature_map,
                                    taylor_feature_size)
 from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
@@ -46,12 +46,15 @@ class Based(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def _head_dim(self):
     return per_head(self.d_model, self.num_heads)
 
   def state_size(self, seq_len: int) -> int:
-    return linear_attention_state_size(self.num_heads, taylor_feature_size(self.feature_dim),
-                                       self._head_dim(), normalize=True)
+    """Bytes at float32: the state [H, F, V+1] with its normaliser column."""
+    return state_bytes((self.num_heads, taylor_feature_size(self.feature_dim),
+                        self._head_dim() + 1))
 
   def setup(self):
     heads, head_dim = self.num_heads, self._head_dim()
@@ -67,12 +70,13 @@ class Based(nn.Module):
   def _features(self, x):
     return taylor_feature_map(self.q(x)), taylor_feature_map(self.k(x))
 
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     q, k = self._features(x)
     return self.out(self.attn(q, k, self.v(x), segment_ids=segment_ids, decode=decode))
 
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
     """[B,H,T,T]: the normalised Taylor-kernel weights (rows sum to 1)."""
     q, k = self._features(x)
-    return hidden_attention(q, k, scale=1.0, normalize=True, eps=self.eps,
-                            segment_ids=segment_ids)
+    return self.attn.attention_matrix(q, k, segment_ids=segment_ids)

@@ -15,46 +15,20 @@ Decoding keeps the delta-rule state [H,K,V] and the three short-conv buffers in 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.gla import no_decode_segments
-from attnzoo.mixers.layers import GatedRMSNorm, ShortConv, short_conv_state_size
+from attnzoo.mixers.layers import DeltaRuleOp, GatedRMSNorm, ShortConv, state_bytes
 from attnzoo.mixers.registry import dense_init, output_init, register
-from attnzoo.ops import delta_rule as dr_ops
-
-delta_rule = dr_ops.delta_rule
 
 
-def l2_normalize(x, eps=1e-6):
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """x / |x| over the last axis, in float32, cast back to x's dtype."""
   xf = x.astype(jnp.float32)
   return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-def cached_delta_rule(module: nn.Module, q, k, v, beta, *, scale, log_decay=None,
-                      implementation="auto", name="state"):
-  """The delta rule continuing from, and updating, the state [B,H,K,V] in `module`'s "cache"
-  collection (created as zeros, untouched, on the first call); call from a compact method."""
-  batch, steps, heads, k_dim = q.shape
-  initialized = module.has_variable("cache", name)
-  state = module.variable("cache", name, dr_ops.init_state, batch, heads, k_dim, v.shape[-1])
-  if not initialized:
-    return delta_rule(q, k, v, beta, scale=scale, log_decay=log_decay,
-                      implementation=implementation)
-  if steps == 1:
-    new_state, o = dr_ops.step(state.value, q[:, 0], k[:, 0], v[:, 0], beta[:, 0],
-                               None if log_decay is None else log_decay[:, 0], scale=scale)
-    o = o[:, None]
-  else:
-    o, new_state = delta_rule(q, k, v, beta, scale=scale, log_decay=log_decay,
-                              initial_state=state.value, return_final_state=True,
-                              implementation=implementation)
-  state.value = new_state
-  return o
 
 
 def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
@@ -87,7 +61,8 @@ class _DeltaNetBase(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
-  gated = False
+  bidirectional: ClassVar[bool] = False
+  gated: ClassVar[bool] = False
 
   def _dims(self):
     if self.head_dim is None and self.d_model % self.num_heads:
@@ -102,10 +77,8 @@ class _DeltaNetBase(nn.Module):
   def state_size(self, seq_len: int) -> int:
     """Bytes at float32: the delta-rule state [H,K,V] and the q/k/v conv buffers."""
     heads, k_dim, v_dim = self._dims()
-    size = heads * k_dim * v_dim * 4
-    if self.use_short_conv:
-      size += short_conv_state_size(heads * (2 * k_dim + v_dim), self.conv_size)
-    return size
+    convs = [(self.conv_size - 1, heads * (2 * k_dim + v_dim))] if self.use_short_conv else []
+    return state_bytes((heads, k_dim, v_dim), *convs)
 
   def setup(self):
     heads, k_dim, v_dim = self._dims()
@@ -129,6 +102,7 @@ class _DeltaNetBase(nn.Module):
       self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
     self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, use_bias=False,
                                kernel_init=output_init(self.num_layers))
+    self.attn = DeltaRuleOp(scale=k_dim ** -0.5, implementation=self.implementation)
 
   def _features(self, x, segment_ids=None, decode=False):
     """(q, k, v, beta, log_decay): q, k L2-normalised [B,T,H,K], v [B,T,H,V], beta and the
@@ -151,37 +125,18 @@ class _DeltaNetBase(nn.Module):
       log_decay = -jnp.exp(self.A_log) * dt
     return q, k, v, beta, log_decay
 
-  def _scale(self):
-    return self._dims()[1] ** -0.5
-
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
-    if decode:
-      no_decode_segments(segment_ids)
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     q, k, v, beta, log_decay = self._features(x, segment_ids, decode)
-    if decode:
-      o = self._decode(q, k, v, beta, log_decay)
-    else:
-      o = delta_rule(q, k, v, beta, scale=self._scale(), log_decay=log_decay,
-                     segment_ids=segment_ids, implementation=self.implementation)
+    o = self.attn(q, k, v, beta, log_decay, segment_ids=segment_ids, decode=decode)
     o = self.norm(o, self.g(x)) if self.use_gate else self.norm(o)
     return self.out(o)
 
-  @nn.compact
-  def _decode(self, q, k, v, beta, log_decay):
-    return cached_delta_rule(self, q, k, v, beta, scale=self._scale(), log_decay=log_decay,
-                             implementation=self.implementation)
-
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
-    """Hidden attention [B,H,T,T]: the delta rule is linear in v, so one-hot values give the
-    rows of the matrix it applies (before the output norm and gate)."""
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+    """Hidden attention [B,H,T,T] of the delta rule (before the output norm and gate)."""
     q, k, _, beta, log_decay = self._features(x, segment_ids)
-    batch, steps, heads, _ = q.shape
-    one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=jnp.float32)[None, :, None, :],
-                               (batch, steps, heads, steps))
-    rows = delta_rule(q.astype(jnp.float32), k.astype(jnp.float32), one_hot, beta,
-                      scale=self._scale(), log_decay=log_decay, segment_ids=segment_ids,
-                      implementation="xla")
-    return jnp.transpose(rows, (0, 2, 1, 3))
+    return self.attn.attention_matrix(q, k, beta, log_decay, segment_ids=segment_ids)
 
 
 @register("deltanet")
@@ -192,4 +147,4 @@ class DeltaNet(_DeltaNetBase):
 @register("gated_deltanet")
 class GatedDeltaNet(_DeltaNetBase):
   """Gated DeltaNet: DeltaNet with a Mamba-2 style data-dependent decay per head."""
-  gated = True
+  gated: ClassVar[bool] = True

@@ -1,6 +1,5 @@
 """Gated Linear Attention (GLA; Yang et al. 2023, "Gated Linear Attention Transformers with
-Hardware-Efficient Training"), and the pieces every mixer on the decayed linear-attention op
-shares (decoding through the "cache" collection, the hidden attention matrix).
+Hardware-Efficient Training").
 
 Per head, with a data-dependent decay on each key channel:
   alpha_t = sigmoid(x_t W_a1 W_a2 + b_a) ** (1 / tau)          (low-rank gate, tau = 16)
@@ -10,82 +9,15 @@ so log alpha_t = logsigmoid(x_t W_a1 W_a2 + b_a) / tau, the gate of fla's GLA la
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import GatedRMSNorm
+from attnzoo.mixers.layers import GatedRMSNorm, LinearAttentionOp, state_bytes
 from attnzoo.mixers.registry import dense_init, output_init, register
-from attnzoo.ops import linear_attention as la_ops
 
-linear_attention = la_ops.linear_attention
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-def no_decode_segments(segment_ids):
-  if segment_ids is not None:
-    raise ValueError("decoding does not take segment_ids (one sequence per batch row)")
-
-
-def cached_linear_attention(module: nn.Module, q, k, v, *, scale, log_decay=None, bonus=None,
-                            normalize=False, implementation="auto", name="state"):
-  """Decayed linear attention that continues from, and updates, the recurrent state kept in
-  `module`'s "cache" collection. Call it from a compact method of `module`.
-
-  The first call (inside `init(..., decode=True)`) creates a zero state [B,H,K,V(+1)] and runs
-  the plain forward without touching it; later calls continue from the state: one token via
-  the op's `step`, a prompt via the op with initial_state / return_final_state.
-  """
-  batch, steps, heads, k_dim = q.shape
-  v_dim = v.shape[-1]
-  initialized = module.has_variable("cache", name)
-  state = module.variable("cache", name, la_ops.init_state, batch, heads, k_dim, v_dim,
-                          normalize=normalize)
-  if not initialized:
-    return linear_attention(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus,
-                            normalize=normalize, implementation=implementation)
-  if steps == 1:
-    new_state, o = la_ops.step(state.value, q[:, 0], k[:, 0], v[:, 0],
-                               None if log_decay is None else log_decay[:, 0], scale=scale,
-                               bonus=bonus, normalize=normalize)
-    o = o[:, None]
-  else:
-    o, new_state = linear_attention(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus,
-                                    normalize=normalize, initial_state=state.value,
-                                    return_final_state=True, implementation=implementation)
-  state.value = new_state
-  return o
-
-
-def linear_attention_state_bytes(heads, k_dim, v_dim, *, normalize=False):
-  """Bytes (float32) of the op's recurrent state for one example."""
-  return heads * k_dim * (v_dim + (1 if normalize else 0)) * 4
-
-
-def hidden_attention(q, k, *, scale, log_decay=None, bonus=None, normalize=False,
-                     segment_ids=None):
-  """The attention matrix [B,H,T,T] a decayed linear attention applies to its values.
-
-  The op is linear in v, so feeding it one-hot values v[b,s,h,:] = e_s returns row t of the
-  (implicit) attention matrix at output position t.
-  """
-  batch, steps, heads, _ = q.shape
-  one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=jnp.float32)[None, :, None, :],
-                             (batch, steps, heads, steps))
-  rows = linear_attention(q.astype(jnp.float32), k.astype(jnp.float32), one_hot, scale=scale,
-                          log_decay=log_decay, bonus=bonus, normalize=normalize,
-                          segment_ids=segment_ids, implementation="xla")
-  return jnp.transpose(rows, (0, 2, 1, 3))
-
-
-def split_heads(x, heads):
-  return x.reshape(x.shape[:-1] + (heads, x.shape[-1] // heads))
-
-
-# ----------------------------------------------------------------------------- GLA
 
 @register("gla")
 class GLA(nn.Module):
@@ -106,6 +38,8 @@ class GLA(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def _dims(self):
     k_total, v_total = int(self.d_model * self.expand_k), int(self.d_model * self.expand_v)
     for what, n in (("d_model * expand_k", k_total), ("d_model * expand_v", v_total)):
@@ -115,9 +49,8 @@ class GLA(nn.Module):
     return self.num_heads, k_total // self.num_heads, v_total // self.num_heads
 
   def state_size(self, seq_len: int) -> int:
-    """Recurrent-state bytes at float32 (independent of seq_len)."""
-    heads, k_dim, v_dim = self._dims()
-    return linear_attention_state_bytes(heads, k_dim, v_dim)
+    """Recurrent-state bytes at float32 (independent of seq_len): [H, K, V]."""
+    return state_bytes(self._dims())
 
   def setup(self):
     heads, k_dim, v_dim = self._dims()
@@ -134,32 +67,21 @@ class GLA(nn.Module):
       self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
     self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, use_bias=False,
                                kernel_init=output_init(self.num_layers))
+    self.attn = LinearAttentionOp(scale=k_dim ** -0.5, implementation=self.implementation)
 
   def _features(self, x):
     log_decay = jax.nn.log_sigmoid(self.gate_up(self.gate_down(x)).astype(jnp.float32))
     return self.q(x), self.k(x), self.v(x), log_decay / self.gate_logit_normalizer
 
-  def _scale(self):
-    return self._dims()[1] ** -0.5
-
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     q, k, v, log_decay = self._features(x)
-    if decode:
-      no_decode_segments(segment_ids)
-      o = self._decode(q, k, v, log_decay)
-    else:
-      o = linear_attention(q, k, v, scale=self._scale(), log_decay=log_decay,
-                           segment_ids=segment_ids, implementation=self.implementation)
+    o = self.attn(q, k, v, log_decay, segment_ids=segment_ids, decode=decode)
     o = self.norm(o, self.g(x)) if self.output_gate else self.norm(o)
     return self.out(o)
 
-  @nn.compact
-  def _decode(self, q, k, v, log_decay):
-    return cached_linear_attention(self, q, k, v, scale=self._scale(), log_decay=log_decay,
-                                   implementation=self.implementation)
-
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
     """Hidden attention [B,H,T,T] of the gated recurrence (before norm and output gate)."""
     q, k, _, log_decay = self._features(x)
-    return hidden_attention(q, k, scale=self._scale(), log_decay=log_decay,
-                            segment_ids=segment_ids)
+    return self.attn.attention_matrix(q, k, log_decay, segment_ids=segment_ids)

@@ -17,14 +17,13 @@ the first layer has no bound (beta = 0), as in HGRN.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.gla import (cached_linear_attention, hidden_attention, linear_attention,
-                                linear_attention_state_bytes, no_decode_segments)
+from attnzoo.mixers.layers import LinearAttentionOp, state_bytes
 from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
@@ -42,15 +41,17 @@ class HGRN2(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def _dims(self):
     head_v = per_head(self.d_model, self.num_heads)
     return self.num_heads, self.expand_ratio or head_v, head_v
 
   def state_size(self, seq_len: int) -> int:
-    """Recurrent-state bytes at float32 (independent of seq_len)."""
-    return linear_attention_state_bytes(*self._dims())
+    """Recurrent-state bytes at float32 (independent of seq_len): [H, F, V]."""
+    return state_bytes(self._dims())
 
-  def has_lower_bound(self):
+  def has_lower_bound(self) -> bool:
     return self.lower_bound and self.layer_idx > 0
 
   def setup(self):
@@ -66,8 +67,9 @@ class HGRN2(nn.Module):
     self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
     self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, use_bias=False,
                                kernel_init=output_init(self.num_layers))
+    self.attn = LinearAttentionOp(scale=f_dim ** -0.5, implementation=self.implementation)
 
-  def gates(self, x):
+  def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(log forget gate, key = 1 - forget gate), float32 [B,T,H,F]."""
     z = self.f(x).astype(jnp.float32)
     if not self.has_lower_bound():
@@ -84,28 +86,16 @@ class HGRN2(nn.Module):
     q = nn.silu(self.q(x))
     return q, key.astype(q.dtype), self.i(x), log_f
 
-  def _scale(self):
-    return self._dims()[1] ** -0.5
-
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     q, k, v, log_f = self._features(x)
-    if decode:
-      no_decode_segments(segment_ids)
-      o = self._decode(q, k, v, log_f)
-    else:
-      o = linear_attention(q, k, v, scale=self._scale(), log_decay=log_f,
-                           segment_ids=segment_ids, implementation=self.implementation)
+    o = self.attn(q, k, v, log_f, segment_ids=segment_ids, decode=decode)
     # One RMSNorm over all heads together (HGRN-2 normalises the whole output).
     o = self.norm(o.reshape(o.shape[:2] + (-1,))).reshape(o.shape)
     return self.out(o)
 
-  @nn.compact
-  def _decode(self, q, k, v, log_f):
-    return cached_linear_attention(self, q, k, v, scale=self._scale(), log_decay=log_f,
-                                   implementation=self.implementation)
-
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
     """Hidden attention [B,H,T,T] of the gated recurrence (before the norm)."""
     q, k, _, log_f = self._features(x)
-    return hidden_attention(q, k, scale=self._scale(), log_decay=log_f,
-                            segment_ids=segment_ids)
+    return self.attn.attention_matrix(q, k, log_f, segment_ids=segment_ids)

@@ -18,15 +18,13 @@ distillation LAWCAT extends, initialised at the identity) and the gate's paramet
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.gla import (cached_linear_attention, hidden_attention, linear_attention,
-                                linear_attention_state_bytes, no_decode_segments)
-from attnzoo.mixers.layers import ShortConv, short_conv_state_size
+from attnzoo.mixers.layers import LinearAttentionOp, ShortConv, state_bytes
 from attnzoo.mixers.registry import dense_init, output_init, register
 
 GATES = ("vector", "scalar", "none")
@@ -38,6 +36,19 @@ def _feature_init(key, shape, dtype=jnp.float32):
   if d_in == d_out:
     return jnp.broadcast_to(jnp.eye(d_in, dtype=dtype), shape)
   return dense_init(key, shape, dtype)
+
+
+class HedgehogMap(nn.Module):
+  """Hedgehog feature map per head (Zhang et al. 2024, as in LoLCATs): u [B,T,H,d] ->
+  [softmax(u W_h), softmax(-u W_h)] [B,T,H,2F], positive, float32. Param "kernel" [H,d,F]."""
+  features: int
+
+  @nn.compact
+  def __call__(self, u: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", _feature_init, u.shape[-2:] + (self.features,), jnp.float32)
+    proj = jnp.einsum("bthd,hdf->bthf", u.astype(jnp.float32), kernel)
+    return jnp.concatenate([jax.nn.softmax(proj, axis=-1), jax.nn.softmax(-proj, axis=-1)],
+                           axis=-1)
 
 
 @register("lawcat")
@@ -58,6 +69,8 @@ class LAWCAT(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def _dims(self):
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"lawcat: d_model ({self.d_model}) must be divisible by num_heads "
@@ -71,8 +84,8 @@ class LAWCAT(nn.Module):
     """Bytes at float32: the state [H, 2F, V] with its normaliser column, and the q/k conv
     buffers."""
     heads, head_dim, feat = self._dims()
-    return (linear_attention_state_bytes(heads, 2 * feat, head_dim, normalize=True)
-            + short_conv_state_size(2 * heads * head_dim, self.conv_size))
+    return state_bytes((heads, 2 * feat, head_dim + 1),
+                       (self.conv_size - 1, 2 * heads * head_dim))
 
   def setup(self):
     heads, head_dim, feat = self._dims()
@@ -84,7 +97,7 @@ class LAWCAT(nn.Module):
     conv = lambda: ShortConv(self.conv_size, use_bias=self.conv_bias, activation=None,
                              dtype=self.dtype)
     self.q_conv, self.k_conv = conv(), conv()
-    self.feature = self.param("feature", _feature_init, (heads, head_dim, feat), jnp.float32)
+    self.feature_map = HedgehogMap(feat)
     if self.gate != "none":
       self.gate_down = nn.Dense(self.gate_low_rank_dim, dtype=self.dtype, use_bias=False,
                                 kernel_init=dense_init)
@@ -92,12 +105,11 @@ class LAWCAT(nn.Module):
       self.gate_up = nn.DenseGeneral(gate_shape, dtype=jnp.float32, kernel_init=dense_init)
     self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, use_bias=False,
                                kernel_init=output_init(self.num_layers))
+    self.attn = LinearAttentionOp(scale=1.0, normalize=True, implementation=self.implementation)
 
-  def phi(self, u):
-    """Hedgehog feature map per head: u [B,T,H,d] -> [B,T,H,2F], positive, float32."""
-    proj = jnp.einsum("bthd,hdf->bthf", u.astype(jnp.float32), self.feature)
-    return jnp.concatenate([jax.nn.softmax(proj, axis=-1), jax.nn.softmax(-proj, axis=-1)],
-                           axis=-1)
+  def phi(self, u: jax.Array) -> jax.Array:
+    """The shared feature map: u [B,T,H,d] -> [B,T,H,2F], positive, float32."""
+    return self.feature_map(u)
 
   def _features(self, x, segment_ids=None, decode=False):
     heads, head_dim, _ = self._dims()
@@ -112,24 +124,13 @@ class LAWCAT(nn.Module):
       log_decay = log_decay / self.gate_logit_normalizer
     return q, k, v, log_decay
 
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
-    if decode:
-      no_decode_segments(segment_ids)
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     q, k, v, log_decay = self._features(x, segment_ids, decode)
-    if decode:
-      o = self._decode(q, k, v, log_decay)
-    else:
-      o = linear_attention(q, k, v, scale=1.0, log_decay=log_decay, normalize=True,
-                           segment_ids=segment_ids, implementation=self.implementation)
-    return self.out(o)
+    return self.out(self.attn(q, k, v, log_decay, segment_ids=segment_ids, decode=decode))
 
-  @nn.compact
-  def _decode(self, q, k, v, log_decay):
-    return cached_linear_attention(self, q, k, v, scale=1.0, log_decay=log_decay,
-                                   normalize=True, implementation=self.implementation)
-
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
     """Normalised hidden attention [B,H,T,T] (rows sum to one up to eps)."""
     q, k, _, log_decay = self._features(x, segment_ids)
-    return hidden_attention(q, k, scale=1.0, log_decay=log_decay, normalize=True,
-                            segment_ids=segment_ids)
+    return self.attn.attention_matrix(q, k, log_decay, segment_ids=segment_ids)

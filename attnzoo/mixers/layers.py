@@ -1,27 +1,27 @@
-"""Building blocks shared by several mixers: the short causal convolution layer (with its
-decoding buffer), feature maps of linear attention, and the normalisations of their outputs.
+"""The plumbing every mixer shares, in one place (DESIGN.md, Mixers): a mixer module imports only
+`registry`, this module and `attnzoo.ops`, never another mixer module.
 
-ShortConv is used by base_conv, mamba2, deltanet, gated_deltanet and lawcat; feature maps by
-linear_attention and based; HeadNorm / GatedRMSNorm by retnet, lightning and mamba2;
-LinearAttentionOp (the decayed linear attention op plus its decoding state in the "cache"
-collection) and hidden_attention (its [B,H,T,T] matrix) by every linear-attention mixer.
+- conventions: `default_positions` (arange(T) when not given), `no_decode_segments` (decoding
+  continues one sequence per batch row), `state_bytes` (what decoding keeps, float32 counted as
+  Zoology does), `hidden_attention` (the [B,H,T,T] matrix of any op linear in v);
+- decode caches, one per op, each running its op (whole sequence) or continuing from its state
+  in the "cache" collection (`decode=True`): `ShortConv`, `LinearAttentionOp`, `DeltaRuleOp`;
+- feature maps of linear attention, and the normalisations of mixer outputs.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo.ops.linear_attention import init_state as la_init_state
-from attnzoo.ops.linear_attention import linear_attention as la_op
-from attnzoo.ops.linear_attention import step as la_step
-from attnzoo.ops.short_conv import init_state as conv_init_state
-from attnzoo.ops.short_conv import short_conv as conv_op
-from attnzoo.ops.short_conv import step as conv_step
+from attnzoo.ops import delta_rule as dr_ops
+from attnzoo.ops import linear_attention as la_ops
+from attnzoo.ops import short_conv as conv_ops
 
 F32 = jnp.float32
 
@@ -29,14 +29,88 @@ ACTIVATIONS = {None: lambda x: x, "identity": lambda x: x, "silu": nn.silu, "swi
                "relu": nn.relu, "gelu": nn.gelu, "sigmoid": nn.sigmoid}
 
 
-def get_activation(name):
+def get_activation(name: str | None) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f"unknown activation {name!r}; use one of "
                      f"{', '.join(str(k) for k in ACTIVATIONS)}")
   return ACTIVATIONS[name]
 
 
-def conv_kernel_init(kernel_size: int):
+# ----------------------------------------------------------------------------- conventions
+
+def default_positions(x: jax.Array, positions: jax.Array | None) -> jax.Array:
+  """positions, or arange(T) for each example when None."""
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+  return positions
+
+
+def no_decode_segments(segment_ids: jax.Array | None,
+                       block_ids: jax.Array | None = None) -> None:
+  """Decoding continues one sequence per batch row: packed segments (or blocks) are an error."""
+  for name, ids in (("segment_ids", segment_ids), ("block_ids", block_ids)):
+    if ids is not None:
+      raise ValueError(f"decoding does not take {name} (one sequence per batch row)")
+
+
+def state_bytes(*shapes: Sequence[int]) -> int:
+  """Bytes of the decoding state of one example: float32 arrays of the given shapes (4 bytes
+  an element, as Zoology counts)."""
+  return 4 * sum(math.prod(shape) for shape in shapes)
+
+
+def hidden_attention(op: Callable[..., jax.Array], q: jax.Array, k: jax.Array, *args: Any,
+                     **kwargs: Any) -> jax.Array:
+  """The [B,H,T,T] matrix A with o = A v that a mixing op applies to its values: softmax,
+  linear, decayed (Ali et al. 2024, "The Hidden Attention of Mamba Models") or delta-rule
+  attention. Each is linear in v, so one-hot values v[b, s, h, :] = e_s give A's rows:
+  op(q, k, one_hot, *args, implementation="xla", **kwargs), q and k in float32. The values
+  have k's heads (the kv heads of grouped-query attention)."""
+  batch, steps, heads = k.shape[:3]
+  one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=F32)[None, :, None, :],
+                             (batch, steps, heads, steps))
+  rows = op(q.astype(F32), k.astype(F32), one_hot, *args, implementation="xla", **kwargs)
+  return jnp.transpose(rows, (0, 2, 1, 3))
+
+
+# ----------------------------------------------------------------------------- decode caches
+
+def _eager_jit(op: Callable, *static: str) -> Callable:
+  """One compiled program per call when not already under jit (eager use: tests, notebooks)."""
+  return jax.jit(op, static_argnames=("implementation", "return_final_state") + static)
+
+
+_conv_op = _eager_jit(conv_ops.short_conv)
+_la_op = _eager_jit(la_ops.linear_attention, "scale", "normalize", "eps")
+_dr_op = _eager_jit(dr_ops.delta_rule, "scale")
+
+
+def _run_or_decode(module: nn.Module, op: Callable, step: Callable, init_state: Callable, *,
+                   steps: int, segment_ids: jax.Array | None, decode: bool,
+                   name: str = "state") -> jax.Array:
+  """Without decode: op(segment_ids=...) over the whole sequence. With decode, through the
+  state kept in `module`'s "cache" collection under `name`: the first call (inside
+  `init(..., decode=True)`) creates it with init_state() and runs op() leaving it at zero;
+  later calls continue from it, `step(state) -> (state, y[B,...])` for one token and
+  op(initial_state=state, return_final_state=True) for a longer prompt. Call it from a compact
+  method of `module`."""
+  if not decode:
+    return op(segment_ids=segment_ids)
+  no_decode_segments(segment_ids)
+  initialized = module.has_variable("cache", name)
+  state = module.variable("cache", name, init_state)
+  if not initialized:
+    return op()
+  if steps == 1:
+    new_state, y = step(state.value)
+    y = y[:, None]
+  else:
+    y, new_state = op(initial_state=state.value, return_final_state=True)
+  state.value = new_state.astype(state.value.dtype)
+  return y
+
+
+def conv_kernel_init(kernel_size: int) -> Callable:
   """PyTorch's default for a depthwise Conv1d (what Zoology, Mamba and fla keep):
   U(-1/sqrt(K), 1/sqrt(K)), K = fan-in = kernel_size."""
   bound = 1.0 / math.sqrt(kernel_size)
@@ -46,23 +120,12 @@ def conv_kernel_init(kernel_size: int):
   return init
 
 
-def short_conv_state_size(channels: int, kernel_size: int) -> int:
-  """Bytes (float32) of a ShortConv decoding buffer, per example."""
-  return (kernel_size - 1) * channels * 4
-
-
-# One compiled program per call when not already under jit (eager use: tests, notebooks).
-_conv_op_jit = jax.jit(conv_op, static_argnames=("return_final_state", "implementation"))
-
-
 class ShortConv(nn.Module):
   """Causal depthwise convolution over time of x[B,T,C] (channels inferred from x), optional
-  bias and activation (applied after the conv).
+  bias and activation (applied after the conv), on attnzoo.ops.short_conv.
 
-  Params: "kernel" [K,C], "bias" [C]. With decode=True it keeps the last K-1 inputs in the
-  "cache" collection ("conv_state" [B,K-1,C] float32): created (zeros) when absent, i.e.
-  during `init(..., decode=True)`, which runs the normal forward; later calls continue from
-  it (`step` for one token, the op with initial_state for a longer prompt).
+  Params: "kernel" [K,C], "bias" [C]. Decoding state: the last K-1 inputs, "conv_state"
+  [B,K-1,C] float32.
   """
   kernel_size: int = 4
   use_bias: bool = True
@@ -72,7 +135,8 @@ class ShortConv(nn.Module):
   implementation: str = "auto"
 
   @nn.compact
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+               decode: bool = False) -> jax.Array:
     batch, steps, channels = x.shape
     k = self.kernel_size
     if k < 1:
@@ -82,24 +146,77 @@ class ShortConv(nn.Module):
     kernel = kernel.astype(self.dtype)
     bias = None if bias is None else bias.astype(self.dtype)
     x = x.astype(self.dtype)
-    act = get_activation(self.activation)
-    if not decode:
-      return act(_conv_op_jit(x, kernel, bias, segment_ids=segment_ids,
-                         implementation=self.implementation))
-    if segment_ids is not None:
-      raise ValueError("decoding does not take segment_ids")
-    initialized = self.has_variable("cache", "conv_state")
-    state = self.variable("cache", "conv_state", conv_init_state, batch, k, channels)
-    if not initialized:
-      return act(_conv_op_jit(x, kernel, bias, implementation=self.implementation))
-    if steps == 1:
-      new_state, y = conv_step(state.value, x[:, 0], kernel, bias)
-      y = y[:, None]
-    else:
-      y, new_state = _conv_op_jit(x, kernel, bias, initial_state=state.value,
-                             return_final_state=True, implementation=self.implementation)
-    state.value = new_state.astype(state.value.dtype)
-    return act(y)
+    op = functools.partial(_conv_op, x, kernel, bias, implementation=self.implementation)
+    step = lambda state: conv_ops.step(state, x[:, 0], kernel, bias)
+    init = functools.partial(conv_ops.init_state, batch, k, channels)
+    y = _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids,
+                       decode=decode, name="conv_state")
+    return get_activation(self.activation)(y)
+
+
+class LinearAttentionOp(nn.Module):
+  """attnzoo.ops.linear_attention with its decoding state: no parameters; the "cache"
+  collection's "state" [B,H,K,V(+1 with normalize)] float32. log_decay: None | [H] | [B,T,H] |
+  [B,T,H,K], bonus: None | [H,K], as in the op."""
+  scale: float
+  normalize: bool = False
+  eps: float = 1e-6
+  implementation: str = "auto"
+
+  def _kwargs(self) -> dict:
+    return dict(scale=self.scale, normalize=self.normalize, eps=self.eps)
+
+  @nn.compact
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
+               log_decay: jax.Array | None = None, bonus: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    batch, steps, heads, k_dim = q.shape
+    op = functools.partial(_la_op, q, k, v, log_decay=log_decay, bonus=bonus,
+                           implementation=self.implementation, **self._kwargs())
+
+    def step(state):
+      g = log_decay if log_decay is None or log_decay.ndim == 1 else log_decay[:, 0]
+      return la_ops.step(state, q[:, 0], k[:, 0], v[:, 0], g, bonus=bonus, **self._kwargs())
+    init = functools.partial(la_ops.init_state, batch, heads, k_dim, v.shape[-1],
+                             normalize=self.normalize)
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids,
+                          decode=decode)
+
+  def attention_matrix(self, q: jax.Array, k: jax.Array, log_decay: jax.Array | None = None,
+                       bonus: jax.Array | None = None, *,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B,H,T,T]: the hidden attention of the op as configured."""
+    return hidden_attention(_la_op, q, k, log_decay=log_decay, bonus=bonus,
+                            segment_ids=segment_ids, **self._kwargs())
+
+
+class DeltaRuleOp(nn.Module):
+  """attnzoo.ops.delta_rule with its decoding state: no parameters; the "cache" collection's
+  "state" [B,H,K,V] float32. beta and log_decay (None: no decay) are [B,T,H] as in the op."""
+  scale: float
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+               log_decay: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+               decode: bool = False) -> jax.Array:
+    batch, steps, heads, k_dim = q.shape
+    op = functools.partial(_dr_op, q, k, v, beta, scale=self.scale, log_decay=log_decay,
+                           implementation=self.implementation)
+
+    def step(state):
+      g = None if log_decay is None else log_decay[:, 0]
+      return dr_ops.step(state, q[:, 0], k[:, 0], v[:, 0], beta[:, 0], g, scale=self.scale)
+    init = functools.partial(dr_ops.init_state, batch, heads, k_dim, v.shape[-1])
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids,
+                          decode=decode)
+
+  def attention_matrix(self, q: jax.Array, k: jax.Array, beta: jax.Array,
+                       log_decay: jax.Array | None = None, *,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B,H,T,T]: the hidden attention of the delta rule (it is linear in v)."""
+    return hidden_attention(_dr_op, q, k, beta, scale=self.scale, log_decay=log_decay,
+                            segment_ids=segment_ids)
 
 
 # ----------------------------------------------------------------------------- feature maps
@@ -107,7 +224,7 @@ class ShortConv(nn.Module):
 FEATURE_MAPS = ("identity", "elu", "relu", "performer", "cosformer", "taylor")
 
 
-def taylor_feature_map(x, *, scale_input: bool = True):
+def taylor_feature_map(x: jax.Array, *, scale_input: bool = True) -> jax.Array:
   """Based's 2nd-order Taylor map of exp over the last axis (d = its size), such that
     phi(q) . phi(k) = 1 + q.k / sqrt(d) + (q.k)^2 / (2 d)
   (scale_input=False drops the 1/sqrt(d) temperature: 1 + q.k + (q.k)^2 / 2).
@@ -144,7 +261,7 @@ def performer_projection(seed: int, head_dim: int, num_features: int) -> np.ndar
   return (w * norms[:, None]).T.astype(np.float32)
 
 
-def performer_feature_map(x, projection):
+def performer_feature_map(x: jax.Array, projection: jax.Array) -> jax.Array:
   """Positive random features of the softmax kernel exp(q.k / sqrt(d)):
   phi(x) = exp(w^T x' - |x'|^2 / 2) / sqrt(m), x' = x / d^(1/4), w ~ N(0, I) (orthogonal)."""
   d = x.shape[-1]
@@ -155,7 +272,7 @@ def performer_feature_map(x, projection):
   return (jnp.exp(proj - sq) / math.sqrt(m)).astype(x.dtype)
 
 
-def cosformer_feature_map(x, positions, horizon: int):
+def cosformer_feature_map(x: jax.Array, positions: jax.Array, horizon: int) -> jax.Array:
   """cosFormer (Qin et al. 2022): relu features re-weighted by cos(pi i / 2M) through
   cos(a - b) = cos a cos b + sin a sin b: phi(x_i) = [relu(x_i) cos(pi i / 2M),
   relu(x_i) sin(pi i / 2M)], so phi(q_i) . phi(k_j) = relu(q_i).relu(k_j) cos(pi (i-j) / 2M).
@@ -178,7 +295,8 @@ def feature_size(name: str, head_dim: int, num_features: int | None = None) -> i
   raise ValueError(f"unknown feature map {name!r}; use one of {', '.join(FEATURE_MAPS)}")
 
 
-def feature_map(name: str, x, *, positions=None, projection=None, horizon: int = 1024):
+def feature_map(name: str, x: jax.Array, *, positions: jax.Array | None = None,
+                projection: jax.Array | None = None, horizon: int = 1024) -> jax.Array:
   """Applies a named feature map over the last axis of x[B,T,H,d]."""
   if name == "identity":
     return x
@@ -197,7 +315,7 @@ def feature_map(name: str, x, *, positions=None, projection=None, horizon: int =
 
 # ----------------------------------------------------------------------------- norms
 
-def rms_normalize(x, eps: float = 1e-6):
+def rms_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """x / RMS(x) over the last axis, computed in float32 (no weight)."""
   xf = x.astype(F32)
   return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -211,7 +329,7 @@ class HeadNorm(nn.Module):
   eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(F32)
     if self.kind == "layernorm":
       xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
@@ -237,7 +355,7 @@ class GatedRMSNorm(nn.Module):
   eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x, z):
+  def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     group = self.group_size or dim
     if dim % group:
@@ -254,70 +372,3 @@ class GatedRMSNorm(nn.Module):
     return y.astype(x.dtype)
 
 
-# ----------------------------------------------------------------------------- recurrent state
-
-def linear_attention_state_size(heads: int, k_dim: int, v_dim: int, normalize=False) -> int:
-  """Bytes (float32) of a LinearAttentionOp decoding state per example: [H, K, V(+1)]."""
-  return heads * k_dim * (v_dim + (1 if normalize else 0)) * 4
-
-
-# One compiled program per call when not already under jit (eager use: tests, notebooks).
-_la_op_jit = jax.jit(la_op, static_argnames=("scale", "normalize", "eps", "implementation",
-                                             "return_final_state"))
-
-
-class LinearAttentionOp(nn.Module):
-  """attnzoo.ops.linear_attention with a decoding state: no parameters, only the "cache"
-  collection's "state" [B,H,K,V(+1)] float32. decode=False runs the op; decode=True creates
-  the state when absent (during `init(..., decode=True)`, running the op as usual), and later
-  continues from it: `step` for one token, the op with initial_state for a longer prompt.
-  log_decay: None | [H] | [B,T,H] | [B,T,H,K] as in the op."""
-  scale: float
-  normalize: bool = False
-  eps: float = 1e-6
-  implementation: str = "auto"
-
-  @nn.compact
-  def __call__(self, q, k, v, log_decay=None, *, segment_ids=None, decode=False):
-    kw = dict(scale=self.scale, log_decay=log_decay, normalize=self.normalize, eps=self.eps,
-              implementation=self.implementation)
-    if not decode:
-      return _la_op_jit(q, k, v, segment_ids=segment_ids, **kw)
-    if segment_ids is not None:
-      raise ValueError("decoding does not take segment_ids")
-    batch, steps, heads, k_dim = q.shape
-    initialized = self.has_variable("cache", "state")
-    state = self.variable("cache", "state", la_init_state, batch, heads, k_dim,
-                          v.shape[-1], normalize=self.normalize)
-    if not initialized:
-      return _la_op_jit(q, k, v, **kw)
-    if steps == 1:
-      g = log_decay if log_decay is None or log_decay.ndim == 1 else log_decay[:, 0]
-      new_state, o = la_step(state.value, q[:, 0], k[:, 0], v[:, 0], g, scale=self.scale,
-                             normalize=self.normalize, eps=self.eps)
-      o = o[:, None]
-    else:
-      o, new_state = _la_op_jit(q, k, v, initial_state=state.value, return_final_state=True, **kw)
-    state.value = new_state.astype(state.value.dtype)
-    return o
-
-
-def hidden_attention(q, k, *, scale, log_decay=None, normalize=False, eps=1e-6,
-                     segment_ids=None):
-  """The [B,H,T,T] matrix A with o = A v of decayed linear attention: the op is linear in v,
-  so feeding one-hot values v[b, s, h, :] = e_s returns A's rows (float32, "xla")."""
-  batch, steps, heads, _ = q.shape
-  one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=F32)[None, :, None, :],
-                             (batch, steps, heads, steps))
-  o = _la_op_jit(
-      q.astype(F32), k.astype(F32), one_hot, scale=scale,
-      log_decay=None if log_decay is None else log_decay.astype(F32), normalize=normalize,
-      eps=eps, segment_ids=segment_ids, implementation="xla")
-  return jnp.transpose(o, (0, 2, 1, 3))
-
-
-def default_positions(x, positions):
-  """arange(T) for each example when positions is None."""
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-  return positions

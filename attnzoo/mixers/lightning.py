@@ -16,14 +16,14 @@ Decoding keeps S: H x (2 d/H with LRPE, else d/H) x d/H floats.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from attnzoo.mixers.layers import (LinearAttentionOp, default_positions, get_activation,
-                                   hidden_attention, linear_attention_state_size,
-                                   rms_normalize)
+                                   rms_normalize, state_bytes)
 from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
@@ -38,7 +38,7 @@ def alibi_slopes(num_heads: int) -> list[float]:
   return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][:num_heads - closest]
 
 
-def lightning_log_decay(num_heads: int, layer_idx: int, num_layers: int):
+def lightning_log_decay(num_heads: int, layer_idx: int, num_layers: int) -> jax.Array:
   """log lambda_h = -slope_h * (1 - layer_idx / (num_layers - 1) + 1e-5), [H]."""
   depth = 1.0 - layer_idx / (num_layers - 1) if num_layers > 1 else 1.0
   return -jnp.asarray(alibi_slopes(num_heads), jnp.float32) * (depth + 1e-5)
@@ -57,13 +57,16 @@ class Lightning(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def _head_dim(self):
     return per_head(self.d_model, self.num_heads)
 
   def state_size(self, seq_len: int) -> int:
+    """Bytes at float32 of the state [H, K, V] (K = 2 d/H with LRPE, else d/H)."""
     head_dim = self._head_dim()
     key_dim = 2 * head_dim if self.lrpe else head_dim
-    return linear_attention_state_size(self.num_heads, key_dim, head_dim)
+    return state_bytes((self.num_heads, key_dim, head_dim))
 
   def setup(self):
     head_dim, heads = self._head_dim(), self.num_heads
@@ -73,8 +76,7 @@ class Lightning(nn.Module):
     self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                                kernel_init=output_init(self.num_layers))
     if self.lrpe:
-      # A vector (like other per-channel rates), so the trainer's matrix-only weight decay
-      # leaves it alone.
+      # Per-channel rates: not a "kernel", so weight decay leaves them alone.
       init = lambda key, shape: 10000.0 ** (-2.0 / shape[0] * jnp.arange(shape[0],
                                                                          dtype=jnp.float32))
       self.lrpe_theta = self.param("lrpe_theta", init, (heads * head_dim,))
@@ -95,7 +97,8 @@ class Lightning(nn.Module):
       q, k = rotate(q), rotate(k)
     return q, k
 
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     q, k = self._qk(x, positions)
     o = self.attn(q, k, self.v(x), self._log_decay(), segment_ids=segment_ids, decode=decode)
     shape = o.shape
@@ -103,8 +106,8 @@ class Lightning(nn.Module):
     o = get_activation(self.gate_activation)(self.u(x)) * o
     return self.out(o)
 
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
     """[B,H,T,T]: the decayed scores (q_n'.k_m') lambda^(n-m) (before SRMSNorm)."""
     q, k = self._qk(x, positions)
-    return hidden_attention(q, k, scale=1.0, log_decay=self._log_decay(),
-                            segment_ids=segment_ids)
+    return self.attn.attention_matrix(q, k, self._log_decay(), segment_ids=segment_ids)

@@ -21,14 +21,14 @@ feature_dim^-1/2). Decoding keeps the state [H, F, head_dim (+1 with the normali
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import (FEATURE_MAPS, LinearAttentionOp, default_positions,
-                                   feature_map, feature_size, hidden_attention,
-                                   linear_attention_state_size, performer_projection)
+from attnzoo.mixers.layers import (FEATURE_MAPS, LinearAttentionOp, default_positions, feature_map,
+                                   feature_size, performer_projection, state_bytes)
 from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
@@ -49,6 +49,8 @@ class LinearAttention(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def _dims(self):
     head_dim = per_head(self.d_model, self.num_heads)
     if self.feature_map not in FEATURE_MAPS:
@@ -64,9 +66,10 @@ class LinearAttention(nn.Module):
     return 1.0 if self.normalize else self._dims()[1] ** -0.5
 
   def state_size(self, seq_len: int) -> int:
+    """Bytes at float32 of the state [H, F, V (+1 with the normaliser)]."""
     head_dim, qk_dim, m = self._dims()
     features = feature_size(self.feature_map, qk_dim, m)
-    return linear_attention_state_size(self.num_heads, features, head_dim, self.normalize)
+    return state_bytes((self.num_heads, features, head_dim + (1 if self.normalize else 0)))
 
   def setup(self):
     head_dim, qk_dim, _ = self._dims()
@@ -90,16 +93,17 @@ class LinearAttention(nn.Module):
                                 projection=projection, horizon=self.cosformer_horizon)
     return phi(self.q(x)), phi(self.k(x))
 
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     q, k = self._features(x, positions)
     o = self.attn(q, k, self.v(x), segment_ids=segment_ids, decode=decode)
     return self.out(o)
 
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
     """[B,H,T,T]: the (normalised, when normalize) linear-attention weights."""
     q, k = self._features(x, positions)
-    return hidden_attention(q, k, scale=self._scale(), normalize=self.normalize, eps=self.eps,
-                            segment_ids=segment_ids)
+    return self.attn.attention_matrix(q, k, segment_ids=segment_ids)
 
 
 @register("lsa")

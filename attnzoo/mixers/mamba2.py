@@ -16,15 +16,13 @@ Decoding keeps the SSM state H x N x P and the conv buffer (d_conv - 1) x (d_inn
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import (GatedRMSNorm, LinearAttentionOp, ShortConv,
-                                   hidden_attention, linear_attention_state_size,
-                                   short_conv_state_size)
+from attnzoo.mixers.layers import GatedRMSNorm, LinearAttentionOp, ShortConv, state_bytes
 from attnzoo.mixers.registry import dense_init, output_init, register
 
 
@@ -46,6 +44,8 @@ class Mamba2(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def _dims(self):
     d_inner = self.expand * self.d_model
     if d_inner % self.head_dim:
@@ -58,10 +58,11 @@ class Mamba2(nn.Module):
     return d_inner, heads
 
   def state_size(self, seq_len: int) -> int:
+    """Bytes at float32: the SSM state [H, N, P] and the conv buffer [d_conv-1, C]."""
     d_inner, heads = self._dims()
     conv_channels = d_inner + 2 * self.ngroups * self.d_state
-    return (linear_attention_state_size(heads, self.d_state, self.head_dim)
-            + short_conv_state_size(conv_channels, self.d_conv))
+    return state_bytes((heads, self.d_state, self.head_dim),
+                       (self.d_conv - 1, conv_channels))
 
   def setup(self):
     d_inner, heads = self._dims()
@@ -103,7 +104,8 @@ class Mamba2(nn.Module):
     log_decay = -jnp.exp(self.A_log) * dt
     return z, x, b, c, dt, log_decay
 
-  def __call__(self, u, *, positions=None, segment_ids=None, decode=False):
+  def __call__(self, u: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     z, x, b, c, dt, log_decay = self._ssm_inputs(u, segment_ids, decode)
     v = (x * dt[..., None]).astype(x.dtype)
     y = self.ssd(c, b, v, log_decay, segment_ids=segment_ids, decode=decode)
@@ -111,9 +113,10 @@ class Mamba2(nn.Module):
     y = y.reshape(*y.shape[:2], -1)
     return self.out_proj(self.norm(y, z))
 
-  def attention_matrix(self, u, *, positions=None, segment_ids=None):
+  def attention_matrix(self, u: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
     """[B,H,T,T]: the hidden attention of the SSM, (C_t . B_s) exp(sum_{s<r<=t} log a_r) dt_s
     (y = A x + D x; the D skip and the gate are not included)."""
     _, _, b, c, dt, log_decay = self._ssm_inputs(u, segment_ids, False)
-    a = hidden_attention(c, b, scale=1.0, log_decay=log_decay, segment_ids=segment_ids)
+    a = self.ssd.attention_matrix(c, b, log_decay, segment_ids=segment_ids)
     return a * jnp.transpose(dt, (0, 2, 1))[:, :, None, :]

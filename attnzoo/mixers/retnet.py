@@ -13,18 +13,18 @@ Decoding keeps S: H x d_k x d_v floats.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import (HeadNorm, LinearAttentionOp, default_positions,
-                                   hidden_attention, linear_attention_state_size)
+from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, default_positions, state_bytes
 from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 from attnzoo.ops.rotary import apply_rope
 
 
-def retnet_log_decay(num_heads: int):
+def retnet_log_decay(num_heads: int) -> jax.Array:
   """log gamma_h = log(1 - 2^(-5-h)), h = 0..H-1."""
   return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(num_heads, dtype=jnp.float32))))
 
@@ -43,13 +43,16 @@ class RetNet(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def _dims(self):
     key_dim = per_head(self.d_model, self.num_heads)
     return key_dim, key_dim * self.value_factor
 
   def state_size(self, seq_len: int) -> int:
+    """Bytes at float32 of the state [H, d_k, d_v]."""
     key_dim, value_dim = self._dims()
-    return linear_attention_state_size(self.num_heads, key_dim, value_dim)
+    return state_bytes((self.num_heads, key_dim, value_dim))
 
   def setup(self):
     key_dim, value_dim = self._dims()
@@ -71,15 +74,17 @@ class RetNet(nn.Module):
       k = apply_rope(k, positions, base=self.rope_base)
     return q, k
 
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     q, k = self._qk(x, positions)
     o = self.attn(q, k, self.v(x), retnet_log_decay(self.num_heads), segment_ids=segment_ids,
                   decode=decode)
     o = nn.silu(self.g(x)) * self.group_norm(o)
     return self.out(o)
 
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
     """[B,H,T,T]: the retention scores d^-1/2 (q_n . k_m) gamma^(n-m) (before GroupNorm)."""
     q, k = self._qk(x, positions)
-    return hidden_attention(q, k, scale=self._dims()[0] ** -0.5,
-                            log_decay=retnet_log_decay(self.num_heads), segment_ids=segment_ids)
+    return self.attn.attention_matrix(q, k, retnet_log_decay(self.num_heads),
+                                      segment_ids=segment_ids)

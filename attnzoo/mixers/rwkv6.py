@@ -15,31 +15,29 @@ Decoding keeps the recurrent state and the last input (token shift) in the cache
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo.mixers.gla import (cached_linear_attention, hidden_attention, linear_attention,
-                                linear_attention_state_bytes, no_decode_segments)
-from attnzoo.mixers.layers import HeadNorm
+from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, state_bytes
 from attnzoo.mixers.registry import dense_init, output_init, per_head, register
+from attnzoo.ops.segments import segment_starts
 
 MIXES = ("w", "k", "v", "r", "g")
 
 
-def token_shift(x, segment_ids=None, first=None):
+def token_shift(x: jax.Array, segment_ids: jax.Array | None = None,
+                first: jax.Array | None = None) -> jax.Array:
   """x_{t-1} for every t: `first` [B,D] (or zeros) before the first token, and zeros at the
   first token of every packed segment."""
   prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
   if first is not None:
     prev = prev.at[:, 0].set(first.astype(x.dtype))
   if segment_ids is not None:
-    start = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
-                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    prev = jnp.where(start[..., None], 0, prev)
+    prev = jnp.where(segment_starts(segment_ids)[..., None], 0, prev)
   return prev
 
 
@@ -71,6 +69,8 @@ class RWKV6(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
+  bidirectional: ClassVar[bool] = False
+
   def _dims(self):
     heads = self.num_heads or max(1, self.d_model // 64)
     return heads, per_head(self.d_model, heads)
@@ -78,7 +78,7 @@ class RWKV6(nn.Module):
   def state_size(self, seq_len: int) -> int:
     """Bytes at float32: the WKV state [H,K,V] plus the token-shift buffer [D]."""
     heads, head_dim = self._dims()
-    return linear_attention_state_bytes(heads, head_dim, head_dim) + self.d_model * 4
+    return state_bytes((heads, head_dim, head_dim), (self.d_model,))
 
   def setup(self):
     heads, head_dim = self._dims()
@@ -102,6 +102,7 @@ class RWKV6(nn.Module):
     self.group_norm = HeadNorm(kind="layernorm", affine=True, eps=self.norm_eps)
     self.out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, use_bias=False,
                                kernel_init=output_init(self.num_layers))
+    self.attn = LinearAttentionOp(scale=1.0, implementation=self.implementation)
 
   def _features(self, x, x_prev):
     """(r, k, v, g, log_decay) from the input and its token shift."""
@@ -119,29 +120,26 @@ class RWKV6(nn.Module):
   def _output(self, o, g):
     return self.out(self.group_norm(o) * g)
 
-  def __call__(self, x, *, positions=None, segment_ids=None, decode=False):
-    if decode:
-      no_decode_segments(segment_ids)
-      return self._decode(x)
-    r, k, v, g, log_decay = self._features(x, token_shift(x, segment_ids))
-    o = linear_attention(r, k, v, scale=1.0, log_decay=log_decay, bonus=self.bonus,
-                         segment_ids=segment_ids, implementation=self.implementation)
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    x_prev = self._decode_shift(x) if decode else token_shift(x, segment_ids)
+    r, k, v, g, log_decay = self._features(x, x_prev)
+    o = self.attn(r, k, v, log_decay, self.bonus, segment_ids=segment_ids, decode=decode)
     return self._output(o, g)
 
   @nn.compact
-  def _decode(self, x):
+  def _decode_shift(self, x):
+    """token_shift while decoding: the previous call's last input, kept in the cache."""
     initialized = self.has_variable("cache", "shift")
     shift = self.variable("cache", "shift", jnp.zeros, (x.shape[0], self.d_model), jnp.float32)
-    r, k, v, g, log_decay = self._features(x, token_shift(x, first=shift.value))
-    o = cached_linear_attention(self, r, k, v, scale=1.0, log_decay=log_decay,
-                                bonus=self.bonus, implementation=self.implementation)
+    x_prev = token_shift(x, first=shift.value)
     if initialized:
       shift.value = x[:, -1].astype(jnp.float32)
-    return self._output(o, g)
+    return x_prev
 
-  def attention_matrix(self, x, *, positions=None, segment_ids=None):
+  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
     """Hidden attention [B,H,T,T] of the WKV recurrence: decayed r.k off the diagonal and the
     bonus r.(u*k) on it (before GroupNorm and the gate)."""
     r, k, _, _, log_decay = self._features(x, token_shift(x, segment_ids))
-    return hidden_attention(r, k, scale=1.0, log_decay=log_decay, bonus=self.bonus,
-                            segment_ids=segment_ids)
+    return self.attn.attention_matrix(r, k, log_decay, self.bonus, segment_ids=segment_ids)

@@ -8,6 +8,8 @@ Masks are defined on token positions (default `arange`): `causal` keeps kv_pos <
 `block_mask_size=(bq, bk)` keeps queries [i*bq, (i+1)*bq) x keys [j*bk, (j+1)*bk) (a
 block-sparse map, batch axis 1 or B, ceil(Tq/bq) x ceil(Tk/bk) blocks, over time indices).
 All masks combine with AND. `scale` is a number or a per-head array [H] (a temperature).
+`dropout_rate` with a `dropout_rng` drops attention probabilities (kept ones scaled by
+1 / (1 - rate)); without an rng, or at rate 0, the op is deterministic. Only "xla" serves it.
 Decoding passes explicit
 `q_positions` / `kv_positions` for a KV cache; empty cache slots carry position `EMPTY`,
 which every causal or windowed query masks out. Rows with no visible key return 0 (lse -inf).
@@ -63,7 +65,7 @@ def attention_mask(q_positions, kv_positions, *, causal, window, segment_ids, kv
 
 def _attention_jnp(q, k, v, *, scale, causal, window, segment_ids, kv_segment_ids,
                    q_positions, kv_positions, softcap, bias, return_lse, compute_dtype,
-                   block_mask=None, block_mask_size=None):
+                   block_mask=None, block_mask_size=None, dropout_rate=0.0, dropout_rng=None):
   batch, tq, heads, _ = q.shape
   tk, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
@@ -84,6 +86,9 @@ def _attention_jnp(q, k, v, *, scale, causal, window, segment_ids, kv_segment_id
   weights = jnp.exp(logits - row_max)
   denominator = jnp.sum(weights, axis=-1, keepdims=True)
   probs = weights / jnp.where(denominator > 0, denominator, 1.0)
+  if dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   probs = probs.reshape(batch, kv_heads, groups, tq, tk).astype(compute_dtype)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(compute_dtype),
                    preferred_element_type=jnp.float32)
@@ -155,7 +160,7 @@ def _xla(**args):
 
 def _cudnn_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids,
                     q_positions, kv_positions, softcap, bias, return_lse, explicit_positions,
-                    block_mask=None, block_mask_size=None):
+                    dropout, block_mask=None, block_mask_size=None):
   if jax.default_backend() != "gpu":
     return "cuDNN runs only on GPU"
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -176,6 +181,8 @@ def _cudnn_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_i
     return "cuDNN takes one scalar scale"
   if block_mask is not None:
     return "cuDNN path takes no block-sparse mask"
+  if dropout:
+    return "cuDNN path applies no attention dropout (only 'xla' does)"
   return None
 
 
@@ -188,9 +195,11 @@ def _cudnn(*, q, k, v, scale, causal, window, bias, **_):
 
 def _flash_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids,
                     q_positions, kv_positions, softcap, bias, return_lse, explicit_positions,
-                    block_mask, block_mask_size, on_device):
+                    dropout, block_mask, block_mask_size, on_device):
   from pallas_kernels.flash_attention import unsupported_reason
   backend = jax.default_backend()
+  if dropout:
+    return "the Pallas flash kernel applies no attention dropout (only 'xla' does)"
   if on_device and backend not in ("gpu", "tpu"):
     return ("the Pallas flash kernel lowers for GPU (Triton) and TPU (Mosaic) only "
             f"(backend {backend!r}); use 'interpret' to run it on CPU")
@@ -229,23 +238,31 @@ dispatcher.register("interpret", supports=lambda **a: _flash_supports(**a, on_de
 def softmax_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
                       kv_segment_ids=None, q_positions=None, kv_positions=None,
                       softcap=None, bias=None, return_lse=False, block_mask=None,
-                      block_mask_size=None, implementation="auto"):
+                      block_mask_size=None, dropout_rate=0.0, dropout_rng=None,
+                      implementation="auto"):
   """Multi-head softmax attention; see the module docstring for the mask semantics.
 
   Returns o[B,Tq,H,Dv], or (o, lse[B,Tq,H] float32) when return_lse.
   implementation: "auto" | "xla" | "cudnn" | "pallas" | "interpret". "pallas" is the
   flash kernel of pallas_kernels.flash_attention on GPU (Triton lowering) or TPU (Mosaic
   lowering); "interpret" runs the same kernel in Pallas interpret mode (any backend; how CPU
-  tests exercise it).
+  tests exercise it). dropout_rate with a dropout_rng (a PRNG key) drops attention
+  probabilities, on "xla" only ("auto" then picks it).
   """
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"softmax_attention: dropout_rate must be in [0, 1), got {dropout_rate}")
+  dropout = {}
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    dropout = {"dropout_rate": dropout_rate, "dropout_rng": dropout_rng}
   explicit_positions = q_positions is not None or kv_positions is not None
   args = _canonical(q, k, v, scale=scale, causal=causal, window=window,
                     segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                     q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
                     bias=bias, return_lse=return_lse, block_mask=block_mask,
                     block_mask_size=block_mask_size)
-  name = dispatcher.choose(implementation, **args, explicit_positions=explicit_positions)
+  name = dispatcher.choose(implementation, **args, explicit_positions=explicit_positions,
+                           dropout=bool(dropout))
   if name in ("pallas", "interpret") and not explicit_positions:
     # default positions let the kernel index its fully visible tiles arithmetically
     args = dict(args, q_positions=None, kv_positions=None)
-  return dispatcher.implementations[name].fn(**args)
+  return dispatcher.implementations[name].fn(**args, **dropout)

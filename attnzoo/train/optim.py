@@ -13,8 +13,14 @@ def learning_rate_schedule(cfg, num_steps: int):
 
 
 def decay_mask(params, decay_all: bool):
-  """Decay matrices and embeddings; leave biases and norm scales alone (unless decay_all)."""
-  return jax.tree.map(lambda p: decay_all or p.ndim >= 2, params)
+  """Weight decay by parameter role, read from the name: a leaf named "kernel" (projections,
+  convolutions) or "embedding" decays; nothing else does (biases, norm scales, decay rates,
+  per-channel gates and bonuses, token-shift mixes, the LoRAs that produce RWKV's decays and
+  mixes: mixers name these otherwise). decay_all decays everything (as Zoology does)."""
+  def decays(path, _):
+    names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]
+    return decay_all or names[-1] in ("kernel", "embedding")
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:

@@ -1,5 +1,9 @@
 """Contract tests run on every registered mixer: shapes, causality, decode ≡ full forward,
-state_size equal to the bytes of the real decoding state."""
+state_size equal to the bytes of the real decoding state, the declared capabilities
+(bidirectional form or a one-line refusal, block_ids)."""
+import dataclasses
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,10 +152,10 @@ def test_block_attention_mask_and_kv_reuse():
   x = x_input(5)
   blocks = jnp.array([[0] * 4 + [1] * 5 + [2] * 4] * B)
   params = mixer.init(jax.random.key(0), x)
-  full = mixer.apply(params, x, segment_ids=blocks)
+  full = mixer.apply(params, x, block_ids=blocks)
   # a token of block 1 sees only block 1; a token of the last block sees everything before it
   grad = lambda t: np.abs(np.asarray(jax.grad(
-      lambda x: mixer.apply(params, x, segment_ids=blocks)[:, t].sum())(x))).sum(axis=(0, 2))
+      lambda x: mixer.apply(params, x, block_ids=blocks)[:, t].sum())(x))).sum(axis=(0, 2))
   assert (grad(6)[:4] == 0).all() and (grad(6)[4:7] > 0).all() and (grad(6)[7:] == 0).all()
   assert (grad(10)[:11] > 0).all() and (grad(10)[11:] == 0).all()
   # blocks encoded on their own at local positions, re-encoded at their offsets, fill the KV
@@ -169,3 +173,90 @@ def test_block_attention_mask_and_kv_reuse():
   out, _ = mixer.apply({**params, "cache": cache}, x[:, 9:], positions=positions, decode=True,
                        mutable=["cache"])
   assert relative_error(out, full[:, 9:]) < 1e-5
+
+
+def test_block_attention_blocks_inside_documents():
+  """segment_ids separate documents, block_ids blocks inside them: each document's last block
+  sees its whole document, other blocks only themselves, nothing crosses documents."""
+  mixer = build_mixer("block_attention", d_model=D, num_heads=2)
+  x = x_input(6)
+  documents = jnp.array([[0] * 7 + [1] * 6] * B)
+  blocks = jnp.array([[0] * 3 + [1] * 4 + [1] * 2 + [2] * 4] * B)  # block 1 spans both
+  params = mixer.init(jax.random.key(0), x)
+  weights = np.asarray(mixer.apply(params, x, segment_ids=documents, block_ids=blocks,
+                                   method=mixer.attention_matrix))
+  seen = (weights[0, 0] > 0).astype(int)
+  visible = np.zeros((T, T), int)
+  for lo, hi, last in ((0, 3, False), (3, 7, True), (7, 9, False), (9, 13, True)):
+    start = (0 if lo < 7 else 7) if last else lo
+    for t in range(lo, hi):
+      visible[t, start:t + 1] = 1
+  np.testing.assert_array_equal(seen, visible)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+  # the forward applies the same weights
+  out = mixer.apply(params, x, segment_ids=documents, block_ids=blocks)
+  v = mixer.apply(params, x, method=lambda m, x: m.v(x))
+  o = jnp.einsum("bhts,bshd->bthd", weights, v)
+  assert relative_error(out, mixer.apply(params, o, method=lambda m, o: m.out(o))) < 1e-5
+  with pytest.raises(ValueError, match="decoding does not take block_ids"):
+    mixer.init(jax.random.key(0), x, block_ids=blocks, decode=True)
+
+
+def test_declared_capabilities():
+  """Every mixer declares bidirectional and uses_block_ids; a bidirectional one has a `causal`
+  field; block_ids are keywords of exactly the mixers that use them."""
+  for name, cls in MIXERS.items():
+    assert isinstance(cls.bidirectional, bool) and isinstance(cls.uses_block_ids, bool)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert not cls.bidirectional or "causal" in fields, name
+    for method in (cls.__call__, getattr(cls, "attention_matrix", None)):
+      if method is not None:
+        assert ("block_ids" in inspect.signature(method).parameters) == cls.uses_block_ids
+  assert sorted(n for n, c in MIXERS.items() if c.uses_block_ids) == ["block_attention"]
+
+
+BIDIRECTIONAL = sorted(name for name, cls in MIXERS.items() if cls.bidirectional)
+
+
+@pytest.mark.parametrize("name", BIDIRECTIONAL)
+def test_bidirectional_mixers_see_the_future(name):
+  mixer = build_mixer(name, d_model=D, causal=False, **TEST_KWARGS.get(name, {}))
+  x = x_input()
+  params = mixer.init(jax.random.key(1), x)
+  t = 6  # with causal=False, d out[:, t] / d x[:, s] is nonzero for some s > t
+  grad = jax.grad(lambda x: mixer.apply(params, x)[:, t].sum())(x)
+  assert np.abs(np.asarray(grad[:, t + 1:])).max() > 0
+
+
+@pytest.mark.parametrize("name", sorted(set(MIXERS) - set(BIDIRECTIONAL)))
+def test_causal_only_mixers_refuse_in_one_line(name):
+  with pytest.raises(ValueError) as error:
+    build_mixer(name, d_model=D, causal=False, **TEST_KWARGS.get(name, {}))
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(f"mixer {name!r} is causal-only")
+  assert "bidirectional mixers: attention, gated_attention, sliding_window" in message
+
+
+def test_non_causal_sliding_window_is_symmetric():
+  mixer = build_mixer("sliding_window", d_model=D, num_heads=2, window=3, causal=False)
+  x = x_input()
+  params = mixer.init(jax.random.key(0), x)
+  grad = jax.grad(lambda x: mixer.apply(params, x)[:, 6].sum())(x)
+  seen = np.abs(np.asarray(grad)).sum(axis=(0, 2)) > 0
+  assert seen.tolist() == [False] * 4 + [True] * 5 + [False] * 4
+  with pytest.raises(ValueError, match="decoding needs causal attention"):
+    mixer.init(jax.random.key(0), x, decode=True)
+
+
+def test_attention_dropout_only_with_a_dropout_rng():
+  x = x_input()
+  plain = build_mixer("gated_attention", d_model=D, num_heads=2)
+  dropped = build_mixer("gated_attention", d_model=D, num_heads=2, attention_dropout=0.5)
+  params = plain.init(jax.random.key(0), x)
+  reference = plain.apply(params, x)
+  # eval and decoding pass no "dropout" rng: deterministic, equal to the plain mixer
+  np.testing.assert_array_equal(np.asarray(dropped.apply(params, x)), np.asarray(reference))
+  train = lambda key: dropped.apply(params, x, rngs={"dropout": jax.random.key(key)})
+  assert np.abs(np.asarray(train(1) - reference)).max() > 1e-3
+  assert np.abs(np.asarray(train(1) - train(2))).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(train(1)), np.asarray(train(1)))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnzoo.mixers.layers import ShortConv, short_conv_state_size
+from attnzoo.mixers.layers import ShortConv, state_bytes
 from attnzoo.ops import short_conv as sc
 
 B, T, C = 2, 11, 5
@@ -109,7 +109,7 @@ def test_layer_decode_equals_forward():
   params = layer.init(jax.random.key(1), x)["params"]
   full = layer.apply({"params": params}, x)
   cache = layer.init(jax.random.key(1), x, decode=True)["cache"]
-  assert sum(a.size * 4 for a in jax.tree.leaves(cache)) == B * short_conv_state_size(C, 4)
+  assert sum(a.size * 4 for a in jax.tree.leaves(cache)) == B * state_bytes((3, C))
   outs = []
   for start, stop in [(0, 3), (3, 4), (4, 8), *[(t, t + 1) for t in range(8, T)]]:
     out, var = layer.apply({"params": params, "cache": cache}, x[:, start:stop], decode=True,

@@ -119,3 +119,43 @@ def test_cudnn_matches_xla_on_gpu(causal, window, kv_heads):
   got = softmax_attention(q, k, v, implementation="cudnn", **args)
   want = reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), **args)
   assert relative_error(got, want) < 1e-2
+
+
+def test_dropout_is_off_at_rate_zero_or_without_rng():
+  q, k, v = inputs(7)
+  plain = np.asarray(softmax_attention(q, k, v, scale=0.3, causal=True, implementation="xla"))
+  for rate, rng in ((0.0, jax.random.key(0)), (0.3, None)):
+    out = softmax_attention(q, k, v, scale=0.3, causal=True, dropout_rate=rate, dropout_rng=rng)
+    np.testing.assert_array_equal(np.asarray(out), plain)
+
+
+def test_dropout_keeps_the_expected_value_and_gradients():
+  """Dropped probabilities are zero at the rate, kept ones scaled by 1 / (1 - rate): the mean
+  over many rngs is the undropped output; gradients flow through the kept ones."""
+  q, k, v = inputs(8, B=1, Tq=6, Tk=6, H=2, Hkv=2, D=4)
+  rate = 0.3
+  attend = lambda key, v: softmax_attention(q, k, v, scale=0.5, causal=True, dropout_rate=rate,
+                                            dropout_rng=key)
+  keys = jax.random.split(jax.random.key(0), 4000)
+  probs = jax.vmap(attend, (0, None))(keys, jnp.eye(6)[None, :, None].repeat(2, 2))
+  visible = np.tril(np.ones((6, 6), bool))[:, None, :]                 # [Tq, H, Tk]
+  dropped = np.asarray(probs[:, 0] == 0)[:, visible.repeat(2, 1)]
+  assert abs(dropped.mean() - rate) < 0.01
+  plain = softmax_attention(q, k, v, scale=0.5, causal=True)
+  assert relative_error(jax.vmap(attend, (0, None))(keys, v).mean(0), plain) < 0.03
+  loss = lambda q, k, v, key: (softmax_attention(q, k, v, scale=0.5, causal=True,
+                                                 dropout_rate=rate, dropout_rng=key) ** 2).sum()
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, keys[0])
+  undropped = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, None)
+  for g, u in zip(grads, undropped):
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+    assert relative_error(g, u) > 1e-3
+
+
+def test_only_xla_serves_dropout():
+  q, k, v = inputs(9)
+  with pytest.raises(Unsupported, match="dropout"):
+    softmax_attention(q, k, v, scale=1.0, dropout_rate=0.1, dropout_rng=jax.random.key(0),
+                      implementation="interpret")
+  with pytest.raises(ValueError, match="dropout_rate"):
+    softmax_attention(q, k, v, scale=1.0, dropout_rate=1.0, dropout_rng=jax.random.key(0))
