@@ -22,8 +22,8 @@ EMPTY = 2**31 - 1  # the position of an empty KV-cache slot (int32 max)
 def segment_starts(segment_ids):
   """bool [B,T]: True at the first token of every packed segment after the first (where the id
   changes), False at t = 0. Every recurrent form resets its state where this is True."""
-  return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
-                          segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  previous, current = segment_ids[:, :-1], segment_ids[:, 1:]
+  return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), current != previous], axis=1)
 
 
 def canonical_segments(segment_ids):

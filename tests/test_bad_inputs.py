@@ -61,7 +61,8 @@ CASES = [
     (train("", "--config.data.test_segments=((32,4),)"),
      "error: data.test_segments must be a non-empty list of (seq_len, num_kv_pairs"),
     (train("", "--config.data.power_a=0.0"), "error: data.power_a must be positive, got 0.0"),
-    (train("seq_len=64"), "error: give both seq_len and num_kv_pairs, or neither"),
+    (["train", "--config", f"{MQAR}:seq_len=64"],
+     "error: give both seq_len and num_kv_pairs, or neither"),
 ]
 
 

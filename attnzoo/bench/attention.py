@@ -67,17 +67,17 @@ def _visible_pairs(t, *, causal, window=None, segments=None):
   return float(np.maximum(hi - lo + 1, 0).sum())
 
 
-def _impl_fn(impl, *, scale, causal, window, segments, block_sizes=None, hopper=None):
+def _impl_fn(impl, *, scale, causal, window, segments, tuning=None, hopper=None):
   """(q, k, v) -> o for one implementation, or raises when it cannot serve the case.
   `hopper`: the pallas kernel's forward (see flash_attention); impl "hopper" forces it on."""
   if impl == "hopper":
     impl, hopper = "pallas", True
   if impl == "pallas":
-    if block_sizes is not None or hopper is not None:
+    if tuning is not None or hopper is not None:
       from pallas_kernels.flash_attention import flash_attention
       return lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal,
                                              window=window, segment_ids=segments,
-                                             block_sizes=block_sizes, hopper=hopper)
+                                             tuning=tuning, hopper=hopper)
     return lambda q, k, v: softmax_attention(q, k, v, scale=scale, causal=causal,
                                              window=window, segment_ids=segments,
                                              implementation="pallas")
@@ -104,11 +104,10 @@ def _impl_fn(impl, *, scale, causal, window, segments, block_sizes=None, hopper=
   raise ValueError(impl)
 
 
-def _measure(impl, q, k, v, do, *, causal, window, segments, mode, block_sizes=None,
-             hopper=None):
+def _measure(impl, q, k, v, do, *, causal, window, segments, mode, tuning=None, hopper=None):
   scale = 1.0 / math.sqrt(q.shape[-1])
   f = _impl_fn(impl, scale=scale, causal=causal, window=window, segments=segments,
-               block_sizes=block_sizes, hopper=hopper)
+               tuning=tuning, hopper=hopper)
   if mode == "fwd":
     g = jax.jit(f)
     return _time(g, q, k, v), g(q, k, v)
@@ -163,7 +162,7 @@ def run(args, rows, save):
         try:
           s, o = _measure(impl, q, k, v, do, causal=case["causal"], window=case["window"],
                           segments=segments, mode=mode,
-                          block_sizes=args.block_sizes if impl == "pallas" else None,
+                          tuning=args.tuning if impl == "pallas" else None,
                           hopper=HOPPER_MODES[args.hopper] if impl == "pallas" else None)
           row.update(ms=s * 1e3, tflops=flops / s / 1e12)
           if o is not None:
@@ -199,12 +198,12 @@ BWD_CANDIDATES = [
 
 
 def tune(args, rows, save):
-  """Times the kernel's block-size candidates on the causal case; returns the best BlockSizes.
+  """Times the kernel's block-size candidates on the causal case; returns the best Tuning.
 
   Forward candidates first, then backward candidates (forward+backward time) on top of the
   best forward. Every measurement is kept in the results (rows with "sweep": true).
   """
-  from pallas_kernels.flash_attention import BlockSizes
+  from pallas_kernels.flash_attention import Tuning
   heads, dim = 16, 128
   b, t = (4, 4096) if not args.quick else (1, 2048)
   ks = jax.random.split(jax.random.key(0), 4)
@@ -220,7 +219,7 @@ def tune(args, rows, save):
       row = dict(sweep=True, B=b, T=t, mode=mode, causal=True, blocks=blocks)
       try:
         sec, _ = _measure("pallas", q, k, v, do, causal=True, window=None, segments=None,
-                          mode=mode, block_sizes=BlockSizes(**blocks))
+                          mode=mode, tuning=Tuning(**blocks))
         row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
         timed.append((sec, c))
       except Exception as e:
@@ -231,10 +230,10 @@ def tune(args, rows, save):
     if timed:
       best.update(min(timed, key=lambda x: x[0])[1])
   print("tuned block sizes:", json.dumps(best), flush=True)
-  return BlockSizes(**best)
+  return Tuning(**best)
 
 
-# Forward candidates for --sweep: BlockSizes fields (the backward keeps its defaults).
+# Forward candidates for --sweep: Tuning fields (the backward keeps its defaults).
 SWEEP_FWD = [
     dict(block_q=128, block_k=128, num_warps=8, num_stages=3),  # default
     dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
@@ -289,9 +288,9 @@ def _compile_parallel(jobs, budget_s):
 def sweep(args, rows, save):
   """Times every SWEEP_FWD candidate (and cuDNN, when in --impls) on the SWEEP_CASES forward.
 
-  Rows carry sweep="tiles" and the candidate's BlockSizes fields ("blocks") or ref="cudnn".
+  Rows carry sweep="tiles" and the candidate's Tuning fields ("blocks") or ref="cudnn".
   """
-  from pallas_kernels.flash_attention import BlockSizes
+  from pallas_kernels.flash_attention import Tuning
   heads, dim = 16, 128
   scale = 1.0 / math.sqrt(dim)
   cases = QUICK_SWEEP_CASES if args.quick else SWEEP_CASES
@@ -301,12 +300,12 @@ def sweep(args, rows, save):
     inputs[b, t] = [jax.random.normal(kk, (b, t, heads, dim), jnp.float32)
                     .astype(jnp.bfloat16) for kk in ks]
   impls = [("cudnn", "cudnn", None)] if "cudnn" in args.impls else []
-  impls += [(j, "pallas", BlockSizes(**c)) for j, c in enumerate(SWEEP_FWD)]
+  impls += [(j, "pallas", Tuning(**c)) for j, c in enumerate(SWEEP_FWD)]
   jobs = {}  # candidate-major: a sweep cut short by the budget still has whole rows
-  for j, impl, blocks in impls:
+  for j, impl, tuning in impls:
     for ci, (_, b, t, causal, window) in enumerate(cases):
       fn = _impl_fn(impl, scale=scale, causal=causal, window=window, segments=None,
-                    block_sizes=blocks)
+                    tuning=tuning)
       jobs[ci, j] = (fn, inputs[b, t])
   start = time.perf_counter()
   compiled = _compile_parallel(jobs, args.sweep_budget)
@@ -332,7 +331,7 @@ def sweep(args, rows, save):
 
 
 def _fwd_tiles(b):
-  """The forward fields of a BlockSizes, as in SWEEP_FWD."""
+  """The forward fields of a Tuning, as in SWEEP_FWD."""
   return dict(block_q=b.block_q, block_k=b.block_k, num_warps=b.num_warps,
               num_stages=b.num_stages)
 
@@ -377,8 +376,8 @@ def sweep_markdown(rows, device):
   # Suggested default: the candidate whose worst causal/full case (time over that case's best
   # time) is best. The window ratio compares the 16k causal time with it against the fastest
   # window candidate.
-  from pallas_kernels.flash_attention import default_block_sizes
-  now, now_local = (json.dumps(_fwd_tiles(default_block_sizes(128, 2, local=local)))
+  from pallas_kernels.flash_attention import default_tuning
+  now, now_local = (json.dumps(_fwd_tiles(default_tuning(128, 2, local=local)))
                     for local in (False, True))
   dense = [c for c in cases if not c[0].startswith("window") and c in best]
   complete = [k for k in cands if all((c, k) in ms for c in dense)]
@@ -415,7 +414,7 @@ def to_markdown(rows, device):
   if hop:  # --hopper both: "ours" is the Triton forward; the Hopper forward gets columns
     lines[-2] += (" with Hopper fwd: ms | TFLOP/s | vs cuDNN | vs mha |")
     lines[-1] += "---|---|---|---|"
-  tuned = [r["tuned_block_sizes"] for r in rows if "tuned_block_sizes" in r]
+  tuned = [r["tuned"] for r in rows if "tuned" in r]
   earlier = sorted({r["impl"] for r in rows if r.get("earlier_run")})
   if earlier:
     lines[3:3] = [f"Columns measured in an earlier run on the same device (same code paths, "
@@ -423,8 +422,8 @@ def to_markdown(rows, device):
   if tuned:
     lines[3:3] = [f"Kernel block sizes (chosen by --tune in this run): `{tuned[0]}`", ""]
   else:
-    from pallas_kernels.flash_attention import default_block_sizes
-    fwd = lambda **kw: _blocks_label(_fwd_tiles(default_block_sizes(128, 2, **kw)))
+    from pallas_kernels.flash_attention import default_tuning
+    fwd = lambda **kw: _blocks_label(_fwd_tiles(default_tuning(128, 2, **kw)))
     lines[3:3] = [f"Kernel forward tiles (defaults for bf16, D=128): causal {fwd()}; "
                   f"non-causal {fwd(causal=False)}; sliding windows {fwd(local=True)} "
                   "(block_q x block_k, warps, stages).", ""]
@@ -520,10 +519,9 @@ def main(argv=None):
     sweep(args, rows, save)
     print(sweep_markdown(rows, device), flush=True)
     return 0
-  block_sizes = tune(args, rows, save) if args.tune else None
-  args.block_sizes = block_sizes
-  if block_sizes is not None:
-    rows.append(dict(tuned_block_sizes=dataclasses.asdict(block_sizes)))
+  args.tuning = tune(args, rows, save) if args.tune else None
+  if args.tuning is not None:
+    rows.append(dict(tuned=dataclasses.asdict(args.tuning)))
   run(args, rows, save)
   save()
   print(to_markdown(rows, device), flush=True)

@@ -151,31 +151,31 @@ def _inputs(variant, b, t, h, d, seed=0):
   return (q, k, v), diff, static
 
 
-def _op_fn(variant, impl, static, config=None):
+def _op_fn(variant, impl, static, tuning=None):
   """f(q, k, v, diff) -> o."""
   if variant == "delta_rule":
     from attnzoo.ops.delta_rule import delta_rule
     return lambda q, k, v, d: delta_rule(q, k, v, d["beta"], log_decay=d.get("log_decay"),
                                          implementation=impl, **static)
-  if config is not None:  # the kernel directly, with an explicit block configuration
+  if tuning is not None:  # the kernel directly, with an explicit tuning
     from attnzoo.ops.linear_attention import _augment
     from pallas_kernels.linear_attention import linear_attention as kernel
 
     def f(q, k, v, d):
       va = _augment(v, static.get("normalize", False))
       o, _ = kernel(q, k, va, d.get("log_decay"), scale=static["scale"], bonus=d.get("bonus"),
-                    config=config)
+                    tuning=tuning)
       return o
     return f
   from attnzoo.ops.linear_attention import linear_attention
   return lambda q, k, v, d: linear_attention(q, k, v, **d, **static, implementation=impl)
 
 
-def _jitted(variant, impl, static, bwd, config=None):
+def _jitted(variant, impl, static, bwd, tuning=None):
   """The forward, or forward+backward: the gradients w.r.t. q, k, v and the differentiable
   extras for the cotangent do of o, in o's dtype (fla's o.backward(do) in bf16)."""
   import jax
-  f = _op_fn(variant, impl, static, config)
+  f = _op_fn(variant, impl, static, tuning)
   if not bwd:
     return jax.jit(f)
 
@@ -185,15 +185,15 @@ def _jitted(variant, impl, static, bwd, config=None):
   return jax.jit(fwdbwd)
 
 
-def measure(variant, impl, shape, bwd, config=None):
+def measure(variant, impl, shape, bwd, tuning=None):
   import jax
   from attnzoo.bench.timing import median_seconds
   b, t, h, d = shape
   (q, k, v), diff, static = _inputs(variant, b, t, h, d)
-  row = dict(impl=impl if config is None else f"pallas[{_cfg_name(config)}]",
+  row = dict(impl=impl if tuning is None else f"pallas[{_tuning_name(tuning)}]",
              op=variant, mode="fwdbwd" if bwd else "fwd", shape=list(shape))
   try:
-    fn = _jitted(variant, impl, static, bwd, config)
+    fn = _jitted(variant, impl, static, bwd, tuning)
     args = (q, k, v, diff)
     if bwd:
       args += (jax.random.normal(jax.random.key(9), v.shape).astype(v.dtype),)
@@ -211,7 +211,7 @@ def measure(variant, impl, shape, bwd, config=None):
   return row
 
 
-def _cfg_name(c):
+def _tuning_name(c):
   import dataclasses
   default = type(c)()
   return ",".join(f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c)
@@ -350,8 +350,8 @@ def main(argv=None):
   p.add_argument("--fla-timeout", type=float, default=600)
   p.add_argument("--memory", default="16384,65536", help="T values for the peak-memory table")
   p.add_argument("--sweep", default="",
-                 help="kernel configs to time too: 'variant+variant:field=value,...;...' with "
-                      "the fields of pallas_kernels.linear_attention.KernelConfig")
+                 help="kernel tunings to time too: 'variant+variant:field=value,...;...' with "
+                      "the fields of pallas_kernels.linear_attention.Tuning")
   p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
   p.add_argument("--fla-worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--shapes", default=None, help="'B,T,H,D;...' (default: the two bench shapes)")
@@ -404,15 +404,14 @@ def main(argv=None):
             rows.append(measure(variant, impl, shape, mode == "fwdbwd"))
             save()
   if args.sweep:
-    from pallas_kernels.linear_attention import KernelConfig
+    from pallas_kernels.linear_attention import Tuning
     for spec in args.sweep.split(";"):
       names, fields = spec.split(":")
-      cfg = KernelConfig(**{f.split("=")[0]: int(f.split("=")[1])
-                            for f in fields.split(",") if f})
+      tuning = Tuning(**{f.split("=")[0]: int(f.split("=")[1]) for f in fields.split(",") if f})
       for shape in shapes:
         for variant in names.split("+"):
           for mode in args.modes.split(","):
-            rows.append(measure(variant, "pallas", shape, mode == "fwdbwd", config=cfg))
+            rows.append(measure(variant, "pallas", shape, mode == "fwdbwd", tuning=tuning))
             save()
   for t in (int(x) for x in args.memory.split(",") if x):
     for impl in args.impls.split(","):

@@ -46,7 +46,8 @@ def dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
   """Dropout at `rate` when `module` is applied with a "dropout" rng, else x unchanged."""
   if rate == 0.0 or not module.has_rng("dropout"):
     return x
-  return nn.Dropout(rate, deterministic=False)(x)
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class StateMixer(nn.Module):

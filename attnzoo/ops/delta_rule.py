@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from attnzoo.ops.dispatch import Dispatcher
+from attnzoo.ops.segments import segment_starts
 from pallas_kernels import delta_rule as kernels
 from pallas_kernels.common import device_reason
 
@@ -36,12 +36,14 @@ dispatcher = Dispatcher("delta_rule", auto_order={
 _HI = lax.Precision.HIGHEST
 
 
-def init_state(batch: int, heads: int, key_dim: int, value_dim: int):
+def init_state(batch: int, heads: int, key_dim: int, value_dim: int) -> jax.Array:
   """Zero recurrent state [B, H, K, V] float32."""
   return jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
 
 
-def step(state, q, k, v, beta, log_decay=None, *, scale, reset=None):
+def step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+         log_decay: jax.Array | None = None, *, scale: float,
+         reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """One decoding step. state [B,H,K,V] f32; q,k [B,H,K]; v [B,H,V]; beta, log_decay [B,H];
   reset [B] bool (start of a new segment: the state is zeroed first) or None.
   Returns (new state [B,H,K,V] f32, o [B,H,V] in v.dtype)."""
@@ -59,17 +61,15 @@ def step(state, q, k, v, beta, log_decay=None, *, scale, reset=None):
   return s, o.astype(v.dtype)
 
 
-def recurrent(q, k, v, beta, *, scale, log_decay=None, initial_state=None,
-              return_final_state=False, segment_ids=None):
+def recurrent(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, scale: float,
+              log_decay: jax.Array | None = None, initial_state: jax.Array | None = None,
+              return_final_state: bool = False,
+              segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The token-by-token recurrence as a lax.scan over time, in float32 (the ground truth)."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   s0 = init_state(b, h, dk, dv) if initial_state is None else initial_state.astype(jnp.float32)
-  if segment_ids is None:
-    reset = jnp.zeros((b, t), bool)
-  else:
-    reset = jnp.concatenate([jnp.zeros((b, 1), bool),
-                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  reset = jnp.zeros((b, t), bool) if segment_ids is None else segment_starts(segment_ids)
   ld = jnp.zeros(beta.shape, jnp.float32) if log_decay is None else log_decay
   xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, beta, ld))
   xs += (jnp.moveaxis(reset, 1, 0),)
@@ -133,24 +133,13 @@ def _xla(*, q, k, v, beta, scale, log_decay, initial_state, segment_ids):
   return o[:, :t], final
 
 
-def _interpret_supports(*, q, v, scale, **_):
-  if q.dtype not in (jnp.float32, jnp.bfloat16):
-    return f"needs float32 or bfloat16 inputs, got {q.dtype}"
-  if not isinstance(scale, (int, float, np.floating)):
-    return "needs one static Python scalar scale"
-  if q.shape[-1] > 256 or v.shape[-1] > 256:
-    return f"head dims (key {q.shape[-1]}, value {v.shape[-1]}) > 256"
-  return None
+def _interpret_supports(*, q, k, v, scale, **_):
+  return kernels.reason(q, k, v, scale=scale, interpret=True)
 
 
-def _pallas_supports(*, q, v, scale, **_):
-  why = device_reason("the delta-rule Pallas kernels")
-  if why is not None:
-    return why
-  if q.shape[-1] > 128 or v.shape[-1] > 128:
-    # The [K, V] state tiles live in registers (GPU) or VMEM (TPU); head dims <= 128 only.
-    return f"head dims (key {q.shape[-1]}, value {v.shape[-1]}) > 128"
-  return _interpret_supports(q=q, v=v, scale=scale)
+def _pallas_supports(*, q, k, v, scale, **_):
+  return (device_reason("the delta-rule Pallas kernels")
+          or kernels.reason(q, k, v, scale=scale))
 
 
 @dispatcher.register("pallas", supports=_pallas_supports)
@@ -163,8 +152,10 @@ def _interpret(**args):
   return kernels.delta_rule(**args, interpret=True)
 
 
-def delta_rule(q, k, v, beta, *, scale, log_decay=None, initial_state=None,
-               return_final_state=False, segment_ids=None, implementation="auto"):
+def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, scale: float,
+               log_decay: jax.Array | None = None, initial_state: jax.Array | None = None,
+               return_final_state: bool = False, segment_ids: jax.Array | None = None,
+               implementation: str = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
   """Chunked delta rule; see the module docstring. implementation: "auto" | "xla" |
   "pallas" | "interpret" | "recurrent" (the float32 scan; "auto" takes it on CPU)."""
   args = _canonical(q, k, v, beta, scale=scale, log_decay=log_decay,

@@ -18,15 +18,17 @@ Layout BTHD: q, k [B,T,H,K], v [B,T,H,V]; state [B,H,K,V] float32.
 `initial_state` feeds the first segment only.
 
 Implementations: `reference` (quadratic, float32), `recurrent` (lax.scan of `step`), "xla"
-(chunked pure jnp, `chunked`), "pallas" (pallas_kernels.linear_attention: Triton on GPU,
-Mosaic on TPU v5 and newer) and "interpret" (that kernel in Pallas interpret mode, any backend).
+(`chunked`: the kernels' pure-jnp twin, pallas_kernels.linear_attention.chunked), "pallas"
+(pallas_kernels.linear_attention: Triton on GPU, Mosaic on TPU v5 and newer) and "interpret"
+(that kernel in Pallas interpret mode, any backend).
 
 Numerics of the chunked forms ("xla", "pallas"): every exponent is <= 0 except, for per-channel
 decay, inside 16-token sub-blocks, where the factors are referenced to the sub-block's middle
 row and clamped at e^80: results are exact unless the decay over 8 consecutive steps is
 stronger than e^-80 (about -10 per step on average). The Pallas kernel uses one 64-token block
-instead wherever no chunk decays by more than e^-80 (then nothing is clamped). In bf16 the normalised form's dq is a small
-difference of two large terms (~3e-2 relative error at T=1000 for "xla" and "pallas" alike).
+instead wherever no chunk decays by more than e^-80 (then nothing is clamped). In bf16 the
+normalised form's dq is a small difference of two large terms (~3e-2 relative error at T=1000
+for "xla" and "pallas" alike).
 """
 from __future__ import annotations
 
@@ -35,10 +37,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnzoo.ops.dispatch import Dispatcher
+from attnzoo.ops.segments import canonical_segments, segment_starts
+from pallas_kernels import linear_attention as kernels
 from pallas_kernels.common import device_reason
 
 F32 = jnp.float32
-CLAMP = 80.0  # vector-decay sub-block trick: largest positive exponent of either side
 
 dispatcher = Dispatcher("linear_attention", auto_order={
     "gpu": ("pallas", "xla"),
@@ -48,19 +51,6 @@ dispatcher = Dispatcher("linear_attention", auto_order={
 
 
 # ----------------------------------------------------------------------------- arguments
-
-def canonical_segments(segment_ids):
-  """int32 [B,T] index that grows by one at every change of id (0 at the first token)."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], jnp.int32),
-                          jnp.cumsum(change.astype(jnp.int32), axis=1)], axis=1)
-
-
-def _decay_kind(log_decay):
-  if log_decay is None:
-    return "none"
-  return "scalar" if log_decay.ndim == 3 else "vector"
-
 
 def _canonical(q, k, v, *, scale, log_decay, bonus, normalize, initial_state,
                return_final_state, segment_ids, eps):
@@ -109,17 +99,13 @@ def _finish(o, final_state, *, v, normalize, eps, return_final_state, den=None):
   return (o, final_state) if return_final_state else o
 
 
-def _add_bonus(o, q, k, v, bonus, scale):
-  if bonus is None:
-    return o
-  beta = jnp.einsum("bthk,hk,bthk->bth", q.astype(F32), bonus.astype(F32), k.astype(F32))
-  return o + scale * beta[..., None] * v.astype(F32)
-
-
 # ----------------------------------------------------------------------------- reference
 
-def reference(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
-              initial_state=None, return_final_state=False, segment_ids=None, eps=1e-6):
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+              log_decay: jax.Array | None = None, bonus: jax.Array | None = None,
+              normalize: bool = False, initial_state: jax.Array | None = None,
+              return_final_state: bool = False, segment_ids: jax.Array | None = None,
+              eps: float = 1e-6) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The float32 ground truth: materialises the [B,H,T,T] (x K) decayed score matrix."""
   a = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus, normalize=normalize,
                  initial_state=initial_state, return_final_state=return_final_state,
@@ -169,13 +155,16 @@ def reference(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
 
 # ----------------------------------------------------------------------------- recurrent form
 
-def init_state(batch, heads, k_dim, v_dim, *, normalize=False):
+def init_state(batch: int, heads: int, k_dim: int, v_dim: int, *,
+               normalize: bool = False) -> jax.Array:
   """Zero state [B,H,K,V] float32 ([B,H,K,V+1] with the normaliser)."""
   return jnp.zeros((batch, heads, k_dim, v_dim + (1 if normalize else 0)), F32)
 
 
-def step(state, q, k, v, log_decay=None, *, scale, bonus=None, normalize=False, eps=1e-6,
-         reset=None):
+def step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+         log_decay: jax.Array | None = None, *, scale: float, bonus: jax.Array | None = None,
+         normalize: bool = False, eps: float = 1e-6,
+         reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """One decoding step. q,k [B,H,K], v [B,H,V], log_decay None | [H] | [B,H] | [B,H,K];
   reset [B] bool zeroes the state first (a new sequence). Returns (state, o[B,H,V])."""
   qf, kf = q.astype(F32), k.astype(F32)
@@ -203,8 +192,11 @@ def step(state, q, k, v, log_decay=None, *, scale, bonus=None, normalize=False, 
   return state, o.astype(v.dtype)
 
 
-def recurrent(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
-              initial_state=None, return_final_state=False, segment_ids=None, eps=1e-6):
+def recurrent(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+              log_decay: jax.Array | None = None, bonus: jax.Array | None = None,
+              normalize: bool = False, initial_state: jax.Array | None = None,
+              return_final_state: bool = False, segment_ids: jax.Array | None = None,
+              eps: float = 1e-6) -> jax.Array | tuple[jax.Array, jax.Array]:
   """lax.scan of `step` over time (float32 state)."""
   a = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus, normalize=normalize,
                  initial_state=initial_state, return_final_state=return_final_state,
@@ -214,11 +206,7 @@ def recurrent(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
   h0 = a["initial_state"]
   if h0 is None:
     h0 = init_state(b, h, kd, vd, normalize=normalize)
-  if segment_ids is None:
-    reset = jnp.zeros((b, t), bool)
-  else:
-    reset = jnp.concatenate([jnp.zeros((b, 1), bool),
-                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  reset = jnp.zeros((b, t), bool) if segment_ids is None else segment_starts(segment_ids)
   g = a["log_decay"]
   xs = (q.swapaxes(0, 1), k.swapaxes(0, 1), v.astype(F32).swapaxes(0, 1), reset.swapaxes(0, 1),
         None if g is None else g.swapaxes(0, 1))
@@ -235,84 +223,11 @@ def recurrent(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
 
 # ----------------------------------------------------------------------------- chunked (xla)
 
-def _chunked_core(q, k, v, g, *, scale, exclusive, h0, seg, chunk):
-  """Chunkwise form; v may carry the normaliser column. Returns (o float32, final state)."""
-  b, t, h, kd = q.shape
-  vd = v.shape[-1]
-  c = chunk
-  tp = -(-t // c) * c
-  n = tp // c
-  dt = q.dtype
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
-  q, k, v = pad(q), pad(k), pad(v)
-  q = q.reshape(b, n, c, h, kd)
-  k = k.reshape(b, n, c, h, kd)
-  v = v.reshape(b, n, c, h, vd)
-  kind = _decay_kind(g)
-  if kind != "none":
-    g = pad(g.astype(F32)).reshape(b, n, c, *g.shape[2:])
-    G = jnp.cumsum(g, axis=2)
-    Gq = G - g if exclusive else G
-    if kind == "scalar":
-      G, Gq = G[..., None], Gq[..., None]                         # [B,N,C,H,1]
-  seg = jnp.zeros((b, t), jnp.int32) if seg is None else seg
-  cs = jnp.pad(seg, [(0, 0), (0, tp - t)], mode="edge").reshape(b, n, c)
-  prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cs[:, :-1, -1]], axis=1)   # [B,N]
-  m0 = (cs == prev[..., None])[..., None, None]                   # [B,N,C,1,1]
-  mk = (cs == cs[..., -1:])[..., None, None]
-  passes = (cs[..., -1] == prev)[..., None, None, None]           # [B,N,1,1,1]
-  i = jnp.arange(c)[:, None]
-  j = jnp.arange(c)[None, :]
-  causal = j < i if exclusive else j <= i
-  mask = (causal & (cs[..., :, None] == cs[..., None, :]))[:, :, None]          # [B,N,1,C,C]
-  # intra-chunk scores [B,N,H,C,C]
-  if kind == "vector":
-    s = min(16, c)
-    gq = Gq.reshape(b, n, c // s, s, h, kd)
-    # reference row: the output does not depend on it, so no gradient flows through it
-    r = lax.stop_gradient(gq[:, :, :, s // 2 - 1:s // 2])         # [B,N,M,1,H,K] middle row
-    qf = q.reshape(b, n, c // s, s, h, kd) * jnp.exp(jnp.minimum(gq - r, CLAMP))
-    kf = k[:, :, None] * jnp.exp(jnp.minimum(r - G[:, :, None], CLAMP))        # [B,N,M,C,H,K]
-    sc = jnp.einsum("bnmihk,bnmjhk->bnhmij", qf.astype(dt), kf.astype(dt),
-                    preferred_element_type=F32).reshape(b, n, h, c, c)
-    sc = jnp.where(mask, sc, 0.0)
-  else:
-    sc = jnp.einsum("bnihk,bnjhk->bnhij", q, k, preferred_element_type=F32)
-    if kind == "scalar":
-      gi = Gq[..., 0].transpose(0, 1, 3, 2)                       # [B,N,H,C]
-      gj = G[..., 0].transpose(0, 1, 3, 2)
-      diff = jnp.where(mask, gi[..., :, None] - gj[..., None, :], 0.0)
-      sc = sc * jnp.exp(diff)
-    sc = jnp.where(mask, sc, 0.0)
-  o = jnp.einsum("bnhij,bnjhv->bnihv", (sc * scale).astype(dt), v, preferred_element_type=F32)
-  # chunk states
-  kdec = k.astype(F32) * mk
-  if kind != "none":
-    gam = G[:, :, -1:]                                            # [B,N,1,H,K|1]
-    kdec = kdec * jnp.exp(gam - G)
-    carry = jnp.exp(gam[:, :, 0])[..., None] * passes             # [B,N,H,K|1,1]
-  else:
-    carry = passes.astype(F32)
-  st = jnp.einsum("bnjhk,bnjhv->bnhkv", kdec.astype(dt), v, preferred_element_type=F32)
-
-  def scan_fn(hc, x):
-    st_n, carry_n = x
-    return carry_n * hc + st_n, hc
-
-  h0 = jnp.zeros((b, h, kd, vd), F32) if h0 is None else h0.astype(F32)
-  hT, hs = lax.scan(scan_fn, h0, (st.swapaxes(0, 1), carry.swapaxes(0, 1)))
-  hs = hs.swapaxes(0, 1)                                          # [B,N,H,K,V] entering
-  qd = q.astype(F32) * m0
-  if kind != "none":
-    qd = qd * jnp.exp(Gq)
-  o = o + scale * jnp.einsum("bnihk,bnhkv->bnihv", qd.astype(dt), hs.astype(dt),
-                             preferred_element_type=F32)
-  return o.reshape(b, tp, h, vd)[:, :t], hT
-
-
-def chunked(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
-            initial_state=None, return_final_state=False, segment_ids=None, eps=1e-6,
-            chunk_size=64):
+def chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+            log_decay: jax.Array | None = None, bonus: jax.Array | None = None,
+            normalize: bool = False, initial_state: jax.Array | None = None,
+            return_final_state: bool = False, segment_ids: jax.Array | None = None,
+            eps: float = 1e-6, chunk_size: int = 64) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Chunkwise-parallel pure-jnp form (matmuls in the input dtype, float32 state)."""
   a = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus, normalize=normalize,
                  initial_state=initial_state, return_final_state=return_final_state,
@@ -322,11 +237,9 @@ def chunked(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
 
 def _chunked(*, q, k, v, scale, log_decay, bonus, normalize, initial_state, return_final_state,
              segment_ids, eps, chunk_size=64):
-  seg = None if segment_ids is None else canonical_segments(segment_ids)
-  va = _augment(v, normalize)
-  o, hT = _chunked_core(q, k, va, log_decay, scale=scale, exclusive=bonus is not None,
-                        h0=initial_state, seg=seg, chunk=chunk_size)
-  o = _add_bonus(o, q, k, va, bonus, scale)
+  o, hT = kernels.chunked(q, k, _augment(v, normalize), log_decay, scale=scale, bonus=bonus,
+                          initial_state=initial_state, segment_ids=segment_ids,
+                          chunk=chunk_size)
   return _finish(o, hT, v=v, normalize=normalize, eps=eps,
                  return_final_state=return_final_state)
 
@@ -337,9 +250,8 @@ dispatcher.register("xla")(_chunked)
 # ----------------------------------------------------------------------------- Pallas
 
 def _kernel_reason(*, q, k, v, scale, log_decay, bonus, initial_state, segment_ids, **_):
-  from pallas_kernels.linear_attention import reason
-  return reason(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
-                segment_ids=segment_ids)
+  return kernels.reason(q, k, v, log_decay, scale=scale, bonus=bonus,
+                        initial_state=initial_state, segment_ids=segment_ids)
 
 
 def _pallas_supports(**args):
@@ -350,14 +262,13 @@ def _run_kernel(*, q, k, v, scale, log_decay, bonus, normalize, initial_state,
                 return_final_state, segment_ids, eps, interpret):
   """The kernel on v; with the normaliser, a second call on a ones column gives z_t . q_t
   (one narrow V tile instead of widening every value tile by one column)."""
-  from pallas_kernels.linear_attention import linear_attention as kernel
   vd = v.shape[-1]
   h0 = initial_state
 
   def run(values, state, out_dtype):
-    return kernel(q, k, values, log_decay, scale=float(scale), bonus=bonus,
-                  initial_state=state, segment_ids=segment_ids, interpret=interpret,
-                  out_dtype=out_dtype)
+    return kernels.linear_attention(q, k, values, log_decay, scale=float(scale), bonus=bonus,
+                                    initial_state=state, segment_ids=segment_ids,
+                                    interpret=interpret, out_dtype=out_dtype)
   if not normalize:
     o, hT = run(v, h0, None)
     return (o, hT) if return_final_state else o
@@ -380,9 +291,12 @@ def _interpret(**args):
   return _run_kernel(**args, interpret=True)
 
 
-def linear_attention(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
-                     initial_state=None, return_final_state=False, segment_ids=None,
-                     eps=1e-6, implementation="auto"):
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                     log_decay: jax.Array | None = None, bonus: jax.Array | None = None,
+                     normalize: bool = False, initial_state: jax.Array | None = None,
+                     return_final_state: bool = False, segment_ids: jax.Array | None = None,
+                     eps: float = 1e-6,
+                     implementation: str = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
   """Decayed linear attention (see the module docstring).
 
   Returns o[B,T,H,V] in v's dtype, or (o, final_state float32) when return_final_state.

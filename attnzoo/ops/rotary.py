@@ -1,10 +1,11 @@
 """Rotary position embedding, RoPE (Su et al. 2021, "RoFormer"), half-split layout."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
-def apply_rope(x, positions, *, base: float = 10000.0):
+def apply_rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.Array:
   """Rotates x[B,T,H,D] (D even) by angles positions[B,T] · base^(-2i/D)."""
   dim = x.shape[-1]
   if dim % 2:

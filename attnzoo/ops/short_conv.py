@@ -17,10 +17,12 @@ same), `recurrent` (lax.scan of `step`, for tests).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from attnzoo.ops.dispatch import Dispatcher
+from attnzoo.ops.segments import segment_starts
 
 F32 = jnp.float32
 
@@ -42,13 +44,15 @@ def _canonical(x, weight, bias, initial_state, segment_ids):
     raise ValueError(f"short_conv: segment_ids must be [B,T]=({b},{t}); got {segment_ids.shape}")
 
 
-def init_state(batch, kernel_size, channels, dtype=F32):
+def init_state(batch: int, kernel_size: int, channels: int,
+               dtype: jax.typing.DTypeLike = F32) -> jax.Array:
   """Zero buffer [B, K-1, C] of the last K-1 inputs."""
   return jnp.zeros((batch, kernel_size - 1, channels), dtype)
 
 
-def reference(x, weight, bias=None, *, initial_state=None, return_final_state=False,
-              segment_ids=None):
+def reference(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
+              initial_state: jax.Array | None = None, return_final_state: bool = False,
+              segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Sum of K shifted, masked copies of x; accumulates in float32, returns x's dtype."""
   _canonical(x, weight, bias, initial_state, segment_ids)
   b, t, c = x.shape
@@ -81,7 +85,8 @@ def reference(x, weight, bias=None, *, initial_state=None, return_final_state=Fa
   return y, final
 
 
-def step(state, x, weight, bias=None, *, reset=None):
+def step(state: jax.Array, x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
+         reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """One decoding step: state [B,K-1,C], x [B,C]; reset [B] bool zeroes the buffer first.
   Returns (new state float32, y [B,C] in x's dtype)."""
   state = state.astype(F32)
@@ -94,18 +99,15 @@ def step(state, x, weight, bias=None, *, reset=None):
   return window[:, 1:], y.astype(x.dtype)
 
 
-def recurrent(x, weight, bias=None, *, initial_state=None, return_final_state=False,
-              segment_ids=None):
+def recurrent(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
+              initial_state: jax.Array | None = None, return_final_state: bool = False,
+              segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
   """lax.scan of `step` over time."""
   _canonical(x, weight, bias, initial_state, segment_ids)
   b, t, c = x.shape
   k = weight.shape[0]
   s0 = init_state(b, k, c) if initial_state is None else initial_state.astype(F32)
-  if segment_ids is None:
-    reset = jnp.zeros((b, t), bool)
-  else:
-    reset = jnp.concatenate([jnp.zeros((b, 1), bool),
-                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  reset = jnp.zeros((b, t), bool) if segment_ids is None else segment_starts(segment_ids)
 
   def body(state, inp):
     xt, rt = inp
@@ -122,8 +124,10 @@ def _xla(*, x, weight, bias, initial_state, return_final_state, segment_ids):
                    return_final_state=return_final_state, segment_ids=segment_ids)
 
 
-def short_conv(x, weight, bias=None, *, initial_state=None, return_final_state=False,
-               segment_ids=None, implementation="auto"):
+def short_conv(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
+               initial_state: jax.Array | None = None, return_final_state: bool = False,
+               segment_ids: jax.Array | None = None,
+               implementation: str = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
   """Causal depthwise convolution (see the module docstring).
 
   Returns y [B,T,C] in x's dtype, or (y, final_state [B,K-1,C] float32).

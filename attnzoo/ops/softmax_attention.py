@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.ops.dispatch import Dispatcher
-
-EMPTY = jnp.iinfo(jnp.int32).max  # position of an empty KV-cache slot
+from attnzoo.ops.segments import EMPTY
 
 dispatcher = Dispatcher("softmax_attention", auto_order={
     "gpu": ("cudnn", "pallas", "xla"),
@@ -99,9 +98,14 @@ def _attention_jnp(q, k, v, *, scale, causal, window, segment_ids, kv_segment_id
   return out, jnp.transpose(lse, (0, 2, 1))
 
 
-def reference(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
-              kv_segment_ids=None, q_positions=None, kv_positions=None, softcap=None,
-              bias=None, return_lse=False, block_mask=None, block_mask_size=None):
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bool = False,
+              window: int | tuple[int, int] | None = None, segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None, q_positions: jax.Array | None = None,
+              kv_positions: jax.Array | None = None, softcap: float | None = None,
+              bias: jax.Array | None = None, return_lse: bool = False,
+              block_mask: jax.Array | None = None,
+              block_mask_size: tuple[int, int] | None = None
+              ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The float32 ground truth: materialises the [B, H, Tq, Tk] logits."""
   args = _canonical(q, k, v, scale=scale, causal=causal, window=window,
                     segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
@@ -196,7 +200,7 @@ def _cudnn(*, q, k, v, scale, causal, window, bias, **_):
 def _flash_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids,
                     q_positions, kv_positions, softcap, bias, return_lse, explicit_positions,
                     dropout, block_mask, block_mask_size, on_device):
-  from pallas_kernels.flash_attention import unsupported_reason
+  from pallas_kernels.flash_attention import reason
   backend = jax.default_backend()
   if dropout:
     return "the Pallas flash kernel applies no attention dropout (only 'xla' does)"
@@ -208,9 +212,8 @@ def _flash_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_i
   if jnp.ndim(scale) > 1 or (jnp.ndim(scale) == 1 and jnp.shape(scale)[0] not in (1, q.shape[2])):
     return f"scale must be a number or a per-head array [{q.shape[2]}], got shape {jnp.shape(scale)}"
   per_batch = explicit_positions or segment_ids is not None or block_mask is not None
-  return unsupported_reason(q, k, v, block_mask_size=block_mask_size,
-                            platform="tpu" if backend == "tpu" else "gpu",
-                            per_batch_schedule=per_batch)
+  return reason(q, k, v, block_mask_size=block_mask_size,
+                platform="tpu" if backend == "tpu" else "gpu", per_batch_schedule=per_batch)
 
 
 def _flash(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids, q_positions,
@@ -235,19 +238,40 @@ dispatcher.register("interpret", supports=lambda **a: _flash_supports(**a, on_de
     lambda **a: _flash(**a, interpret=True))
 
 
-def softmax_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
-                      kv_segment_ids=None, q_positions=None, kv_positions=None,
-                      softcap=None, bias=None, return_lse=False, block_mask=None,
-                      block_mask_size=None, dropout_rate=0.0, dropout_rng=None,
-                      implementation="auto"):
+def _chunked_supports(*, bias, dropout, **_):
+  if dropout:
+    return "the chunked form applies no attention dropout (only 'xla' does)"
+  return None if bias is None else "the chunked form takes no additive bias"
+
+
+@dispatcher.register("chunked", supports=_chunked_supports)
+def _chunked(*, bias, **args):
+  """The flash forward's algorithm in pure jnp, key block by key block (not in "auto")."""
+  from pallas_kernels.flash_attention import chunked
+  del bias  # refused by _chunked_supports
+  return chunked(**args)
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bool = False,
+                      window: int | tuple[int, int] | None = None,
+                      segment_ids: jax.Array | None = None,
+                      kv_segment_ids: jax.Array | None = None,
+                      q_positions: jax.Array | None = None,
+                      kv_positions: jax.Array | None = None, softcap: float | None = None,
+                      bias: jax.Array | None = None, return_lse: bool = False,
+                      block_mask: jax.Array | None = None,
+                      block_mask_size: tuple[int, int] | None = None,
+                      dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+                      implementation: str = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
   """Multi-head softmax attention; see the module docstring for the mask semantics.
 
   Returns o[B,Tq,H,Dv], or (o, lse[B,Tq,H] float32) when return_lse.
-  implementation: "auto" | "xla" | "cudnn" | "pallas" | "interpret". "pallas" is the
-  flash kernel of pallas_kernels.flash_attention on GPU (Triton lowering) or TPU (Mosaic
+  implementation: "auto" | "xla" | "cudnn" | "pallas" | "interpret" | "chunked". "pallas" is
+  the flash kernel of pallas_kernels.flash_attention on GPU (Triton lowering) or TPU (Mosaic
   lowering); "interpret" runs the same kernel in Pallas interpret mode (any backend; how CPU
-  tests exercise it). dropout_rate with a dropout_rng (a PRNG key) drops attention
-  probabilities, on "xla" only ("auto" then picks it).
+  tests exercise it); "chunked" is its pure-jnp blockwise twin (any backend, no T x T
+  buffer in the forward; never chosen by "auto"). dropout_rate with a dropout_rng (a PRNG
+  key) drops attention probabilities, on "xla" only ("auto" then picks it).
   """
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"softmax_attention: dropout_rate must be in [0, 1), got {dropout_rate}")

@@ -1,6 +1,6 @@
 """Checks and times the Hopper (Mosaic GPU) flash-attention forward on one sm90 GPU, in one process.
 
-For each tuning config of pallas_kernels/flash_attention/hopper.py (the defaults first):
+For each Hopper tuning of pallas_kernels/flash_attention/hopper.py (CANDIDATES, the defaults first):
 1. correctness on 2 x 1000 x 4 x 128 bf16 with GQA 4/2, causal and not: o and lse of
    flash_attention(hopper=True) against the float32 reference (attnzoo.ops.softmax_attention),
    and dq/dk/dv (Hopper forward + Triton backward) against the reference's gradients;
@@ -36,7 +36,7 @@ from pallas_kernels.flash_attention import flash_attention, hopper
 
 H, D = 16, 128
 SHAPES = [(4, 4096), (1, 16384)]
-CONFIGS = list(hopper.CANDIDATES.items())  # (name, HopperConfig): the defaults first
+CONFIGS = list(hopper.CANDIDATES.items())  # (name, Tuning): the defaults first
 CHECK = dict(batch=2, t=1000, heads=4, kv_heads=2)  # correctness shape (GQA 4/2, odd T)
 
 
@@ -84,7 +84,7 @@ def correctness(cfg):
   q, k, v, do, dlse = check_inputs()
   out = {}
   for causal in (True, False):
-    attn = functools.partial(flash_attention, hopper=True, hopper_config=cfg)
+    attn = functools.partial(flash_attention, hopper=True, tuning=cfg)
     o, lse, grads = value_and_grads(attn, q, k, v, do, dlse, causal)
     ro, rlse, rgrads = reference_results(causal)
     errs = dict(o=rel(o, ro), lse=rel(lse, rlse))
@@ -105,7 +105,7 @@ def forward_fn(impl, causal, cfg=None):
     return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=causal, implementation="cudnn"))
   return jax.jit(functools.partial(flash_attention, scale=scale, causal=causal,
-                                   hopper=impl == "hopper", hopper_config=cfg))
+                                   hopper=impl == "hopper", tuning=cfg))
 
 
 def flops(b, t, causal):

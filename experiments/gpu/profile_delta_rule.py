@@ -3,7 +3,7 @@
 Gated delta rule (Gated DeltaNet, Yang et al. 2024), bf16, H=16, K=V=128, chunk 64, at
 B x T = 4 x 4096 and 1 x 16384: every kernel of the forward and the backward jitted alone on
 realistic prepared inputs, the differentiable op's forward and forward+backward, and a small
-sweep of Triton launch knobs (kernels.Tuning) per kernel. Each time is attnzoo.bench.timing's
+sweep of Triton launch knobs (Tuning) per kernel. Each time is attnzoo.bench.timing's
 median over timed batches after a warm-up. Prints a markdown table and writes
 it to --out. About 2 minutes on one H200 (each Triton compile takes 0.3-3 s).
 
@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.bench.timing import median_seconds
-from pallas_kernels.delta_rule import chunked_jnp, kernels
+from pallas_kernels.delta_rule import Tuning, calls, chunked_jnp, default_tuning, delta_rule
 
 H, D = 16, 128
 SHAPES = [(4, 4096), (1, 16384)]
-# Sweep: (kernel, Tuning overrides); the defaults are timed in the main rows.
+# Sweep: (kernel, overrides of the default Tuning); the defaults are timed in the main rows.
 SWEEP = [
     ("wy", dict(wy=(4, 2))),
     ("wy", dict(wy=(8, 3))),
@@ -88,11 +88,11 @@ class Stages:
     b, _, h, d = q.shape
     s0 = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
     self.x = dict(q=q, k=k, v=v, beta=beta_p, g=g, g0=g0, s0=s0, do=do, dsf=jnp.zeros_like(s0))
-    self.default = self.calls(kernels.Tuning())
-    kern = self.kernels(kernels.Tuning())
+    self.tuning = default_tuning(b, h, v.shape[-1])
+    self.default = self.calls(self.tuning)
     self.config = {n: "default" for n in self.KERNELS}
-    self.config["state"] = f"default (block_v={kern.state_block_v})"
-    self.config["dstate"] = f"default (block_v={kern.dstate_block_v})"
+    self.config["state"] = f"default (block_v={self.tuning.state_block_v})"
+    self.config["dstate"] = f"default (block_v={self.tuning.dstate_block_v})"
     self.compile_s = {}
     for name in self.KERNELS:
       fn, names, outs = self.default[name]
@@ -104,13 +104,10 @@ class Stages:
   def args(self, names):
     return [self.x[n] for n in names]
 
-  def kernels(self, tuning):
-    return kernels.Kernels(self.x["q"], self.x["v"], chunk=self.chunk, gated=True,
-                           segmented=False, interpret=self.interpret, tuning=tuning)
-
   def calls(self, tuning):
     """name -> (jitted fn, argument names, output names)."""
-    kern = self.kernels(tuning)
+    kern = calls.Kernels(self.x["q"], self.x["v"], chunk=self.chunk, gated=True,
+                         segmented=False, tuning=tuning, interpret=self.interpret)
     scale = self.scale
     specs = {
         "wy": (lambda k, v, beta, *gs: kern.wy(k, v, beta, gs),
@@ -144,8 +141,7 @@ def op_calls(q, k, v, beta, log_decay, do, interpret):
   scale = q.shape[-1] ** -0.5
 
   def fwd(q, k, v, beta, log_decay):
-    return kernels.delta_rule(q, k, v, beta, scale=scale, log_decay=log_decay,
-                              interpret=interpret)[0]
+    return delta_rule(q, k, v, beta, scale=scale, log_decay=log_decay, interpret=interpret)[0]
 
   def loss(q, k, v, beta, log_decay):
     return jnp.sum(fwd(q, k, v, beta, log_decay).astype(jnp.float32) * do.astype(jnp.float32))
@@ -191,14 +187,14 @@ def main():
     if a.no_sweep:
       continue
     for name, over in SWEEP:
-      fn, names, _ = st.calls(dataclasses.replace(kernels.Tuning(), **over))[name]
+      fn, names, _ = st.calls(dataclasses.replace(st.tuning, **over))[name]
       config = ", ".join(f"{k}={v}" for k, v in over.items())
       row(shape, "sweep", name, config, fn, st.args(names))
 
   lines = [f"# Delta-rule Pallas kernels, {jax.devices()[0].device_kind}",
            "",
            f"Gated, bf16, H={H}, K=V={d}, chunk 64; median of timed batches (ms); "
-           f"defaults: `{kernels.Tuning()}`; first call includes compilation.",
+           f"defaults: `{Tuning()}` (V blocks by shape); first call includes compilation.",
            "",
            "| B x T | kind | kernel | config | ms | first call s |",
            "|---|---|---|---|---|---|"]

@@ -1,10 +1,11 @@
 """Times the pieces of the linear-attention kernel separately (GPU), for the H200 runs.
 
 python experiments/gpu/profile_linear.py [--shapes 'B,T,H,D;...'] [--variants scalar,vector]
-    [--configs 'vector:block_v_out=128,num_warps=8;...'] [--module path/to/kernel.py]
+    [--tunings 'vector:block_v_out=128,num_warps=8;...'] [--package path/to/linear_attention]
 Variants: linear (no decay), scalar, vector, rwkv6, den (no decay, v a ones column: the
-normaliser's call). --module times another copy of the kernel module (an experiment).
-Prints one line per (variant, config, shape, piece): milliseconds, median of repeated calls.
+normaliser's call). --package times another copy of the kernel package (a directory like
+pallas_kernels/linear_attention/; an experiment).
+Prints one line per (variant, tuning, shape, piece): milliseconds, median of repeated calls.
 Pieces: the chunk-local cumsum of the log decay (kernel 0; with kd for vector decay), the
 states kernel, the forward kernels (states + output), each backward kernel and all of them
 (from the forward's states; the vector sub-block choice is not applied), and the public op
@@ -13,30 +14,33 @@ forward and forward+backward (the pullback of a bf16 cotangent, as the benchmark
 import argparse
 import dataclasses
 import importlib.util
+import os
 import sys
 
 import jax
 import jax.numpy as jnp
 
 from attnzoo.bench.timing import median_seconds
-from pallas_kernels.linear_attention import kernel as default_module
+from pallas_kernels import linear_attention as default_package
 
 
-def load_kernel_module(name, path):
-  """A copy of the kernel module, imported from `path` under `name`."""
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up here
-  spec.loader.exec_module(module)
-  return module
+def load_kernel_package(name, path):
+  """A copy of the kernel package (a directory), imported from `path` under `name`. Its
+  modules import each other relatively, so the copy runs its own."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
+                                                submodule_search_locations=[path])
+  package = importlib.util.module_from_spec(spec)
+  sys.modules[name] = package  # dataclasses and relative imports look it up here
+  spec.loader.exec_module(package)
+  return package
 
 
-def _config(lk, variant, text, b, h, d):
-  """'field=value,...' -> KernelConfig over the variant's default (None: the default)."""
+def _tuning(lk, variant, text, b, h, d):
+  """'field=value,...' -> Tuning over the variant's default (None: the default)."""
   if not text:
     return None
   kind = {"vector": "vector", "rwkv6": "vector", "scalar": "scalar"}.get(variant, "none")
-  base = lk.default_config(b, h, d, 1 if variant == "den" else d, kind)
+  base = lk.default_tuning(b, h, d, 1 if variant == "den" else d, kind)
   fields = {}
   for item in text.split(","):
     name, value = item.split("=")
@@ -75,45 +79,48 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--shapes", default="4,4096,16,128;1,16384,16,128")
   p.add_argument("--variants", default="scalar,vector")
-  p.add_argument("--configs", default="", help="'variant:field=value,...;...' extra configs")
+  p.add_argument("--tunings", default="", help="'variant:field=value,...;...' extra tunings")
   p.add_argument("--interpret", action="store_true")
-  p.add_argument("--module", default="", help="path of another copy of the kernel module")
+  p.add_argument("--package", default="", help="path of another copy of the kernel package")
   args = p.parse_args()
-  lk = default_module
-  if args.module:
-    lk = load_kernel_module("kernel_under_test", args.module)
-  extra = [c.split(":", 1) for c in args.configs.split(";") if c]
+  lk = default_package
+  if args.package:
+    lk = load_kernel_package("kernel_under_test", args.package)
+  extra = [c.split(":", 1) for c in args.tunings.split(";") if c]
   for shape in args.shapes.split(";"):
     b, t, h, d = (int(x) for x in shape.split(","))
     for variant in args.variants.split(","):
       q, k, v, g, bonus, do = _inputs(variant, b, t, h, d)
       scale = d ** -0.5
-      for cfg_text in [""] + [c for var, c in extra if var == variant]:
-        cfg = _config(lk, variant, cfg_text, b, h, d)
-        tag = f"{variant} {b}x{t} [{cfg_text or 'default'}]" + (" (module)" if args.module else "")
-        st, a = lk._prepare(q, k, v, g, scale=scale, bonus=bonus, initial_state=None,
-                            segment_ids=None, config=cfg, interpret=args.interpret,
-                            out_dtype=None)
+      for text in [""] + [c for var, c in extra if var == variant]:
+        tuning = _tuning(lk, variant, text, b, h, d)
+        tag = f"{variant} {b}x{t} [{text or 'default'}]" + (" (package)" if args.package else "")
+        st, a = lk.op.prepare(q, k, v, g, scale=scale, bonus=bonus, initial_state=None,
+                              segment_ids=None, tuning=tuning, interpret=args.interpret,
+                              out_dtype=None)
         dhT = jnp.zeros(a["h0"].shape, jnp.float32)
-        core_args = tuple(a[n] for n in lk._ARGS)
+        calls = lk.calls
+        core_args = tuple(a[n] for n in calls.ARGS)
         if g is not None:
-          _time(f"{tag}: chunk cumsum", jax.jit(lambda x: lk._with_cumsum(st, x)["G"]),
+          _time(f"{tag}: chunk cumsum", jax.jit(lambda x: calls.with_cumsum(st, x)["G"]),
                 core_args)
-        a = lk._with_cumsum(st, core_args)
-        _time(f"{tag}: states kernel", jax.jit(lambda a: lk._states(st, a)), a)
-        _time(f"{tag}: forward kernels", jax.jit(lambda a: lk._forward(st, a)), a)
-        hs, _ = jax.jit(lambda a: lk._states(st, a))(a)
-        _time(f"{tag}: dstates kernel", jax.jit(lambda a, do, hs: lk._dstates(st, a, do, dhT, hs)),
-              a, do, hs)
-        dhs, _, rs = jax.jit(lambda a, do, hs: lk._dstates(st, a, do, dhT, hs))(a, do, hs)
-        _time(f"{tag}: dv kernel", jax.jit(lambda a, do, dhs: lk._dv(st, a, do, dhs)), a, do, dhs)
-        _time(f"{tag}: dqk kernel", jax.jit(lambda a, do, hs, dhs, rs: lk._dqk(st, a, do, hs, dhs, rs)),
+        a = calls.with_cumsum(st, core_args)
+        _time(f"{tag}: states kernel", jax.jit(lambda a: calls.states(st, a)), a)
+        _time(f"{tag}: forward kernels", jax.jit(lambda a: calls.forward(st, a)), a)
+        hs, _ = jax.jit(lambda a: calls.states(st, a))(a)
+        dstates = jax.jit(lambda a, do, hs: calls.dstates(st, a, do, dhT, hs))
+        _time(f"{tag}: dstates kernel", dstates, a, do, hs)
+        dhs, _, rs = dstates(a, do, hs)
+        _time(f"{tag}: dv kernel", jax.jit(lambda a, do, dhs: calls.dv(st, a, do, dhs)),
+              a, do, dhs)
+        _time(f"{tag}: dqk kernel",
+              jax.jit(lambda a, do, hs, dhs, rs: calls.dqk(st, a, do, hs, dhs, rs)),
               a, do, hs, dhs, rs)
         _time(f"{tag}: backward kernels",
-              jax.jit(lambda a, do, hs: lk._backward(st, a, do, dhT, hs)), a, do, hs)
+              jax.jit(lambda a, do, hs: calls.backward(st, a, do, dhT, hs)), a, do, hs)
 
         def op(q, k, v, g):
-          o, _ = lk.linear_attention(q, k, v, g, scale=scale, bonus=bonus, config=cfg,
+          o, _ = lk.linear_attention(q, k, v, g, scale=scale, bonus=bonus, tuning=tuning,
                                      interpret=args.interpret)
           return o
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import common
+
 
 def chunk_size_for(seq_len: int, max_chunk: int = 64) -> int:
   """Power-of-two chunk in [16, max_chunk], no larger than needed for short sequences."""
@@ -60,9 +62,7 @@ def prepare_gates(beta, log_decay, segment_ids, chunk: int):
     g = jnp.cumsum(ld, axis=-1).reshape(b, h, tp)
   if segment_ids is None:
     return beta, g, g, None
-  seg = segment_ids
-  reset = jnp.concatenate([jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-  reset = jnp.pad(reset, ((0, 0), (0, pad)))
+  reset = jnp.pad(common.segment_starts(segment_ids), ((0, 0), (0, pad)))
   run = jnp.cumsum(reset.astype(jnp.int32), axis=1)                      # [B, Tp]
   run_c = run.reshape(b, n, chunk)
   run_in = run_c[:, :, 0] - reset.reshape(b, n, chunk)[:, :, 0].astype(jnp.int32)
@@ -75,8 +75,11 @@ def _dot(a, b, spec, precision):
   return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
-def chunked(q, k, v, beta, g, g0, run, initial_state, *, scale, chunk):
-  """Chunked delta rule on prepared inputs; returns (o [B,Tp,H,V] in q.dtype, S [B,H,K,V] f32)."""
+def chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array | None,
+            g0: jax.Array | None, run: jax.Array | None, initial_state: jax.Array, *,
+            scale: float, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Chunked delta rule on prepared inputs (`prepare_gates`; q, k, v padded to Tp); returns
+  (o [B,Tp,H,V] in v.dtype, S [B,H,K,V] f32)."""
   b, tp, h, dk = q.shape
   dv = v.shape[-1]
   n = tp // chunk

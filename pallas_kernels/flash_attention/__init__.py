@@ -1,13 +1,18 @@
-"""Flash attention in Pallas (portable subset: Triton on GPU, Mosaic on TPU, interpret on CPU).
+"""Flash attention in Pallas (portable subset: Triton on GPU, Mosaic on TPU, interpret on CPU;
+a Mosaic GPU forward on Hopper).
 
 Pure JAX + Pallas: no Flax, no attnzoo imports. The op-level contract (mask semantics, the
 float32 reference) lives in attnzoo.ops.softmax_attention, which dispatches here.
+`flash_attention(...)` is the differentiable op (op.py), `reason(...)` says why a call cannot
+be served (`hopper_reason(...)`: why the Hopper forward cannot), `Tuning` / `default_tuning(...)`
+the tiles and launch knobs of every kernel (tuning.py), and `chunked` the pure-jnp blockwise
+twin of the forward's algorithm (chunked_jnp.py). The kernel bodies are in kernels.py, their
+pallas_calls in calls.py, the Hopper forward in hopper.py, the mask rule and the tile
+schedules in schedule.py.
 """
-from pallas_kernels.flash_attention.attention import (flash_attention, hopper_reason,
-                                                       unsupported_reason)
-from pallas_kernels.flash_attention.config import BlockSizes, default_block_sizes
-from pallas_kernels.flash_attention.hopper import HopperConfig
-from pallas_kernels.flash_attention.schedule import EMPTY
+from .chunked_jnp import chunked
+from .op import flash_attention, hopper_reason, reason
+from .tuning import TPU_TUNING, Tuning, default_tuning
 
-__all__ = ["flash_attention", "unsupported_reason", "hopper_reason", "BlockSizes",
-           "default_block_sizes", "HopperConfig", "EMPTY"]
+__all__ = ["TPU_TUNING", "Tuning", "chunked", "default_tuning", "flash_attention",
+           "hopper_reason", "reason"]

@@ -4,20 +4,20 @@ The FlashAttention-3 schedule (Shah et al. 2024, "FlashAttention-3: Fast and Acc
 with Asynchrony and Low-precision"): one CTA per (2 * block_q query rows, head, batch) runs
 three warpgroups.
 - warpgroup 2 (producer, few registers) streams the K and V tiles of the kv head through a ring
-  of `max_concurrent_steps` shared-memory slots with TMA; a "full" barrier per slot says a tile
+  of `Tuning.hopper_stages` shared-memory slots with TMA; a "full" barrier per slot says a tile
   landed, a "free" barrier per (consumer, slot) says that consumer is done reading it, so a
   consumer that needs fewer tiles (causal) never holds the other back;
 - warpgroups 0 and 1 (consumers) each own `block_q` query rows: S = Q K^T by wgmma into a
   float32 accumulator, online softmax in exp2 with the scale folded in (s2 = log2(e) * scale *
   q.k), O += P V by wgmma with P from registers. A two-party barrier ping-pongs the
   consumers, so one's softmax runs while the other's GEMMs hold the tensor cores
-  (`HopperConfig.overlap` instead pipelines each consumer on its own: the next tile's Q K^T
+  (`Tuning.hopper_overlap` instead pipelines each consumer on its own: the next tile's Q K^T
   runs during this tile's softmax).
 Causal: kv tiles above the diagonal are never loaded; only the tiles that straddle the
 diagonal (or hold padded keys >= `kv_len`) are masked. The output goes registers -> shared
 memory (the Q slab, free by then) -> global memory by TMA, and so does lse2.
 
-Conventions are those of `kernels.forward` (read by the Triton backward kernels unchanged):
+Conventions are those of `calls.forward` (read by the Triton backward kernels unchanged):
 o[B, Tq, H, D] in the input dtype and lse2[B, H, Tq] float32 = log2 sum_k 2^(s2_k) over the
 visible keys. Every query row sees key 0 here (kv_len >= 1; causal needs Tq == Tk on default
 positions), so no row is empty and no +inf appears.
@@ -27,8 +27,6 @@ execution need an sm90 GPU.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,7 +34,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import common
-from pallas_kernels.flash_attention.kernels import LN2, LOG2E
+
+from .kernels import LN2, LOG2E
+from .tuning import Tuning, default_tuning
 
 DTYPES = (jnp.bfloat16, jnp.float16)
 HEAD_DIMS = (64, 128, 256)
@@ -50,97 +50,69 @@ PRODUCER_REGISTERS = 24
 SWIZZLE = 128  # bytes: 64 bf16/f16 elements per swizzled row
 
 
-@dataclasses.dataclass(frozen=True)
-class HopperConfig:
-  """Tuning knobs of the Hopper forward.
-
-  block_q: query rows per consumer warpgroup (a CTA holds 2 * block_q rows); multiple of 64.
-  block_kv: keys per K/V tile (the N of QK^T, the K of PV); multiple of 64, <= 256.
-  max_concurrent_steps: K/V tiles in flight (shared-memory ring slots), >= 2.
-  pingpong: order the two consumers' GEMMs against each other's softmax (FA3 section 3.1).
-  overlap: instead, overlap each consumer's softmax of one tile with its own QK^T of the next
-    (FA3 section 3.2; one more float32 S tile live: 64 x 128 tiles take ~192 registers).
-  Defaults: 64 x 128 with 2 slots, 160 KiB of shared memory at D=128 (the float32 O and S
-  accumulators of 64 rows take 128 registers a thread); 3 slots (224 KiB) also fit.
-  """
-  block_q: int = 64
-  block_kv: int = 128
-  max_concurrent_steps: int = 2
-  pingpong: bool = True
-  overlap: bool = False
-
-  def __post_init__(self):
-    if self.block_q % 64 or self.block_q <= 0:
-      raise ValueError(f"HopperConfig.block_q must be a positive multiple of 64, got {self.block_q}")
-    if self.block_kv % 64 or not 0 < self.block_kv <= 256:
-      raise ValueError(f"HopperConfig.block_kv must be a multiple of 64 in [64, 256], got {self.block_kv}")
-    if self.overlap and self.pingpong:
-      raise ValueError("HopperConfig: overlap and pingpong are alternatives; set pingpong=False")
-    if self.max_concurrent_steps < 2:
-      raise ValueError("HopperConfig.max_concurrent_steps must be >= 2, got "
-                       f"{self.max_concurrent_steps}")
-
-
 # Alternatives to time against the defaults on an H200 at D=128 (all fit shared memory and
 # lower; experiments/gpu/hopper_attention_check.py times them).
 CANDIDATES = {
-    "default": HopperConfig(),
-    "s3": HopperConfig(max_concurrent_steps=3),
-    "kv64_s4": HopperConfig(block_kv=64, max_concurrent_steps=4),
-    "kv192": HopperConfig(block_kv=192),
-    "q128_kv64": HopperConfig(block_q=128, block_kv=64),
-    "overlap": HopperConfig(pingpong=False, overlap=True),
-    "overlap_kv64_s3": HopperConfig(block_kv=64, max_concurrent_steps=3, pingpong=False,
-                                    overlap=True),
-    "no_pingpong": HopperConfig(pingpong=False),
+    "default": Tuning(),
+    "s3": Tuning(hopper_stages=3),
+    "kv64_s4": Tuning(hopper_block_kv=64, hopper_stages=4),
+    "kv192": Tuning(hopper_block_kv=192),
+    "q128_kv64": Tuning(hopper_block_q=128, hopper_block_kv=64),
+    "overlap": Tuning(hopper_pingpong=False, hopper_overlap=True),
+    "overlap_kv64_s3": Tuning(hopper_block_kv=64, hopper_stages=3, hopper_pingpong=False,
+                              hopper_overlap=True),
+    "no_pingpong": Tuning(hopper_pingpong=False),
 }
 
 
-def default_config(head_dim: int) -> HopperConfig:
-  """Defaults by head dim (D=256: smaller tiles to fit shared memory and registers)."""
-  if head_dim > 128:
-    return HopperConfig(block_q=64, block_kv=64, max_concurrent_steps=2)
-  return HopperConfig()
-
-
-def smem_bytes(head_dim: int, dtype_bytes: int, cfg: HopperConfig) -> int:
+def smem_bytes(head_dim: int, dtype_bytes: int, tuning: Tuning) -> int:
   """Shared memory of one CTA: the two Q/O slabs, the K and V rings, lse2 rows, barriers."""
-  qo = 2 * cfg.block_q * head_dim * dtype_bytes
-  kv = 2 * cfg.max_concurrent_steps * cfg.block_kv * head_dim * dtype_bytes
-  barriers = 8 * (3 + 6 * cfg.max_concurrent_steps)
-  return qo + kv + 2 * cfg.block_q * 4 + barriers + 512  # + alignment (Mosaic's count +- 384)
+  bq, bkv, stages = tuning.hopper_block_q, tuning.hopper_block_kv, tuning.hopper_stages
+  qo = 2 * bq * head_dim * dtype_bytes
+  kv = 2 * stages * bkv * head_dim * dtype_bytes
+  barriers = 8 * (3 + 6 * stages)
+  return qo + kv + 2 * bq * 4 + barriers + 512  # + alignment (Mosaic's count +- 384)
 
 
-def config_reason(head_dim: int, dtype, cfg: HopperConfig) -> str | None:
-  """Why this head dim / dtype / config cannot run, or None."""
+def _knobs(tuning: Tuning) -> str:
+  return (f"{tuning.hopper_block_q} x {tuning.hopper_block_kv} tiles, {tuning.hopper_stages} "
+          f"stages{', overlap' if tuning.hopper_overlap else ''}")
+
+
+def config_reason(head_dim: int, dtype, tuning: Tuning) -> str | None:
+  """Why this head dim / dtype / tuning cannot run, or None."""
   if jnp.dtype(dtype) not in tuple(map(jnp.dtype, DTYPES)):
     return f"the Hopper forward supports bf16/f16, got {jnp.dtype(dtype).name}"
   if head_dim not in HEAD_DIMS:
     return f"the Hopper forward supports head_dim in {HEAD_DIMS} (after padding), got {head_dim}"
-  need = smem_bytes(head_dim, jnp.dtype(dtype).itemsize, cfg)
+  need = smem_bytes(head_dim, jnp.dtype(dtype).itemsize, tuning)
   if need > SMEM_BYTES:
     return (f"the Hopper forward needs {need} bytes of shared memory for head_dim "
-            f"{head_dim} with {cfg}, over {SMEM_BYTES}")
+            f"{head_dim} with {_knobs(tuning)}, over {SMEM_BYTES}")
   # Registers: the O accumulator and S tile, float32, per consumer thread (128 threads).
-  regs = cfg.block_q * (head_dim + cfg.block_kv * (2 if cfg.overlap else 1)) // 128
+  regs = (tuning.hopper_block_q
+          * (head_dim + tuning.hopper_block_kv * (2 if tuning.hopper_overlap else 1)) // 128)
   if regs > 192:
     return (f"the Hopper forward keeps {regs} float32 accumulator registers a thread for "
-            f"head_dim {head_dim} with {cfg}; at most 192 fit")
+            f"head_dim {head_dim} with {_knobs(tuning)}; at most 192 fit")
   return None
 
 
-def padded_lengths(tq: int, tk: int, cfg: HopperConfig) -> tuple[int, int]:
-  """Tq, Tk rounded up to the kernel's tiles (2 * block_q query rows, block_kv keys)."""
-  return common.round_up(tq, 2 * cfg.block_q), common.round_up(tk, cfg.block_kv)
+def padded_lengths(tq: int, tk: int, tuning: Tuning) -> tuple[int, int]:
+  """Tq, Tk rounded up to the kernel's tiles (2 * hopper_block_q query rows, hopper_block_kv
+  keys)."""
+  return (common.round_up(tq, 2 * tuning.hopper_block_q),
+          common.round_up(tk, tuning.hopper_block_kv))
 
 
 def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
-            config: HopperConfig | None = None):
+            tuning: Tuning | None = None):
   """o[B,Tq,H,D], lse2[B,H,Tq] of softmax attention; q, k, v BTHD, padded to the tiles.
 
-  q [B,Tq,H,D], k/v [B,Tk,Hkv,D] with Tq a multiple of 2 * block_q and Tk of block_kv (see
-  `padded_lengths`); keys at positions >= `kv_len` (default Tk) are masked. `causal`: key j
-  visible to query i iff j <= i (the same positions for q and k).
+  q [B,Tq,H,D], k/v [B,Tk,Hkv,D] with Tq a multiple of 2 * hopper_block_q and Tk of
+  hopper_block_kv (see `padded_lengths`); keys at positions >= `kv_len` (default Tk) are
+  masked. `causal`: key j visible to query i iff j <= i (the same positions for q and k).
+  `tuning`: its hopper_* knobs (None: `default_tuning`).
   """
   batch, tq, heads, d = q.shape
   _, tk, kv_heads, _ = k.shape
@@ -150,10 +122,10 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
     raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
   if heads % kv_heads:
     raise ValueError(f"kv heads {kv_heads} must divide q heads {heads}")
-  cfg = config or default_config(d)
-  if why := config_reason(d, q.dtype, cfg):
+  tuning = tuning or default_tuning(d, jnp.dtype(q.dtype).itemsize)
+  if why := config_reason(d, q.dtype, tuning):
     raise NotImplementedError(why)
-  bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.max_concurrent_steps
+  bq, bkv, stages = tuning.hopper_block_q, tuning.hopper_block_kv, tuning.hopper_stages
   if tq % (2 * bq) or tk % bkv:
     raise ValueError(f"Tq {tq} must be a multiple of {2 * bq} and Tk {tk} of {bkv}")
   kv_len = tk if kv_len is None else int(kv_len)
@@ -203,7 +175,7 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
       l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
       acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
       plgpu.barrier_wait(q_full.at[wg])
-      if cfg.pingpong:
+      if tuning.hopper_pingpong:
         pl.when(wg == 1)(handoff)  # consumer 1 starts one turn behind
 
       def softmax(j, s, acc, m, l, masked):
@@ -233,19 +205,19 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
 
         def qk_fn(s_ref):
           plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
-          if cfg.pingpong:
+          if tuning.hopper_pingpong:
             handoff()  # the other consumer's softmax ran while our QK^T was issued
           return s_ref[...]
 
         s = pl.run_scoped(qk_fn, plgpu.ACC((bq, bkv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[free])
         acc, m, l, p = softmax(j, s, acc, m, l, masked)
-        if cfg.pingpong:
+        if tuning.hopper_pingpong:
           # Finish the softmax before handing over (else it may sink past the handoff).
           acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
           plgpu.barrier_arrive(turn)  # softmax done: the other consumer may take the GEMMs
         plgpu.barrier_wait(v_full.at[slot])
-        if cfg.pingpong:
+        if tuning.hopper_pingpong:
           plgpu.barrier_wait(turn)
 
         def pv_fn(o_acc):
@@ -290,7 +262,7 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
         plgpu.barrier_arrive(k_free.at[wg * stages + nslot], predicate=has_next)
         return acc, m, l, s
 
-      if cfg.overlap:
+      if tuning.hopper_overlap:
         plgpu.barrier_wait(k_full.at[0])
         s0 = qk(0)
         plgpu.barrier_arrive(k_free.at[wg * stages])
@@ -301,7 +273,7 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
       else:
         carry = lax.fori_loop(0, n_unmasked, lambda j, c_: step(j, c_, False), (acc, m, l))
         acc, m, l = lax.fori_loop(n_unmasked, n_steps, lambda j, c_: step(j, c_, True), carry)
-      if cfg.pingpong:
+      if tuning.hopper_pingpong:
         # Consumer 0 may have fewer steps (causal): keep the turn count of consumer 1.
         @pl.loop(n_steps, n_max)
         def _(j):

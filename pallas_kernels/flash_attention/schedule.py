@@ -1,4 +1,5 @@
-"""Block-sparse tile schedules, computed in XLA before the kernels run.
+"""The mask rule per token pair (`visible`) and block-sparse tile schedules, computed in XLA
+before the kernels run.
 
 For every (query tile, kv tile) pair the mask structure decides a kind: 0 = nothing visible
 (skipped), 1 = partly visible (the kernel applies the token mask), 2 = fully visible (no mask
@@ -19,9 +20,25 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-EMPTY = 2**31 - 1  # position of an empty KV-cache slot (same value as attnzoo.ops)
+from pallas_kernels.common import EMPTY
+
 _BIG = 2**31 - 1
 _SMALL = -(2**31)
+
+
+def visible(q_pos, kv_pos, q_seg, kv_seg, *, causal, window):
+  """Whether keys at kv_pos are visible to queries at q_pos (broadcastable arrays), the rule of
+  attnzoo.ops.softmax_attention: no empty slot (EMPTY), causal, window=(left, right), and the
+  same segment unless q_seg is None."""
+  mask = kv_pos != EMPTY
+  if causal:
+    mask &= kv_pos <= q_pos
+  if window is not None:
+    left, right = window
+    mask &= (kv_pos >= q_pos - left) & (kv_pos <= q_pos + right)
+  if q_seg is not None:
+    mask &= q_seg == kv_seg
+  return mask
 
 
 def tile_kinds(q_pos, kv_pos, q_seg, kv_seg, *, block_q, block_k, causal, window,

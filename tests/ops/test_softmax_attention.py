@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attnzoo.ops import Unsupported, softmax_attention
-from attnzoo.ops.softmax_attention import EMPTY, reference
+from attnzoo.ops.softmax_attention import EMPTY, dispatcher, reference
 from tests.conftest import relative_error
 
 
@@ -96,6 +96,29 @@ def test_xla_matches_reference_in_bf16_with_gradients():
   out = softmax_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
                           scale=0.25, causal=True, implementation="xla")
   assert relative_error(out, reference(q, k, v, scale=0.25, causal=True)) < 1e-2
+
+
+@pytest.mark.parametrize("mask", [dict(causal=True), dict(window=(40, 17), softcap=5.0)])
+def test_chunked_matches_reference_with_gradients(mask):
+  """The flash forward's pure-jnp twin: T=300 in key blocks of 128 (the last one partial),
+  GQA 6/2; o, lse and the gradients of both."""
+  q, k, v = inputs(7, Tq=300, Tk=300, H=6, Hkv=2, D=16)
+
+  def loss(impl):
+    def f(q, k, v):
+      o, lse = softmax_attention(q, k, v, scale=0.25, return_lse=True, implementation=impl,
+                                 **mask)
+      return (o ** 2).sum() + lse.sum(), (o, lse)
+    return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+  (_, got), got_grads = loss("chunked")
+  (_, want), want_grads = loss("xla")
+  for a, b in zip(got + got_grads, want + want_grads):
+    assert relative_error(a, b) < 1e-5
+  assert all("chunked" not in order for order in dispatcher.auto_order.values())
+  with pytest.raises(Unsupported, match="bias"):
+    softmax_attention(q, k, v, scale=1.0, bias=jnp.zeros((2, 6, 300, 300)),
+                      implementation="chunked")
 
 
 def test_dispatch_errors_name_the_problem():

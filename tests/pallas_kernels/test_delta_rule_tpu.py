@@ -14,7 +14,7 @@ import pytest
 
 from attnzoo.ops import delta_rule as dr
 from pallas_kernels import delta_rule as kernels
-from pallas_kernels.delta_rule.kernels import resolve_platform
+from pallas_kernels.common import resolve_platform
 from tests.ops.test_delta_rule import make_inputs
 from tests.pallas_kernels.test_delta_rule_kernel import check
 

@@ -7,7 +7,10 @@ compiled kernel: ATTNZOO_KERNEL_IMPL=pallas pytest tests/pallas_kernels/test_fla
 On GPU the kernel's float32 dots are IEEE (precision HIGHEST, no TF32) and the reference runs
 under default_matmul_precision("highest"); the GPU float32 tolerance is 1e-4 to leave room for
 the device's exp2/log2/tanh approximations. bf16 is 1e-2 everywhere.
+The mask tests also run the kernels' pure-jnp blockwise twin (`chunked`, in key blocks of 32
+that no T here is a multiple of) against the same reference.
 """
+import functools
 import os
 
 import jax
@@ -17,11 +20,14 @@ import pytest
 
 from attnzoo.ops import Unsupported
 from attnzoo.ops.softmax_attention import EMPTY, reference, softmax_attention
-from pallas_kernels.flash_attention import schedule
+from pallas_kernels.flash_attention import chunked, schedule
 
 IMPL = os.environ.get("ATTNZOO_KERNEL_IMPL", "interpret")
 F32_TOL = 1e-5 if IMPL == "interpret" else 1e-4
 BF16_TOL = 1e-2
+# `check`'s kernel: the one IMPL names, or the pure-jnp twin
+KERNELS = {"kernel": None, "chunked": functools.partial(chunked, block_k=32)}
+twin_too = pytest.mark.parametrize("impl", sorted(KERNELS))
 
 
 def rel_err(x, ref):
@@ -88,40 +94,47 @@ CASES = {
 }
 
 
+@twin_too
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_masks_f32(name):
+def test_masks_f32(name, impl):
   (b, tq, tk, h, hkv, d), kw = CASES[name]
   q, k, v, do, dlse = inputs(0, b, tq, tk, h, hkv, d, jnp.float32)
-  check(q, k, v, do, dlse, tol=F32_TOL, **kw)
+  check(q, k, v, do, dlse, tol=F32_TOL, kernel=KERNELS[impl], **kw)
 
 
-def test_segment_ids_packed_documents():
+@twin_too
+def test_segment_ids_packed_documents(impl):
   b, t = 2, 160
   q, k, v, do, dlse = inputs(1, b, t, t, 4, 2, 32, jnp.float32)
   rng = np.random.default_rng(0)
   seg = np.stack([np.sort(rng.integers(0, 5, t)) for _ in range(b)]).astype(np.int32)
-  check(q, k, v, do, dlse, tol=F32_TOL, causal=True, segment_ids=jnp.asarray(seg))
+  check(q, k, v, do, dlse, tol=F32_TOL, causal=True, segment_ids=jnp.asarray(seg),
+        kernel=KERNELS[impl])
   check(q, k, v, do, dlse, tol=F32_TOL, causal=False, window=(40, 40),
-        segment_ids=jnp.asarray(seg))
+        segment_ids=jnp.asarray(seg), kernel=KERNELS[impl])
 
 
-def test_block_sparse_map():
+@twin_too
+def test_block_sparse_map(impl):
   b, tq, tk = 2, 120, 136
   q, k, v, do, dlse = inputs(2, b, tq, tk, 2, 2, 32, jnp.float32)
   rng = np.random.default_rng(1)
   bm = rng.random((b, 4, 5)) < 0.6
   bm[:, :, 0] = True  # every query row sees something
   check(q, k, v, do, dlse, tol=F32_TOL, block_mask=jnp.asarray(bm), block_mask_size=(32, 32),
-        causal=True)
+        causal=True, kernel=KERNELS[impl])
 
 
-def test_per_head_temperature_grad():
+@twin_too
+def test_per_head_temperature_grad(impl):
   q, k, v, do, dlse = inputs(3, 1, 80, 80, 4, 2, 32, jnp.float32)
   scale = jnp.asarray([0.1, 0.2, 0.3, 0.05], jnp.float32)
-  check(q, k, v, do, dlse, tol=F32_TOL, causal=True, scale=scale, grad_scale=True)
+  check(q, k, v, do, dlse, tol=F32_TOL, causal=True, scale=scale, grad_scale=True,
+        kernel=KERNELS[impl])
 
 
-def test_kv_cache_positions_and_empty_rows():
+@twin_too
+def test_kv_cache_positions_and_empty_rows(impl):
   # decoding-style: 20 queries at positions 40..59 against a 96-slot cache with empty slots;
   # segment ids leave some queries with no visible key (output 0, lse -inf, finite grads).
   b, tq, tk = 2, 20, 96
@@ -135,7 +148,8 @@ def test_kv_cache_positions_and_empty_rows():
   kv_seg = np.zeros((b, tk), np.int32)
   o, lse = check(q, k, v, do, dlse, tol=F32_TOL, use_lse=False, causal=True,
                  q_positions=q_pos, kv_positions=jnp.asarray(kv_pos),
-                 segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+                 segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg),
+                 kernel=KERNELS[impl])
   assert np.all(np.asarray(o)[:, :3] == 0) and np.all(np.asarray(lse)[:, :3] == -np.inf)
 
 
@@ -169,11 +183,11 @@ def _call(q, k, v, implementation, **kw):
 
 
 def test_unsupported_raise_before_tracing(monkeypatch):
-  from pallas_kernels.flash_attention import kernels
+  from pallas_kernels.flash_attention import calls
 
   def traced(*_, **__):
     raise AssertionError("kernel traced")
-  monkeypatch.setattr(kernels, "forward", traced)
+  monkeypatch.setattr(calls, "forward", traced)
   q = jnp.zeros((1, 32, 2, 32), jnp.float32)
   bias = jnp.zeros((1, 2, 32, 32), jnp.float32)
   with pytest.raises(Unsupported, match="bias"):
@@ -205,16 +219,16 @@ def _flash_value_and_grads(q, k, v, **kw):
 def test_launch_order_head_groups():
   # Programs are decoded from (head in group, tile, group x batch) ids, the query tiles
   # heaviest first; every head_group (dividing H or not) must give the same result.
-  from pallas_kernels.flash_attention import BlockSizes
+  from pallas_kernels.flash_attention import Tuning
   q, k, v, _, _ = inputs(7, 2, 100, 100, 6, 3, 32, jnp.float32)
   seg = jnp.asarray(np.repeat([[0, 1], [2, 2]], 50, axis=1).astype(np.int32))
   small = dict(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=16,
                block_k_dkv=32)
   results = []
   for group in (1, 4, 6):
-    bs = BlockSizes(**small, head_group=group)
+    tuning = Tuning(**small, head_group=group)
     results.append(_flash_value_and_grads(q, k, v, causal=True, window=(40, 0),
-                                          segment_ids=seg, block_sizes=bs))
+                                          segment_ids=seg, tuning=tuning))
   for other in results[1:]:
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -227,14 +241,14 @@ def test_static_schedule_matches_traced(monkeypatch):
   # Default positions: numpy schedules embedded as constants; the same computed by XLA (a
   # schedule too large for a constant), and explicit positions (per-batch schedule, tiles
   # read from the list) give the same outputs and gradients.
-  from pallas_kernels.flash_attention import attention
+  from pallas_kernels.flash_attention import op
   b, t = 2, 90
   q, k, v, _, _ = inputs(8, b, t, t, 2, 1, 32, jnp.float32)
   kw = dict(causal=True, window=(30, 0))
   static = _flash_value_and_grads(q, k, v, **kw)
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   explicit = _flash_value_and_grads(q, k, v, q_positions=pos, kv_positions=pos, **kw)
-  monkeypatch.setattr(attention, "MAX_STATIC_SCHEDULE", 0)
+  monkeypatch.setattr(op, "MAX_STATIC_SCHEDULE", 0)
   traced = _flash_value_and_grads(q, k, v, **kw)
   for other in (explicit, traced):
     for a, c in zip(jax.tree.leaves(static), jax.tree.leaves(other)):

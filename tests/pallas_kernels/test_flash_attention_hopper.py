@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import HopperConfig, flash_attention, hopper_reason
-from pallas_kernels.flash_attention import attention as attention_lib
-from pallas_kernels.flash_attention import hopper
+from pallas_kernels.flash_attention import Tuning, flash_attention, hopper, hopper_reason
+from pallas_kernels.flash_attention import op as op_lib
 from tests.pallas_kernels.test_flash_attention import check, inputs
 
 S = jax.ShapeDtypeStruct
@@ -39,28 +38,28 @@ def shapes(batch, tq, tk, heads, kv_heads, dim, dtype):
           S((batch, tk, kv_heads, dim), dtype))
 
 
-# (batch, T, H, Hkv, D, dtype, causal, config)
+# (batch, T, H, Hkv, D, dtype, causal, tuning)
 FORWARD_CASES = {
     "bf16_d128_causal_gqa": (2, 1024, 4, 2, 128, jnp.bfloat16, True, None),
     "f16_d64_noncausal": (1, 512, 2, 2, 64, jnp.float16, False, None),
     "bf16_d256_causal": (1, 256, 2, 1, 256, jnp.bfloat16, True, None),
     "bf16_d128_q128_kv64_s3": (1, 512, 2, 1, 128, jnp.bfloat16, True,
-                               HopperConfig(block_q=128, block_kv=64, max_concurrent_steps=3)),
+                               Tuning(hopper_block_q=128, hopper_block_kv=64, hopper_stages=3)),
     "f16_d64_kv192_nopingpong": (1, 768, 2, 2, 64, jnp.float16, False,
-                                  HopperConfig(block_kv=192, pingpong=False)),
+                                  Tuning(hopper_block_kv=192, hopper_pingpong=False)),
     "bf16_d128_overlap_causal": (1, 512, 4, 2, 128, jnp.bfloat16, True,
-                                 HopperConfig(pingpong=False, overlap=True)),
+                                 Tuning(hopper_pingpong=False, hopper_overlap=True)),
     "f16_d64_overlap_kv64": (2, 256, 2, 1, 64, jnp.float16, False,
-                             HopperConfig(block_kv=64, max_concurrent_steps=3, pingpong=False,
-                                          overlap=True)),
+                             Tuning(hopper_block_kv=64, hopper_stages=3, hopper_pingpong=False,
+                                    hopper_overlap=True)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(FORWARD_CASES))
 def test_forward_lowers(name):
-  batch, t, heads, kv_heads, dim, dtype, causal, cfg = FORWARD_CASES[name]
+  batch, t, heads, kv_heads, dim, dtype, causal, tuning = FORWARD_CASES[name]
   fn = functools.partial(hopper.forward, scale=dim ** -0.5, causal=causal, kv_len=t - 7,
-                         config=cfg)
+                         tuning=tuning)
   text = export_cuda(fn, *shapes(batch, t, t, heads, kv_heads, dim, dtype))
   assert text.count(MOSAIC) >= 1
   assert f"tensor<{batch}x{heads}x{t}xf32>" in text  # lse2 [B, H, T]
@@ -68,11 +67,11 @@ def test_forward_lowers(name):
 
 @pytest.mark.parametrize("name", sorted(hopper.CANDIDATES))
 def test_tuning_candidates_lower_at_d128(name):
-  """Every config the GPU check script times fits shared memory and lowers (bf16, D=128)."""
-  cfg = hopper.CANDIDATES[name]
-  assert hopper.config_reason(128, jnp.bfloat16, cfg) is None
+  """Every tuning the GPU check script times fits shared memory and lowers (bf16, D=128)."""
+  tuning = hopper.CANDIDATES[name]
+  assert hopper.config_reason(128, jnp.bfloat16, tuning) is None
   for causal in (True, False):
-    fn = functools.partial(hopper.forward, scale=0.08, causal=causal, config=cfg)
+    fn = functools.partial(hopper.forward, scale=0.08, causal=causal, tuning=tuning)
     assert MOSAIC in export_cuda(fn, *shapes(1, 768, 768, 2, 1, 128, jnp.bfloat16))
 
 
@@ -105,9 +104,9 @@ def test_auto_selection(monkeypatch):
   q, k, v = shapes(1, 256, 256, 2, 2, 64, jnp.bfloat16)
   fwd = lambda **kw: (lambda q, k, v: flash_attention(q, k, v, scale=0.125, causal=True, **kw))
   # Without an sm90 default device auto keeps the Triton forward.
-  monkeypatch.setattr(attention_lib, "_sm90_default_device", lambda: False)
+  monkeypatch.setattr(op_lib, "_sm90_default_device", lambda: False)
   assert MOSAIC not in export_cuda(fwd(), q, k, v)
-  monkeypatch.setattr(attention_lib, "_sm90_default_device", lambda: True)
+  monkeypatch.setattr(op_lib, "_sm90_default_device", lambda: True)
   assert MOSAIC in export_cuda(fwd(), q, k, v)
   assert MOSAIC not in export_cuda(fwd(hopper=False), q, k, v)
   # Arguments the Hopper forward does not serve fall back to Triton under auto.
@@ -143,26 +142,26 @@ def test_unsupported_shapes_raise(q_shape, k_shape, dtype, causal, match):
     flash_attention(q, k, k, scale=0.125, causal=causal, hopper=True)
 
 
-def test_config_checks():
+def test_tuning_checks():
   with pytest.raises(ValueError):
-    HopperConfig(block_q=96)
+    Tuning(hopper_block_q=96)
   with pytest.raises(ValueError):
-    HopperConfig(block_kv=320)
+    Tuning(hopper_block_kv=320)
   with pytest.raises(ValueError):
-    HopperConfig(max_concurrent_steps=1)
+    Tuning(hopper_stages=1)
   with pytest.raises(ValueError):
-    HopperConfig(overlap=True)  # pingpong must be off
+    Tuning(hopper_overlap=True)  # pingpong must be off
   # D=256 with 128-row kv tiles and 3 stages overflows shared memory.
-  why = hopper.config_reason(256, jnp.bfloat16, HopperConfig(block_kv=128, max_concurrent_steps=3))
+  why = hopper.config_reason(256, jnp.bfloat16, Tuning(hopper_block_kv=128, hopper_stages=3))
   assert "shared memory" in why
-  assert hopper.config_reason(128, jnp.bfloat16, HopperConfig()) is None
+  assert hopper.config_reason(128, jnp.bfloat16, Tuning()) is None
 
 
 # ------------------------------------------------------------------------------ GPU (sm90)
 
 
 def _sm90():
-  return attention_lib._sm90_default_device()
+  return op_lib._sm90_default_device()
 
 
 gpu = pytest.mark.skipif(not _sm90(), reason="needs an sm90 (Hopper) GPU")
@@ -179,16 +178,16 @@ def test_gpu_matches_reference(causal, dtype, dim):
 
 
 @gpu
-@pytest.mark.parametrize("cfg", [HopperConfig(block_q=128, block_kv=64, max_concurrent_steps=3),
-                                 HopperConfig(pingpong=False),
-                                 HopperConfig(pingpong=False, overlap=True)])
-def test_gpu_configs_and_cross_attention(cfg):
+@pytest.mark.parametrize("tuning", [
+    Tuning(hopper_block_q=128, hopper_block_kv=64, hopper_stages=3),
+    Tuning(hopper_pingpong=False), Tuning(hopper_pingpong=False, hopper_overlap=True)])
+def test_gpu_tunings_and_cross_attention(tuning):
   q, k, v, do, dlse = inputs(1, 1, 333, 333, 2, 1, 128, jnp.bfloat16)
   check(q, k, v, do, dlse, tol=1e-2, causal=True,
-        kernel=functools.partial(flash_attention, hopper=True, hopper_config=cfg))
+        kernel=functools.partial(flash_attention, hopper=True, tuning=tuning))
   q, k, v, do, dlse = inputs(2, 1, 200, 900, 4, 4, 64, jnp.bfloat16)
   check(q, k, v, do, dlse, tol=1e-2,
-        kernel=functools.partial(flash_attention, hopper=True, hopper_config=cfg))
+        kernel=functools.partial(flash_attention, hopper=True, tuning=tuning))
 
 
 @gpu

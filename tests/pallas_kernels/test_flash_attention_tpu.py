@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from attnzoo.ops.softmax_attention import EMPTY, softmax_attention
-from pallas_kernels.flash_attention import flash_attention, unsupported_reason
+from pallas_kernels.flash_attention import flash_attention, reason
 from tests.pallas_kernels.test_flash_attention import check, inputs
 
 S = jax.ShapeDtypeStruct
@@ -118,15 +118,14 @@ def test_export_forward_only_and_dispatch(monkeypatch):
 
 def test_tpu_limits_reported():
   q = S((1, 256, 2, 64), jnp.float32)
-  assert unsupported_reason(q, q, q, platform="tpu") is None
-  assert "multiples of 128" in unsupported_reason(q, q, q, platform="tpu",
-                                                  block_mask_size=(64, 64))
-  assert unsupported_reason(q, q, q, platform="gpu", block_mask_size=(64, 64)) is None
+  assert reason(q, q, q, platform="tpu") is None
+  assert "multiples of 128" in reason(q, q, q, platform="tpu", block_mask_size=(64, 64))
+  assert reason(q, q, q, platform="gpu", block_mask_size=(64, 64)) is None
   long = S((1, 2**17, 8, 128), jnp.bfloat16)
-  assert "VMEM" in unsupported_reason(long, long, long, platform="tpu")
+  assert "VMEM" in reason(long, long, long, platform="tpu")
   many = S((64, 16384, 1, 64), jnp.bfloat16)
-  assert unsupported_reason(many, many, many, platform="tpu", per_batch_schedule=False) is None
-  assert "SMEM" in unsupported_reason(many, many, many, platform="tpu")
+  assert reason(many, many, many, platform="tpu", per_batch_schedule=False) is None
+  assert "SMEM" in reason(many, many, many, platform="tpu")
 
 
 # Interpret mode: (batch, Tq, Tk, H, Hkv, D) and mask keywords; T is not a multiple of the

@@ -5,23 +5,15 @@ tests on the compiled (Triton) kernel.
 """
 import dataclasses
 import functools
-import importlib.util
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from attnzoo.ops import linear_attention as la
-from pallas_kernels.linear_attention import KernelConfig, default_splits, linear_attention as kernel
-_spec = importlib.util.spec_from_file_location(  # shared helpers of the op tests
-    "_linear_attention_op_helpers",
-    pathlib.Path(__file__).resolve().parents[1] / "ops" / "test_linear_attention.py")
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-assert_all_close, loss_and_grads = _helpers.assert_all_close, _helpers.loss_and_grads
-make_inputs, rel = _helpers.make_inputs, _helpers.rel
+from pallas_kernels.linear_attention import Tuning, default_splits, linear_attention as kernel
+from tests.ops.test_linear_attention import assert_all_close, loss_and_grads, make_inputs, rel
 
 IMPL = os.environ.get("ATTNZOO_KERNEL_IMPL", "interpret")
 INTERPRET = IMPL != "pallas"
@@ -32,30 +24,29 @@ if not INTERPRET:  # float32 references without TF32
 
 
 def kernel_op(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
-              initial_state=None, return_final_state=False, segment_ids=None, config):
-  """The op's semantics on top of the kernel package, with an explicit block config."""
+              initial_state=None, return_final_state=False, segment_ids=None, tuning):
+  """The op's semantics on top of the kernel package, with an explicit tuning."""
   assert not normalize
   o, hT = kernel(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
-                 segment_ids=segment_ids, config=config, interpret=INTERPRET)
+                 segment_ids=segment_ids, tuning=tuning, interpret=INTERPRET)
   return (o, hT) if return_final_state else o
 
 
 # chunk 16 with 16-wide state tiles (V=20 -> two V tiles in every kernel; the gradient kernel
 # in 16-wide K tiles without decay or with vector decay); chunk 32 (vector decay: one 32-row
 # block where exact, else two 16-row sub-blocks; c32s16 forces the latter, in K tiles)
-CONFIGS = {"c16": KernelConfig(chunk=16, block_k=16, block_v=16, block_v_out=16,
-                               block_k_grad=16),
-           "c32": KernelConfig(chunk=32, block_k=16, block_v=32),
-           "c32s16": KernelConfig(chunk=32, sub=16, block_k=16, block_v=32, block_k_grad=16)}
+TUNINGS = {"c16": Tuning(chunk=16, block_k=16, block_v=16, block_v_out=16, block_k_grad=16),
+           "c32": Tuning(chunk=32, block_k=16, block_v=32),
+           "c32s16": Tuning(chunk=32, sub=16, block_k=16, block_v=32, block_k_grad=16)}
 
 
-@pytest.mark.parametrize("variant,config", [
+@pytest.mark.parametrize("variant,tuning", [
     ("none", "c16"), ("scalar", "c16"), ("vector", "c32"), ("vector", "c32s16"),
     ("bonus", "c16"), ("bonus", "c32"), ("retnet", "c32")])
-def test_kernel_float32(variant, config):
+def test_kernel_float32(variant, tuning):
   q, k, v, kw = make_inputs(variant, seed=11)
   want = loss_and_grads(la.reference, q, k, v, kw)
-  got = loss_and_grads(functools.partial(kernel_op, config=CONFIGS[config]), q, k, v,
+  got = loss_and_grads(functools.partial(kernel_op, tuning=TUNINGS[tuning]), q, k, v,
                        {**kw, "log_decay": _full_decay(kw, q)})
   if variant == "retnet":  # the kernel took the fixed decay broadcast to [B,T,H]
     got[2][3]["log_decay"] = jnp.sum(got[2][3]["log_decay"], axis=(0, 1))
@@ -77,7 +68,7 @@ def test_kernel_state_tiles_over_k(variant):
             initial_state=jax.random.normal(ks[4], (b, h, kd, vd)) * 0.1,
             segment_ids=jnp.asarray((jnp.arange(t)[None] >= jnp.array([[20], [0]])), jnp.int32))
   want = loss_and_grads(la.reference, q, k, v, kw)
-  got = loss_and_grads(functools.partial(kernel_op, config=CONFIGS["c16"]), q, k, v, kw)
+  got = loss_and_grads(functools.partial(kernel_op, tuning=TUNINGS["c16"]), q, k, v, kw)
   assert_all_close(got, want, 1e-5, f"{variant} K tiles ")
 
 
@@ -92,8 +83,8 @@ def test_kernel_split_sequence(variant, splits):
   kw["segment_ids"] = (jnp.arange(61)[None] >= starts).astype(jnp.int32)
   kw["log_decay"] = _full_decay(kw, q)
   want = loss_and_grads(la.reference, q, k, v, kw)
-  cfg = dataclasses.replace(CONFIGS["c16"], state_splits=splits)
-  got = loss_and_grads(functools.partial(kernel_op, config=cfg), q, k, v, kw)
+  tuning = dataclasses.replace(TUNINGS["c16"], state_splits=splits)
+  got = loss_and_grads(functools.partial(kernel_op, tuning=tuning), q, k, v, kw)
   assert_all_close(got, want, 1e-5, f"{variant} split in {splits} ")
 
 
@@ -108,17 +99,17 @@ def test_split_count_default():
 
 
 def test_kernel_strong_vector_decay_takes_sub_blocks():
-  """About -6 per step: one 32-row block would clamp (wrong), so the default config takes
+  """About -6 per step: one 32-row block would clamp (wrong), so the default tuning takes
   16-row sub-blocks (chosen at run time: in the forward on GPU by the output kernel's two
   launches, else through lax.cond) and stays exact."""
   q, k, v, kw = make_inputs("vector", seed=17)
   kw["log_decay"] = -6.0 + 0.5 * jnp.tanh(kw["log_decay"])
   want = loss_and_grads(la.reference, q, k, v, kw)
-  got = loss_and_grads(functools.partial(kernel_op, config=CONFIGS["c32"]), q, k, v, kw)
+  got = loss_and_grads(functools.partial(kernel_op, tuning=TUNINGS["c32"]), q, k, v, kw)
   # the decay gradient sums terms ~e^40 apart; the pure-jnp chunked form is 1.6e-4 off too
   assert rel(got[2][3].pop("log_decay"), want[2][3].pop("log_decay")) <= 1e-3
   assert_all_close(got, want, 1e-5, "strong decay ")
-  wide = functools.partial(kernel_op, config=KernelConfig(chunk=32, sub=32, block_v=32))
+  wide = functools.partial(kernel_op, tuning=Tuning(chunk=32, sub=32, block_v=32))
   assert rel(wide(q, k, v, **kw), want[0]) > 1e-2  # the bound the default avoids is real
 
 
@@ -136,13 +127,13 @@ def test_kernel_bf16(variant):
   up = lambda x: x.astype(jnp.float32)
   q, k, v = bf(q), bf(k), bf(v)
   want = loss_and_grads(la.reference, up(q), up(k), up(v), kw)
-  got = loss_and_grads(functools.partial(kernel_op, config=CONFIGS["c16"]), q, k, v, kw)
+  got = loss_and_grads(functools.partial(kernel_op, tuning=TUNINGS["c16"]), q, k, v, kw)
   assert got[0].dtype == jnp.bfloat16
   assert_all_close(got, want, 1e-2, f"bf16 {variant} ")
 
 
 @pytest.mark.parametrize("variant", ["normalized", "vector"])
-def test_op_dispatch_default_config(variant):
+def test_op_dispatch_default_tuning(variant):
   """Through linear_attention(implementation=...), default blocks (chunk 64), T=150."""
   q, k, v, kw = make_inputs(variant, seed=13, t=150)
   want = loss_and_grads(la.reference, q, k, v, kw)

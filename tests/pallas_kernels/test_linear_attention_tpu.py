@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from attnzoo.ops import linear_attention as la
-from pallas_kernels.linear_attention import KernelConfig, linear_attention as kernel
+from pallas_kernels.linear_attention import Tuning, linear_attention as kernel
 from tests.ops.test_linear_attention import assert_all_close, loss_and_grads, make_inputs
 
 S = jax.ShapeDtypeStruct
@@ -61,9 +61,9 @@ def test_exports_for_tpu(dtype, kind, bonus, segments):
   assert set(tpu_kernels(grads, args)) == set(forward + backward)
 
 
-def tpu_interpret(config):
+def tpu_interpret(tuning):
   def op(q, k, v, *, log_decay=None, return_final_state, **kw):
-    o, h = kernel(q, k, v, log_decay, **kw, config=config, interpret=True, platform="tpu")
+    o, h = kernel(q, k, v, log_decay, **kw, tuning=tuning, interpret=True, platform="tpu")
     return (o, h) if return_final_state else o
   return op
 
@@ -74,7 +74,7 @@ def test_tpu_interpret_float32(variant, segments):
   # B,T,H,K,V = 2,37,3,12,20: T in chunks of 16 (the last padded), K, V padded to 16, 32
   q, k, v, kw = make_inputs(variant, seed=21, segments=segments)
   want = loss_and_grads(la.reference, q, k, v, kw)
-  got = loss_and_grads(tpu_interpret(KernelConfig(chunk=16)), q, k, v, kw)
+  got = loss_and_grads(tpu_interpret(Tuning(chunk=16)), q, k, v, kw)
   assert_all_close(got, want, 1e-5, f"tpu {variant} ")
 
 

@@ -1,4 +1,5 @@
-"""flash_attention: padding, tile schedules and the custom_vjp around the Pallas kernels."""
+"""`flash_attention`: argument checks (`reason`, `hopper_reason`), padding, tile schedules and
+the custom_vjp around the Pallas kernels (calls.py; the Hopper forward in hopper.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import common
-from pallas_kernels.flash_attention import hopper as hopper_lib
-from pallas_kernels.flash_attention import kernels
-from pallas_kernels.flash_attention import schedule as sched_lib
-from pallas_kernels.flash_attention.config import (TPU_BLOCK_SIZES, BlockSizes,
-                                                    default_block_sizes)
+
+from . import calls, kernels
+from . import hopper as hopper_lib
+from . import schedule as sched_lib
+from .tuning import TPU_TUNING, Tuning, default_tuning
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
@@ -37,15 +38,16 @@ def _tile(block, t, user_block, floor):
   return b
 
 
-def _tiles(bs, tq, tk, user_blocks, floor):
-  """Kernel tiles: the block sizes, no larger than T needs, dividing the user mask blocks."""
+def _tiles(tuning, tq, tk, user_blocks, floor):
+  """Kernel tiles: the tuning's block sizes, no larger than T needs, dividing the user mask
+  blocks."""
   uq, uk = user_blocks
   return dict(
-      block_q=_tile(bs.block_q, tq, uq, floor), block_k=_tile(bs.block_k, tk, uk, floor),
-      block_q_dq=_tile(bs.block_q_dq, tq, uq, floor),
-      block_k_dq=_tile(bs.block_k_dq, tk, uk, floor),
-      block_q_dkv=_tile(bs.block_q_dkv, tq, uq, floor),
-      block_k_dkv=_tile(bs.block_k_dkv, tk, uk, floor))
+      block_q=_tile(tuning.block_q, tq, uq, floor), block_k=_tile(tuning.block_k, tk, uk, floor),
+      block_q_dq=_tile(tuning.block_q_dq, tq, uq, floor),
+      block_k_dq=_tile(tuning.block_k_dq, tk, uk, floor),
+      block_q_dkv=_tile(tuning.block_q_dkv, tq, uq, floor),
+      block_k_dkv=_tile(tuning.block_k_dkv, tk, uk, floor))
 
 
 def _padded_lengths(tiles, tq, tk):
@@ -54,7 +56,7 @@ def _padded_lengths(tiles, tq, tk):
   return common.round_up(tq, bq), common.round_up(tk, bk)
 
 
-def _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule):
+def _tpu_reason(q, k, v, block_mask_size, tuning, per_batch_schedule):
   """Why the TPU kernels cannot serve these shapes (tiles, VMEM, SMEM), or None."""
   if block_mask_size is not None and any(b % TPU_TILE for b in block_mask_size):
     return (f"on TPU block_mask_size entries must be multiples of {TPU_TILE} (kernel tiles "
@@ -62,10 +64,9 @@ def _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule):
   batch, tq, heads, d = q.shape
   tk, kv_heads = k.shape[1], k.shape[2]
   itemsize = 4 if q.dtype == jnp.float16 else q.dtype.itemsize  # f16 runs in f32 on TPU
-  tiles = _tiles(block_sizes or TPU_BLOCK_SIZES, tq, tk, block_mask_size or (None, None),
-                 TPU_TILE)
+  tiles = _tiles(tuning or TPU_TUNING, tq, tk, block_mask_size or (None, None), TPU_TILE)
   if any(t % TPU_TILE for t in tiles.values()):
-    return f"on TPU every block size must be a multiple of {TPU_TILE}, got {block_sizes}"
+    return f"on TPU every block size must be a multiple of {TPU_TILE}, got {tuning}"
   tq_pad, tk_pad = _padded_lengths(tiles, tq, tk)
   width = common.round_up(d, TPU_TILE) + common.round_up(v.shape[-1], TPU_TILE)
   # Whole-sequence blocks (single-buffered): K, V (forward, dq); the group's Q, dO and their
@@ -74,10 +75,10 @@ def _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule):
   groups = heads // kv_heads
   qdo = groups * tq_pad * (width * itemsize + 2 * 8 * 4) + 2 * 8 * 4 * tq_pad
   vmem = max(kv, qdo)
-  if vmem > kernels.TPU_VMEM_LIMIT - 8 * 2**20:
+  if vmem > calls.TPU_VMEM_LIMIT - 8 * 2**20:
     return (f"on TPU the kernels keep whole-sequence K/V and Q/dO blocks in VMEM: Tq {tq}, Tk "
             f"{tk}, head_dim {d}, {groups} q heads per kv head need {vmem / 2**20:.0f} MiB, "
-            f"over {kernels.TPU_VMEM_LIMIT // 2**20 - 8} MiB")
+            f"over {calls.TPU_VMEM_LIMIT // 2**20 - 8} MiB")
   rows = batch if per_batch_schedule else 1
   nq = max(tq_pad // tiles[n] for n in ("block_q", "block_q_dq", "block_q_dkv"))
   nk = max(tk_pad // tiles[n] for n in ("block_k", "block_k_dq", "block_k_dkv"))
@@ -88,8 +89,9 @@ def _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule):
   return None
 
 
-def unsupported_reason(q, k, v, *, block_mask_size=None, platform=None, block_sizes=None,
-                       per_batch_schedule=True):
+def reason(q: jax.Array, k: jax.Array, v: jax.Array, *,
+           block_mask_size: tuple[int, int] | None = None, platform: str | None = None,
+           tuning: Tuning | None = None, per_batch_schedule: bool = True) -> str | None:
   """Why the kernel cannot serve these shapes/dtypes, or None (static check, no tracing).
 
   `platform` as in `flash_attention`; `per_batch_schedule`: whether the masks differ across
@@ -104,7 +106,7 @@ def unsupported_reason(q, k, v, *, block_mask_size=None, platform=None, block_si
       if b % 16:
         return f"block_mask_size entries must be multiples of 16 (kernel tiles divide them), got {block_mask_size}"
   if common.resolve_platform(platform) == "tpu":
-    return _tpu_reason(q, k, v, block_mask_size, block_sizes, per_batch_schedule)
+    return _tpu_reason(q, k, v, block_mask_size, tuning, per_batch_schedule)
   return None
 
 
@@ -119,10 +121,10 @@ def _sm90_default_device() -> bool:
   return device.platform == "gpu" and isinstance(cc, str) and cc.split(".")[0] == "9"
 
 
-def hopper_reason(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
-                  kv_segment_ids=None, q_positions=None, kv_positions=None, softcap=None,
-                  block_mask=None, platform=None, interpret=False,
-                  hopper_config: hopper_lib.HopperConfig | None = None):
+def hopper_reason(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bool = False,
+                  window=None, segment_ids=None, kv_segment_ids=None, q_positions=None,
+                  kv_positions=None, softcap=None, block_mask=None, platform: str | None = None,
+                  interpret: bool = False, tuning: Tuning | None = None) -> str | None:
   """Why the Hopper (Mosaic GPU) forward cannot serve these arguments, or None (static check;
   the device is not queried: `flash_attention(hopper=None)` adds that)."""
   if common.resolve_platform(platform) != "gpu":
@@ -146,29 +148,30 @@ def hopper_reason(q, k, v, *, scale, causal=False, window=None, segment_ids=None
   if causal and q.shape[1] != k.shape[1]:
     return f"the Hopper forward needs Tq == Tk when causal, got {q.shape[1]} and {k.shape[1]}"
   dp = common.next_pow2(d, 16)
-  return hopper_lib.config_reason(dp, q.dtype, hopper_config or hopper_lib.default_config(dp))
+  return hopper_lib.config_reason(
+      dp, q.dtype, tuning or default_tuning(dp, jnp.dtype(q.dtype).itemsize, causal=causal))
 
 
 @dataclasses.dataclass(frozen=True)
 class _HopperCall:
   """Static arguments of the Hopper forward inside `_flash`."""
-  config: hopper_lib.HopperConfig
+  tuning: Tuning
   scale: float
   causal: bool
   kv_len: int  # real keys; padded ones are masked
 
 
 def _hopper_forward(q, k, v, hop: _HopperCall):
-  """The Hopper forward on the Triton-padded q, k, v; o and lse2 shaped as kernels.forward's.
+  """The Hopper forward on the Triton-padded q, k, v; o and lse2 shaped as calls.forward's.
 
-  Pads Tq to 2 * block_q and cuts or pads Tk to round_up(kv_len, block_kv), then slices the
-  results back to the padded Tq the Triton backward expects."""
+  Pads Tq to 2 * hopper_block_q and cuts or pads Tk to round_up(kv_len, hopper_block_kv), then
+  slices the results back to the padded Tq the Triton backward expects."""
   tq_pad, tk_pad = q.shape[1], k.shape[1]
-  tq_h, tk_h = hopper_lib.padded_lengths(tq_pad, hop.kv_len, hop.config)
+  tq_h, tk_h = hopper_lib.padded_lengths(tq_pad, hop.kv_len, hop.tuning)
   qh = _pad_axis(q, 1, tq_h)
   kh, vh = (_pad_axis(x, 1, max(tk_pad, tk_h))[:, :tk_h] for x in (k, v))
   o, lse2 = hopper_lib.forward(qh, kh, vh, scale=hop.scale, causal=hop.causal,
-                               kv_len=hop.kv_len, config=hop.config)
+                               kv_len=hop.kv_len, tuning=hop.tuning)
   return o[:, :tq_pad], lse2[:, :, :tq_pad]
 
 
@@ -183,12 +186,16 @@ def _pad_axis(x, axis, size, mode="constant", value=0, xp=jnp):
   return xp.pad(x, widths, constant_values=value)
 
 
-def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=None,
-                    kv_segment_ids=None, q_positions=None, kv_positions=None, softcap=None,
-                    block_mask=None, block_mask_size=None, return_lse=False,
-                    block_sizes: BlockSizes | None = None, interpret=False, platform=None,
-                    hopper: bool | None = None,
-                    hopper_config: hopper_lib.HopperConfig | None = None):
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale,
+                    causal: bool = False, window: int | tuple[int, int] | None = None,
+                    segment_ids: jax.Array | None = None,
+                    kv_segment_ids: jax.Array | None = None,
+                    q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
+                    softcap: float | None = None, block_mask: jax.Array | None = None,
+                    block_mask_size: tuple[int, int] | None = None, return_lse: bool = False,
+                    tuning: Tuning | None = None, interpret: bool = False,
+                    platform: str | None = None,
+                    hopper: bool | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Blockwise softmax attention with Pallas forward and backward kernels.
 
   q[B,Tq,H,D], k[B,Tk,Hkv,D], v[B,Tk,Hkv,Dv] (BTHD; Hkv divides H). `scale` is a Python
@@ -200,7 +207,7 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   natural log, -inf on rows that see nothing, when return_lse).
 
   `platform`: "gpu" (Triton lowering) or "tpu" (Mosaic TPU lowering: BHTD layout inside,
-  tiles of 128, TPU_BLOCK_SIZES by default; float16 inputs run the float32 kernels, Mosaic
+  tiles of 128, TPU_TUNING by default; float16 inputs run the float32 kernels, Mosaic
   having no float16 vectors); None picks "tpu" when jax.default_backend() is
   "tpu", else "gpu". `interpret` runs the kernels in Pallas interpret mode (TPU: the Mosaic
   TPU interpreter, pltpu.InterpretParams).
@@ -209,7 +216,10 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   hopper.py) forward when the platform is "gpu", not interpreted, the default device is an
   sm90 GPU and `hopper_reason` finds nothing against the arguments; else the Triton one.
   True: the Hopper forward, or NotImplementedError saying why not. False: Triton. The
-  backward is the Triton kernels in every case. `hopper_config`: its tuning knobs.
+  backward is the Triton kernels in every case.
+
+  `tuning`: tiles and launch knobs of every kernel, the Hopper forward's included (None:
+  `default_tuning` for the head dim, dtype and mask, or `TPU_TUNING`).
   """
   platform = common.resolve_platform(platform)
   if hopper is None or hopper:
@@ -217,7 +227,7 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
         q, k, v, scale=scale, causal=causal, window=window, segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids, q_positions=q_positions, kv_positions=kv_positions,
         softcap=softcap, block_mask=block_mask, platform=platform, interpret=interpret,
-        hopper_config=hopper_config)
+        tuning=tuning)
     if hopper and why_hopper:
       raise NotImplementedError(why_hopper)
     hopper = why_hopper is None and (hopper or _sm90_default_device())
@@ -225,8 +235,8 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
   # Default positions and no segments / block mask: the schedule depends only on shapes.
   static_masks = (q_positions is None and kv_positions is None and segment_ids is None
                   and block_mask is None)
-  why = unsupported_reason(q, k, v, block_mask_size=block_mask_size, platform=platform,
-                           block_sizes=block_sizes, per_batch_schedule=not static_masks)
+  why = reason(q, k, v, block_mask_size=block_mask_size, platform=platform, tuning=tuning,
+               per_batch_schedule=not static_masks)
   if why:
     raise NotImplementedError(why)
   if tpu and q.dtype == jnp.float16:
@@ -237,7 +247,7 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
         f32(q), f32(k), f32(v), scale=scale, causal=causal, window=window,
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
         kv_positions=kv_positions, softcap=softcap, block_mask=block_mask,
-        block_mask_size=block_mask_size, return_lse=return_lse, block_sizes=block_sizes,
+        block_mask_size=block_mask_size, return_lse=return_lse, tuning=tuning,
         interpret=interpret, platform=platform)
     return (r[0].astype(q.dtype), r[1]) if return_lse else r.astype(q.dtype)
   batch, tq, heads, d = q.shape
@@ -249,15 +259,14 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
     if isinstance(window, int):
       window = (window, 0)
     window = (int(window[0]), int(window[1]))
-  if block_sizes is None and tpu:
-    block_sizes = TPU_BLOCK_SIZES
-  if block_sizes is None:
+  if tuning is None and tpu:
+    tuning = TPU_TUNING
+  if tuning is None:
     local = window is not None and window[0] + window[1] < tk // 2
-    block_sizes = default_block_sizes(max(d, dv), jnp.dtype(q.dtype).itemsize, local=local,
-                                      causal=causal)
+    tuning = default_tuning(max(d, dv), jnp.dtype(q.dtype).itemsize, local=local,
+                            causal=causal)
   ub = block_mask_size if block_mask is not None else (None, None)
-  bs = block_sizes
-  tiles = _tiles(bs, tq, tk, ub, TPU_TILE if tpu else 16)
+  tiles = _tiles(tuning, tq, tk, ub, TPU_TILE if tpu else 16)
   tq_pad, tk_pad = _padded_lengths(tiles, tq, tk)
 
   if isinstance(scale, (int, float, np.floating, np.integer)):
@@ -267,15 +276,15 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
     scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (heads,))
   if softcap is not None:
     softcap = float(softcap)
-  cfg = kernels.KernelConfig(
-      contiguous_full=bool(bs.direct_full and static_masks), head_group=bs.head_group,
+  cfg = kernels.Static(
+      contiguous_full=bool(tuning.direct_full and static_masks), head_group=tuning.head_group,
       static_scale=static_scale, causal=bool(causal), window=window,
       has_segments=segment_ids is not None, softcap=softcap, groups=groups,
       precise=q.dtype == jnp.float32, interpret=bool(interpret), tpu=tpu,
       fast_exp2=not interpret and not tpu and kernels.nvidia_gpu(),
-      num_warps=bs.num_warps, num_stages=bs.num_stages, num_warps_dq=bs.num_warps_dq,
-      num_stages_dq=bs.num_stages_dq, num_warps_dkv=bs.num_warps_dkv,
-      num_stages_dkv=bs.num_stages_dkv, **tiles)
+      num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+      num_warps_dq=tuning.num_warps_dq, num_stages_dq=tuning.num_stages_dq,
+      num_warps_dkv=tuning.num_warps_dkv, num_stages_dkv=tuning.num_stages_dkv, **tiles)
 
   # Positions and segments, padded: padded keys are empty slots; padded queries repeat the
   # last real query (so tile summaries stay tight) and their outputs are dropped. With static
@@ -292,8 +301,7 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
     q_positions = jnp.broadcast_to(q_positions, (batch, tq))
     kv_positions = jnp.broadcast_to(kv_positions, (batch, tk))
   q_pos = _pad_axis(xp.asarray(q_positions, xp.int32), 1, tq_pad, "edge", xp=xp)
-  kv_pos = _pad_axis(xp.asarray(kv_positions, xp.int32), 1, tk_pad, value=sched_lib.EMPTY,
-                     xp=xp)
+  kv_pos = _pad_axis(xp.asarray(kv_positions, xp.int32), 1, tk_pad, value=common.EMPTY, xp=xp)
   q_seg = kv_seg = None
   if segment_ids is not None:
     if kv_segment_ids is None:
@@ -327,8 +335,7 @@ def flash_attention(q, k, v, *, scale, causal=False, window=None, segment_ids=No
     qp, kp, vp = (jnp.swapaxes(x, 1, 2) for x in (qp, kp, vp))
   hop = None
   if hopper:
-    hop = _HopperCall(hopper_config or hopper_lib.default_config(dp), float(scale),
-                      bool(causal), tk)
+    hop = _HopperCall(tuning, float(scale), bool(causal), tk)
   o, lse2 = _flash(qp, kp, vp, scale_arr, aux, cfg, hop)
   if tpu:
     o = jnp.swapaxes(o, 1, 2)
@@ -351,8 +358,7 @@ def _flash_fwd(q, k, v, scale_arr, aux, cfg, hop):
   if hop is not None:  # same o / lse2 conventions: the Triton backward below reads them
     o, lse2 = _hopper_forward(q, k, v, hop)
   else:
-    o, lse2 = kernels.forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched_fwd,
-                              cfg)
+    o, lse2 = calls.forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched_fwd, cfg)
   return (o, lse2), (q, k, v, scale_arr, aux, o, lse2)
 
 
@@ -367,10 +373,10 @@ def _flash_bwd(cfg, hop, res, cts):
   delta = jnp.einsum(f"{seq},{seq}->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   if dlse2 is not None and not isinstance(dlse2, jax.custom_derivatives.SymbolicZero):
     delta = delta - dlse2.astype(jnp.float32) / kernels.LN2
-  dq = kernels.backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
-                           sched_dq, cfg)
-  dk, dv = kernels.backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg,
-                                kv_seg, sched_dkv, cfg)
+  dq = calls.backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
+                         sched_dq, cfg)
+  dk, dv = calls.backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg,
+                              kv_seg, sched_dkv, cfg)
   dscale = None
   if cfg.static_scale is None:
     # dq came back unscaled: dL/dscale_h = sum q . dq_raw; dq = scale * dq_raw.
