@@ -10,7 +10,7 @@ PYTHON312 := $(shell \
       command -v "$$c" 2>/dev/null || echo "$$c"; break; fi; \
   done)
 
-.PHONY: demo test bench-cpu clean
+.PHONY: demo test lint clean
 
 $(VENV)/.installed: requirements.txt setup.py
 	@if [ -z "$(PYTHON312)" ]; then \
@@ -24,6 +24,10 @@ $(VENV)/.installed: requirements.txt setup.py
 
 demo: $(VENV)/.installed
 	$(PY) -m attnzoo demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests

@@ -10,6 +10,7 @@
 User mistakes (bad config keys or values, impossible shapes, unwritable workdirs, a NaN loss)
 print one line `error: ...` and exit with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 from attnzoo.config import ConfigError, load_config_file, parse_value, set_typed
 
@@ -27,7 +27,7 @@ def _apply_overrides(config, overrides: list[str]):
   for item in overrides:
     if not item.startswith("--config.") or "=" not in item:
       raise ConfigError(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
-    key, value = item[len("--config."):].split("=", 1)
+    key, value = item[len("--config.") :].split("=", 1)
     set_typed(config, key, parse_value(value))
   return config
 
@@ -38,7 +38,9 @@ def _config_with_overrides(spec: str, overrides: list[str]):
 
 def _print_table(rows: list[dict], columns: list[str]):
   widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-  line = lambda values: "| " + " | ".join(str(v).ljust(widths[c]) for c, v in zip(columns, values)) + " |"
+  line = lambda values: (
+    "| " + " | ".join(str(v).ljust(widths[c]) for c, v in zip(columns, values)) + " |"
+  )
   print(line(columns))
   print("|" + "|".join("-" * (widths[c] + 2) for c in columns) + "|")
   for r in rows:
@@ -46,14 +48,19 @@ def _print_table(rows: list[dict], columns: list[str]):
 
 
 def _summary_row(name, summary):
-  return {"run": name, "params": f"{summary['params']:,}",
-          "state_size": f"{summary['state_size']:,} B",
-          "eval_accuracy": f"{summary['eval/accuracy']:.4f}", "steps": summary["step"],
-          "wall_time": f"{summary['wall_time_s']:.0f} s"}
+  return {
+    "run": name,
+    "params": f"{summary['params']:,}",
+    "state_size": f"{summary['state_size']:,} B",
+    "eval_accuracy": f"{summary['eval/accuracy']:.4f}",
+    "steps": summary["step"],
+    "wall_time": f"{summary['wall_time_s']:.0f} s",
+  }
 
 
 def cmd_train(args, extra):
   from attnzoo.train.trainer import train
+
   config = _config_with_overrides(args.config, extra)
   summary = train(config, args.workdir, quiet=args.quiet)
   print(json.dumps(summary, indent=2))
@@ -61,6 +68,7 @@ def cmd_train(args, extra):
 
 def cmd_eval(args, extra):
   from attnzoo.train.trainer import evaluate
+
   if extra:
     raise ConfigError(f"eval takes no overrides, got {' '.join(extra)}")
   print(json.dumps(evaluate(args.workdir), indent=2))
@@ -68,6 +76,7 @@ def cmd_eval(args, extra):
 
 def cmd_sweep(args, extra):
   from attnzoo.train.trainer import train
+
   configs = load_config_file(args.config)
   if not isinstance(configs, (list, tuple)):
     raise ConfigError(f"a sweep config must return a list of configs, got {type(configs).__name__}")
@@ -76,13 +85,17 @@ def cmd_sweep(args, extra):
     _apply_overrides(config, extra)
     summary = train(config, pathlib.Path(args.workdir) / config.name, quiet=args.quiet)
     rows.append(_summary_row(config.name, summary))
-    if config.group not in best or summary["eval/accuracy"] > best[config.group][1]["eval/accuracy"]:
+    if (
+      config.group not in best or summary["eval/accuracy"] > best[config.group][1]["eval/accuracy"]
+    ):
       best[config.group] = (config.name, summary)
   print("\nall runs:")
   _print_table(rows, ["run", "params", "state_size", "eval_accuracy", "steps", "wall_time"])
   print("\nbest over learning rates per setting:")
-  _print_table([{"setting": g, **_summary_row(n, s)} for g, (n, s) in best.items()],
-               ["setting", "run", "state_size", "eval_accuracy"])
+  _print_table(
+    [{"setting": g, **_summary_row(n, s)} for g, (n, s) in best.items()],
+    ["setting", "run", "state_size", "eval_accuracy"],
+  )
   result = {g: {"run": n, **s} for g, (n, s) in best.items()}
   (pathlib.Path(args.workdir) / "best.json").write_text(json.dumps(result, indent=2))
 
@@ -102,13 +115,16 @@ def cmd_demo(args, extra):
   """A few mixers on MQAR (L=64, 4 pairs) on the CPU in a few minutes, then a table."""
   from attnzoo.mixers import MIXERS
   from attnzoo.train.trainer import train
+
   root = pathlib.Path(args.workdir)
   rows = []
   for name in {n for m in args.mixers for n in m.split("+")} - set(MIXERS):
     raise ConfigError(f"unknown mixer {name!r}; registered: {', '.join(sorted(MIXERS))}")
   for mixer in (*DEMO_MIXERS, *args.mixers):
-    spec = (f"configs/mqar.py:mixer={mixer},d_model=64,num_layers=2,seq_len=64,num_kv_pairs=4,"
-            f"train_examples=20000,num_steps={args.steps}")
+    spec = (
+      f"configs/mqar.py:mixer={mixer},d_model=64,num_layers=2,seq_len=64,num_kv_pairs=4,"
+      f"train_examples=20000,num_steps={args.steps}"
+    )
     if mixer == "sliding_window":
       spec += ",window=16"
     config = _config_with_overrides(str(_repo_file(spec)), [])
@@ -166,6 +182,7 @@ def main(argv=None):
     return 2
   except RuntimeError as e:  # TrainingError and friends
     from attnzoo.train.trainer import TrainingError
+
     if not isinstance(e, TrainingError) or os.environ.get("ATTNZOO_DEBUG"):
       raise
     print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ list of that file's common knobs (`configs/mqar.py:mixer=based,d_model=128`); ev
 also be overridden with `--config.a.b=value`. Unknown keys and values of the wrong type are
 errors that name the key.
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,7 +46,7 @@ def set_typed(config: ml_collections.ConfigDict, path: str, value):
   node = config
   for i, part in enumerate(parents):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
+      raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r}")
     node = node[part]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     raise ConfigError(f"unknown config key {path!r}")
@@ -74,8 +75,11 @@ def mixer_defaults(mixers: str) -> ml_collections.ConfigDict:
   for name in names:
     if name not in MIXERS:
       raise ConfigError(f"unknown mixer {name!r}; registered: {', '.join(sorted(MIXERS))}")
-    per_mixer[name] = {f.name: f.default for f in dataclasses.fields(MIXERS[name])
-                       if f.name not in shared and f.default is not dataclasses.MISSING}
+    per_mixer[name] = {
+      f.name: f.default
+      for f in dataclasses.fields(MIXERS[name])
+      if f.name not in shared and f.default is not dataclasses.MISSING
+    }
   if len(names) == 1:
     return ml_collections.ConfigDict(per_mixer[names[0]])
   return ml_collections.ConfigDict(per_mixer)

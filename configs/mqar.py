@@ -7,6 +7,7 @@ num_steps, seed, state_mixer, dtype, train_examples, and any option of the mixer
 tested on it; without them it trains on Zoology's mix of lengths and is tested on each and on
 longer contexts.
 """
+
 import ml_collections
 
 from attnzoo.config import ConfigError, mixer_defaults, parse_arg, set_typed
@@ -14,13 +15,22 @@ from attnzoo.mixers import MIXERS
 
 # (seq_len, num_kv_pairs, num_examples, batch_size)
 DEFAULT_TRAIN = ((64, 4, 100_000, 64), (128, 8, 20_000, 64), (256, 16, 20_000, 64))
-DEFAULT_TEST = ((64, 4, 1_000, 250), (128, 8, 1_000, 250), (256, 16, 1_000, 250),
-                (512, 64, 1_000, 125))
+DEFAULT_TEST = (
+  (64, 4, 1_000, 250),
+  (128, 8, 1_000, 250),
+  (256, 16, 1_000, 250),
+  (512, 64, 1_000, 125),
+)
 
 KNOBS = {
-    "mixer": "model.mixer", "d_model": "model.d_model", "num_layers": "model.num_layers",
-    "state_mixer": "model.state_mixer", "lr": "train.lr", "num_steps": "train.num_steps",
-    "seed": "seed", "dtype": "train.compute_dtype",
+  "mixer": "model.mixer",
+  "d_model": "model.d_model",
+  "num_layers": "model.num_layers",
+  "state_mixer": "model.state_mixer",
+  "lr": "train.lr",
+  "num_steps": "train.num_steps",
+  "seed": "seed",
+  "dtype": "train.compute_dtype",
 }
 
 
@@ -28,8 +38,11 @@ def needs_positions(mixers: str) -> bool:
   """Every softmax-family mixer gets a position encoding: learned positions (Zoology's choice
   for attention) unless the mixer rotates its own (RoPE on by default). Otherwise comparisons
   of gated and plain softmax attention would be confounded with position-free attention."""
-  softmax = [MIXERS[n.strip()] for n in mixers.split("+")
-             if n.strip() in MIXERS and issubclass(MIXERS[n.strip()], MIXERS["attention"])]
+  softmax = [
+    MIXERS[n.strip()]
+    for n in mixers.split("+")
+    if n.strip() in MIXERS and issubclass(MIXERS[n.strip()], MIXERS["attention"])
+  ]
   return any(not cls.rope for cls in softmax)
 
 
@@ -47,28 +60,58 @@ def get_config(arg=None):
   if (seq_len is None) != (num_kv_pairs is None):
     raise ConfigError("give both seq_len and num_kv_pairs, or neither")
   if seq_len is None:
-    train = tuple((L, K, n if L != 64 else train_examples, batch_size)
-                  for L, K, n, _ in DEFAULT_TRAIN)
+    train = tuple(
+      (L, K, n if L != 64 else train_examples, batch_size) for L, K, n, _ in DEFAULT_TRAIN
+    )
     test = DEFAULT_TEST
   else:
     train = ((seq_len, num_kv_pairs, train_examples, batch_size),)
     test = ((seq_len, num_kv_pairs, 1_000, 250),)
-  c.data = ml_collections.ConfigDict(dict(
-      vocab_size=8192, power_a=0.01, random_non_queries=True,
-      train_segments=train, test_segments=test))
+  c.data = ml_collections.ConfigDict(
+    dict(
+      vocab_size=8192,
+      power_a=0.01,
+      random_non_queries=True,
+      train_segments=train,
+      test_segments=test,
+    )
+  )
 
-  c.model = ml_collections.ConfigDict(dict(
-      mixer=mixer, mixer_kwargs=mixer_defaults(mixer), d_model=64, num_layers=2,
-      state_mixer="identity", mlp_ratio=4.0, norm="layernorm",
+  c.model = ml_collections.ConfigDict(
+    dict(
+      mixer=mixer,
+      mixer_kwargs=mixer_defaults(mixer),
+      d_model=64,
+      num_layers=2,
+      state_mixer="identity",
+      mlp_ratio=4.0,
+      norm="layernorm",
       position_embedding="learned" if needs_positions(mixer) else "none",
       max_positions=max(L for L, *_ in train + test),
-      embedding_dropout=0.0, residual_dropout=0.0))
+      embedding_dropout=0.0,
+      residual_dropout=0.0,
+    )
+  )
 
-  c.train = ml_collections.ConfigDict(dict(
-      num_steps=6_000, lr=3e-3, warmup_steps=300, min_lr_ratio=0.0, weight_decay=0.1,
-      decay_all_params=False, b1=0.9, b2=0.98, grad_clip=1.0,
-      compute_dtype="auto", log_every=50, eval_every=250, checkpoint_every=500,
-      early_stop_at=0.99, max_checkpoints=2))
+  c.train = ml_collections.ConfigDict(
+    dict(
+      num_steps=6_000,
+      lr=3e-3,
+      warmup_steps=300,
+      min_lr_ratio=0.0,
+      weight_decay=0.1,
+      decay_all_params=False,
+      b1=0.9,
+      b2=0.98,
+      grad_clip=1.0,
+      compute_dtype="auto",
+      log_every=50,
+      eval_every=250,
+      checkpoint_every=500,
+      early_stop_at=0.99,
+      max_checkpoints=2,
+    )
+  )
 
   for key, value in knobs.items():
     if key in KNOBS:
@@ -78,7 +121,9 @@ def get_config(arg=None):
     elif "+" not in mixer and key in c.model.mixer_kwargs:
       set_typed(c, f"model.mixer_kwargs.{key}", value)
     else:
-      raise ConfigError(f"unknown knob {key!r} in configs/mqar.py argument; knobs: "
-                        f"{', '.join(sorted([*KNOBS, 'seq_len', 'num_kv_pairs', 'batch_size', 'train_examples', 'num_heads']))}"
-                        " or an option of the mixer")
+      knobs = sorted([*KNOBS, "seq_len", "num_kv_pairs", "batch_size", "train_examples"])
+      raise ConfigError(
+        f"unknown knob {key!r} in configs/mqar.py argument; knobs: {', '.join(knobs)}, "
+        "num_heads or an option of the mixer"
+      )
   return c

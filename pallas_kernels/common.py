@@ -4,6 +4,7 @@ sequential kernel's loop over chunks (GPU: inside the kernel; TPU: along the gri
 
 A sequential kernel takes `loop` and calls `loop(body, n_chunks, init_ref, final_ref)`, with
 `body(i, carry) -> carry` handling chunk i of its blocks (n_chunks = 1 on TPU)."""
+
 from __future__ import annotations
 
 import functools
@@ -32,7 +33,7 @@ def canonical_segments(segment_ids):
 
 
 def resolve_platform(platform: str | None = None) -> str:
-  """"gpu" or "tpu": `platform` when given, else "tpu" if JAX's default backend is TPU."""
+  """ "gpu" or "tpu": `platform` when given, else "tpu" if JAX's default backend is TPU."""
   if platform is None:
     return "tpu" if jax.default_backend() == "tpu" else "gpu"
   if platform not in ("gpu", "tpu"):
@@ -46,8 +47,7 @@ def device_reason(kernels: str) -> str | None:
   delta-rule kernels' sublane gathers and per-position row sums before v5, AOT-checked on v4)."""
   backend = jax.default_backend()
   if backend not in ("gpu", "tpu"):
-    return (f"{kernels} run only on GPU (Triton) or TPU (Mosaic), not on {backend}; use "
-            "'interpret'")
+    return f"{kernels} run only on GPU (Triton) or TPU (Mosaic), not on {backend}; use 'interpret'"
   kind = jax.devices()[0].device_kind
   if backend == "tpu" and kind in ("TPU v2", "TPU v3", "TPU v4"):
     return f"{kernels} need TPU v5 or newer, got {kind}"
@@ -93,8 +93,21 @@ def _loop_over_grid(body, n_chunks, init_ref, final_ref, *, carry_ref, axis):
     final_ref[...] = carry_ref[...]
 
 
-def pallas_call(kernel, *, tpu, interpret, grid, in_specs, out_specs, out_shape, name,
-                carry=None, chunks=None, launch=(4, 2), aliases=None):
+def pallas_call(
+  kernel,
+  *,
+  tpu,
+  interpret,
+  grid,
+  in_specs,
+  out_specs,
+  out_shape,
+  name,
+  carry=None,
+  chunks=None,
+  launch=(4, 2),
+  aliases=None,
+):
   """pl.pallas_call in the platform's form, applied to nothing yet.
 
   carry: the float32 carry shape of a sequential kernel, which takes `loop` (module
@@ -110,8 +123,8 @@ def pallas_call(kernel, *, tpu, interpret, grid, in_specs, out_specs, out_shape,
 
       def kernel(*refs, **kw):
         *refs, carry_ref = refs
-        inner(*refs, **kw, loop=functools.partial(_loop_over_grid, carry_ref=carry_ref,
-                                                  axis=axis))
+        inner(*refs, **kw, loop=functools.partial(_loop_over_grid, carry_ref=carry_ref, axis=axis))
+
       kwargs["scratch_shapes"] = [pltpu.VMEM(carry, F32)]
       grid, semantics = grid + (chunks,), semantics + ("arbitrary",)
     kwargs["compiler_params"] = pltpu.CompilerParams(dimension_semantics=semantics)
@@ -123,8 +136,14 @@ def pallas_call(kernel, *, tpu, interpret, grid, in_specs, out_specs, out_shape,
     if interpret:
       kwargs["interpret"] = True
     else:
-      kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=launch[0],
-                                                          num_stages=launch[1])
-  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, name=name, input_output_aliases=aliases or {},
-                        **kwargs)
+      kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=launch[0], num_stages=launch[1])
+  return pl.pallas_call(
+    kernel,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    name=name,
+    input_output_aliases=aliases or {},
+    **kwargs,
+  )

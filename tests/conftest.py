@@ -1,4 +1,5 @@
 """Shared test helpers: small configs and relative-error checks."""
+
 import pathlib
 
 import numpy as np
@@ -15,13 +16,20 @@ def relative_error(x, ref):
 def tiny_mqar_config(**overrides):
   """A seconds-long MQAR run: small vocab, short sequences, frequent logs/checkpoints."""
   from attnzoo.config import load_config_file, set_typed  # needs ml_collections
+
   config = load_config_file(
-      f"{REPO}/configs/mqar.py:mixer=attention,d_model=32,num_layers=2,seq_len=32,"
-      "num_kv_pairs=4,train_examples=2048,batch_size=32,num_steps=40")
-  for key, value in {"data.vocab_size": 256, "data.test_segments": ((32, 4, 64, 32),),
-                     "train.log_every": 5, "train.eval_every": 20,
-                     "train.checkpoint_every": 10, "train.warmup_steps": 5,
-                     **overrides}.items():
+    f"{REPO}/configs/mqar.py:mixer=attention,d_model=32,num_layers=2,seq_len=32,"
+    "num_kv_pairs=4,train_examples=2048,batch_size=32,num_steps=40"
+  )
+  for key, value in {
+    "data.vocab_size": 256,
+    "data.test_segments": ((32, 4, 64, 32),),
+    "train.log_every": 5,
+    "train.eval_every": 20,
+    "train.checkpoint_every": 10,
+    "train.warmup_steps": 5,
+    **overrides,
+  }.items():
     set_typed(config, key, value)
   return config
 

@@ -2,6 +2,7 @@
 imports flow down ops <- mixers <- models <- tasks <- train <- cli; a mixer module imports only
 `registry` and the plumbing module `layers` within mixers/; pallas_kernels/ imports nothing
 from attnzoo."""
+
 from __future__ import annotations
 
 import ast
@@ -34,7 +35,7 @@ def imports(source: str, module: str, is_package: bool) -> Iterator[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module
       if node.level:
-        package = module.split(".")[:len(module.split(".")) - node.level + is_package]
+        package = module.split(".")[: len(module.split(".")) - node.level + is_package]
         base = ".".join(package + ([node.module] if node.module else []))
       for alias in node.names:
         yield f"{base}.{alias.name}" if is_module(f"{base}.{alias.name}") else base
@@ -55,10 +56,11 @@ def violations(module: str, imported: list[str]) -> list[str]:
     mine, theirs = layer(module), layer(name)
     if mine and theirs and LAYERS.index(theirs) > LAYERS.index(mine):
       found.append(f"{module} imports {name}: {mine} never imports {theirs}")
-    if (mine == theirs == "mixers" and module != "attnzoo.mixers"
-        and name not in MIXER_PLUMBING):
-      found.append(f"{module} imports {name}: a mixer module imports only "
-                   f"{' and '.join(sorted(MIXER_PLUMBING))} within mixers/")
+    if mine == theirs == "mixers" and module != "attnzoo.mixers" and name not in MIXER_PLUMBING:
+      found.append(
+        f"{module} imports {name}: a mixer module imports only "
+        f"{' and '.join(sorted(MIXER_PLUMBING))} within mixers/"
+      )
   return found
 
 
@@ -73,13 +75,18 @@ def test_the_tree_follows_the_import_rules():
   assert [v for path in files for v in check(path)] == []
 
 
-@pytest.mark.parametrize("module,source,broken", [
+@pytest.mark.parametrize(
+  "module,source,broken",
+  [
     ("attnzoo.mixers.new", "from attnzoo.mixers.gla import GLA", True),
     ("attnzoo.mixers.new", "from .gla import GLA", True),
     ("attnzoo.mixers.new", "from attnzoo.mixers import MIXERS", True),
     ("attnzoo.mixers.new", "from attnzoo.mixers import layers, registry", False),
-    ("attnzoo.mixers.new", "from attnzoo.mixers.layers import ShortConv\n"
-                           "from attnzoo.ops import softmax_attention", False),
+    (
+      "attnzoo.mixers.new",
+      "from attnzoo.mixers.layers import ShortConv\nfrom attnzoo.ops import softmax_attention",
+      False,
+    ),
     ("attnzoo.mixers", "from attnzoo.mixers import gla", False),
     ("attnzoo.ops.new", "def f():\n  from attnzoo.mixers.layers import ShortConv", True),
     ("attnzoo.mixers.new", "import attnzoo.models.lm", True),
@@ -89,6 +96,7 @@ def test_the_tree_follows_the_import_rules():
     ("attnzoo.train.new", "from attnzoo.models import lm", False),
     ("pallas_kernels.new", "from attnzoo.ops.segments import EMPTY", True),
     ("pallas_kernels.new", "from pallas_kernels.common import EMPTY", False),
-])
+  ],
+)
 def test_the_rules_catch_violations(module, source, broken):
   assert bool(violations(module, list(imports(source, module, False)))) == broken

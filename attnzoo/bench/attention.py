@@ -16,6 +16,7 @@ causal and full 4x4096 and 1x16384 and the 1024-window at 16384 (cuDNN alongside
 in parallel threads, and writes the table and the best defaults it implies to
 attention_<device>_sweep.{md,json}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,12 +76,28 @@ def _impl_fn(impl, *, scale, causal, window, segments, tuning=None, hopper=None)
   if impl == "pallas":
     if tuning is not None or hopper is not None:
       from pallas_kernels.flash_attention import flash_attention
-      return lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal,
-                                             window=window, segment_ids=segments,
-                                             tuning=tuning, hopper=hopper)
-    return lambda q, k, v: softmax_attention(q, k, v, scale=scale, causal=causal,
-                                             window=window, segment_ids=segments,
-                                             implementation="pallas")
+
+      return lambda q, k, v: flash_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        causal=causal,
+        window=window,
+        segment_ids=segments,
+        tuning=tuning,
+        hopper=hopper,
+      )
+    return lambda q, k, v: softmax_attention(
+      q,
+      k,
+      v,
+      scale=scale,
+      causal=causal,
+      window=window,
+      segment_ids=segments,
+      implementation="pallas",
+    )
   if impl in ("cudnn", "xla"):
     if segments is not None and impl == "cudnn":
       raise NotImplementedError("jax.nn's cuDNN path has no segment ids")
@@ -90,8 +107,16 @@ def _impl_fn(impl, *, scale, causal, window, segments, tuning=None, hopper=None)
       if segments is not None:  # built inside the jit: no T x T constant
         mask = segments[:, None, :, None] == segments[:, None, None, :]
       return jax.nn.dot_product_attention(
-          q, k, v, scale=scale, is_causal=causal, mask=mask, local_window_size=window,
-          implementation=impl if impl == "cudnn" else None)
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=causal,
+        mask=mask,
+        local_window_size=window,
+        implementation=impl if impl == "cudnn" else None,
+      )
+
     return f
   if impl == "mha":
     if window is not None:
@@ -99,21 +124,24 @@ def _impl_fn(impl, *, scale, causal, window, segments, tuning=None, hopper=None)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       from jax.experimental.pallas.ops.gpu import attention as pallas_mha
-    return lambda q, k, v: pallas_mha.mha(q, k, v, segment_ids=segments, sm_scale=scale,
-                                          causal=causal)
+    return lambda q, k, v: pallas_mha.mha(
+      q, k, v, segment_ids=segments, sm_scale=scale, causal=causal
+    )
   raise ValueError(impl)
 
 
 def _measure(impl, q, k, v, do, *, causal, window, segments, mode, tuning=None, hopper=None):
   scale = 1.0 / math.sqrt(q.shape[-1])
-  f = _impl_fn(impl, scale=scale, causal=causal, window=window, segments=segments,
-               tuning=tuning, hopper=hopper)
+  f = _impl_fn(
+    impl, scale=scale, causal=causal, window=window, segments=segments, tuning=tuning, hopper=hopper
+  )
   if mode == "fwd":
     g = jax.jit(f)
     return _time(g, q, k, v), g(q, k, v)
 
   def loss(q, k, v, do):
     return jnp.sum(f(q, k, v).astype(jnp.float32) * do)
+
   g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   return _time(g, q, k, v, do), None
 
@@ -129,8 +157,11 @@ def _cases(quick):
   out = []
   for b, t in shapes:
     for causal in (True, False):
-      out.append(dict(name=f"{'causal' if causal else 'full'}", B=b, T=t, causal=causal,
-                      window=None, docs=None))
+      out.append(
+        dict(
+          name=f"{'causal' if causal else 'full'}", B=b, T=t, causal=causal, window=None, docs=None
+        )
+      )
     if t >= 2048 and b == 1:
       out.append(dict(name="window1024", B=1, T=t, causal=True, window=(1024, 0), docs=None))
       out.append(dict(name="packed16docs", B=1, T=t, causal=True, window=None, docs=16))
@@ -147,8 +178,9 @@ def run(args, rows, save):
   for case in _cases(args.quick):
     b, t = case["B"], case["T"]
     ks = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (jax.random.normal(kk, (b, t, heads, dim), jnp.float32).astype(jnp.bfloat16)
-                   for kk in ks)
+    q, k, v, do = (
+      jax.random.normal(kk, (b, t, heads, dim), jnp.float32).astype(jnp.bfloat16) for kk in ks
+    )
     do = do.astype(jnp.float32)
     segments = _packed_segments(b, t, case["docs"]) if case["docs"] else None
     pairs = _visible_pairs(t, causal=case["causal"], window=case["window"], segments=segments)
@@ -156,14 +188,33 @@ def run(args, rows, save):
       flops = 4 * b * heads * pairs * dim * (3.5 if mode == "fwdbwd" else 1)
       outs = {}
       for impl in args.impls:
-        row = dict(case=case["name"], B=b, T=t, H=heads, D=dim, dtype="bfloat16", mode=mode,
-                   impl=impl, causal=case["causal"], window=case["window"],
-                   docs=case["docs"])
+        row = dict(
+          case=case["name"],
+          B=b,
+          T=t,
+          H=heads,
+          D=dim,
+          dtype="bfloat16",
+          mode=mode,
+          impl=impl,
+          causal=case["causal"],
+          window=case["window"],
+          docs=case["docs"],
+        )
         try:
-          s, o = _measure(impl, q, k, v, do, causal=case["causal"], window=case["window"],
-                          segments=segments, mode=mode,
-                          tuning=args.tuning if impl == "pallas" else None,
-                          hopper=HOPPER_MODES[args.hopper] if impl == "pallas" else None)
+          s, o = _measure(
+            impl,
+            q,
+            k,
+            v,
+            do,
+            causal=case["causal"],
+            window=case["window"],
+            segments=segments,
+            mode=mode,
+            tuning=args.tuning if impl == "pallas" else None,
+            hopper=HOPPER_MODES[args.hopper] if impl == "pallas" else None,
+          )
           row.update(ms=s * 1e3, tflops=flops / s / 1e12)
           if o is not None:
             outs[impl] = o
@@ -176,24 +227,48 @@ def run(args, rows, save):
         save()
       base = outs.get("xla", outs.get("cudnn"))
       if base is not None:
-        for r in rows[-len(args.impls):]:
+        for r in rows[-len(args.impls) :]:
           if r["impl"] in ("pallas", "hopper") and r["impl"] in outs:
             r["relerr_vs_" + ("xla" if "xla" in outs else "cudnn")] = _rel(outs[r["impl"]], base)
   return rows
 
 
 FWD_CANDIDATES = [
-    dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
-    dict(block_q=128, block_k=128, num_warps=8, num_stages=3),
-    dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
+  dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
+  dict(block_q=128, block_k=128, num_warps=8, num_stages=3),
+  dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
 ]
 BWD_CANDIDATES = [
-    dict(block_q_dq=128, block_k_dq=64, num_warps_dq=8, num_stages_dq=2,
-         block_q_dkv=64, block_k_dkv=128, num_warps_dkv=8, num_stages_dkv=2),
-    dict(block_q_dq=64, block_k_dq=64, num_warps_dq=4, num_stages_dq=2,
-         block_q_dkv=64, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=2),
-    dict(block_q_dq=128, block_k_dq=32, num_warps_dq=4, num_stages_dq=3,
-         block_q_dkv=32, block_k_dkv=128, num_warps_dkv=4, num_stages_dkv=3),
+  dict(
+    block_q_dq=128,
+    block_k_dq=64,
+    num_warps_dq=8,
+    num_stages_dq=2,
+    block_q_dkv=64,
+    block_k_dkv=128,
+    num_warps_dkv=8,
+    num_stages_dkv=2,
+  ),
+  dict(
+    block_q_dq=64,
+    block_k_dq=64,
+    num_warps_dq=4,
+    num_stages_dq=2,
+    block_q_dkv=64,
+    block_k_dkv=64,
+    num_warps_dkv=4,
+    num_stages_dkv=2,
+  ),
+  dict(
+    block_q_dq=128,
+    block_k_dq=32,
+    num_warps_dq=4,
+    num_stages_dq=3,
+    block_q_dkv=32,
+    block_k_dkv=128,
+    num_warps_dkv=4,
+    num_stages_dkv=3,
+  ),
 ]
 
 
@@ -204,11 +279,13 @@ def tune(args, rows, save):
   best forward. Every measurement is kept in the results (rows with "sweep": true).
   """
   from pallas_kernels.flash_attention import Tuning
+
   heads, dim = 16, 128
   b, t = (4, 4096) if not args.quick else (1, 2048)
   ks = jax.random.split(jax.random.key(0), 4)
-  q, k, v, do = (jax.random.normal(kk, (b, t, heads, dim), jnp.float32).astype(jnp.bfloat16)
-                 for kk in ks)
+  q, k, v, do = (
+    jax.random.normal(kk, (b, t, heads, dim), jnp.float32).astype(jnp.bfloat16) for kk in ks
+  )
   do = do.astype(jnp.float32)
   best = {}
   for mode, candidates in (("fwd", FWD_CANDIDATES), ("fwdbwd", BWD_CANDIDATES)):
@@ -218,8 +295,18 @@ def tune(args, rows, save):
       blocks = {**best, **c}
       row = dict(sweep=True, B=b, T=t, mode=mode, causal=True, blocks=blocks)
       try:
-        sec, _ = _measure("pallas", q, k, v, do, causal=True, window=None, segments=None,
-                          mode=mode, tuning=Tuning(**blocks))
+        sec, _ = _measure(
+          "pallas",
+          q,
+          k,
+          v,
+          do,
+          causal=True,
+          window=None,
+          segments=None,
+          mode=mode,
+          tuning=Tuning(**blocks),
+        )
         row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
         timed.append((sec, c))
       except Exception as e:
@@ -235,23 +322,25 @@ def tune(args, rows, save):
 
 # Forward candidates for --sweep: Tuning fields (the backward keeps its defaults).
 SWEEP_FWD = [
-    dict(block_q=128, block_k=128, num_warps=8, num_stages=3),  # default
-    dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
-    dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
-    dict(block_q=128, block_k=64, num_warps=8, num_stages=4),
-    dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
-    dict(block_q=128, block_k=64, num_warps=4, num_stages=2),
-    dict(block_q=128, block_k=32, num_warps=4, num_stages=3),
-    dict(block_q=64, block_k=64, num_warps=4, num_stages=3),  # default for local windows
-    dict(block_q=64, block_k=64, num_warps=4, num_stages=2),
-    dict(block_q=64, block_k=128, num_warps=4, num_stages=2),
-    dict(block_q=128, block_k=128, num_warps=8, num_stages=3, head_group=1),
-    dict(block_q=128, block_k=128, num_warps=8, num_stages=3, head_group=16),
+  dict(block_q=128, block_k=128, num_warps=8, num_stages=3),  # default
+  dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
+  dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
+  dict(block_q=128, block_k=64, num_warps=8, num_stages=4),
+  dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
+  dict(block_q=128, block_k=64, num_warps=4, num_stages=2),
+  dict(block_q=128, block_k=32, num_warps=4, num_stages=3),
+  dict(block_q=64, block_k=64, num_warps=4, num_stages=3),  # default for local windows
+  dict(block_q=64, block_k=64, num_warps=4, num_stages=2),
+  dict(block_q=64, block_k=128, num_warps=4, num_stages=2),
+  dict(block_q=128, block_k=128, num_warps=8, num_stages=3, head_group=1),
+  dict(block_q=128, block_k=128, num_warps=8, num_stages=3, head_group=16),
 ]
 SWEEP_CASES = [  # (name, B, T, causal, window)
-    ("causal", 4, 4096, True, None), ("causal", 1, 16384, True, None),
-    ("full", 4, 4096, False, None), ("full", 1, 16384, False, None),
-    ("window1024", 1, 16384, True, (1024, 0)),
+  ("causal", 4, 4096, True, None),
+  ("causal", 1, 16384, True, None),
+  ("full", 4, 4096, False, None),
+  ("full", 1, 16384, False, None),
+  ("window1024", 1, 16384, True, (1024, 0)),
 ]
 QUICK_SWEEP_CASES = [("causal", 1, 2048, True, None), ("window256", 1, 2048, True, (256, 0))]
 
@@ -281,6 +370,7 @@ def _compile_parallel(jobs, budget_s):
       return key, low.compile()
     except Exception as e:
       return key, e
+
   with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
     return dict(pool.map(compile_one, lowered))
 
@@ -291,21 +381,22 @@ def sweep(args, rows, save):
   Rows carry sweep="tiles" and the candidate's Tuning fields ("blocks") or ref="cudnn".
   """
   from pallas_kernels.flash_attention import Tuning
+
   heads, dim = 16, 128
   scale = 1.0 / math.sqrt(dim)
   cases = QUICK_SWEEP_CASES if args.quick else SWEEP_CASES
   inputs = {}
   for _, b, t, _, _ in cases:
     ks = jax.random.split(jax.random.key(0), 3)
-    inputs[b, t] = [jax.random.normal(kk, (b, t, heads, dim), jnp.float32)
-                    .astype(jnp.bfloat16) for kk in ks]
+    inputs[b, t] = [
+      jax.random.normal(kk, (b, t, heads, dim), jnp.float32).astype(jnp.bfloat16) for kk in ks
+    ]
   impls = [("cudnn", "cudnn", None)] if "cudnn" in args.impls else []
   impls += [(j, "pallas", Tuning(**c)) for j, c in enumerate(SWEEP_FWD)]
   jobs = {}  # candidate-major: a sweep cut short by the budget still has whole rows
   for j, impl, tuning in impls:
     for ci, (_, b, t, causal, window) in enumerate(cases):
-      fn = _impl_fn(impl, scale=scale, causal=causal, window=window, segments=None,
-                    tuning=tuning)
+      fn = _impl_fn(impl, scale=scale, causal=causal, window=window, segments=None, tuning=tuning)
       jobs[ci, j] = (fn, inputs[b, t])
   start = time.perf_counter()
   compiled = _compile_parallel(jobs, args.sweep_budget)
@@ -332,8 +423,7 @@ def sweep(args, rows, save):
 
 def _fwd_tiles(b):
   """The forward fields of a Tuning, as in SWEEP_FWD."""
-  return dict(block_q=b.block_q, block_k=b.block_k, num_warps=b.num_warps,
-              num_stages=b.num_stages)
+  return dict(block_q=b.block_q, block_k=b.block_k, num_warps=b.num_warps, num_stages=b.num_stages)
 
 
 def _blocks_label(c):
@@ -356,29 +446,39 @@ def sweep_markdown(rows, device):
     ref = ms.get((case, "cudnn"))
     ratio = f" ({ref / ms[case, k]:.2f}x)" if ref and k != "cudnn" else ""
     return f"{timed[case, k]['tflops']:.0f}{ratio}"
+
   label = lambda k: "cuDNN" if k == "cudnn" else _blocks_label(json.loads(k))
-  lines = [f"# Flash-attention forward tile sweep on {device}", "",
-           f"jax {jax.__version__}; bf16, H=16, D=128; `attnzoo bench attention --sweep`. "
-           "TFLOP/s as in attention_<device>.md, (in brackets: vs cuDNN). Candidates: "
-           "block_q x block_k, warps, stages, and head_group where not the default.", "",
-           "| candidate | " + " | ".join(f"{c} {b}x{t}" for c, b, t in cases) + " |",
-           "|---" * (len(cases) + 1) + "|"]
-  lines += [f"| {label(k)} | " + " | ".join(cell(c, k) for c in cases) + " |"
-            for k in cands + ["cudnn"]]
+  lines = [
+    f"# Flash-attention forward tile sweep on {device}",
+    "",
+    f"jax {jax.__version__}; bf16, H=16, D=128; `attnzoo bench attention --sweep`. "
+    "TFLOP/s as in attention_<device>.md, (in brackets: vs cuDNN). Candidates: "
+    "block_q x block_k, warps, stages, and head_group where not the default.",
+    "",
+    "| candidate | " + " | ".join(f"{c} {b}x{t}" for c, b, t in cases) + " |",
+    "|---" * (len(cases) + 1) + "|",
+  ]
+  lines += [
+    f"| {label(k)} | " + " | ".join(cell(c, k) for c in cases) + " |" for k in cands + ["cudnn"]
+  ]
   lines.append("")
   best = {}
   for case in cases:
     options = [k for k in cands if (case, k) in ms]
     if options:
       best[case] = min(options, key=lambda k: ms[case, k])
-      lines.append(f"- fastest on {case[0]} {case[1]}x{case[2]}: {label(best[case])} "
-                   f"({ms[case, best[case]]:.3f} ms)")
+      lines.append(
+        f"- fastest on {case[0]} {case[1]}x{case[2]}: {label(best[case])} "
+        f"({ms[case, best[case]]:.3f} ms)"
+      )
   # Suggested default: the candidate whose worst causal/full case (time over that case's best
   # time) is best. The window ratio compares the 16k causal time with it against the fastest
   # window candidate.
   from pallas_kernels.flash_attention import default_tuning
-  now, now_local = (json.dumps(_fwd_tiles(default_tuning(128, 2, local=local)))
-                    for local in (False, True))
+
+  now, now_local = (
+    json.dumps(_fwd_tiles(default_tuning(128, 2, local=local))) for local in (False, True)
+  )
   dense = [c for c in cases if not c[0].startswith("window") and c in best]
   complete = [k for k in cands if all((c, k) in ms for c in dense)]
   windows = [c for c in cases if c[0].startswith("window") and c in best]
@@ -386,8 +486,11 @@ def sweep_markdown(rows, device):
   def window_line(what, w, k_window, k_causal):
     causal = ("causal", w[1], w[2])
     if (causal, k_causal) in ms and (w, k_window) in ms:
-      lines.append(f"- {what}: {w[0]} {w[1]}x{w[2]} with {label(k_window)} vs causal with "
-                   f"{label(k_causal)}: {ms[causal, k_causal] / ms[w, k_window]:.2f}x faster")
+      lines.append(
+        f"- {what}: {w[0]} {w[1]}x{w[2]} with {label(k_window)} vs causal with "
+        f"{label(k_causal)}: {ms[causal, k_causal] / ms[w, k_window]:.2f}x faster"
+      )
+
   for w in windows:
     window_line("current defaults", w, now_local, now)
   if dense and complete:
@@ -395,38 +498,52 @@ def sweep_markdown(rows, device):
     lines.append(f"- suggested default (best worst case over causal/full): {label(default)}")
     for w in windows:
       window_line("suggested", w, best[w], default)
-  lines += [f"- failed: {label(key(r))} on {r['case']} {r['B']}x{r['T']}: {r['error']}"
-            for r in sw if "error" in r]
+  lines += [
+    f"- failed: {label(key(r))} on {r['case']} {r['B']}x{r['T']}: {r['error']}"
+    for r in sw
+    if "error" in r
+  ]
   return "\n".join(lines) + "\n"
 
 
 def to_markdown(rows, device):
-  lines = [f"# Softmax attention kernels on {device}", "",
-           f"jax {jax.__version__}; bf16, H=16, D=128; median of timed batches after warm-up. "
-           "TFLOP/s = 4*B*H*pairs*D (pairs = T^2/2 causal, T^2 full, exact visible pairs for "
-           "window / packed documents) x3.5 for fwd+bwd. Ratios: ours / anchor time inverse "
-           "(>1 means ours is faster).", "",
-           "| case | B x T | mode | ours ms | ours TFLOP/s | cuDNN TFLOP/s | XLA TFLOP/s | "
-           "Pallas mha TFLOP/s | vs cuDNN | vs XLA | vs mha |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# Softmax attention kernels on {device}",
+    "",
+    f"jax {jax.__version__}; bf16, H=16, D=128; median of timed batches after warm-up. "
+    "TFLOP/s = 4*B*H*pairs*D (pairs = T^2/2 causal, T^2 full, exact visible pairs for "
+    "window / packed documents) x3.5 for fwd+bwd. Ratios: ours / anchor time inverse "
+    "(>1 means ours is faster).",
+    "",
+    "| case | B x T | mode | ours ms | ours TFLOP/s | cuDNN TFLOP/s | XLA TFLOP/s | "
+    "Pallas mha TFLOP/s | vs cuDNN | vs XLA | vs mha |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   main = [r for r in rows if "impl" in r]
   hop = any(r["impl"] == "hopper" for r in main)
   if hop:  # --hopper both: "ours" is the Triton forward; the Hopper forward gets columns
-    lines[-2] += (" with Hopper fwd: ms | TFLOP/s | vs cuDNN | vs mha |")
+    lines[-2] += " with Hopper fwd: ms | TFLOP/s | vs cuDNN | vs mha |"
     lines[-1] += "---|---|---|---|"
   tuned = [r["tuned"] for r in rows if "tuned" in r]
   earlier = sorted({r["impl"] for r in rows if r.get("earlier_run")})
   if earlier:
-    lines[3:3] = [f"Columns measured in an earlier run on the same device (same code paths, "
-                  f"not re-measured to save device time): {', '.join(earlier)}.", ""]
+    lines[3:3] = [
+      f"Columns measured in an earlier run on the same device (same code paths, "
+      f"not re-measured to save device time): {', '.join(earlier)}.",
+      "",
+    ]
   if tuned:
     lines[3:3] = [f"Kernel block sizes (chosen by --tune in this run): `{tuned[0]}`", ""]
   else:
     from pallas_kernels.flash_attention import default_tuning
+
     fwd = lambda **kw: _blocks_label(_fwd_tiles(default_tuning(128, 2, **kw)))
-    lines[3:3] = [f"Kernel forward tiles (defaults for bf16, D=128): causal {fwd()}; "
-                  f"non-causal {fwd(causal=False)}; sliding windows {fwd(local=True)} "
-                  "(block_q x block_k, warps, stages).", ""]
+    lines[3:3] = [
+      f"Kernel forward tiles (defaults for bf16, D=128): causal {fwd()}; "
+      f"non-causal {fwd(causal=False)}; sliding windows {fwd(local=True)} "
+      "(block_q x block_k, warps, stages).",
+      "",
+    ]
   keys = []
   for r in main:
     key = (r["case"], r["B"], r["T"], r["mode"])
@@ -445,10 +562,13 @@ def to_markdown(rows, device):
       if "ms" in r and "ms" in ours:
         return f"{r['ms'] / ours['ms']:.2f}x"
       return "—"
+
     ms = f"{ours['ms']:.3f}" if "ms" in ours else "error"
-    line = (f"| {key[0]} | {key[1]}x{key[2]} | {key[3]} | {ms} | {tf('pallas')} | "
-            f"{tf('cudnn')} | {tf('xla')} | {tf('mha')} | {ratio('cudnn')} | "
-            f"{ratio('xla')} | {ratio('mha')} |")
+    line = (
+      f"| {key[0]} | {key[1]}x{key[2]} | {key[3]} | {ms} | {tf('pallas')} | "
+      f"{tf('cudnn')} | {tf('xla')} | {tf('mha')} | {ratio('cudnn')} | "
+      f"{ratio('xla')} | {ratio('mha')} |"
+    )
     if hop:
       h = by.get("hopper", {})
       line += (f" {h['ms']:.3f} |" if "ms" in h else " — |") + f" {tf('hopper')} |"
@@ -456,45 +576,72 @@ def to_markdown(rows, device):
         a = by.get(anchor, {})
         line += f" {a['ms'] / h['ms']:.2f}x |" if "ms" in h and "ms" in a else " — |"
     lines.append(line)
+
   def ours_ms(case, t, mode):
     for r in main:
       if (r["impl"], r["case"], r["T"], r["mode"]) == ("pallas", case, t, mode) and "ms" in r:
         return r["ms"]
+
   for mode in ("fwd", "fwdbwd"):
     full, win = ours_ms("causal", 16384, mode), ours_ms("window1024", 16384, mode)
     if full and win:
-      lines.append(f"\nSliding window 1024 vs full causal at T=16384, {mode}: "
-                   f"{full / win:.2f}x faster (ideal ~{16384 / 2 / 1024:.0f}x from work).")
+      lines.append(
+        f"\nSliding window 1024 vs full causal at T=16384, {mode}: "
+        f"{full / win:.2f}x faster (ideal ~{16384 / 2 / 1024:.0f}x from work)."
+      )
   errors = [r for r in main if "error" in r]
   if errors:
     lines += ["", "Implementations that could not run a case:", ""]
-    lines += [f"- {r['impl']} {r['case']} {r['B']}x{r['T']} {r['mode']}: {r['error']}"
-              for r in errors]
+    lines += [
+      f"- {r['impl']} {r['case']} {r['B']}x{r['T']} {r['mode']}: {r['error']}" for r in errors
+    ]
   sw = [r for r in rows if r.get("sweep")]
   if sw:
-    lines += ["", "Block-size candidates (causal, bwd candidates on top of the best fwd):", "", "| B x T | mode | blocks | ms | TFLOP/s |",
-              "|---|---|---|---|---|"]
+    lines += [
+      "",
+      "Block-size candidates (causal, bwd candidates on top of the best fwd):",
+      "",
+      "| B x T | mode | blocks | ms | TFLOP/s |",
+      "|---|---|---|---|---|",
+    ]
     for r in sw:
-      lines.append(f"| {r['B']}x{r['T']} | {r['mode']} | {r['blocks']} | "
-                   f"{r.get('ms', float('nan')):.3f} | {r.get('tflops', float('nan')):.0f} |")
+      lines.append(
+        f"| {r['B']}x{r['T']} | {r['mode']} | {r['blocks']} | "
+        f"{r.get('ms', float('nan')):.3f} | {r.get('tflops', float('nan')):.0f} |"
+      )
   return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(prog="attnzoo bench attention", description=__doc__)
   p.add_argument("--out-dir", default=os.path.join("experiments", "results", "kernels"))
-  p.add_argument("--impls", default=",".join(IMPLS),
-                 help="comma-separated subset of " + ",".join(IMPLS))
+  p.add_argument(
+    "--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS)
+  )
   p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
-  p.add_argument("--tune", action="store_true",
-                 help="time block-size candidates first and run the table with the best")
-  p.add_argument("--sweep", action="store_true",
-                 help="only time the forward tile candidates (SWEEP_FWD), to *_sweep.{md,json}")
-  p.add_argument("--sweep-budget", type=float, default=240,
-                 help="seconds after which --sweep starts no more compiles")
-  p.add_argument("--hopper", choices=tuple(HOPPER_MODES), default="auto",
-                 help="the kernel's forward: auto (Hopper on sm90 where supported), on, off "
-                 "(Triton), both (Triton as 'pallas' plus the Hopper forward as 'hopper')")
+  p.add_argument(
+    "--tune",
+    action="store_true",
+    help="time block-size candidates first and run the table with the best",
+  )
+  p.add_argument(
+    "--sweep",
+    action="store_true",
+    help="only time the forward tile candidates (SWEEP_FWD), to *_sweep.{md,json}",
+  )
+  p.add_argument(
+    "--sweep-budget",
+    type=float,
+    default=240,
+    help="seconds after which --sweep starts no more compiles",
+  )
+  p.add_argument(
+    "--hopper",
+    choices=tuple(HOPPER_MODES),
+    default="auto",
+    help="the kernel's forward: auto (Hopper on sm90 where supported), on, off "
+    "(Triton), both (Triton as 'pallas' plus the Hopper forward as 'hopper')",
+  )
   p.add_argument("--verbose", action="store_true")
   args = p.parse_args(argv)
   args.impls = tuple(args.impls.split(","))

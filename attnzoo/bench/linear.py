@@ -11,6 +11,7 @@ FLOPs = B*H*T*(2cK + 2cV + 4KV), c = 64, x3 for forward+backward (fla's conventi
 Peak memory of forward+backward (XLA's compiled buffer assignment: arguments + outputs +
 temporaries) at T = 16k and 64k. Writes experiments/results/kernels/linear_<device>.{md,json}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,14 @@ FLA_FOR = {"scalar": "simple_gla", "vector": "gla", "delta_rule": "gated_delta_r
 # fla 0.6.0 on one H200 (PyTorch 2.11, Triton 3.6), 2026-11-29 (shared/anchors): used only when
 # fla cannot be run in this session; marked "recorded" in the table.
 FLA_RECORDED = {
-    ("simple_gla", "fwd", 4, 4096): 0.2913, ("simple_gla", "fwd", 1, 16384): 0.6788,
-    ("gla", "fwd", 4, 4096): 0.7216, ("gla", "fwd", 1, 16384): 0.8818,
-    ("gla", "fwdbwd", 4, 4096): 2.9980, ("gla", "fwdbwd", 1, 16384): 3.56,
-    ("gated_delta_rule", "fwd", 4, 4096): 0.5097, ("gated_delta_rule", "fwd", 1, 16384): 1.07,
+  ("simple_gla", "fwd", 4, 4096): 0.2913,
+  ("simple_gla", "fwd", 1, 16384): 0.6788,
+  ("gla", "fwd", 4, 4096): 0.7216,
+  ("gla", "fwd", 1, 16384): 0.8818,
+  ("gla", "fwdbwd", 4, 4096): 2.9980,
+  ("gla", "fwdbwd", 1, 16384): 3.56,
+  ("gated_delta_rule", "fwd", 4, 4096): 0.5097,
+  ("gated_delta_rule", "fwd", 1, 16384): 1.07,
 }
 
 
@@ -44,28 +49,30 @@ def flops(b, t, h, k, v, bwd, chunk=64):
 
 # ----------------------------------------------------------------------------- fla (torch) side
 
+
 def fla_worker(out_path, shapes):
   """Runs in its own process: times fla's kernels with triton.testing.do_bench."""
-  import torch
-  import triton
   import fla.ops.gated_delta_rule as gdr
   import fla.ops.gla as gla
   import fla.ops.simple_gla as sg
+  import torch
+  import triton
+
   rows = []
   dev, dt = "cuda", torch.bfloat16
-  for (b, t, h, d) in shapes:
+  for b, t, h, d in shapes:
     for name in ("simple_gla", "gla", "gated_delta_rule"):
       for bwd in (False, True):
         mode = "fwdbwd" if bwd else "fwd"
         row = dict(impl="fla", op=name, mode=mode, shape=[b, t, h, d])
         try:
           torch.manual_seed(0)
-          q = (torch.randn(b, t, h, d, device=dev, dtype=dt) * d ** -0.5).requires_grad_()
-          k = (torch.randn(b, t, h, d, device=dev, dtype=dt) * d ** -0.5).requires_grad_()
+          q = (torch.randn(b, t, h, d, device=dev, dtype=dt) * d**-0.5).requires_grad_()
+          k = (torch.randn(b, t, h, d, device=dev, dtype=dt) * d**-0.5).requires_grad_()
           v = torch.randn(b, t, h, d, device=dev, dtype=dt).requires_grad_()
           do = torch.randn(b, t, h, d, device=dev, dtype=dt)
           if name == "simple_gla":
-            g = (-torch.nn.functional.softplus(torch.randn(b, t, h, device=dev)) * 0.1)
+            g = -torch.nn.functional.softplus(torch.randn(b, t, h, device=dev)) * 0.1
             g.requires_grad_()
             call, inputs = (lambda: sg.chunk_simple_gla(q, k, v, g=g)[0]), (q, k, v, g)
           elif name == "gla":
@@ -81,9 +88,11 @@ def fla_worker(out_path, shapes):
           if bwd:
             fn = lambda: torch.autograd.grad(call(), inputs, do)
           else:
+
             def fn():
               with torch.no_grad():
                 call()
+
           t0 = time.perf_counter()
           fn()
           torch.cuda.synchronize()
@@ -103,13 +112,21 @@ def run_fla(shapes, timeout):
     print("fla: torch or fla not importable; using the recorded fla numbers", flush=True)
     return []
   path = os.path.join(tempfile.mkdtemp(), "fla.json")
-  cmd = [sys.executable, "-m", "attnzoo.bench.linear", "--fla-worker", path,
-         "--shapes", ";".join(",".join(map(str, s)) for s in shapes)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "attnzoo.bench.linear",
+    "--fla-worker",
+    path,
+    "--shapes",
+    ";".join(",".join(map(str, s)) for s in shapes),
+  ]
   try:
     subprocess.run(cmd, timeout=timeout, check=False)
   except subprocess.TimeoutExpired:
-    print(f"fla: worker stopped after {timeout} s (autotuning); keeping what it measured",
-          flush=True)
+    print(
+      f"fla: worker stopped after {timeout} s (autotuning); keeping what it measured", flush=True
+    )
   return load_fla(path)
 
 
@@ -118,8 +135,10 @@ def load_fla(path):
     return []
   with open(path) as f:
     data = json.load(f)
-  return [dict(r, versions=f"torch {data.get('torch')}, triton {data.get('triton')}")
-          for r in data["rows"]]
+  return [
+    dict(r, versions=f"torch {data.get('torch')}, triton {data.get('triton')}")
+    for r in data["rows"]
+  ]
 
 
 # ----------------------------------------------------------------------------- JAX side
@@ -128,12 +147,13 @@ def load_fla(path):
 def _inputs(variant, b, t, h, d, seed=0):
   import jax
   import jax.numpy as jnp
+
   ks = jax.random.split(jax.random.key(seed), 6)
   bf = jnp.bfloat16
-  q = (jax.random.normal(ks[0], (b, t, h, d), jnp.float32) * d ** -0.5).astype(bf)
-  k = (jax.random.normal(ks[1], (b, t, h, d), jnp.float32) * d ** -0.5).astype(bf)
+  q = (jax.random.normal(ks[0], (b, t, h, d), jnp.float32) * d**-0.5).astype(bf)
+  k = (jax.random.normal(ks[1], (b, t, h, d), jnp.float32) * d**-0.5).astype(bf)
   v = jax.random.normal(ks[2], (b, t, h, d), jnp.float32).astype(bf)
-  diff, static = {}, dict(scale=d ** -0.5)
+  diff, static = {}, dict(scale=d**-0.5)
   if variant == "scalar":
     diff["log_decay"] = -jax.nn.softplus(jax.random.normal(ks[3], (b, t, h))) * 0.1
   elif variant in ("vector", "rwkv6"):
@@ -144,8 +164,9 @@ def _inputs(variant, b, t, h, d, seed=0):
     q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
     static["normalize"] = True
   if variant == "delta_rule":
-    k = (k.astype(jnp.float32) / jnp.linalg.norm(k.astype(jnp.float32), axis=-1,
-                                                   keepdims=True)).astype(bf)
+    k = (
+      k.astype(jnp.float32) / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)
+    ).astype(bf)
     diff["beta"] = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h))).astype(bf)
     diff["log_decay"] = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h)))
   return (q, k, v), diff, static
@@ -155,19 +176,24 @@ def _op_fn(variant, impl, static, tuning=None):
   """f(q, k, v, diff) -> o."""
   if variant == "delta_rule":
     from attnzoo.ops.delta_rule import delta_rule
-    return lambda q, k, v, d: delta_rule(q, k, v, d["beta"], log_decay=d.get("log_decay"),
-                                         implementation=impl, **static)
+
+    return lambda q, k, v, d: delta_rule(
+      q, k, v, d["beta"], log_decay=d.get("log_decay"), implementation=impl, **static
+    )
   if tuning is not None:  # the kernel directly, with an explicit tuning
     from attnzoo.ops.linear_attention import _augment
     from pallas_kernels.linear_attention import linear_attention as kernel
 
     def f(q, k, v, d):
       va = _augment(v, static.get("normalize", False))
-      o, _ = kernel(q, k, va, d.get("log_decay"), scale=static["scale"], bonus=d.get("bonus"),
-                    tuning=tuning)
+      o, _ = kernel(
+        q, k, va, d.get("log_decay"), scale=static["scale"], bonus=d.get("bonus"), tuning=tuning
+      )
       return o
+
     return f
   from attnzoo.ops.linear_attention import linear_attention
+
   return lambda q, k, v, d: linear_attention(q, k, v, **d, **static, implementation=impl)
 
 
@@ -175,6 +201,7 @@ def _jitted(variant, impl, static, bwd, tuning=None):
   """The forward, or forward+backward: the gradients w.r.t. q, k, v and the differentiable
   extras for the cotangent do of o, in o's dtype (fla's o.backward(do) in bf16)."""
   import jax
+
   f = _op_fn(variant, impl, static, tuning)
   if not bwd:
     return jax.jit(f)
@@ -182,16 +209,23 @@ def _jitted(variant, impl, static, bwd, tuning=None):
   def fwdbwd(q, k, v, d, do):
     _, pullback = jax.vjp(f, q, k, v, d)
     return pullback(do)
+
   return jax.jit(fwdbwd)
 
 
 def measure(variant, impl, shape, bwd, tuning=None):
   import jax
+
   from attnzoo.bench.timing import median_seconds
+
   b, t, h, d = shape
   (q, k, v), diff, static = _inputs(variant, b, t, h, d)
-  row = dict(impl=impl if tuning is None else f"pallas[{_tuning_name(tuning)}]",
-             op=variant, mode="fwdbwd" if bwd else "fwd", shape=list(shape))
+  row = dict(
+    impl=impl if tuning is None else f"pallas[{_tuning_name(tuning)}]",
+    op=variant,
+    mode="fwdbwd" if bwd else "fwd",
+    shape=list(shape),
+  )
   try:
     fn = _jitted(variant, impl, static, bwd, tuning)
     args = (q, k, v, diff)
@@ -213,14 +247,22 @@ def measure(variant, impl, shape, bwd, tuning=None):
 
 def _tuning_name(c):
   import dataclasses
+
   default = type(c)()
-  return ",".join(f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c)
-                  if getattr(c, f.name) != getattr(default, f.name)) or "default"
+  return (
+    ",".join(
+      f"{f.name}={getattr(c, f.name)}"
+      for f in dataclasses.fields(c)
+      if getattr(c, f.name) != getattr(default, f.name)
+    )
+    or "default"
+  )
 
 
 def peak_memory(variant, impl, t, b=1, h=16, d=128):
   """Bytes XLA assigns to one forward+backward step (arguments, outputs, temporaries)."""
   import jax
+
   (q, k, v), diff, static = _inputs(variant, b, t, h, d)
   row = dict(impl=impl, op=variant, mode="fwdbwd", shape=[b, t, h, d], what="peak_memory")
   try:
@@ -228,8 +270,8 @@ def peak_memory(variant, impl, t, b=1, h=16, d=128):
     do = jax.ShapeDtypeStruct(v.shape, v.dtype)
     m = fn.lower(q, k, v, diff, do).compile().memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    row["peak_gib"] = total / 2 ** 30
-    row["temp_gib"] = m.temp_size_in_bytes / 2 ** 30
+    row["peak_gib"] = total / 2**30
+    row["temp_gib"] = m.temp_size_in_bytes / 2**30
   except Exception as e:
     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
   print(json.dumps(row), flush=True)
@@ -240,11 +282,13 @@ def device_name(kind=None):
   """File-name form of a device kind (default: this process's first device)."""
   if kind is None:
     import jax
+
     kind = jax.devices()[0].device_kind
   return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
 
 
 # ----------------------------------------------------------------------------- report
+
 
 def to_markdown(rows, device, fla_source):
   by = {(r["impl"], r["op"], r["mode"], tuple(r["shape"])): r for r in rows if "what" not in r}
@@ -255,26 +299,38 @@ def to_markdown(rows, device, fla_source):
   for key, ms in FLA_RECORDED.items():
     fla.setdefault(key, (ms, " (recorded)"))
   earlier = sorted({f"{r['op']} ({r['impl']})" for r in rows if r.get("earlier_run")})
-  lines = [f"# Decayed linear attention on {device}", "",
-           "bf16, H=16, K=V=128; ms (TFLOP/s with FLOPs = B·H·T·(2cK+2cV+4KV), c=64, ×3 for "
-           "fwd+bwd). fwd+bwd: the forward and the pullback of a bf16 cotangent of o (fla's "
-           "o.backward(do)). `xla` = chunked pure-jnp form (chunk 64), same run unless noted; "
-           f"fla: {fla_source}.", ""]
+  lines = [
+    f"# Decayed linear attention on {device}",
+    "",
+    "bf16, H=16, K=V=128; ms (TFLOP/s with FLOPs = B·H·T·(2cK+2cV+4KV), c=64, ×3 for "
+    "fwd+bwd). fwd+bwd: the forward and the pullback of a bf16 cotangent of o (fla's "
+    "o.backward(do)). `xla` = chunked pure-jnp form (chunk 64), same run unless noted; "
+    f"fla: {fla_source}.",
+    "",
+  ]
   if earlier:
-    lines += [f"Measured in an earlier run on the same device (code unchanged since, not "
-              f"re-measured to save device time): {', '.join(earlier)}.", ""]
-  lines += ["| op | B×T | mode | pallas | xla | xla/pallas | fla | pallas/fla |",
-           "|---|---|---|---|---|---|---|---|"]
+    lines += [
+      f"Measured in an earlier run on the same device (code unchanged since, not "
+      f"re-measured to save device time): {', '.join(earlier)}.",
+      "",
+    ]
+  lines += [
+    "| op | B×T | mode | pallas | xla | xla/pallas | fla | pallas/fla |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   ops = [o for o in VARIANTS + ("delta_rule",) if any(r["op"] == o for r in rows)]
-  shapes = sorted({tuple(r["shape"]) for r in rows if r["impl"] in ("pallas", "xla")
-                   and "what" not in r}, key=lambda s: (s[1], -s[0]))
+  shapes = sorted(
+    {tuple(r["shape"]) for r in rows if r["impl"] in ("pallas", "xla") and "what" not in r},
+    key=lambda s: (s[1], -s[0]),
+  )
   for op in ops:
-    for (b, t, h, d) in shapes:
+    for b, t, h, d in shapes:
       for mode in ("fwd", "fwdbwd"):
         p = by.get(("pallas", op, mode, (b, t, h, d)), {})
         x = by.get(("xla", op, mode, (b, t, h, d)), {})
-        cell = lambda r: (f"{r['ms']:.3f} ({r['tflops']:.0f})" if "ms" in r
-                          else ("failed" if "error" in r else "–"))
+        cell = lambda r: (
+          f"{r['ms']:.3f} ({r['tflops']:.0f})" if "ms" in r else ("failed" if "error" in r else "–")
+        )
         ratio = f"{x['ms'] / p['ms']:.2f}×" if "ms" in p and "ms" in x else "–"
         fname = FLA_FOR.get(op)
         fcell, fratio = "–", "–"
@@ -287,18 +343,25 @@ def to_markdown(rows, device, fla_source):
               fratio = f"{p['ms'] / fms:.2f}"
           elif err:
             fcell = f"{fname}: refused"
-        lines.append(f"| {op} | {b}×{t} | {mode} | {cell(p)} | {cell(x)} | {ratio} | {fcell} | "
-                     f"{fratio} |")
+        lines.append(
+          f"| {op} | {b}×{t} | {mode} | {cell(p)} | {cell(x)} | {ratio} | {fcell} | {fratio} |"
+        )
   mem = [r for r in rows if r.get("what") == "peak_memory"]
   if mem:
-    lines += ["", "Peak memory of one forward+backward step (B=1, H=16, D=128, bf16; XLA "
-              "buffer assignment: arguments + outputs + temporaries):", "",
-              "| op | impl | T | peak GiB | temporaries GiB |", "|---|---|---|---|---|"]
+    lines += [
+      "",
+      "Peak memory of one forward+backward step (B=1, H=16, D=128, bf16; XLA "
+      "buffer assignment: arguments + outputs + temporaries):",
+      "",
+      "| op | impl | T | peak GiB | temporaries GiB |",
+      "|---|---|---|---|---|",
+    ]
     for r in mem:
       impl = r["impl"] + (f" ({r['revision'].split(' (')[0]})" if "revision" in r else "")
       if "peak_gib" in r:
-        lines.append(f"| {r['op']} | {impl} | {r['shape'][1]} | {r['peak_gib']:.2f} | "
-                     f"{r['temp_gib']:.2f} |")
+        lines.append(
+          f"| {r['op']} | {impl} | {r['shape'][1]} | {r['peak_gib']:.2f} | {r['temp_gib']:.2f} |"
+        )
       else:
         lines.append(f"| {r['op']} | {r['impl']} | {r['shape'][1]} | failed | |")
   errors = [r for r in rows if "error" in r]
@@ -308,11 +371,18 @@ def to_markdown(rows, device, fla_source):
       lines.append(f"- {r['impl']} {r['op']} {r['mode']} {r['shape']}: {r['error']}")
   sweep = [r for r in rows if r["impl"].startswith("pallas[") and "ms" in r]
   if sweep:
-    lines += ["", "Block-configuration sweep (pallas kernel called directly):", "",
-              "| config | op | B×T | mode | ms |", "|---|---|---|---|---|"]
+    lines += [
+      "",
+      "Block-configuration sweep (pallas kernel called directly):",
+      "",
+      "| config | op | B×T | mode | ms |",
+      "|---|---|---|---|---|",
+    ]
     for r in sweep:
-      lines.append(f"| {r['impl']} | {r['op']} | {r['shape'][0]}×{r['shape'][1]} | "
-                   f"{r['mode']} | {r['ms']:.3f} |")
+      lines.append(
+        f"| {r['impl']} | {r['op']} | {r['shape'][0]}×{r['shape'][1]} | "
+        f"{r['mode']} | {r['ms']:.3f} |"
+      )
   return "\n".join(lines) + "\n"
 
 
@@ -345,19 +415,28 @@ def main(argv=None):
   p.add_argument("--variants", default=",".join(VARIANTS + ("delta_rule",)))
   p.add_argument("--impls", default="pallas,xla")
   p.add_argument("--modes", default="fwd,fwdbwd")
-  p.add_argument("--fla", default="auto",
-                 help="auto (child process if torch+fla import), off, or a worker's JSON file")
+  p.add_argument(
+    "--fla",
+    default="auto",
+    help="auto (child process if torch+fla import), off, or a worker's JSON file",
+  )
   p.add_argument("--fla-timeout", type=float, default=600)
   p.add_argument("--memory", default="16384,65536", help="T values for the peak-memory table")
-  p.add_argument("--sweep", default="",
-                 help="kernel tunings to time too: 'variant+variant:field=value,...;...' with "
-                      "the fields of pallas_kernels.linear_attention.Tuning")
+  p.add_argument(
+    "--sweep",
+    default="",
+    help="kernel tunings to time too: 'variant+variant:field=value,...;...' with "
+    "the fields of pallas_kernels.linear_attention.Tuning",
+  )
   p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
   p.add_argument("--fla-worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--shapes", default=None, help="'B,T,H,D;...' (default: the two bench shapes)")
-  p.add_argument("--merge", default=None,
-                 help="'a.json,b.json,...': no measuring; one table from runs made in parallel "
-                      "(one GPU each), written to --out-dir")
+  p.add_argument(
+    "--merge",
+    default=None,
+    help="'a.json,b.json,...': no measuring; one table from runs made in parallel "
+    "(one GPU each), written to --out-dir",
+  )
   args = p.parse_args(argv)
   if args.merge:
     return merge(args.merge.split(","), args.out_dir)
@@ -378,6 +457,7 @@ def main(argv=None):
   if fla_rows:
     fla_source = f"fla 0.6.0 measured in this run in a separate process ({fla_rows[0]['versions']})"
   import jax
+
   device = jax.devices()[0].device_kind
   print(f"device: {device}, jax {jax.__version__}", flush=True)
   variants = [v for v in args.variants.split(",") if v]
@@ -396,7 +476,10 @@ def main(argv=None):
     return md
 
   # the other ops first; the delta rule (another op, possibly slow) after them
-  for group in ([v for v in variants if v != "delta_rule"], [v for v in variants if v == "delta_rule"]):
+  for group in (
+    [v for v in variants if v != "delta_rule"],
+    [v for v in variants if v == "delta_rule"],
+  ):
     for shape in shapes:
       for variant in group:
         for mode in args.modes.split(","):
@@ -405,6 +488,7 @@ def main(argv=None):
             save()
   if args.sweep:
     from pallas_kernels.linear_attention import Tuning
+
     for spec in args.sweep.split(";"):
       names, fields = spec.split(":")
       tuning = Tuning(**{f.split("=")[0]: int(f.split("=")[1]) for f in fields.split(",") if f})

@@ -1,4 +1,5 @@
 """Timing for the benchmark commands: warm up, then the median over timed batches."""
+
 from __future__ import annotations
 
 import time

@@ -20,18 +20,22 @@ A mixer module imports only `registry`, `layers` (the shared plumbing: decode ca
 ops, hidden attention, state bytes, default positions, feature maps, norms) and `attnzoo.ops`,
 never another mixer module (tests/test_imports.py checks it).
 """
-from attnzoo.mixers.registry import MIXERS, build_mixer, register
 
 # Importing the family modules registers them.
-from attnzoo.mixers import attention  # noqa: F401,E402
-from attnzoo.mixers import gla  # noqa: F401,E402
-from attnzoo.mixers import hgrn2  # noqa: F401,E402
-from attnzoo.mixers import rwkv6  # noqa: F401,E402
-from attnzoo.mixers import delta_net  # noqa: F401,E402
-from attnzoo.mixers import lawcat  # noqa: F401,E402
-from attnzoo.mixers import base_conv  # noqa: F401,E402
-from attnzoo.mixers import linear_attention  # noqa: F401,E402
-from attnzoo.mixers import based  # noqa: F401,E402
-from attnzoo.mixers import retnet  # noqa: F401,E402
-from attnzoo.mixers import lightning  # noqa: F401,E402
-from attnzoo.mixers import mamba2  # noqa: F401,E402
+from attnzoo.mixers import (
+  attention,  # noqa: F401,E402
+  base_conv,  # noqa: F401,E402
+  based,  # noqa: F401,E402
+  delta_net,  # noqa: F401,E402
+  gla,  # noqa: F401,E402
+  hgrn2,  # noqa: F401,E402
+  lawcat,  # noqa: F401,E402
+  lightning,  # noqa: F401,E402
+  linear_attention,  # noqa: F401,E402
+  mamba2,  # noqa: F401,E402
+  retnet,  # noqa: F401,E402
+  rwkv6,  # noqa: F401,E402
+)
+from attnzoo.mixers.registry import MIXERS, build_mixer, register
+
+__all__ = ["MIXERS", "build_mixer", "register"]

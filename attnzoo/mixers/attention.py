@@ -7,6 +7,7 @@ Decoding keeps a KV cache of `cache_len` slots in the "cache" collection, writte
 tokens for sliding-window attention. `attention_dropout` drops attention probabilities while
 training, i.e. when the module is given a "dropout" rng (`apply(..., rngs={"dropout": key})`).
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -15,8 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import (default_positions, hidden_attention, no_decode_segments,
-                                   state_bytes)
+from attnzoo.mixers.layers import (
+  default_positions,
+  hidden_attention,
+  no_decode_segments,
+  state_bytes,
+)
 from attnzoo.mixers.registry import dense_init, output_init, register
 from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
@@ -33,6 +38,7 @@ class Attention(nn.Module):
   sequence length removes the low-rank bottleneck). softcap: logits -> softcap·tanh(logits /
   softcap).
   """
+
   d_model: int
   layer_idx: int = 0
   num_layers: int = 1
@@ -53,8 +59,10 @@ class Attention(nn.Module):
   def _dims(self):
     kv_heads = self.num_kv_heads or self.num_heads
     if self.head_dim is None and self.d_model % self.num_heads:
-      raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
-                       f"({self.num_heads}), or set head_dim")
+      raise ValueError(
+        f"d_model ({self.d_model}) must be divisible by num_heads "
+        f"({self.num_heads}), or set head_dim"
+      )
     if self.num_heads % kv_heads:
       raise ValueError(f"num_kv_heads ({kv_heads}) must divide num_heads ({self.num_heads})")
     if self.window is not None and self.window < 1:
@@ -78,8 +86,9 @@ class Attention(nn.Module):
     heads, kv_heads, head_dim = self._dims()
     dense = lambda n: nn.DenseGeneral((n, head_dim), dtype=self.dtype, kernel_init=dense_init)
     self.q, self.k, self.v = dense(heads), dense(kv_heads), dense(kv_heads)
-    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype,
-                               kernel_init=output_init(self.num_layers))
+    self.out = nn.DenseGeneral(
+      self.d_model, axis=(-2, -1), dtype=self.dtype, kernel_init=output_init(self.num_layers)
+    )
 
   def _project(self, x, positions):
     q, k, v = self.q(x), self.k(x), self.v(x)
@@ -88,12 +97,19 @@ class Attention(nn.Module):
       k = apply_rope(k, positions, base=self.rope_base)
     return q, k, v
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     return self._mix(x, positions, decode, segment_ids=segment_ids)
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """Softmax attention weights [B, H, T, T] (no dropout)."""
     return self._matrix(x, positions, segment_ids=segment_ids)
 
@@ -119,10 +135,19 @@ class Attention(nn.Module):
     return hidden_attention(self._attend, q, k, **masks)
 
   def _attend(self, q, k, v, *, implementation, segment_ids=None, dropout_rng=None):
-    return softmax_attention(q, k, v, scale=self._dims()[2] ** -0.5, causal=self.causal,
-                             window=self._window(), segment_ids=segment_ids,
-                             softcap=self.softcap, dropout_rate=self.attention_dropout,
-                             dropout_rng=dropout_rng, implementation=implementation)
+    return softmax_attention(
+      q,
+      k,
+      v,
+      scale=self._dims()[2] ** -0.5,
+      causal=self.causal,
+      window=self._window(),
+      segment_ids=segment_ids,
+      softcap=self.softcap,
+      dropout_rate=self.attention_dropout,
+      dropout_rng=dropout_rng,
+      implementation=implementation,
+    )
 
   def _gate(self, x, o):
     """Hook for output gating (GatedAttention); plain attention returns o."""
@@ -144,10 +169,18 @@ class Attention(nn.Module):
     keys = jnp.concatenate([cache_k.value, k.astype(cache_k.value.dtype)], axis=1)
     values = jnp.concatenate([cache_v.value, v.astype(cache_v.value.dtype)], axis=1)
     kv_positions = jnp.concatenate([cache_pos.value, positions], axis=1)
-    o = softmax_attention(q, keys, values, scale=self._dims()[2] ** -0.5, causal=True,
-                          window=self._window(), q_positions=positions,
-                          kv_positions=kv_positions, softcap=self.softcap,
-                          implementation=self.implementation)
+    o = softmax_attention(
+      q,
+      keys,
+      values,
+      scale=self._dims()[2] ** -0.5,
+      causal=True,
+      window=self._window(),
+      q_positions=positions,
+      kv_positions=kv_positions,
+      softcap=self.softcap,
+      implementation=self.implementation,
+    )
     # Keep the newest tokens: slot = position mod cache_len.
     cache_len = cache_k.value.shape[1]
     kept = min(steps, cache_len)
@@ -163,6 +196,7 @@ class Attention(nn.Module):
 class SlidingWindow(Attention):
   """Local attention (Beltagy et al. 2020): each token sees the last `window` tokens (itself
   included); with causal=False also the window - 1 tokens after it."""
+
   window: int | None = 64
 
 
@@ -172,6 +206,7 @@ class GatedAttention(Attention):
   output of each head is multiplied by sigmoid(x W_g), computed from the block input x, before
   the output projection. gate="elementwise" gives one gate per head channel, "headwise" one
   per head."""
+
   gate: str = "elementwise"
 
   def setup(self):
@@ -196,19 +231,31 @@ class BlockAttention(Attention):
   positions 0..n-1 (`encode_block`) are re-encoded to any offset exactly by a rotation
   (`place_block`): a block's KV cache can be computed once and reused across prompts. Decoding
   (the last block, from such a cache) takes no block_ids."""
+
   rope: bool = True
 
   bidirectional: ClassVar[bool] = False
   uses_block_ids: ClassVar[bool] = True
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, block_ids: jax.Array | None = None,
-               decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    block_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     return self._mix(x, positions, decode, segment_ids=segment_ids, block_ids=block_ids)
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None,
-                       block_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    block_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """Block-Attention weights [B, H, T, T] (no dropout)."""
     return self._matrix(x, positions, segment_ids=segment_ids, block_ids=block_ids)
 
@@ -222,12 +269,14 @@ class BlockAttention(Attention):
       return everything
     # One id per (document, block) run; a token is in its document's last block when its run
     # is the run at the document's end.
-    documents = (jnp.zeros_like(block_ids, bool) if segment_ids is None
-                 else segment_starts(segment_ids))
+    documents = (
+      jnp.zeros_like(block_ids, bool) if segment_ids is None else segment_starts(segment_ids)
+    )
     runs = jnp.cumsum(segment_starts(block_ids) | documents, axis=1)
     ends = jnp.concatenate([documents[:, 1:], jnp.ones_like(documents[:, :1])], axis=1)
-    last_run = jax.lax.cummin(jnp.where(ends, runs, jnp.iinfo(runs.dtype).max), axis=1,
-                              reverse=True)
+    last_run = jax.lax.cummin(
+      jnp.where(ends, runs, jnp.iinfo(runs.dtype).max), axis=1, reverse=True
+    )
     local = super()._attend(q, k, v, segment_ids=runs, **kwargs)
     return jnp.where((runs == last_run)[:, :, None, None], everything, local)
 

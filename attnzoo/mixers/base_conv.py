@@ -7,6 +7,7 @@ As in Zoology, the mixer adds its own input back (on top of the block's residual
 output projection. Only the short-conv form (kernel_size >= 1) is provided, not Zoology's FFT
 long conv (kernel_size = -1). Decoding keeps the conv's last kernel_size - 1 inputs.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -37,14 +38,26 @@ class BaseConv(nn.Module):
 
   def setup(self):
     if self.kernel_size < 1:
-      raise ValueError(f"base_conv: kernel_size must be >= 1 (the long conv, -1, is not "
-                       f"implemented), got {self.kernel_size}")
-    self.conv = ShortConv(kernel_size=self.kernel_size, use_bias=True, dtype=self.dtype,
-                          implementation=self.implementation)
+      raise ValueError(
+        f"base_conv: kernel_size must be >= 1 (the long conv, -1, is not "
+        f"implemented), got {self.kernel_size}"
+      )
+    self.conv = ShortConv(
+      kernel_size=self.kernel_size,
+      use_bias=True,
+      dtype=self.dtype,
+      implementation=self.implementation,
+    )
     self.projection = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=dense_init)
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     u_conv = self.conv(x, segment_ids=segment_ids, decode=decode)
     u_proj = self.projection(x)
     if self.use_act:

@@ -22,6 +22,7 @@ with per-mixer options keyed by name, e.g.
 configs/sweeps/based.py builds these. (The 360M LM interleaves 1 Based : 1 sliding window :
 3 BaseConv over 27 layers, i.e. mixer=based+sliding_window+base_conv+base_conv+base_conv.)
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -30,8 +31,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import (LinearAttentionOp, state_bytes, taylor_feature_map,
-                                   taylor_feature_size)
+from attnzoo.mixers.layers import (
+  LinearAttentionOp,
+  state_bytes,
+  taylor_feature_map,
+  taylor_feature_size,
+)
 from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
@@ -53,30 +58,45 @@ class Based(nn.Module):
 
   def state_size(self, seq_len: int) -> int:
     """Bytes at float32: the state [H, F, V+1] with its normaliser column."""
-    return state_bytes((self.num_heads, taylor_feature_size(self.feature_dim),
-                        self._head_dim() + 1))
+    return state_bytes(
+      (self.num_heads, taylor_feature_size(self.feature_dim), self._head_dim() + 1)
+    )
 
   def setup(self):
     heads, head_dim = self.num_heads, self._head_dim()
-    dense = lambda n: nn.DenseGeneral((heads, n), use_bias=False, dtype=self.dtype,
-                                      kernel_init=dense_init)
+    dense = lambda n: nn.DenseGeneral(
+      (heads, n), use_bias=False, dtype=self.dtype, kernel_init=dense_init
+    )
     self.q, self.k = dense(self.feature_dim), dense(self.feature_dim)
     self.v = dense(head_dim)
-    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                               kernel_init=output_init(self.num_layers))
-    self.attn = LinearAttentionOp(scale=1.0, normalize=True, eps=self.eps,
-                                  implementation=self.implementation)
+    self.out = nn.DenseGeneral(
+      self.d_model,
+      axis=(-2, -1),
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=output_init(self.num_layers),
+    )
+    self.attn = LinearAttentionOp(
+      scale=1.0, normalize=True, eps=self.eps, implementation=self.implementation
+    )
 
   def _features(self, x):
     return taylor_feature_map(self.q(x)), taylor_feature_map(self.k(x))
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     q, k = self._features(x)
     return self.out(self.attn(q, k, self.v(x), segment_ids=segment_ids, decode=decode))
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """[B,H,T,T]: the normalised Taylor-kernel weights (rows sum to 1)."""
     q, k = self._features(x)
     return self.attn.attention_matrix(q, k, segment_ids=segment_ids)

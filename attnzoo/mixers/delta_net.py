@@ -12,6 +12,7 @@ DeltaNet has a_t = 1; Gated DeltaNet has the Mamba-2 decay
 with A ~ U(0, 16) and dt_bias the inverse softplus of dt ~ logU(1e-3, 1e-1), as in Mamba-2.
 Decoding keeps the delta-rule state [H,K,V] and the three short-conv buffers in the cache.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
   def init(key, shape, dtype=jnp.float32):
     u = jax.random.uniform(key, shape, dtype)
-    dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)),
-                     floor)
-    return dt + jnp.log(-jnp.expm1(-dt))                       # softplus^{-1}(dt)
+    dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)), floor)
+    return dt + jnp.log(-jnp.expm1(-dt))  # softplus^{-1}(dt)
+
   return init
 
 
@@ -46,6 +47,7 @@ def _a_log_init(key, shape, dtype=jnp.float32):
 
 class _DeltaNetBase(nn.Module):
   """Shared body of DeltaNet and Gated DeltaNet; `gated` switches on the decay."""
+
   d_model: int
   layer_idx: int = 0
   num_layers: int = 1
@@ -66,8 +68,10 @@ class _DeltaNetBase(nn.Module):
 
   def _dims(self):
     if self.head_dim is None and self.d_model % self.num_heads:
-      raise ValueError(f"{self.mixer_name}: d_model ({self.d_model}) must be divisible by "
-                       f"num_heads ({self.num_heads}), or set head_dim")
+      raise ValueError(
+        f"{self.mixer_name}: d_model ({self.d_model}) must be divisible by "
+        f"num_heads ({self.num_heads}), or set head_dim"
+      )
     k_dim = self.head_dim or self.d_model // self.num_heads
     v_dim = int(k_dim * self.expand_v)
     if v_dim < 1:
@@ -82,12 +86,18 @@ class _DeltaNetBase(nn.Module):
 
   def setup(self):
     heads, k_dim, v_dim = self._dims()
-    dense = lambda n, dtype=self.dtype: nn.Dense(n, dtype=dtype, use_bias=False,
-                                                 kernel_init=dense_init)
+    dense = lambda n, dtype=self.dtype: nn.Dense(
+      n, dtype=dtype, use_bias=False, kernel_init=dense_init
+    )
     self.q, self.k, self.v = dense(heads * k_dim), dense(heads * k_dim), dense(heads * v_dim)
     if self.use_short_conv:
-      conv = lambda: ShortConv(self.conv_size, use_bias=self.conv_bias, activation="silu",
-                               dtype=self.dtype, implementation="auto")
+      conv = lambda: ShortConv(
+        self.conv_size,
+        use_bias=self.conv_bias,
+        activation="silu",
+        dtype=self.dtype,
+        implementation="auto",
+      )
       self.q_conv, self.k_conv, self.v_conv = conv(), conv(), conv()
     self.b = dense(heads, jnp.float32)
     if self.gated:
@@ -95,14 +105,20 @@ class _DeltaNetBase(nn.Module):
       self.A_log = self.param("A_log", _a_log_init, (heads,), jnp.float32)
       self.dt_bias = self.param("dt_bias", _dt_bias_init(), (heads,), jnp.float32)
     if self.use_gate:
-      self.g = nn.DenseGeneral((heads, v_dim), dtype=self.dtype, use_bias=False,
-                               kernel_init=dense_init)
+      self.g = nn.DenseGeneral(
+        (heads, v_dim), dtype=self.dtype, use_bias=False, kernel_init=dense_init
+      )
       self.norm = GatedRMSNorm(norm_before_gate=True, eps=self.norm_eps)
     else:
       self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
-    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, use_bias=False,
-                               kernel_init=output_init(self.num_layers))
-    self.attn = DeltaRuleOp(scale=k_dim ** -0.5, implementation=self.implementation)
+    self.out = nn.DenseGeneral(
+      self.d_model,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      use_bias=False,
+      kernel_init=output_init(self.num_layers),
+    )
+    self.attn = DeltaRuleOp(scale=k_dim**-0.5, implementation=self.implementation)
 
   def _features(self, x, segment_ids=None, decode=False):
     """(q, k, v, beta, log_decay): q, k L2-normalised [B,T,H,K], v [B,T,H,V], beta and the
@@ -125,15 +141,22 @@ class _DeltaNetBase(nn.Module):
       log_decay = -jnp.exp(self.A_log) * dt
     return q, k, v, beta, log_decay
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     q, k, v, beta, log_decay = self._features(x, segment_ids, decode)
     o = self.attn(q, k, v, beta, log_decay, segment_ids=segment_ids, decode=decode)
     o = self.norm(o, self.g(x)) if self.use_gate else self.norm(o)
     return self.out(o)
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """Hidden attention [B,H,T,T] of the delta rule (before the output norm and gate)."""
     q, k, _, beta, log_decay = self._features(x, segment_ids)
     return self.attn.attention_matrix(q, k, beta, log_decay, segment_ids=segment_ids)
@@ -147,4 +170,5 @@ class DeltaNet(_DeltaNetBase):
 @register("gated_deltanet")
 class GatedDeltaNet(_DeltaNetBase):
   """Gated DeltaNet: DeltaNet with a Mamba-2 style data-dependent decay per head."""
+
   gated: ClassVar[bool] = True

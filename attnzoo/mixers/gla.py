@@ -7,6 +7,7 @@ Per head, with a data-dependent decay on each key channel:
   y_t = W_o [RMSNorm(o_t) * swish(W_r x_t)]                     (per-head norm, output gate)
 so log alpha_t = logsigmoid(x_t W_a1 W_a2 + b_a) / tau, the gate of fla's GLA layer.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -25,6 +26,7 @@ class GLA(nn.Module):
 
   Key dim d_model * expand_k and value dim d_model * expand_v are split over num_heads.
   """
+
   d_model: int
   layer_idx: int = 0
   num_layers: int = 1
@@ -44,8 +46,9 @@ class GLA(nn.Module):
     k_total, v_total = int(self.d_model * self.expand_k), int(self.d_model * self.expand_v)
     for what, n in (("d_model * expand_k", k_total), ("d_model * expand_v", v_total)):
       if n % self.num_heads or n == 0:
-        raise ValueError(f"gla: {what} ({n}) must be a positive multiple of num_heads "
-                         f"({self.num_heads})")
+        raise ValueError(
+          f"gla: {what} ({n}) must be a positive multiple of num_heads ({self.num_heads})"
+        )
     return self.num_heads, k_total // self.num_heads, v_total // self.num_heads
 
   def state_size(self, seq_len: int) -> int:
@@ -54,8 +57,9 @@ class GLA(nn.Module):
 
   def setup(self):
     heads, k_dim, v_dim = self._dims()
-    dense = lambda shape, **kw: nn.DenseGeneral(shape, dtype=self.dtype, use_bias=False,
-                                                kernel_init=dense_init, **kw)
+    dense = lambda shape, **kw: nn.DenseGeneral(
+      shape, dtype=self.dtype, use_bias=False, kernel_init=dense_init, **kw
+    )
     self.q, self.k = dense((heads, k_dim)), dense((heads, k_dim))
     self.v = dense((heads, v_dim))
     self.gate_down = dense(self.gate_low_rank_dim)
@@ -65,23 +69,35 @@ class GLA(nn.Module):
       self.norm = GatedRMSNorm(norm_before_gate=True, eps=self.norm_eps)
     else:
       self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
-    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, use_bias=False,
-                               kernel_init=output_init(self.num_layers))
-    self.attn = LinearAttentionOp(scale=k_dim ** -0.5, implementation=self.implementation)
+    self.out = nn.DenseGeneral(
+      self.d_model,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      use_bias=False,
+      kernel_init=output_init(self.num_layers),
+    )
+    self.attn = LinearAttentionOp(scale=k_dim**-0.5, implementation=self.implementation)
 
   def _features(self, x):
     log_decay = jax.nn.log_sigmoid(self.gate_up(self.gate_down(x)).astype(jnp.float32))
     return self.q(x), self.k(x), self.v(x), log_decay / self.gate_logit_normalizer
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     q, k, v, log_decay = self._features(x)
     o = self.attn(q, k, v, log_decay, segment_ids=segment_ids, decode=decode)
     o = self.norm(o, self.g(x)) if self.output_gate else self.norm(o)
     return self.out(o)
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """Hidden attention [B,H,T,T] of the gated recurrence (before norm and output gate)."""
     q, k, _, log_decay = self._features(x)
     return self.attn.attention_matrix(q, k, log_decay, segment_ids=segment_ids)

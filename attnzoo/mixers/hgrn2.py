@@ -14,6 +14,7 @@ layer above the first learns its own bound per forget channel, beta = sigmoid(th
 initialised at layer_idx / num_layers (the value HGRN's cumax gives at initialisation);
 the first layer has no bound (beta = 0), as in HGRN.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,6 +32,7 @@ from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 class HGRN2(nn.Module):
   """HGRN-2 token mixer. Each of num_heads heads has a forget/query dim of expand_ratio
   (default d_model // num_heads) and a value dim of d_model // num_heads."""
+
   d_model: int
   layer_idx: int = 0
   num_layers: int = 1
@@ -56,18 +58,25 @@ class HGRN2(nn.Module):
 
   def setup(self):
     heads, f_dim, v_dim = self._dims()
-    dense = lambda shape: nn.DenseGeneral(shape, dtype=self.dtype, use_bias=False,
-                                          kernel_init=dense_init)
+    dense = lambda shape: nn.DenseGeneral(
+      shape, dtype=self.dtype, use_bias=False, kernel_init=dense_init
+    )
     self.q, self.f, self.i = dense((heads, f_dim)), dense((heads, f_dim)), dense((heads, v_dim))
     if self.has_lower_bound():
       start = self.layer_idx / max(self.num_layers, self.layer_idx + 1)
       logit = math.log(start) - math.log1p(-start)
-      self.bound_logit = self.param("bound_logit", nn.initializers.constant(logit),
-                                    (heads, f_dim), jnp.float32)
+      self.bound_logit = self.param(
+        "bound_logit", nn.initializers.constant(logit), (heads, f_dim), jnp.float32
+      )
     self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
-    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, use_bias=False,
-                               kernel_init=output_init(self.num_layers))
-    self.attn = LinearAttentionOp(scale=f_dim ** -0.5, implementation=self.implementation)
+    self.out = nn.DenseGeneral(
+      self.d_model,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      use_bias=False,
+      kernel_init=output_init(self.num_layers),
+    )
+    self.attn = LinearAttentionOp(scale=f_dim**-0.5, implementation=self.implementation)
 
   def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(log forget gate, key = 1 - forget gate), float32 [B,T,H,F]."""
@@ -78,7 +87,7 @@ class HGRN2(nn.Module):
     log_beta = jax.nn.log_sigmoid(self.bound_logit)
     log_1m_beta = jax.nn.log_sigmoid(-self.bound_logit)
     log_f = jnp.logaddexp(log_beta, log_1m_beta + jax.nn.log_sigmoid(z))
-    key = jnp.exp(log_1m_beta + jax.nn.log_sigmoid(-z))          # (1 - beta) sigmoid(-z)
+    key = jnp.exp(log_1m_beta + jax.nn.log_sigmoid(-z))  # (1 - beta) sigmoid(-z)
     return log_f, key
 
   def _features(self, x):
@@ -86,16 +95,23 @@ class HGRN2(nn.Module):
     q = nn.silu(self.q(x))
     return q, key.astype(q.dtype), self.i(x), log_f
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     q, k, v, log_f = self._features(x)
     o = self.attn(q, k, v, log_f, segment_ids=segment_ids, decode=decode)
     # One RMSNorm over all heads together (HGRN-2 normalises the whole output).
     o = self.norm(o.reshape(o.shape[:2] + (-1,))).reshape(o.shape)
     return self.out(o)
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """Hidden attention [B,H,T,T] of the gated recurrence (before the norm)."""
     q, k, _, log_f = self._features(x)
     return self.attn.attention_matrix(q, k, log_f, segment_ids=segment_ids)

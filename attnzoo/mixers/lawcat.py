@@ -16,6 +16,7 @@ after it, and gating plus normalisation of the linear attention. What it leaves 
 and we chose: the map's nonlinearity (Hedgehog's +/- softmax, as in LoLCATs, whose
 distillation LAWCAT extends, initialised at the identity) and the gate's parameterisation.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -41,20 +42,21 @@ def _feature_init(key, shape, dtype=jnp.float32):
 class HedgehogMap(nn.Module):
   """Hedgehog feature map per head (Zhang et al. 2024, as in LoLCATs): u [B,T,H,d] ->
   [softmax(u W_h), softmax(-u W_h)] [B,T,H,2F], positive, float32. Param "kernel" [H,d,F]."""
+
   features: int
 
   @nn.compact
   def __call__(self, u: jax.Array) -> jax.Array:
     kernel = self.param("kernel", _feature_init, u.shape[-2:] + (self.features,), jnp.float32)
     proj = jnp.einsum("bthd,hdf->bthf", u.astype(jnp.float32), kernel)
-    return jnp.concatenate([jax.nn.softmax(proj, axis=-1), jax.nn.softmax(-proj, axis=-1)],
-                           axis=-1)
+    return jnp.concatenate([jax.nn.softmax(proj, axis=-1), jax.nn.softmax(-proj, axis=-1)], axis=-1)
 
 
 @register("lawcat")
 class LAWCAT(nn.Module):
   """LAWCAT attention: num_heads heads of head_dim (default d_model // num_heads); the
   feature map gives 2 * feature_dim features per head (default feature_dim = head_dim)."""
+
   d_model: int
   layer_idx: int = 0
   num_layers: int = 1
@@ -73,8 +75,10 @@ class LAWCAT(nn.Module):
 
   def _dims(self):
     if self.head_dim is None and self.d_model % self.num_heads:
-      raise ValueError(f"lawcat: d_model ({self.d_model}) must be divisible by num_heads "
-                       f"({self.num_heads}), or set head_dim")
+      raise ValueError(
+        f"lawcat: d_model ({self.d_model}) must be divisible by num_heads "
+        f"({self.num_heads}), or set head_dim"
+      )
     if self.gate not in GATES:
       raise ValueError(f"lawcat: unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
     head_dim = self.head_dim or self.d_model // self.num_heads
@@ -84,27 +88,35 @@ class LAWCAT(nn.Module):
     """Bytes at float32: the state [H, 2F, V] with its normaliser column, and the q/k conv
     buffers."""
     heads, head_dim, feat = self._dims()
-    return state_bytes((heads, 2 * feat, head_dim + 1),
-                       (self.conv_size - 1, 2 * heads * head_dim))
+    return state_bytes((heads, 2 * feat, head_dim + 1), (self.conv_size - 1, 2 * heads * head_dim))
 
   def setup(self):
     heads, head_dim, feat = self._dims()
-    dense = lambda: nn.Dense(heads * head_dim, dtype=self.dtype, use_bias=False,
-                             kernel_init=dense_init)
+    dense = lambda: nn.Dense(
+      heads * head_dim, dtype=self.dtype, use_bias=False, kernel_init=dense_init
+    )
     self.q, self.k = dense(), dense()
-    self.v = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, use_bias=False,
-                             kernel_init=dense_init)
-    conv = lambda: ShortConv(self.conv_size, use_bias=self.conv_bias, activation=None,
-                             dtype=self.dtype)
+    self.v = nn.DenseGeneral(
+      (heads, head_dim), dtype=self.dtype, use_bias=False, kernel_init=dense_init
+    )
+    conv = lambda: ShortConv(
+      self.conv_size, use_bias=self.conv_bias, activation=None, dtype=self.dtype
+    )
     self.q_conv, self.k_conv = conv(), conv()
     self.feature_map = HedgehogMap(feat)
     if self.gate != "none":
-      self.gate_down = nn.Dense(self.gate_low_rank_dim, dtype=self.dtype, use_bias=False,
-                                kernel_init=dense_init)
+      self.gate_down = nn.Dense(
+        self.gate_low_rank_dim, dtype=self.dtype, use_bias=False, kernel_init=dense_init
+      )
       gate_shape = (heads, 2 * feat) if self.gate == "vector" else (heads,)
       self.gate_up = nn.DenseGeneral(gate_shape, dtype=jnp.float32, kernel_init=dense_init)
-    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, use_bias=False,
-                               kernel_init=output_init(self.num_layers))
+    self.out = nn.DenseGeneral(
+      self.d_model,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      use_bias=False,
+      kernel_init=output_init(self.num_layers),
+    )
     self.attn = LinearAttentionOp(scale=1.0, normalize=True, implementation=self.implementation)
 
   def phi(self, u: jax.Array) -> jax.Array:
@@ -124,13 +136,20 @@ class LAWCAT(nn.Module):
       log_decay = log_decay / self.gate_logit_normalizer
     return q, k, v, log_decay
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     q, k, v, log_decay = self._features(x, segment_ids, decode)
     return self.out(self.attn(q, k, v, log_decay, segment_ids=segment_ids, decode=decode))
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """Normalised hidden attention [B,H,T,T] (rows sum to one up to eps)."""
     q, k, _, log_decay = self._features(x, segment_ids)
     return self.attn.attention_matrix(q, k, log_decay, segment_ids=segment_ids)

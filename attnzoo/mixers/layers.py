@@ -8,11 +8,13 @@
   in the "cache" collection (`decode=True`): `ShortConv`, `LinearAttentionOp`, `DeltaRuleOp`;
 - feature maps of linear attention, and the normalisations of mixer outputs.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,18 +27,27 @@ from attnzoo.ops import short_conv as conv_ops
 
 F32 = jnp.float32
 
-ACTIVATIONS = {None: lambda x: x, "identity": lambda x: x, "silu": nn.silu, "swish": nn.silu,
-               "relu": nn.relu, "gelu": nn.gelu, "sigmoid": nn.sigmoid}
+ACTIVATIONS = {
+  None: lambda x: x,
+  "identity": lambda x: x,
+  "silu": nn.silu,
+  "swish": nn.silu,
+  "relu": nn.relu,
+  "gelu": nn.gelu,
+  "sigmoid": nn.sigmoid,
+}
 
 
 def get_activation(name: str | None) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {name!r}; use one of "
-                     f"{', '.join(str(k) for k in ACTIVATIONS)}")
+    raise ValueError(
+      f"unknown activation {name!r}; use one of {', '.join(str(k) for k in ACTIVATIONS)}"
+    )
   return ACTIVATIONS[name]
 
 
 # ----------------------------------------------------------------------------- conventions
+
 
 def default_positions(x: jax.Array, positions: jax.Array | None) -> jax.Array:
   """positions, or arange(T) for each example when None."""
@@ -45,8 +56,7 @@ def default_positions(x: jax.Array, positions: jax.Array | None) -> jax.Array:
   return positions
 
 
-def no_decode_segments(segment_ids: jax.Array | None,
-                       block_ids: jax.Array | None = None) -> None:
+def no_decode_segments(segment_ids: jax.Array | None, block_ids: jax.Array | None = None) -> None:
   """Decoding continues one sequence per batch row: packed segments (or blocks) are an error."""
   for name, ids in (("segment_ids", segment_ids), ("block_ids", block_ids)):
     if ids is not None:
@@ -59,21 +69,24 @@ def state_bytes(*shapes: Sequence[int]) -> int:
   return 4 * sum(math.prod(shape) for shape in shapes)
 
 
-def hidden_attention(op: Callable[..., jax.Array], q: jax.Array, k: jax.Array, *args: Any,
-                     **kwargs: Any) -> jax.Array:
+def hidden_attention(
+  op: Callable[..., jax.Array], q: jax.Array, k: jax.Array, *args: Any, **kwargs: Any
+) -> jax.Array:
   """The [B,H,T,T] matrix A with o = A v that a mixing op applies to its values: softmax,
   linear, decayed (Ali et al. 2024, "The Hidden Attention of Mamba Models") or delta-rule
   attention. Each is linear in v, so one-hot values v[b, s, h, :] = e_s give A's rows:
   op(q, k, one_hot, *args, implementation="xla", **kwargs), q and k in float32. The values
   have k's heads (the kv heads of grouped-query attention)."""
   batch, steps, heads = k.shape[:3]
-  one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=F32)[None, :, None, :],
-                             (batch, steps, heads, steps))
+  one_hot = jnp.broadcast_to(
+    jnp.eye(steps, dtype=F32)[None, :, None, :], (batch, steps, heads, steps)
+  )
   rows = op(q.astype(F32), k.astype(F32), one_hot, *args, implementation="xla", **kwargs)
   return jnp.transpose(rows, (0, 2, 1, 3))
 
 
 # ----------------------------------------------------------------------------- decode caches
+
 
 def _eager_jit(op: Callable, *static: str) -> Callable:
   """One compiled program per call when not already under jit (eager use: tests, notebooks)."""
@@ -85,9 +98,17 @@ _la_op = _eager_jit(la_ops.linear_attention, "scale", "normalize", "eps")
 _dr_op = _eager_jit(dr_ops.delta_rule, "scale")
 
 
-def _run_or_decode(module: nn.Module, op: Callable, step: Callable, init_state: Callable, *,
-                   steps: int, segment_ids: jax.Array | None, decode: bool,
-                   name: str = "state") -> jax.Array:
+def _run_or_decode(
+  module: nn.Module,
+  op: Callable,
+  step: Callable,
+  init_state: Callable,
+  *,
+  steps: int,
+  segment_ids: jax.Array | None,
+  decode: bool,
+  name: str = "state",
+) -> jax.Array:
   """Without decode: op(segment_ids=...) over the whole sequence. With decode, through the
   state kept in `module`'s "cache" collection under `name`: the first call (inside
   `init(..., decode=True)`) creates it with init_state() and runs op() leaving it at zero;
@@ -117,6 +138,7 @@ def conv_kernel_init(kernel_size: int) -> Callable:
 
   def init(key, shape, dtype=F32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -127,6 +149,7 @@ class ShortConv(nn.Module):
   Params: "kernel" [K,C], "bias" [C]. Decoding state: the last K-1 inputs, "conv_state"
   [B,K-1,C] float32.
   """
+
   kernel_size: int = 4
   use_bias: bool = True
   activation: str | None = None
@@ -135,8 +158,9 @@ class ShortConv(nn.Module):
   implementation: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
-               decode: bool = False) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, *, segment_ids: jax.Array | None = None, decode: bool = False
+  ) -> jax.Array:
     batch, steps, channels = x.shape
     k = self.kernel_size
     if k < 1:
@@ -149,8 +173,9 @@ class ShortConv(nn.Module):
     op = functools.partial(_conv_op, x, kernel, bias, implementation=self.implementation)
     step = lambda state: conv_ops.step(state, x[:, 0], kernel, bias)
     init = functools.partial(conv_ops.init_state, batch, k, channels)
-    y = _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids,
-                       decode=decode, name="conv_state")
+    y = _run_or_decode(
+      self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode, name="conv_state"
+    )
     return get_activation(self.activation)(y)
 
 
@@ -158,6 +183,7 @@ class LinearAttentionOp(nn.Module):
   """attnzoo.ops.linear_attention with its decoding state: no parameters; the "cache"
   collection's "state" [B,H,K,V(+1 with normalize)] float32. log_decay: None | [H] | [B,T,H] |
   [B,T,H,K], bonus: None | [H,K], as in the op."""
+
   scale: float
   normalize: bool = False
   eps: float = 1e-6
@@ -167,56 +193,104 @@ class LinearAttentionOp(nn.Module):
     return dict(scale=self.scale, normalize=self.normalize, eps=self.eps)
 
   @nn.compact
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
-               log_decay: jax.Array | None = None, bonus: jax.Array | None = None, *,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array | None = None,
+    bonus: jax.Array | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     batch, steps, heads, k_dim = q.shape
-    op = functools.partial(_la_op, q, k, v, log_decay=log_decay, bonus=bonus,
-                           implementation=self.implementation, **self._kwargs())
+    op = functools.partial(
+      _la_op,
+      q,
+      k,
+      v,
+      log_decay=log_decay,
+      bonus=bonus,
+      implementation=self.implementation,
+      **self._kwargs(),
+    )
 
     def step(state):
       g = log_decay if log_decay is None or log_decay.ndim == 1 else log_decay[:, 0]
       return la_ops.step(state, q[:, 0], k[:, 0], v[:, 0], g, bonus=bonus, **self._kwargs())
-    init = functools.partial(la_ops.init_state, batch, heads, k_dim, v.shape[-1],
-                             normalize=self.normalize)
-    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids,
-                          decode=decode)
 
-  def attention_matrix(self, q: jax.Array, k: jax.Array, log_decay: jax.Array | None = None,
-                       bonus: jax.Array | None = None, *,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+    init = functools.partial(
+      la_ops.init_state, batch, heads, k_dim, v.shape[-1], normalize=self.normalize
+    )
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+  def attention_matrix(
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    log_decay: jax.Array | None = None,
+    bonus: jax.Array | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """[B,H,T,T]: the hidden attention of the op as configured."""
-    return hidden_attention(_la_op, q, k, log_decay=log_decay, bonus=bonus,
-                            segment_ids=segment_ids, **self._kwargs())
+    return hidden_attention(
+      _la_op, q, k, log_decay=log_decay, bonus=bonus, segment_ids=segment_ids, **self._kwargs()
+    )
 
 
 class DeltaRuleOp(nn.Module):
   """attnzoo.ops.delta_rule with its decoding state: no parameters; the "cache" collection's
   "state" [B,H,K,V] float32. beta and log_decay (None: no decay) are [B,T,H] as in the op."""
+
   scale: float
   implementation: str = "auto"
 
   @nn.compact
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
-               log_decay: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
-               decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    log_decay: jax.Array | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     batch, steps, heads, k_dim = q.shape
-    op = functools.partial(_dr_op, q, k, v, beta, scale=self.scale, log_decay=log_decay,
-                           implementation=self.implementation)
+    op = functools.partial(
+      _dr_op,
+      q,
+      k,
+      v,
+      beta,
+      scale=self.scale,
+      log_decay=log_decay,
+      implementation=self.implementation,
+    )
 
     def step(state):
       g = None if log_decay is None else log_decay[:, 0]
       return dr_ops.step(state, q[:, 0], k[:, 0], v[:, 0], beta[:, 0], g, scale=self.scale)
-    init = functools.partial(dr_ops.init_state, batch, heads, k_dim, v.shape[-1])
-    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids,
-                          decode=decode)
 
-  def attention_matrix(self, q: jax.Array, k: jax.Array, beta: jax.Array,
-                       log_decay: jax.Array | None = None, *,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+    init = functools.partial(dr_ops.init_state, batch, heads, k_dim, v.shape[-1])
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+  def attention_matrix(
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    beta: jax.Array,
+    log_decay: jax.Array | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """[B,H,T,T]: the hidden attention of the delta rule (it is linear in v)."""
-    return hidden_attention(_dr_op, q, k, beta, scale=self.scale, log_decay=log_decay,
-                            segment_ids=segment_ids)
+    return hidden_attention(
+      _dr_op, q, k, beta, scale=self.scale, log_decay=log_decay, segment_ids=segment_ids
+    )
 
 
 # ----------------------------------------------------------------------------- feature maps
@@ -235,7 +309,7 @@ def taylor_feature_map(x: jax.Array, *, scale_input: bool = True) -> jax.Array:
   d = x.shape[-1]
   xf = x.astype(F32)
   if scale_input:
-    xf = xf * d ** -0.25
+    xf = xf * d**-0.25
   rows, cols = np.triu_indices(d)
   coef = np.where(rows == cols, 1.0 / math.sqrt(2.0), 1.0).astype(np.float32)
   x2 = xf[..., rows] * xf[..., cols] * coef
@@ -255,8 +329,8 @@ def performer_projection(seed: int, head_dim: int, num_features: int) -> np.ndar
   blocks = []
   for _ in range(-(-num_features // head_dim)):
     q, r = np.linalg.qr(rng.standard_normal((head_dim, head_dim)))
-    blocks.append((q * np.sign(np.diag(r))).T)       # the sign fix makes q Haar-distributed
-  w = np.concatenate(blocks, axis=0)[:num_features]                  # [m, d] orthonormal rows
+    blocks.append((q * np.sign(np.diag(r))).T)  # the sign fix makes q Haar-distributed
+  w = np.concatenate(blocks, axis=0)[:num_features]  # [m, d] orthonormal rows
   norms = np.linalg.norm(rng.standard_normal((num_features, head_dim)), axis=-1)
   return (w * norms[:, None]).T.astype(np.float32)
 
@@ -266,7 +340,7 @@ def performer_feature_map(x: jax.Array, projection: jax.Array) -> jax.Array:
   phi(x) = exp(w^T x' - |x'|^2 / 2) / sqrt(m), x' = x / d^(1/4), w ~ N(0, I) (orthogonal)."""
   d = x.shape[-1]
   m = projection.shape[-1]
-  xf = x.astype(F32) * d ** -0.25
+  xf = x.astype(F32) * d**-0.25
   proj = jnp.einsum("...d,dm->...m", xf, projection.astype(F32))
   sq = 0.5 * jnp.sum(xf * xf, axis=-1, keepdims=True)
   return (jnp.exp(proj - sq) / math.sqrt(m)).astype(x.dtype)
@@ -295,8 +369,14 @@ def feature_size(name: str, head_dim: int, num_features: int | None = None) -> i
   raise ValueError(f"unknown feature map {name!r}; use one of {', '.join(FEATURE_MAPS)}")
 
 
-def feature_map(name: str, x: jax.Array, *, positions: jax.Array | None = None,
-                projection: jax.Array | None = None, horizon: int = 1024) -> jax.Array:
+def feature_map(
+  name: str,
+  x: jax.Array,
+  *,
+  positions: jax.Array | None = None,
+  projection: jax.Array | None = None,
+  horizon: int = 1024,
+) -> jax.Array:
   """Applies a named feature map over the last axis of x[B,T,H,d]."""
   if name == "identity":
     return x
@@ -315,6 +395,7 @@ def feature_map(name: str, x: jax.Array, *, positions: jax.Array | None = None,
 
 # ----------------------------------------------------------------------------- norms
 
+
 def rms_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """x / RMS(x) over the last axis, computed in float32 (no weight)."""
   xf = x.astype(F32)
@@ -324,7 +405,8 @@ def rms_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 class HeadNorm(nn.Module):
   """Normalisation of each head's output o[B,T,H,d] over d (RetNet's GroupNorm with one group
   per head; SRMSNorm when kind="rmsnorm", affine=False). Returns x's dtype."""
-  kind: str = "layernorm"            # "layernorm" | "rmsnorm"
+
+  kind: str = "layernorm"  # "layernorm" | "rmsnorm"
   affine: bool = False
   eps: float = 1e-5
 
@@ -350,6 +432,7 @@ class GatedRMSNorm(nn.Module):
     norm_before_gate=False (Mamba-2): y = RMSNorm(x * silu(z)) * w
     norm_before_gate=True  (GLA/fla):  y = RMSNorm(x) * w * silu(z)
   """
+
   group_size: int | None = None
   norm_before_gate: bool = False
   eps: float = 1e-5
@@ -370,5 +453,3 @@ class GatedRMSNorm(nn.Module):
     if self.norm_before_gate:
       y = y * gate
     return y.astype(x.dtype)
-
-

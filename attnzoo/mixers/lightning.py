@@ -13,6 +13,7 @@ A Faster and Better Large Language Model with Improved TransNormer"; the kernel:
 
 Decoding keeps S: H x (2 d/H with LRPE, else d/H) x d/H floats.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,20 +23,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import (LinearAttentionOp, default_positions, get_activation,
-                                   rms_normalize, state_bytes)
+from attnzoo.mixers.layers import (
+  LinearAttentionOp,
+  default_positions,
+  get_activation,
+  rms_normalize,
+  state_bytes,
+)
 from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
   """ALiBi's head slopes (Press et al. 2022), as TransNormerLLM builds its decay rates."""
+
   def power_of_2(n):
     start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
-    return [start * start ** i for i in range(n)]
+    return [start * start**i for i in range(n)]
+
   if math.log2(num_heads).is_integer():
     return power_of_2(num_heads)
   closest = 2 ** math.floor(math.log2(num_heads))
-  return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][:num_heads - closest]
+  return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
 
 
 def lightning_log_decay(num_heads: int, layer_idx: int, num_layers: int) -> jax.Array:
@@ -51,7 +59,7 @@ class Lightning(nn.Module):
   num_layers: int = 1
   num_heads: int = 4
   lrpe: bool = True
-  activation: str = "silu"          # on q and k
+  activation: str = "silu"  # on q and k
   gate_activation: str = "identity"  # on the output gate u (TransNormerLLM: none)
   norm_eps: float = 1e-6
   implementation: str = "auto"
@@ -70,15 +78,22 @@ class Lightning(nn.Module):
 
   def setup(self):
     head_dim, heads = self._head_dim(), self.num_heads
-    dense = lambda: nn.DenseGeneral((heads, head_dim), use_bias=False, dtype=self.dtype,
-                                    kernel_init=dense_init)
+    dense = lambda: nn.DenseGeneral(
+      (heads, head_dim), use_bias=False, dtype=self.dtype, kernel_init=dense_init
+    )
     self.q, self.k, self.v, self.u = dense(), dense(), dense(), dense()
-    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                               kernel_init=output_init(self.num_layers))
+    self.out = nn.DenseGeneral(
+      self.d_model,
+      axis=(-2, -1),
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=output_init(self.num_layers),
+    )
     if self.lrpe:
       # Per-channel rates: not a "kernel", so weight decay leaves them alone.
-      init = lambda key, shape: 10000.0 ** (-2.0 / shape[0] * jnp.arange(shape[0],
-                                                                         dtype=jnp.float32))
+      init = lambda key, shape: (
+        10000.0 ** (-2.0 / shape[0] * jnp.arange(shape[0], dtype=jnp.float32))
+      )
       self.lrpe_theta = self.param("lrpe_theta", init, (heads * head_dim,))
     self.attn = LinearAttentionOp(scale=1.0, implementation=self.implementation)
 
@@ -97,8 +112,14 @@ class Lightning(nn.Module):
       q, k = rotate(q), rotate(k)
     return q, k
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     q, k = self._qk(x, positions)
     o = self.attn(q, k, self.v(x), self._log_decay(), segment_ids=segment_ids, decode=decode)
     shape = o.shape
@@ -106,8 +127,9 @@ class Lightning(nn.Module):
     o = get_activation(self.gate_activation)(self.u(x)) * o
     return self.out(o)
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """[B,H,T,T]: the decayed scores (q_n'.k_m') lambda^(n-m) (before SRMSNorm)."""
     q, k = self._qk(x, positions)
     return self.attn.attention_matrix(q, k, self._log_decay(), segment_ids=segment_ids)

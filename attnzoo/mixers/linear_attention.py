@@ -19,6 +19,7 @@ feature_map (on the projected queries/keys of `feature_dim` channels per head):
 `scale` multiplies the scores (None: 1 with the normaliser, where it cancels, else
 feature_dim^-1/2). Decoding keeps the state [H, F, head_dim (+1 with the normaliser)].
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -27,8 +28,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import (FEATURE_MAPS, LinearAttentionOp, default_positions, feature_map,
-                                   feature_size, performer_projection, state_bytes)
+from attnzoo.mixers.layers import (
+  FEATURE_MAPS,
+  LinearAttentionOp,
+  default_positions,
+  feature_map,
+  feature_size,
+  performer_projection,
+  state_bytes,
+)
 from attnzoo.mixers.registry import dense_init, output_init, per_head, register
 
 
@@ -38,12 +46,12 @@ class LinearAttention(nn.Module):
   layer_idx: int = 0
   num_layers: int = 1
   num_heads: int = 1
-  feature_dim: int | None = None        # q/k channels per head (default d_model // num_heads)
+  feature_dim: int | None = None  # q/k channels per head (default d_model // num_heads)
   feature_map: str = "elu"
   normalize: bool = True
   scale: float | None = None
   eps: float = 1e-6
-  num_features: int | None = None       # performer: random features (default 2 * feature_dim)
+  num_features: int | None = None  # performer: random features (default 2 * feature_dim)
   performer_seed: int = 0
   cosformer_horizon: int = 1024
   implementation: str = "auto"
@@ -54,8 +62,9 @@ class LinearAttention(nn.Module):
   def _dims(self):
     head_dim = per_head(self.d_model, self.num_heads)
     if self.feature_map not in FEATURE_MAPS:
-      raise ValueError(f"unknown feature_map {self.feature_map!r}; use one of "
-                       f"{', '.join(FEATURE_MAPS)}")
+      raise ValueError(
+        f"unknown feature_map {self.feature_map!r}; use one of {', '.join(FEATURE_MAPS)}"
+      )
     qk_dim = self.feature_dim or head_dim
     num_features = self.num_features or 2 * qk_dim
     return head_dim, qk_dim, num_features
@@ -74,33 +83,56 @@ class LinearAttention(nn.Module):
   def setup(self):
     head_dim, qk_dim, _ = self._dims()
     heads = self.num_heads
-    dense = lambda n: nn.DenseGeneral((heads, n), use_bias=False, dtype=self.dtype,
-                                      kernel_init=dense_init)
+    dense = lambda n: nn.DenseGeneral(
+      (heads, n), use_bias=False, dtype=self.dtype, kernel_init=dense_init
+    )
     self.q, self.k, self.v = dense(qk_dim), dense(qk_dim), dense(head_dim)
-    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                               kernel_init=output_init(self.num_layers))
-    self.attn = LinearAttentionOp(scale=self._scale(), normalize=self.normalize, eps=self.eps,
-                                  implementation=self.implementation)
+    self.out = nn.DenseGeneral(
+      self.d_model,
+      axis=(-2, -1),
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=output_init(self.num_layers),
+    )
+    self.attn = LinearAttentionOp(
+      scale=self._scale(),
+      normalize=self.normalize,
+      eps=self.eps,
+      implementation=self.implementation,
+    )
 
   def _features(self, x, positions):
     _, qk_dim, m = self._dims()
     positions = default_positions(x, positions)
     projection = None
     if self.feature_map == "performer":
-      projection = jnp.asarray(performer_projection(self.performer_seed + self.layer_idx,
-                                                    qk_dim, m))
-    phi = lambda y: feature_map(self.feature_map, y, positions=positions,
-                                projection=projection, horizon=self.cosformer_horizon)
+      projection = jnp.asarray(
+        performer_projection(self.performer_seed + self.layer_idx, qk_dim, m)
+      )
+    phi = lambda y: feature_map(
+      self.feature_map,
+      y,
+      positions=positions,
+      projection=projection,
+      horizon=self.cosformer_horizon,
+    )
     return phi(self.q(x)), phi(self.k(x))
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     q, k = self._features(x, positions)
     o = self.attn(q, k, self.v(x), segment_ids=segment_ids, decode=decode)
     return self.out(o)
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """[B,H,T,T]: the (normalised, when normalize) linear-attention weights."""
     q, k = self._features(x, positions)
     return self.attn.attention_matrix(q, k, segment_ids=segment_ids)
@@ -111,6 +143,7 @@ class LSA(LinearAttention):
   """Linear self-attention of in-context-learning theory (e.g. von Oswald et al. 2023,
   Ahn et al. 2023): o_i = scale * sum_{j<=i} (q_i . k_j) v_j, no feature map, no normaliser,
   causal. scale defaults to 1 (set 1/T for the 1/n-normalised variants)."""
+
   feature_map: str = "identity"
   normalize: bool = False
   scale: float | None = 1.0

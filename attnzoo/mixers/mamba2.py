@@ -13,6 +13,7 @@ U[1, 16] (A_log = log A), dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3
 at 1e-4, D = 1; projections N(0, 0.02) (out: 0.02 / sqrt(2 L)) as in Zoology.
 Decoding keeps the SSM state H x N x P and the conv buffer (d_conv - 1) x (d_inner + 2 G N).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,43 +50,61 @@ class Mamba2(nn.Module):
   def _dims(self):
     d_inner = self.expand * self.d_model
     if d_inner % self.head_dim:
-      raise ValueError(f"mamba2: head_dim ({self.head_dim}) must divide d_inner = expand * "
-                       f"d_model ({d_inner})")
+      raise ValueError(
+        f"mamba2: head_dim ({self.head_dim}) must divide d_inner = expand * d_model ({d_inner})"
+      )
     heads = d_inner // self.head_dim
     if heads % self.ngroups:
-      raise ValueError(f"mamba2: ngroups ({self.ngroups}) must divide the number of heads "
-                       f"({heads})")
+      raise ValueError(
+        f"mamba2: ngroups ({self.ngroups}) must divide the number of heads ({heads})"
+      )
     return d_inner, heads
 
   def state_size(self, seq_len: int) -> int:
     """Bytes at float32: the SSM state [H, N, P] and the conv buffer [d_conv-1, C]."""
     d_inner, heads = self._dims()
     conv_channels = d_inner + 2 * self.ngroups * self.d_state
-    return state_bytes((heads, self.d_state, self.head_dim),
-                       (self.d_conv - 1, conv_channels))
+    return state_bytes((heads, self.d_state, self.head_dim), (self.d_conv - 1, conv_channels))
 
   def setup(self):
     d_inner, heads = self._dims()
-    self.in_proj = nn.Dense(2 * d_inner + 2 * self.ngroups * self.d_state + heads,
-                            use_bias=False, dtype=self.dtype, kernel_init=dense_init)
-    self.conv = ShortConv(kernel_size=self.d_conv, use_bias=True, activation="silu",
-                          dtype=self.dtype, implementation=self.implementation)
+    self.in_proj = nn.Dense(
+      2 * d_inner + 2 * self.ngroups * self.d_state + heads,
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=dense_init,
+    )
+    self.conv = ShortConv(
+      kernel_size=self.d_conv,
+      use_bias=True,
+      activation="silu",
+      dtype=self.dtype,
+      implementation=self.implementation,
+    )
     lo, hi = self.A_init_range
     self.A_log = self.param(
-        "A_log", lambda key, shape: jnp.log(jax.random.uniform(key, shape, jnp.float32, lo, hi)),
-        (heads,))
+      "A_log",
+      lambda key, shape: jnp.log(jax.random.uniform(key, shape, jnp.float32, lo, hi)),
+      (heads,),
+    )
 
     def dt_bias_init(key, shape):
-      dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32) *
-                   (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
+      dt = jnp.exp(
+        jax.random.uniform(key, shape, jnp.float32)
+        * (math.log(self.dt_max) - math.log(self.dt_min))
+        + math.log(self.dt_min)
+      )
       dt = jnp.maximum(dt, self.dt_init_floor)
-      return dt + jnp.log(-jnp.expm1(-dt))                     # softplus^-1
+      return dt + jnp.log(-jnp.expm1(-dt))  # softplus^-1
+
     self.dt_bias = self.param("dt_bias", dt_bias_init, (heads,))
     self.D = self.param("D", nn.initializers.ones, (heads,))
-    self.norm = GatedRMSNorm(group_size=d_inner // self.ngroups, norm_before_gate=False,
-                             eps=self.norm_eps)
-    self.out_proj = nn.Dense(self.d_model, use_bias=False, dtype=self.dtype,
-                             kernel_init=output_init(self.num_layers))
+    self.norm = GatedRMSNorm(
+      group_size=d_inner // self.ngroups, norm_before_gate=False, eps=self.norm_eps
+    )
+    self.out_proj = nn.Dense(
+      self.d_model, use_bias=False, dtype=self.dtype, kernel_init=output_init(self.num_layers)
+    )
     self.ssd = LinearAttentionOp(scale=1.0, implementation=self.implementation)
 
   def _ssm_inputs(self, u, segment_ids, decode):
@@ -100,12 +119,18 @@ class Mamba2(nn.Module):
     per_group = heads // self.ngroups
     b = jnp.repeat(b.reshape(batch, steps, self.ngroups, self.d_state), per_group, axis=2)
     c = jnp.repeat(c.reshape(batch, steps, self.ngroups, self.d_state), per_group, axis=2)
-    dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias)           # [B,T,H]
+    dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias)  # [B,T,H]
     log_decay = -jnp.exp(self.A_log) * dt
     return z, x, b, c, dt, log_decay
 
-  def __call__(self, u: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    u: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     z, x, b, c, dt, log_decay = self._ssm_inputs(u, segment_ids, decode)
     v = (x * dt[..., None]).astype(x.dtype)
     y = self.ssd(c, b, v, log_decay, segment_ids=segment_ids, decode=decode)
@@ -113,8 +138,9 @@ class Mamba2(nn.Module):
     y = y.reshape(*y.shape[:2], -1)
     return self.out_proj(self.norm(y, z))
 
-  def attention_matrix(self, u: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, u: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """[B,H,T,T]: the hidden attention of the SSM, (C_t . B_s) exp(sum_{s<r<=t} log a_r) dt_s
     (y = A x + D x; the D skip and the gate are not included)."""
     _, _, b, c, dt, log_decay = self._ssm_inputs(u, segment_ids, False)

@@ -5,11 +5,13 @@ Capabilities (class attributes): `bidirectional` (declared by every mixer: True 
 has a non-causal form, selected by its dataclass field `causal`) and `uses_block_ids` (True for
 a mixer whose `__call__` and `attention_matrix` take `block_ids`; False unless declared).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import flax.linen as nn
 
@@ -35,6 +37,7 @@ def per_head(width: int, num_heads: int) -> int:
 def register(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
   """Class decorator: `@register("gla")` makes the mixer buildable from a config. The class
   must declare `bidirectional: ClassVar[bool]`; `uses_block_ids` defaults to False."""
+
   def decorator(cls: type[Mixer]) -> type[Mixer]:
     if name in MIXERS:
       raise ValueError(f"mixer {name!r} is registered twice")
@@ -44,6 +47,7 @@ def register(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
     cls.mixer_name = name
     cls.uses_block_ids = getattr(cls, "uses_block_ids", False)
     return cls
+
   return decorator
 
 
@@ -64,11 +68,15 @@ def build_mixer(mixer_name: str, /, *, causal: bool = True, **kwargs) -> nn.Modu
   fields = ({f.name for f in dataclasses.fields(cls)} | {"parent", "name"}) - {"causal"}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
-    raise ValueError(f"mixer {mixer_name!r} has no option(s) {', '.join(unknown)}; "
-                     f"options: {', '.join(sorted(fields))}")
+    raise ValueError(
+      f"mixer {mixer_name!r} has no option(s) {', '.join(unknown)}; "
+      f"options: {', '.join(sorted(fields))}"
+    )
   if cls.bidirectional:
     return cls(causal=causal, **kwargs)
   if not causal:
-    raise ValueError(f"mixer {mixer_name!r} is causal-only (no bidirectional form); "
-                     f"bidirectional mixers: {', '.join(bidirectional_mixers())}")
+    raise ValueError(
+      f"mixer {mixer_name!r} is causal-only (no bidirectional form); "
+      f"bidirectional mixers: {', '.join(bidirectional_mixers())}"
+    )
   return cls(**kwargs)

@@ -11,6 +11,7 @@ a per-row rescaling of the retention output, so they only matter through the nor
 Rotary positions use attnzoo.ops.rotary (half-split layout, base^(-2i/d) frequencies).
 Decoding keeps S: H x d_k x d_v floats.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -38,7 +39,7 @@ class RetNet(nn.Module):
   value_factor: int = 2
   rope: bool = True
   rope_base: float = 10000.0
-  norm: str = "layernorm"         # per-head GroupNorm; "rmsnorm" as in later implementations
+  norm: str = "layernorm"  # per-head GroupNorm; "rmsnorm" as in later implementations
   norm_eps: float = 1e-5
   implementation: str = "auto"
   dtype: Any = jnp.float32
@@ -57,14 +58,20 @@ class RetNet(nn.Module):
   def setup(self):
     key_dim, value_dim = self._dims()
     heads = self.num_heads
-    dense = lambda n: nn.DenseGeneral((heads, n), use_bias=False, dtype=self.dtype,
-                                      kernel_init=dense_init)
+    dense = lambda n: nn.DenseGeneral(
+      (heads, n), use_bias=False, dtype=self.dtype, kernel_init=dense_init
+    )
     self.q, self.k = dense(key_dim), dense(key_dim)
     self.v, self.g = dense(value_dim), dense(value_dim)
-    self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                               kernel_init=output_init(self.num_layers))
+    self.out = nn.DenseGeneral(
+      self.d_model,
+      axis=(-2, -1),
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=output_init(self.num_layers),
+    )
     self.group_norm = HeadNorm(kind=self.norm, affine=False, eps=self.norm_eps)
-    self.attn = LinearAttentionOp(scale=key_dim ** -0.5, implementation=self.implementation)
+    self.attn = LinearAttentionOp(scale=key_dim**-0.5, implementation=self.implementation)
 
   def _qk(self, x, positions):
     q, k = self.q(x), self.k(x)
@@ -74,17 +81,26 @@ class RetNet(nn.Module):
       k = apply_rope(k, positions, base=self.rope_base)
     return q, k
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     q, k = self._qk(x, positions)
-    o = self.attn(q, k, self.v(x), retnet_log_decay(self.num_heads), segment_ids=segment_ids,
-                  decode=decode)
+    o = self.attn(
+      q, k, self.v(x), retnet_log_decay(self.num_heads), segment_ids=segment_ids, decode=decode
+    )
     o = nn.silu(self.g(x)) * self.group_norm(o)
     return self.out(o)
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """[B,H,T,T]: the retention scores d^-1/2 (q_n . k_m) gamma^(n-m) (before GroupNorm)."""
     q, k = self._qk(x, positions)
-    return self.attn.attention_matrix(q, k, retnet_log_decay(self.num_heads),
-                                      segment_ids=segment_ids)
+    return self.attn.attention_matrix(
+      q, k, retnet_log_decay(self.num_heads), segment_ids=segment_ids
+    )

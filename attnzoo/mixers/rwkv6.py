@@ -13,6 +13,7 @@ and the WKV recurrence with bonus u (the op's `bonus` readout), per head:
 Initialisation follows RWKV-6's layer-dependent schedules for mu, d and u.
 Decoding keeps the recurrent state and the last input (token shift) in the cache.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -29,8 +30,9 @@ from attnzoo.ops.segments import segment_starts
 MIXES = ("w", "k", "v", "r", "g")
 
 
-def token_shift(x: jax.Array, segment_ids: jax.Array | None = None,
-                first: jax.Array | None = None) -> jax.Array:
+def token_shift(
+  x: jax.Array, segment_ids: jax.Array | None = None, first: jax.Array | None = None
+) -> jax.Array:
   """x_{t-1} for every t: `first` [B,D] (or zeros) before the first token, and zeros at the
   first token of every packed segment."""
   prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
@@ -47,8 +49,14 @@ def _schedules(layer_idx, num_layers, dim, heads):
   r10 = 1.0 - layer_idx / num_layers
   frac = np.arange(dim) / dim
   base = np.power(frac, r10)
-  mu = {"x": 1 - base, "w": 1 - base, "k": 1 - base, "v": 1 - (base + 0.3 * r01),
-        "r": 1 - np.power(frac, 0.5 * r10), "g": 1 - np.power(frac, 0.5 * r10)}
+  mu = {
+    "x": 1 - base,
+    "w": 1 - base,
+    "k": 1 - base,
+    "v": 1 - (base + 0.3 * r01),
+    "r": 1 - np.power(frac, 0.5 * r10),
+    "g": 1 - np.power(frac, 0.5 * r10),
+  }
   n = np.arange(dim) / max(dim - 1, 1)
   decay = -6 + 5 * np.power(n, 0.7 + 1.3 * r01)
   zigzag = ((np.arange(dim) + 1) % 3 - 1) * 0.1
@@ -59,6 +67,7 @@ def _schedules(layer_idx, num_layers, dim, heads):
 @register("rwkv6")
 class RWKV6(nn.Module):
   """RWKV-6 time mixing with num_heads heads (default: heads of size 64, at least one)."""
+
   d_model: int
   layer_idx: int = 0
   num_layers: int = 1
@@ -84,24 +93,26 @@ class RWKV6(nn.Module):
     heads, head_dim = self._dims()
     d = self.d_model
     mu, decay, bonus = _schedules(self.layer_idx, self.num_layers, d, heads)
-    const = lambda value: (lambda *_: jnp.asarray(value, jnp.float32))
-    small = nn.initializers.uniform(0.02)                   # U(0, 0.02) - 0.01 below
+    const = lambda value: lambda *_: jnp.asarray(value, jnp.float32)
+    small = nn.initializers.uniform(0.02)  # U(0, 0.02) - 0.01 below
     centred = lambda key, shape, dtype=jnp.float32: small(key, shape, dtype) - 0.01
     self.mu_x = self.param("mu_x", const(mu["x"]))
-    self.mu = self.param("mu", const(np.stack([mu[m] for m in MIXES])))           # [5, D]
+    self.mu = self.param("mu", const(np.stack([mu[m] for m in MIXES])))  # [5, D]
     self.mix_a = self.param("mix_a", nn.initializers.zeros, (d, len(MIXES) * self.mix_lora_dim))
     self.mix_b = self.param("mix_b", centred, (len(MIXES), self.mix_lora_dim, d))
     self.decay = self.param("decay", const(decay.reshape(heads, head_dim)))
     self.decay_a = self.param("decay_a", nn.initializers.zeros, (d, self.decay_lora_dim))
     self.decay_b = self.param("decay_b", centred, (self.decay_lora_dim, heads, head_dim))
     self.bonus = self.param("bonus", const(bonus))
-    dense = lambda: nn.DenseGeneral((heads, head_dim), dtype=self.dtype, use_bias=False,
-                                    kernel_init=dense_init)
+    dense = lambda: nn.DenseGeneral(
+      (heads, head_dim), dtype=self.dtype, use_bias=False, kernel_init=dense_init
+    )
     self.r, self.k, self.v, self.g = dense(), dense(), dense(), dense()
     # GroupNorm with one group per head: normalise each head, affine per channel.
     self.group_norm = HeadNorm(kind="layernorm", affine=True, eps=self.norm_eps)
-    self.out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, use_bias=False,
-                               kernel_init=output_init(self.num_layers))
+    self.out = nn.DenseGeneral(
+      d, axis=(-2, -1), dtype=self.dtype, use_bias=False, kernel_init=output_init(self.num_layers)
+    )
     self.attn = LinearAttentionOp(scale=1.0, implementation=self.implementation)
 
   def _features(self, x, x_prev):
@@ -110,18 +121,25 @@ class RWKV6(nn.Module):
     lora_in = jnp.tanh((x + dx * self.mu_x.astype(x.dtype)) @ self.mix_a.astype(x.dtype))
     lora_in = lora_in.reshape(x.shape[:2] + (len(MIXES), self.mix_lora_dim))
     m = jnp.einsum("btfl,fld->btfd", lora_in, self.mix_b.astype(x.dtype))
-    mixed = x[:, :, None] + dx[:, :, None] * (self.mu.astype(x.dtype) + m)    # [B,T,5,D]
+    mixed = x[:, :, None] + dx[:, :, None] * (self.mu.astype(x.dtype) + m)  # [B,T,5,D]
     xw, xk, xv, xr, xg = (mixed[:, :, i] for i in range(len(MIXES)))
     ww = self.decay + jnp.einsum(
-        "btl,lhk->bthk", jnp.tanh(xw.astype(jnp.float32) @ self.decay_a), self.decay_b)
+      "btl,lhk->bthk", jnp.tanh(xw.astype(jnp.float32) @ self.decay_a), self.decay_b
+    )
     log_decay = -jnp.exp(ww)
     return self.r(xr), self.k(xk), self.v(xv), nn.silu(self.g(xg)), log_decay
 
   def _output(self, o, g):
     return self.out(self.group_norm(o) * g)
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     x_prev = self._decode_shift(x) if decode else token_shift(x, segment_ids)
     r, k, v, g, log_decay = self._features(x, x_prev)
     o = self.attn(r, k, v, log_decay, self.bonus, segment_ids=segment_ids, decode=decode)
@@ -137,8 +155,9 @@ class RWKV6(nn.Module):
       shift.value = x[:, -1].astype(jnp.float32)
     return x_prev
 
-  def attention_matrix(self, x: jax.Array, *, positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+  def attention_matrix(
+    self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """Hidden attention [B,H,T,T] of the WKV recurrence: decayed r.k off the diagonal and the
     bonus r.(u*k) on it (before GroupNorm and the gate)."""
     r, k, _, _, log_decay = self._features(x, token_shift(x, segment_ids))

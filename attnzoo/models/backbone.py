@@ -14,9 +14,11 @@ Dropout (embedding, residual; attention probabilities are a mixer option) is act
 the model is applied with a "dropout" rng, as the train step does; evaluation and decoding are
 deterministic.
 """
+
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -28,13 +30,16 @@ from attnzoo.mixers.registry import dense_init, output_init
 NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 
 
-def layer_mixers(mixers: Sequence[str], mixer_kwargs: dict,
-                 num_layers: int) -> list[tuple[str, dict]]:
+def layer_mixers(
+  mixers: Sequence[str], mixer_kwargs: dict, num_layers: int
+) -> list[tuple[str, dict]]:
   """(name, kwargs) for each layer. With several mixer names, mixer_kwargs is keyed by name."""
   hybrid = len(mixers) > 1
   if hybrid and set(mixer_kwargs) - set(mixers):
-    raise ValueError(f"a hybrid's mixer_kwargs must be keyed by mixer name ({', '.join(mixers)});"
-                     f" got keys {', '.join(sorted(mixer_kwargs))}")
+    raise ValueError(
+      f"a hybrid's mixer_kwargs must be keyed by mixer name ({', '.join(mixers)});"
+      f" got keys {', '.join(sorted(mixer_kwargs))}"
+    )
   out = []
   for i in range(num_layers):
     name = mixers[i % len(mixers)]
@@ -52,6 +57,7 @@ def dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
 
 class StateMixer(nn.Module):
   """Per-token channel mixing: 'mlp' (GELU) or 'swiglu' (Shazeer 2020)."""
+
   kind: str
   d_model: int
   hidden: int
@@ -72,6 +78,7 @@ class StateMixer(nn.Module):
 
 class Block(nn.Module):
   """norm -> mixer -> residual -> norm -> state mixer (or identity) -> residual."""
+
   mixer: str
   mixer_kwargs: dict
   d_model: int
@@ -87,16 +94,29 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, *, positions, segment_ids, block_ids, decode):
     norm = NORMS[self.norm]
-    mixer = build_mixer(self.mixer, causal=self.causal, d_model=self.d_model,
-                        layer_idx=self.layer_idx, num_layers=self.num_layers, dtype=self.dtype,
-                        name="mixer", **self.mixer_kwargs)
+    mixer = build_mixer(
+      self.mixer,
+      causal=self.causal,
+      d_model=self.d_model,
+      layer_idx=self.layer_idx,
+      num_layers=self.num_layers,
+      dtype=self.dtype,
+      name="mixer",
+      **self.mixer_kwargs,
+    )
     extra = {"block_ids": block_ids} if MIXERS[self.mixer].uses_block_ids else {}
-    y = mixer(norm(dtype=self.dtype)(x), positions=positions, segment_ids=segment_ids,
-              decode=decode, **extra)
+    y = mixer(
+      norm(dtype=self.dtype)(x),
+      positions=positions,
+      segment_ids=segment_ids,
+      decode=decode,
+      **extra,
+    )
     x = x + dropout(self, y, self.residual_dropout)
     if self.state_mixer != "identity":
-      y = StateMixer(self.state_mixer, self.d_model, self.mlp_hidden, self.num_layers,
-                     self.dtype)(norm(dtype=self.dtype)(x))
+      y = StateMixer(self.state_mixer, self.d_model, self.mlp_hidden, self.num_layers, self.dtype)(
+        norm(dtype=self.dtype)(x)
+      )
       x = x + dropout(self, y, self.residual_dropout)
     return x
 
@@ -107,6 +127,7 @@ class Backbone(nn.Module):
   A model subclasses it, calls `setup_stack()` in its `setup` after creating its read-in, and
   runs `stack(x, ...)` on the read-in's output.
   """
+
   d_model: int
   num_layers: int
   mixers: Sequence[str]
@@ -127,21 +148,30 @@ class Backbone(nn.Module):
 
   def check(self) -> None:
     """One ValueError naming the first impossible option."""
+
     def need(ok, what):
       if not ok:
         raise ValueError(what)
+
     for key in ("d_model", "num_layers", "max_positions"):
       value = getattr(self, key)
-      need(isinstance(value, int) and value >= 1, f"{key} must be a positive integer, got "
-           f"{value!r}")
+      need(
+        isinstance(value, int) and value >= 1, f"{key} must be a positive integer, got {value!r}"
+      )
     need(self.mixers, "the model needs at least one mixer")
     need(self.norm in NORMS, f"unknown norm {self.norm!r}; use {' or '.join(NORMS)}")
-    need(self.position_embedding in ("learned", "none"),
-         f"unknown position_embedding {self.position_embedding!r}; use learned or none")
-    need(self.state_mixer in ("identity", "mlp", "swiglu"),
-         f"unknown state_mixer {self.state_mixer!r}; use identity, mlp or swiglu")
-    need(self.state_mixer == "identity" or int(self.mlp_ratio * self.d_model) >= 1,
-         f"mlp_ratio must give the state mixer a hidden width >= 1, got {self.mlp_ratio!r}")
+    need(
+      self.position_embedding in ("learned", "none"),
+      f"unknown position_embedding {self.position_embedding!r}; use learned or none",
+    )
+    need(
+      self.state_mixer in ("identity", "mlp", "swiglu"),
+      f"unknown state_mixer {self.state_mixer!r}; use identity, mlp or swiglu",
+    )
+    need(
+      self.state_mixer == "identity" or int(self.mlp_ratio * self.d_model) >= 1,
+      f"mlp_ratio must give the state mixer a hidden width >= 1, got {self.mlp_ratio!r}",
+    )
     for key in ("embedding_dropout", "residual_dropout"):
       value = getattr(self, key)
       need(0 <= value < 1, f"{key} must be in [0, 1), got {value!r}")
@@ -151,17 +181,38 @@ class Backbone(nn.Module):
     if self.position_embedding == "learned":
       self.positions_embed = nn.Embed(self.max_positions, self.d_model, embedding_init=dense_init)
     self.blocks = [
-        Block(name_, kwargs, self.d_model, i, self.num_layers, self.state_mixer,
-              int(self.mlp_ratio * self.d_model), self.norm, self.dtype, self.causal,
-              self.residual_dropout)
-        for i, (name_, kwargs) in enumerate(self._layers())]
+      Block(
+        name_,
+        kwargs,
+        self.d_model,
+        i,
+        self.num_layers,
+        self.state_mixer,
+        int(self.mlp_ratio * self.d_model),
+        self.norm,
+        self.dtype,
+        self.causal,
+        self.residual_dropout,
+      )
+      for i, (name_, kwargs) in enumerate(self._layers())
+    ]
     self.final_norm = NORMS[self.norm](dtype=self.dtype)
 
   def mixer_modules(self) -> list[nn.Module]:
     """The (unbound) mixer of each layer, for state_size and analysis."""
-    return [build_mixer(name, causal=self.causal, d_model=self.d_model, layer_idx=i,
-                        num_layers=self.num_layers, dtype=self.dtype, parent=None, **kwargs)
-            for i, (name, kwargs) in enumerate(self._layers())]
+    return [
+      build_mixer(
+        name,
+        causal=self.causal,
+        d_model=self.d_model,
+        layer_idx=i,
+        num_layers=self.num_layers,
+        dtype=self.dtype,
+        parent=None,
+        **kwargs,
+      )
+      for i, (name, kwargs) in enumerate(self._layers())
+    ]
 
   def state_size(self, seq_len: int) -> int:
     """Bytes of decoding state over all layers (float32), as Zoology's x-axis."""
@@ -185,11 +236,12 @@ class Backbone(nn.Module):
     """Positions added (if learned), embedding dropout, the blocks, the final norm."""
     if self.position_embedding == "learned":
       if x.shape[1] > self.max_positions:
-        raise ValueError(f"a sequence of {x.shape[1]} tokens is longer than the "
-                         f"{self.max_positions} positions the model learns (max_positions)")
+        raise ValueError(
+          f"a sequence of {x.shape[1]} tokens is longer than the "
+          f"{self.max_positions} positions the model learns (max_positions)"
+        )
       x = x + self.positions_embed(positions).astype(self.dtype)
     x = dropout(self, x, self.embedding_dropout)
     for block in self.blocks:
-      x = block(x, positions=positions, segment_ids=segment_ids, block_ids=block_ids,
-                decode=decode)
+      x = block(x, positions=positions, segment_ids=segment_ids, block_ids=block_ids, decode=decode)
     return self.final_norm(x)

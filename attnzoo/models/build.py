@@ -1,4 +1,5 @@
 """The model of each task head kind, built from the config's `model` section."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,10 @@ from attnzoo.models.lm import DecoderLM
 from attnzoo.models.regressor import Regressor
 
 MODELS: dict[str, type[nn.Module]] = {
-    "causal_lm": DecoderLM, "classifier": EncoderClassifier, "regressor": Regressor}
+  "causal_lm": DecoderLM,
+  "classifier": EncoderClassifier,
+  "regressor": Regressor,
+}
 
 
 def build_model(kind: str, model_config, dtype: Any, **task_kwargs) -> nn.Module:

@@ -5,6 +5,7 @@ As in the Long Range Arena encoders (Tay et al. 2021), every token sees the whol
 A padding `mask` [B, T] (True at real tokens) keeps padding out of the pooled mean and, as a
 segment of its own, out of every real token's context.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,14 +14,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.models.backbone import Backbone
 from attnzoo.mixers.registry import dense_init
+from attnzoo.models.backbone import Backbone
 
 POOLINGS = ("mean", "cls")
 
 
 class EncoderClassifier(Backbone):
   """tokens [B, T] -> class logits [B, num_classes]; the mixers run in their bidirectional form."""
+
   vocab_size: int = dataclasses.field(kw_only=True)
   num_classes: int = dataclasses.field(kw_only=True)
   pooling: str = "mean"
@@ -38,8 +40,12 @@ class EncoderClassifier(Backbone):
     positions = self.positions(tokens.shape, positions, False)
     if mask is not None and segment_ids is None:
       segment_ids = mask.astype(jnp.int32)
-    x = self.stack(self.embed(tokens).astype(self.dtype), positions=positions,
-                   segment_ids=segment_ids, block_ids=block_ids)
+    x = self.stack(
+      self.embed(tokens).astype(self.dtype),
+      positions=positions,
+      segment_ids=segment_ids,
+      block_ids=block_ids,
+    )
     return self.classifier(pool(x, mask, self.pooling).astype(jnp.float32))
 
 

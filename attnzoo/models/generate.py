@@ -1,5 +1,6 @@
 """Autoregressive generation through the decoding cache: one prefill call for the prompt,
 then one jitted call per new token (O(1) per token for recurrent mixers)."""
+
 from __future__ import annotations
 
 import functools
@@ -10,8 +11,9 @@ import jax.numpy as jnp
 from attnzoo.models.lm import DecoderLM, init_cache
 
 
-def generate(model: DecoderLM, params, prompt, num_tokens: int, *, rng=None,
-             temperature: float = 0.0):
+def generate(
+  model: DecoderLM, params, prompt, num_tokens: int, *, rng=None, temperature: float = 0.0
+):
   """Continues prompt [B, P] by num_tokens tokens; temperature 0 is greedy. Returns [B, P+N]."""
   batch, prompt_len = prompt.shape
   cache = init_cache(model, batch, prompt_len + num_tokens)
@@ -19,8 +21,9 @@ def generate(model: DecoderLM, params, prompt, num_tokens: int, *, rng=None,
 
   @functools.partial(jax.jit, donate_argnums=1)
   def advance(tokens, cache, rng):
-    logits, variables = model.apply({"params": params, "cache": cache}, tokens, decode=True,
-                                    mutable=["cache"])
+    logits, variables = model.apply(
+      {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"]
+    )
     last = logits[:, -1].astype(jnp.float32)
     if temperature > 0:
       token = jax.random.categorical(rng, last / temperature)

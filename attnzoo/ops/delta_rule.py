@@ -14,6 +14,7 @@ GPU, Mosaic on TPU v5 and newer), "interpret" (the same kernels in Pallas interp
 forms differ only in floating-point rounding; `recurrent` (= `reference`) is the float32 ground
 truth.
 """
+
 from __future__ import annotations
 
 import jax
@@ -25,13 +26,16 @@ from attnzoo.ops.segments import segment_starts
 from pallas_kernels import delta_rule as kernels
 from pallas_kernels.common import device_reason
 
-dispatcher = Dispatcher("delta_rule", auto_order={
+dispatcher = Dispatcher(
+  "delta_rule",
+  auto_order={
     "gpu": ("pallas", "xla"),
     "tpu": ("pallas", "xla"),
     # On CPU the scan beats the chunked form (its batched triangular solves are slow there).
     "cpu": ("recurrent", "xla"),
     "default": ("xla",),
-})
+  },
+)
 
 _HI = lax.Precision.HIGHEST
 
@@ -41,9 +45,17 @@ def init_state(batch: int, heads: int, key_dim: int, value_dim: int) -> jax.Arra
   return jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
 
 
-def step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
-         log_decay: jax.Array | None = None, *, scale: float,
-         reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def step(
+  state: jax.Array,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  beta: jax.Array,
+  log_decay: jax.Array | None = None,
+  *,
+  scale: float,
+  reset: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """One decoding step. state [B,H,K,V] f32; q,k [B,H,K]; v [B,H,V]; beta, log_decay [B,H];
   reset [B] bool (start of a new segment: the state is zeroed first) or None.
   Returns (new state [B,H,K,V] f32, o [B,H,V] in v.dtype)."""
@@ -61,10 +73,18 @@ def step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.A
   return s, o.astype(v.dtype)
 
 
-def recurrent(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, scale: float,
-              log_decay: jax.Array | None = None, initial_state: jax.Array | None = None,
-              return_final_state: bool = False,
-              segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+def recurrent(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  beta: jax.Array,
+  *,
+  scale: float,
+  log_decay: jax.Array | None = None,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The token-by-token recurrence as a lax.scan over time, in float32 (the ground truth)."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
@@ -88,8 +108,9 @@ reference = recurrent
 
 def _canonical(q, k, v, beta, *, scale, log_decay, initial_state, segment_ids):
   if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"delta_rule wants q,k [B,T,H,K] and v [B,T,H,V]; got q{q.shape} "
-                     f"k{k.shape} v{v.shape}")
+    raise ValueError(
+      f"delta_rule wants q,k [B,T,H,K] and v [B,T,H,V]; got q{q.shape} k{k.shape} v{v.shape}"
+    )
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   if beta.shape != (b, t, h):
@@ -97,23 +118,40 @@ def _canonical(q, k, v, beta, *, scale, log_decay, initial_state, segment_ids):
   if log_decay is not None and log_decay.shape != (b, t, h):
     raise ValueError(f"delta_rule: log_decay must be [B,T,H]={b, t, h}, got {log_decay.shape}")
   if initial_state is not None and initial_state.shape != (b, h, dk, dv):
-    raise ValueError(f"delta_rule: initial_state must be [B,H,K,V]={b, h, dk, dv}, "
-                     f"got {initial_state.shape}")
+    raise ValueError(
+      f"delta_rule: initial_state must be [B,H,K,V]={b, h, dk, dv}, got {initial_state.shape}"
+    )
   if segment_ids is not None and segment_ids.shape != (b, t):
     raise ValueError(f"delta_rule: segment_ids must be [B,T]={b, t}, got {segment_ids.shape}")
   if scale is None:
     raise ValueError("delta_rule: pass `scale` explicitly (e.g. head_dim ** -0.5)")
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"delta_rule: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  return dict(q=q, k=k, v=v, beta=beta, scale=scale, log_decay=log_decay,
-              initial_state=initial_state, segment_ids=segment_ids)
+  return dict(
+    q=q,
+    k=k,
+    v=v,
+    beta=beta,
+    scale=scale,
+    log_decay=log_decay,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+  )
 
 
 @dispatcher.register("recurrent")
 def _recurrent(*, q, k, v, beta, scale, log_decay, initial_state, segment_ids):
-  o, final = recurrent(q, k, v, beta, scale=scale, log_decay=log_decay,
-                       initial_state=initial_state, return_final_state=True,
-                       segment_ids=segment_ids)
+  o, final = recurrent(
+    q,
+    k,
+    v,
+    beta,
+    scale=scale,
+    log_decay=log_decay,
+    initial_state=initial_state,
+    return_final_state=True,
+    segment_ids=segment_ids,
+  )
   return o.astype(v.dtype), final
 
 
@@ -128,8 +166,9 @@ def _xla(*, q, k, v, beta, scale, log_decay, initial_state, segment_ids):
   tp = beta_p.shape[-1]
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   s0 = init_state(b, h, dk, dv) if initial_state is None else initial_state
-  o, final = kernels.chunked(pad(q), pad(k), pad(v), beta_p, g, g0, run, s0,
-                             scale=scale, chunk=chunk)
+  o, final = kernels.chunked(
+    pad(q), pad(k), pad(v), beta_p, g, g0, run, s0, scale=scale, chunk=chunk
+  )
   return o[:, :t], final
 
 
@@ -138,8 +177,7 @@ def _interpret_supports(*, q, k, v, scale, **_):
 
 
 def _pallas_supports(*, q, k, v, scale, **_):
-  return (device_reason("the delta-rule Pallas kernels")
-          or kernels.reason(q, k, v, scale=scale))
+  return device_reason("the delta-rule Pallas kernels") or kernels.reason(q, k, v, scale=scale)
 
 
 @dispatcher.register("pallas", supports=_pallas_supports)
@@ -152,13 +190,30 @@ def _interpret(**args):
   return kernels.delta_rule(**args, interpret=True)
 
 
-def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, scale: float,
-               log_decay: jax.Array | None = None, initial_state: jax.Array | None = None,
-               return_final_state: bool = False, segment_ids: jax.Array | None = None,
-               implementation: str = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
+def delta_rule(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  beta: jax.Array,
+  *,
+  scale: float,
+  log_decay: jax.Array | None = None,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
+  implementation: str = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Chunked delta rule; see the module docstring. implementation: "auto" | "xla" |
   "pallas" | "interpret" | "recurrent" (the float32 scan; "auto" takes it on CPU)."""
-  args = _canonical(q, k, v, beta, scale=scale, log_decay=log_decay,
-                    initial_state=initial_state, segment_ids=segment_ids)
+  args = _canonical(
+    q,
+    k,
+    v,
+    beta,
+    scale=scale,
+    log_decay=log_decay,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+  )
   o, final = dispatcher(implementation, **args)
   return (o, final) if return_final_state else o

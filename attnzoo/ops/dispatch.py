@@ -5,10 +5,11 @@ has a `supports(**arguments) -> reason | None` check that runs before tracing. A
 implementation that cannot serve the arguments raises `Unsupported` naming the reason; "auto"
 takes the first implementation in the backend's preference order that can serve them.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -43,6 +44,7 @@ class Dispatcher:
     def decorator(fn):
       self.implementations[name] = Implementation(fn, supports)
       return fn
+
     return decorator
 
   def reason(self, name: str, **arguments) -> str | None:
@@ -55,8 +57,9 @@ class Dispatcher:
     if implementation != "auto":
       why = self.reason(implementation, **arguments)
       if why is not None:
-        raise Unsupported(f"{self.op_name}: implementation {implementation!r} cannot serve "
-                          f"these arguments: {why}")
+        raise Unsupported(
+          f"{self.op_name}: implementation {implementation!r} cannot serve these arguments: {why}"
+        )
       return implementation
     backend = jax.default_backend()
     order = self.auto_order.get(backend, self.auto_order["default"])
@@ -67,8 +70,10 @@ class Dispatcher:
         if why is None:
           return name
         reasons.append(f"{name}: {why}")
-    raise Unsupported(f"{self.op_name}: no implementation serves these arguments on "
-                      f"{backend}: " + "; ".join(reasons))
+    raise Unsupported(
+      f"{self.op_name}: no implementation serves these arguments on "
+      f"{backend}: " + "; ".join(reasons)
+    )
 
   def __call__(self, implementation: str, **arguments):
     name = self.choose(implementation, **arguments)

@@ -30,6 +30,7 @@ instead wherever no chunk decays by more than e^-80 (then nothing is clamped). I
 normalised form's dq is a small difference of two large terms (~3e-2 relative error at T=1000
 for "xla" and "pallas" alike).
 """
+
 from __future__ import annotations
 
 import jax
@@ -43,20 +44,37 @@ from pallas_kernels.common import device_reason
 
 F32 = jnp.float32
 
-dispatcher = Dispatcher("linear_attention", auto_order={
+dispatcher = Dispatcher(
+  "linear_attention",
+  auto_order={
     "gpu": ("pallas", "xla"),
     "tpu": ("pallas", "xla"),
     "default": ("xla",),
-})
+  },
+)
 
 
 # ----------------------------------------------------------------------------- arguments
 
-def _canonical(q, k, v, *, scale, log_decay, bonus, normalize, initial_state,
-               return_final_state, segment_ids, eps):
+
+def _canonical(
+  q,
+  k,
+  v,
+  *,
+  scale,
+  log_decay,
+  bonus,
+  normalize,
+  initial_state,
+  return_final_state,
+  segment_ids,
+  eps,
+):
   if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"linear_attention wants q,k [B,T,H,K] and v [B,T,H,V]; got q{q.shape} "
-                     f"k{k.shape} v{v.shape}")
+    raise ValueError(
+      f"linear_attention wants q,k [B,T,H,K] and v [B,T,H,V]; got q{q.shape} k{k.shape} v{v.shape}"
+    )
   if scale is None:
     raise ValueError("linear_attention: pass `scale` explicitly (e.g. head_dim ** -0.5)")
   b, t, h, kd = q.shape
@@ -65,20 +83,35 @@ def _canonical(q, k, v, *, scale, log_decay, bonus, normalize, initial_state,
     if log_decay.shape == (h,):
       log_decay = jnp.broadcast_to(log_decay, (b, t, h))
     if log_decay.shape not in ((b, t, h), (b, t, h, kd)):
-      raise ValueError(f"linear_attention: log_decay must be [H], [B,T,H] or [B,T,H,K]; got "
-                       f"{log_decay.shape} for q{q.shape}")
+      raise ValueError(
+        f"linear_attention: log_decay must be [H], [B,T,H] or [B,T,H,K]; got "
+        f"{log_decay.shape} for q{q.shape}"
+      )
   if bonus is not None and bonus.shape != (h, kd):
     raise ValueError(f"linear_attention: bonus must be [H,K]=({h},{kd}); got {bonus.shape}")
   state_v = vd + 1 if normalize else vd
   if initial_state is not None and initial_state.shape != (b, h, kd, state_v):
-    raise ValueError(f"linear_attention: initial_state must be [B,H,K,V{'+1' if normalize else ''}]"
-                     f"=({b},{h},{kd},{state_v}); got {initial_state.shape}")
+    raise ValueError(
+      f"linear_attention: initial_state must be [B,H,K,V{'+1' if normalize else ''}]"
+      f"=({b},{h},{kd},{state_v}); got {initial_state.shape}"
+    )
   if segment_ids is not None and segment_ids.shape != (b, t):
-    raise ValueError(f"linear_attention: segment_ids must be [B,T]=({b},{t}); got "
-                     f"{segment_ids.shape}")
-  return dict(q=q, k=k, v=v, scale=scale, log_decay=log_decay, bonus=bonus,
-              normalize=bool(normalize), initial_state=initial_state,
-              return_final_state=bool(return_final_state), segment_ids=segment_ids, eps=eps)
+    raise ValueError(
+      f"linear_attention: segment_ids must be [B,T]=({b},{t}); got {segment_ids.shape}"
+    )
+  return dict(
+    q=q,
+    k=k,
+    v=v,
+    scale=scale,
+    log_decay=log_decay,
+    bonus=bonus,
+    normalize=bool(normalize),
+    initial_state=initial_state,
+    return_final_state=bool(return_final_state),
+    segment_ids=segment_ids,
+    eps=eps,
+  )
 
 
 def _augment(v, normalize):
@@ -101,15 +134,35 @@ def _finish(o, final_state, *, v, normalize, eps, return_final_state, den=None):
 
 # ----------------------------------------------------------------------------- reference
 
-def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-              log_decay: jax.Array | None = None, bonus: jax.Array | None = None,
-              normalize: bool = False, initial_state: jax.Array | None = None,
-              return_final_state: bool = False, segment_ids: jax.Array | None = None,
-              eps: float = 1e-6) -> jax.Array | tuple[jax.Array, jax.Array]:
+
+def reference(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float,
+  log_decay: jax.Array | None = None,
+  bonus: jax.Array | None = None,
+  normalize: bool = False,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
+  eps: float = 1e-6,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The float32 ground truth: materialises the [B,H,T,T] (x K) decayed score matrix."""
-  a = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus, normalize=normalize,
-                 initial_state=initial_state, return_final_state=return_final_state,
-                 segment_ids=segment_ids, eps=eps)
+  a = _canonical(
+    q,
+    k,
+    v,
+    scale=scale,
+    log_decay=log_decay,
+    bonus=bonus,
+    normalize=normalize,
+    initial_state=initial_state,
+    return_final_state=return_final_state,
+    segment_ids=segment_ids,
+    eps=eps,
+  )
   b, t, h, kd = q.shape
   qf, kf = q.astype(F32), k.astype(F32)
   vf = _augment(v.astype(F32), normalize)
@@ -119,16 +172,15 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   elif g.ndim == 3:
     g = jnp.broadcast_to(g.astype(F32)[..., None], q.shape)
   g = g.astype(F32)
-  G = jnp.cumsum(g, axis=1)                              # global cumulative log decay
-  Gq = G - g if bonus is not None else G                 # the RWKV-6 readout skips step t
-  seg = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
-         else canonical_segments(segment_ids))
+  G = jnp.cumsum(g, axis=1)  # global cumulative log decay
+  Gq = G - g if bonus is not None else G  # the RWKV-6 readout skips step t
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else canonical_segments(segment_ids)
   i = jnp.arange(t)[:, None]
   j = jnp.arange(t)[None, :]
   causal = j < i if bonus is not None else j <= i
-  mask = causal[None] & (seg[:, :, None] == seg[:, None, :])          # [B,Ti,Tj]
+  mask = causal[None] & (seg[:, :, None] == seg[:, None, :])  # [B,Ti,Tj]
   m = mask[:, :, :, None, None]
-  diff = Gq[:, :, None] - G[:, None, :]                               # [B,Ti,Tj,H,K]
+  diff = Gq[:, :, None] - G[:, None, :]  # [B,Ti,Tj,H,K]
   w = jnp.where(m, jnp.exp(jnp.where(m, diff, 0.0)), 0.0)
   scores = jnp.einsum("bihk,bjhk,bijhk->bhij", qf, kf, w) * scale
   if bonus is not None:
@@ -142,29 +194,38 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     h0 = h0.astype(F32)
     o = o + scale * jnp.where(first, jnp.einsum("bthk,bhkv->bthv", qf * jnp.exp(Gq), h0), 0.0)
   if return_final_state:
-    GT = G[:, -1]                                                     # [B,H,K]
+    GT = G[:, -1]  # [B,H,K]
     keep = (seg == seg[:, -1:])[:, :, None, None]
     kT = jnp.where(keep, kf * jnp.exp(GT[:, None] - G), 0.0)
     hT = jnp.einsum("bjhk,bjhv->bhkv", kT, vf)
     if h0 is not None:
-      hT = hT + jnp.where((seg[:, -1] == 0)[:, None, None, None],
-                          jnp.exp(GT)[..., None] * h0, 0.0)
-  return _finish(o, hT, v=v, normalize=normalize, eps=eps,
-                 return_final_state=return_final_state)
+      hT = hT + jnp.where((seg[:, -1] == 0)[:, None, None, None], jnp.exp(GT)[..., None] * h0, 0.0)
+  return _finish(o, hT, v=v, normalize=normalize, eps=eps, return_final_state=return_final_state)
 
 
 # ----------------------------------------------------------------------------- recurrent form
 
-def init_state(batch: int, heads: int, k_dim: int, v_dim: int, *,
-               normalize: bool = False) -> jax.Array:
+
+def init_state(
+  batch: int, heads: int, k_dim: int, v_dim: int, *, normalize: bool = False
+) -> jax.Array:
   """Zero state [B,H,K,V] float32 ([B,H,K,V+1] with the normaliser)."""
   return jnp.zeros((batch, heads, k_dim, v_dim + (1 if normalize else 0)), F32)
 
 
-def step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
-         log_decay: jax.Array | None = None, *, scale: float, bonus: jax.Array | None = None,
-         normalize: bool = False, eps: float = 1e-6,
-         reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def step(
+  state: jax.Array,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  log_decay: jax.Array | None = None,
+  *,
+  scale: float,
+  bonus: jax.Array | None = None,
+  normalize: bool = False,
+  eps: float = 1e-6,
+  reset: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """One decoding step. q,k [B,H,K], v [B,H,V], log_decay None | [H] | [B,H] | [B,H,K];
   reset [B] bool zeroes the state first (a new sequence). Returns (state, o[B,H,V])."""
   qf, kf = q.astype(F32), k.astype(F32)
@@ -192,15 +253,34 @@ def step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
   return state, o.astype(v.dtype)
 
 
-def recurrent(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-              log_decay: jax.Array | None = None, bonus: jax.Array | None = None,
-              normalize: bool = False, initial_state: jax.Array | None = None,
-              return_final_state: bool = False, segment_ids: jax.Array | None = None,
-              eps: float = 1e-6) -> jax.Array | tuple[jax.Array, jax.Array]:
+def recurrent(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float,
+  log_decay: jax.Array | None = None,
+  bonus: jax.Array | None = None,
+  normalize: bool = False,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
+  eps: float = 1e-6,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """lax.scan of `step` over time (float32 state)."""
-  a = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus, normalize=normalize,
-                 initial_state=initial_state, return_final_state=return_final_state,
-                 segment_ids=segment_ids, eps=eps)
+  a = _canonical(
+    q,
+    k,
+    v,
+    scale=scale,
+    log_decay=log_decay,
+    bonus=bonus,
+    normalize=normalize,
+    initial_state=initial_state,
+    return_final_state=return_final_state,
+    segment_ids=segment_ids,
+    eps=eps,
+  )
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   h0 = a["initial_state"]
@@ -208,13 +288,19 @@ def recurrent(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     h0 = init_state(b, h, kd, vd, normalize=normalize)
   reset = jnp.zeros((b, t), bool) if segment_ids is None else segment_starts(segment_ids)
   g = a["log_decay"]
-  xs = (q.swapaxes(0, 1), k.swapaxes(0, 1), v.astype(F32).swapaxes(0, 1), reset.swapaxes(0, 1),
-        None if g is None else g.swapaxes(0, 1))
+  xs = (
+    q.swapaxes(0, 1),
+    k.swapaxes(0, 1),
+    v.astype(F32).swapaxes(0, 1),
+    reset.swapaxes(0, 1),
+    None if g is None else g.swapaxes(0, 1),
+  )
 
   def body(state, x):
     qt, kt, vt, rt, gt = x
-    return step(state, qt, kt, vt, gt, scale=scale, bonus=bonus, normalize=normalize,
-                eps=eps, reset=rt)
+    return step(
+      state, qt, kt, vt, gt, scale=scale, bonus=bonus, normalize=normalize, eps=eps, reset=rt
+    )
 
   hT, o = lax.scan(body, h0.astype(F32), xs)
   o = o.swapaxes(0, 1).astype(v.dtype)
@@ -223,25 +309,66 @@ def recurrent(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
 
 # ----------------------------------------------------------------------------- chunked (xla)
 
-def chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-            log_decay: jax.Array | None = None, bonus: jax.Array | None = None,
-            normalize: bool = False, initial_state: jax.Array | None = None,
-            return_final_state: bool = False, segment_ids: jax.Array | None = None,
-            eps: float = 1e-6, chunk_size: int = 64) -> jax.Array | tuple[jax.Array, jax.Array]:
+
+def chunked(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float,
+  log_decay: jax.Array | None = None,
+  bonus: jax.Array | None = None,
+  normalize: bool = False,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
+  eps: float = 1e-6,
+  chunk_size: int = 64,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Chunkwise-parallel pure-jnp form (matmuls in the input dtype, float32 state)."""
-  a = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus, normalize=normalize,
-                 initial_state=initial_state, return_final_state=return_final_state,
-                 segment_ids=segment_ids, eps=eps)
+  a = _canonical(
+    q,
+    k,
+    v,
+    scale=scale,
+    log_decay=log_decay,
+    bonus=bonus,
+    normalize=normalize,
+    initial_state=initial_state,
+    return_final_state=return_final_state,
+    segment_ids=segment_ids,
+    eps=eps,
+  )
   return _chunked(**a, chunk_size=chunk_size)
 
 
-def _chunked(*, q, k, v, scale, log_decay, bonus, normalize, initial_state, return_final_state,
-             segment_ids, eps, chunk_size=64):
-  o, hT = kernels.chunked(q, k, _augment(v, normalize), log_decay, scale=scale, bonus=bonus,
-                          initial_state=initial_state, segment_ids=segment_ids,
-                          chunk=chunk_size)
-  return _finish(o, hT, v=v, normalize=normalize, eps=eps,
-                 return_final_state=return_final_state)
+def _chunked(
+  *,
+  q,
+  k,
+  v,
+  scale,
+  log_decay,
+  bonus,
+  normalize,
+  initial_state,
+  return_final_state,
+  segment_ids,
+  eps,
+  chunk_size=64,
+):
+  o, hT = kernels.chunked(
+    q,
+    k,
+    _augment(v, normalize),
+    log_decay,
+    scale=scale,
+    bonus=bonus,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+    chunk=chunk_size,
+  )
+  return _finish(o, hT, v=v, normalize=normalize, eps=eps, return_final_state=return_final_state)
 
 
 dispatcher.register("xla")(_chunked)
@@ -249,36 +376,73 @@ dispatcher.register("xla")(_chunked)
 
 # ----------------------------------------------------------------------------- Pallas
 
+
 def _kernel_reason(*, q, k, v, scale, log_decay, bonus, initial_state, segment_ids, **_):
-  return kernels.reason(q, k, v, log_decay, scale=scale, bonus=bonus,
-                        initial_state=initial_state, segment_ids=segment_ids)
+  return kernels.reason(
+    q,
+    k,
+    v,
+    log_decay,
+    scale=scale,
+    bonus=bonus,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+  )
 
 
 def _pallas_supports(**args):
   return device_reason("the linear-attention Pallas kernels") or _kernel_reason(**args)
 
 
-def _run_kernel(*, q, k, v, scale, log_decay, bonus, normalize, initial_state,
-                return_final_state, segment_ids, eps, interpret):
+def _run_kernel(
+  *,
+  q,
+  k,
+  v,
+  scale,
+  log_decay,
+  bonus,
+  normalize,
+  initial_state,
+  return_final_state,
+  segment_ids,
+  eps,
+  interpret,
+):
   """The kernel on v; with the normaliser, a second call on a ones column gives z_t . q_t
   (one narrow V tile instead of widening every value tile by one column)."""
   vd = v.shape[-1]
   h0 = initial_state
 
   def run(values, state, out_dtype):
-    return kernels.linear_attention(q, k, values, log_decay, scale=float(scale), bonus=bonus,
-                                    initial_state=state, segment_ids=segment_ids,
-                                    interpret=interpret, out_dtype=out_dtype)
+    return kernels.linear_attention(
+      q,
+      k,
+      values,
+      log_decay,
+      scale=float(scale),
+      bonus=bonus,
+      initial_state=state,
+      segment_ids=segment_ids,
+      interpret=interpret,
+      out_dtype=out_dtype,
+    )
+
   if not normalize:
     o, hT = run(v, h0, None)
     return (o, hT) if return_final_state else o
   # the numerator in v's dtype, the normaliser in float32
   num, hT = run(v, None if h0 is None else h0[..., :vd], None)
-  den, zT = run(jnp.ones(v.shape[:-1] + (1,), v.dtype), None if h0 is None else h0[..., vd:],
-                F32)
-  return _finish(num.astype(F32), jnp.concatenate([hT, zT], axis=-1) if return_final_state
-                 else None, v=v, normalize=True, eps=eps,
-                 return_final_state=return_final_state, den=den)
+  den, zT = run(jnp.ones(v.shape[:-1] + (1,), v.dtype), None if h0 is None else h0[..., vd:], F32)
+  return _finish(
+    num.astype(F32),
+    jnp.concatenate([hT, zT], axis=-1) if return_final_state else None,
+    v=v,
+    normalize=True,
+    eps=eps,
+    return_final_state=return_final_state,
+    den=den,
+  )
 
 
 @dispatcher.register("pallas", supports=_pallas_supports)
@@ -291,19 +455,38 @@ def _interpret(**args):
   return _run_kernel(**args, interpret=True)
 
 
-def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                     log_decay: jax.Array | None = None, bonus: jax.Array | None = None,
-                     normalize: bool = False, initial_state: jax.Array | None = None,
-                     return_final_state: bool = False, segment_ids: jax.Array | None = None,
-                     eps: float = 1e-6,
-                     implementation: str = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
+def linear_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float,
+  log_decay: jax.Array | None = None,
+  bonus: jax.Array | None = None,
+  normalize: bool = False,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
+  eps: float = 1e-6,
+  implementation: str = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Decayed linear attention (see the module docstring).
 
   Returns o[B,T,H,V] in v's dtype, or (o, final_state float32) when return_final_state.
   implementation: "auto" | "xla" | "pallas" | "interpret".
   """
-  args = _canonical(q, k, v, scale=scale, log_decay=log_decay, bonus=bonus,
-                    normalize=normalize, initial_state=initial_state,
-                    return_final_state=return_final_state, segment_ids=segment_ids, eps=eps)
+  args = _canonical(
+    q,
+    k,
+    v,
+    scale=scale,
+    log_decay=log_decay,
+    bonus=bonus,
+    normalize=normalize,
+    initial_state=initial_state,
+    return_final_state=return_final_state,
+    segment_ids=segment_ids,
+    eps=eps,
+  )
   name = dispatcher.choose(implementation, **args)
   return dispatcher.implementations[name].fn(**args)

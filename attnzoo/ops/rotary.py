@@ -1,4 +1,5 @@
 """Rotary position embedding, RoPE (Su et al. 2021, "RoFormer"), half-split layout."""
+
 from __future__ import annotations
 
 import jax

@@ -15,6 +15,7 @@ last segment's start are zero), so `op(x1) ; op(x2, initial_state=state)` == `op
 Implementations: `reference` (a sum of K shifted copies, pure jnp, differentiable), "xla" (the
 same), `recurrent` (lax.scan of `step`, for tests).
 """
+
 from __future__ import annotations
 
 import jax
@@ -31,36 +32,44 @@ dispatcher = Dispatcher("short_conv", auto_order={"default": ("xla",)})
 
 def _canonical(x, weight, bias, initial_state, segment_ids):
   if x.ndim != 3 or weight.ndim != 2 or weight.shape[1] != x.shape[2]:
-    raise ValueError(f"short_conv wants x [B,T,C] and weight [K,C]; got x{x.shape} "
-                     f"weight{weight.shape}")
+    raise ValueError(
+      f"short_conv wants x [B,T,C] and weight [K,C]; got x{x.shape} weight{weight.shape}"
+    )
   b, t, c = x.shape
   k = weight.shape[0]
   if bias is not None and bias.shape != (c,):
     raise ValueError(f"short_conv: bias must be [C]=({c},); got {bias.shape}")
   if initial_state is not None and initial_state.shape != (b, k - 1, c):
-    raise ValueError(f"short_conv: initial_state must be [B,K-1,C]=({b},{k - 1},{c}); got "
-                     f"{initial_state.shape}")
+    raise ValueError(
+      f"short_conv: initial_state must be [B,K-1,C]=({b},{k - 1},{c}); got {initial_state.shape}"
+    )
   if segment_ids is not None and segment_ids.shape != (b, t):
     raise ValueError(f"short_conv: segment_ids must be [B,T]=({b},{t}); got {segment_ids.shape}")
 
 
-def init_state(batch: int, kernel_size: int, channels: int,
-               dtype: jax.typing.DTypeLike = F32) -> jax.Array:
+def init_state(
+  batch: int, kernel_size: int, channels: int, dtype: jax.typing.DTypeLike = F32
+) -> jax.Array:
   """Zero buffer [B, K-1, C] of the last K-1 inputs."""
   return jnp.zeros((batch, kernel_size - 1, channels), dtype)
 
 
-def reference(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
-              initial_state: jax.Array | None = None, return_final_state: bool = False,
-              segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+def reference(
+  x: jax.Array,
+  weight: jax.Array,
+  bias: jax.Array | None = None,
+  *,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Sum of K shifted, masked copies of x; accumulates in float32, returns x's dtype."""
   _canonical(x, weight, bias, initial_state, segment_ids)
   b, t, c = x.shape
   k = weight.shape[0]
   xf = x.astype(F32)
-  prefix = (jnp.zeros((b, k - 1, c), F32) if initial_state is None
-            else initial_state.astype(F32))
-  xp = jnp.concatenate([prefix, xf], axis=1)                        # [B, K-1+T, C]
+  prefix = jnp.zeros((b, k - 1, c), F32) if initial_state is None else initial_state.astype(F32)
+  xp = jnp.concatenate([prefix, xf], axis=1)  # [B, K-1+T, C]
   if segment_ids is None:
     seg = jnp.zeros((b, t), jnp.int32)
   else:
@@ -69,7 +78,7 @@ def reference(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
   segp = jnp.concatenate([jnp.broadcast_to(seg[:, :1], (b, k - 1)), seg], axis=1)
   wf = weight.astype(F32)
   y = jnp.zeros((b, t, c), F32)
-  for i in range(k):                                                # i = K-1 is the current x
+  for i in range(k):  # i = K-1 is the current x
     xi = lax.slice_in_dim(xp, i, i + t, axis=1)
     same = lax.slice_in_dim(segp, i, i + t, axis=1) == seg
     y = y + jnp.where(same[..., None], xi, 0.0) * wf[i]
@@ -80,13 +89,19 @@ def reference(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
     return y
   if k == 1:
     return y, jnp.zeros((b, 0, c), F32)
-  last = segp[:, -(k - 1):] == seg[:, -1:]
-  final = jnp.where(last[..., None], xp[:, -(k - 1):], 0.0)
+  last = segp[:, -(k - 1) :] == seg[:, -1:]
+  final = jnp.where(last[..., None], xp[:, -(k - 1) :], 0.0)
   return y, final
 
 
-def step(state: jax.Array, x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
-         reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def step(
+  state: jax.Array,
+  x: jax.Array,
+  weight: jax.Array,
+  bias: jax.Array | None = None,
+  *,
+  reset: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """One decoding step: state [B,K-1,C], x [B,C]; reset [B] bool zeroes the buffer first.
   Returns (new state float32, y [B,C] in x's dtype)."""
   state = state.astype(F32)
@@ -99,9 +114,15 @@ def step(state: jax.Array, x: jax.Array, weight: jax.Array, bias: jax.Array | No
   return window[:, 1:], y.astype(x.dtype)
 
 
-def recurrent(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
-              initial_state: jax.Array | None = None, return_final_state: bool = False,
-              segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+def recurrent(
+  x: jax.Array,
+  weight: jax.Array,
+  bias: jax.Array | None = None,
+  *,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """lax.scan of `step` over time."""
   _canonical(x, weight, bias, initial_state, segment_ids)
   b, t, c = x.shape
@@ -120,19 +141,38 @@ def recurrent(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
 
 @dispatcher.register("xla")
 def _xla(*, x, weight, bias, initial_state, return_final_state, segment_ids):
-  return reference(x, weight, bias, initial_state=initial_state,
-                   return_final_state=return_final_state, segment_ids=segment_ids)
+  return reference(
+    x,
+    weight,
+    bias,
+    initial_state=initial_state,
+    return_final_state=return_final_state,
+    segment_ids=segment_ids,
+  )
 
 
-def short_conv(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
-               initial_state: jax.Array | None = None, return_final_state: bool = False,
-               segment_ids: jax.Array | None = None,
-               implementation: str = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
+def short_conv(
+  x: jax.Array,
+  weight: jax.Array,
+  bias: jax.Array | None = None,
+  *,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
+  implementation: str = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Causal depthwise convolution (see the module docstring).
 
   Returns y [B,T,C] in x's dtype, or (y, final_state [B,K-1,C] float32).
   implementation: "auto" | "xla".
   """
   _canonical(x, weight, bias, initial_state, segment_ids)
-  return dispatcher(implementation, x=x, weight=weight, bias=bias, initial_state=initial_state,
-                    return_final_state=return_final_state, segment_ids=segment_ids)
+  return dispatcher(
+    implementation,
+    x=x,
+    weight=weight,
+    bias=bias,
+    initial_state=initial_state,
+    return_final_state=return_final_state,
+    segment_ids=segment_ids,
+  )

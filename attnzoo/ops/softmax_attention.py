@@ -15,6 +15,7 @@ Decoding passes explicit
 which every causal or windowed query masks out. Rows with no visible key return 0 (lse -inf).
 Grouped-query / multi-query: Hkv divides H; query head h reads kv head h // (H // Hkv).
 """
+
 from __future__ import annotations
 
 import jax
@@ -23,11 +24,14 @@ import jax.numpy as jnp
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import EMPTY
 
-dispatcher = Dispatcher("softmax_attention", auto_order={
+dispatcher = Dispatcher(
+  "softmax_attention",
+  auto_order={
     "gpu": ("cudnn", "pallas", "xla"),
     "tpu": ("pallas", "xla"),
     "default": ("xla",),
-})
+  },
+)
 
 
 def normalize_window(window):
@@ -41,8 +45,17 @@ def normalize_window(window):
   return int(left), int(right)
 
 
-def attention_mask(q_positions, kv_positions, *, causal, window, segment_ids, kv_segment_ids,
-                   block_mask=None, block_mask_size=None):
+def attention_mask(
+  q_positions,
+  kv_positions,
+  *,
+  causal,
+  window,
+  segment_ids,
+  kv_segment_ids,
+  block_mask=None,
+  block_mask_size=None,
+):
   """Boolean mask [B, 1, Tq, Tk]: True where query may attend to key."""
   qp = q_positions[:, None, :, None]
   kp = kv_positions[:, None, None, :]
@@ -62,23 +75,49 @@ def attention_mask(q_positions, kv_positions, *, causal, window, segment_ids, kv
   return mask
 
 
-def _attention_jnp(q, k, v, *, scale, causal, window, segment_ids, kv_segment_ids,
-                   q_positions, kv_positions, softcap, bias, return_lse, compute_dtype,
-                   block_mask=None, block_mask_size=None, dropout_rate=0.0, dropout_rng=None):
+def _attention_jnp(
+  q,
+  k,
+  v,
+  *,
+  scale,
+  causal,
+  window,
+  segment_ids,
+  kv_segment_ids,
+  q_positions,
+  kv_positions,
+  softcap,
+  bias,
+  return_lse,
+  compute_dtype,
+  block_mask=None,
+  block_mask_size=None,
+  dropout_rate=0.0,
+  dropout_rng=None,
+):
   batch, tq, heads, _ = q.shape
   tk, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
   q = q.astype(compute_dtype).reshape(batch, tq, kv_heads, groups, q.shape[-1])
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k.astype(compute_dtype),
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+    "bqhgd,bkhd->bhgqk", q, k.astype(compute_dtype), preferred_element_type=jnp.float32
+  )
   logits = logits.reshape(batch, heads, tq, tk) * jnp.asarray(scale, jnp.float32).reshape(-1, 1, 1)
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
-  mask = attention_mask(q_positions, kv_positions, causal=causal, window=window,
-                        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                        block_mask=block_mask, block_mask_size=block_mask_size)
+  mask = attention_mask(
+    q_positions,
+    kv_positions,
+    causal=causal,
+    window=window,
+    segment_ids=segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    block_mask=block_mask,
+    block_mask_size=block_mask_size,
+  )
   logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -89,8 +128,9 @@ def _attention_jnp(q, k, v, *, scale, causal, window, segment_ids, kv_segment_id
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   probs = probs.reshape(batch, kv_heads, groups, tq, tk).astype(compute_dtype)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(compute_dtype),
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+    "bhgqk,bkhd->bqhgd", probs, v.astype(compute_dtype), preferred_element_type=jnp.float32
+  )
   out = out.reshape(batch, tq, heads, v.shape[-1]).astype(v.dtype)
   if not return_lse:
     return out
@@ -98,26 +138,64 @@ def _attention_jnp(q, k, v, *, scale, causal, window, segment_ids, kv_segment_id
   return out, jnp.transpose(lse, (0, 2, 1))
 
 
-def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bool = False,
-              window: int | tuple[int, int] | None = None, segment_ids: jax.Array | None = None,
-              kv_segment_ids: jax.Array | None = None, q_positions: jax.Array | None = None,
-              kv_positions: jax.Array | None = None, softcap: float | None = None,
-              bias: jax.Array | None = None, return_lse: bool = False,
-              block_mask: jax.Array | None = None,
-              block_mask_size: tuple[int, int] | None = None
-              ) -> jax.Array | tuple[jax.Array, jax.Array]:
+def reference(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale,
+  causal: bool = False,
+  window: int | tuple[int, int] | None = None,
+  segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  softcap: float | None = None,
+  bias: jax.Array | None = None,
+  return_lse: bool = False,
+  block_mask: jax.Array | None = None,
+  block_mask_size: tuple[int, int] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The float32 ground truth: materialises the [B, H, Tq, Tk] logits."""
-  args = _canonical(q, k, v, scale=scale, causal=causal, window=window,
-                    segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                    q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
-                    bias=bias, return_lse=return_lse, block_mask=block_mask,
-                    block_mask_size=block_mask_size)
+  args = _canonical(
+    q,
+    k,
+    v,
+    scale=scale,
+    causal=causal,
+    window=window,
+    segment_ids=segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    q_positions=q_positions,
+    kv_positions=kv_positions,
+    softcap=softcap,
+    bias=bias,
+    return_lse=return_lse,
+    block_mask=block_mask,
+    block_mask_size=block_mask_size,
+  )
   out = _attention_jnp(**args, compute_dtype=jnp.float32)
   return out
 
 
-def _canonical(q, k, v, *, scale, causal, window, segment_ids, kv_segment_ids, q_positions,
-               kv_positions, softcap, bias, return_lse, block_mask=None, block_mask_size=None):
+def _canonical(
+  q,
+  k,
+  v,
+  *,
+  scale,
+  causal,
+  window,
+  segment_ids,
+  kv_segment_ids,
+  q_positions,
+  kv_positions,
+  softcap,
+  bias,
+  return_lse,
+  block_mask=None,
+  block_mask_size=None,
+):
   """Validates shapes and fills defaults; returns the keyword arguments every impl takes."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"softmax_attention wants BTHD arrays, got q{q.shape} k{k.shape} v{v.shape}")
@@ -142,18 +220,35 @@ def _canonical(q, k, v, *, scale, causal, window, segment_ids, kv_segment_ids, q
       raise ValueError("softmax_attention: block_mask needs block_mask_size=(bq, bk)")
     block_mask_size = (int(block_mask_size[0]), int(block_mask_size[1]))
     want = (-(-tq // block_mask_size[0]), -(-tk // block_mask_size[1]))
-    if (jnp.ndim(block_mask) != 3 or block_mask.shape[0] not in (1, batch)
-        or tuple(block_mask.shape[1:]) != want):
-      raise ValueError(f"softmax_attention: block_mask must be [1 or {batch}, {want[0]}, "
-                       f"{want[1]}] for block_mask_size {block_mask_size}, got "
-                       f"{jnp.shape(block_mask)}")
+    if (
+      jnp.ndim(block_mask) != 3
+      or block_mask.shape[0] not in (1, batch)
+      or tuple(block_mask.shape[1:]) != want
+    ):
+      raise ValueError(
+        f"softmax_attention: block_mask must be [1 or {batch}, {want[0]}, "
+        f"{want[1]}] for block_mask_size {block_mask_size}, got "
+        f"{jnp.shape(block_mask)}"
+      )
   else:
     block_mask_size = None
-  return dict(q=q, k=k, v=v, scale=scale, causal=causal, window=normalize_window(window),
-              segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-              q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
-              bias=bias, return_lse=return_lse, block_mask=block_mask,
-              block_mask_size=block_mask_size)
+  return dict(
+    q=q,
+    k=k,
+    v=v,
+    scale=scale,
+    causal=causal,
+    window=normalize_window(window),
+    segment_ids=segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    q_positions=q_positions,
+    kv_positions=kv_positions,
+    softcap=softcap,
+    bias=bias,
+    return_lse=return_lse,
+    block_mask=block_mask,
+    block_mask_size=block_mask_size,
+  )
 
 
 @dispatcher.register("xla")
@@ -162,9 +257,26 @@ def _xla(**args):
   return _attention_jnp(**args, compute_dtype=args["q"].dtype)
 
 
-def _cudnn_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids,
-                    q_positions, kv_positions, softcap, bias, return_lse, explicit_positions,
-                    dropout, block_mask=None, block_mask_size=None):
+def _cudnn_supports(
+  *,
+  q,
+  k,
+  v,
+  scale,
+  causal,
+  window,
+  segment_ids,
+  kv_segment_ids,
+  q_positions,
+  kv_positions,
+  softcap,
+  bias,
+  return_lse,
+  explicit_positions,
+  dropout,
+  block_mask=None,
+  block_mask_size=None,
+):
   if jax.default_backend() != "gpu":
     return "cuDNN runs only on GPU"
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -193,49 +305,117 @@ def _cudnn_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_i
 @dispatcher.register("cudnn", supports=_cudnn_supports)
 def _cudnn(*, q, k, v, scale, causal, window, bias, **_):
   return jax.nn.dot_product_attention(
-      q, k, v, bias=bias, scale=float(scale), is_causal=causal,
-      local_window_size=window, implementation="cudnn")
+    q,
+    k,
+    v,
+    bias=bias,
+    scale=float(scale),
+    is_causal=causal,
+    local_window_size=window,
+    implementation="cudnn",
+  )
 
 
-def _flash_supports(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids,
-                    q_positions, kv_positions, softcap, bias, return_lse, explicit_positions,
-                    dropout, block_mask, block_mask_size, on_device):
+def _flash_supports(
+  *,
+  q,
+  k,
+  v,
+  scale,
+  causal,
+  window,
+  segment_ids,
+  kv_segment_ids,
+  q_positions,
+  kv_positions,
+  softcap,
+  bias,
+  return_lse,
+  explicit_positions,
+  dropout,
+  block_mask,
+  block_mask_size,
+  on_device,
+):
   from pallas_kernels.flash_attention import reason
+
   backend = jax.default_backend()
   if dropout:
     return "the Pallas flash kernel applies no attention dropout (only 'xla' does)"
   if on_device and backend not in ("gpu", "tpu"):
-    return ("the Pallas flash kernel lowers for GPU (Triton) and TPU (Mosaic) only "
-            f"(backend {backend!r}); use 'interpret' to run it on CPU")
+    return (
+      "the Pallas flash kernel lowers for GPU (Triton) and TPU (Mosaic) only "
+      f"(backend {backend!r}); use 'interpret' to run it on CPU"
+    )
   if bias is not None:
     return "the Pallas flash kernel takes no additive bias (use a per-head scale array, masks)"
   if jnp.ndim(scale) > 1 or (jnp.ndim(scale) == 1 and jnp.shape(scale)[0] not in (1, q.shape[2])):
-    return f"scale must be a number or a per-head array [{q.shape[2]}], got shape {jnp.shape(scale)}"
+    return (
+      f"scale must be a number or a per-head array [{q.shape[2]}], got shape {jnp.shape(scale)}"
+    )
   per_batch = explicit_positions or segment_ids is not None or block_mask is not None
-  return reason(q, k, v, block_mask_size=block_mask_size,
-                platform="tpu" if backend == "tpu" else "gpu", per_batch_schedule=per_batch)
+  return reason(
+    q,
+    k,
+    v,
+    block_mask_size=block_mask_size,
+    platform="tpu" if backend == "tpu" else "gpu",
+    per_batch_schedule=per_batch,
+  )
 
 
-def _flash(*, q, k, v, scale, causal, window, segment_ids, kv_segment_ids, q_positions,
-           kv_positions, softcap, bias, return_lse, block_mask, block_mask_size, interpret):
+def _flash(
+  *,
+  q,
+  k,
+  v,
+  scale,
+  causal,
+  window,
+  segment_ids,
+  kv_segment_ids,
+  q_positions,
+  kv_positions,
+  softcap,
+  bias,
+  return_lse,
+  block_mask,
+  block_mask_size,
+  interpret,
+):
   from pallas_kernels.flash_attention import flash_attention
+
   del bias  # refused by _flash_supports
   if not isinstance(scale, (int, float)) and jnp.ndim(scale) == 0:
     try:
       scale = float(scale)  # a concrete scalar stays a compile-time constant
     except (TypeError, jax.errors.ConcretizationTypeError):
       scale = jnp.reshape(scale, (1,))
-  return flash_attention(q, k, v, scale=scale, causal=causal, window=window,
-                         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                         q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
-                         block_mask=block_mask, block_mask_size=block_mask_size,
-                         return_lse=return_lse, interpret=interpret)
+  return flash_attention(
+    q,
+    k,
+    v,
+    scale=scale,
+    causal=causal,
+    window=window,
+    segment_ids=segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    q_positions=q_positions,
+    kv_positions=kv_positions,
+    softcap=softcap,
+    block_mask=block_mask,
+    block_mask_size=block_mask_size,
+    return_lse=return_lse,
+    interpret=interpret,
+  )
 
 
 dispatcher.register("pallas", supports=lambda **a: _flash_supports(**a, on_device=True))(
-    lambda **a: _flash(**a, interpret=False))
+  lambda **a: _flash(**a, interpret=False)
+)
 dispatcher.register("interpret", supports=lambda **a: _flash_supports(**a, on_device=False))(
-    lambda **a: _flash(**a, interpret=True))
+  lambda **a: _flash(**a, interpret=True)
+)
 
 
 def _chunked_supports(*, bias, dropout, **_):
@@ -248,21 +428,32 @@ def _chunked_supports(*, bias, dropout, **_):
 def _chunked(*, bias, **args):
   """The flash forward's algorithm in pure jnp, key block by key block (not in "auto")."""
   from pallas_kernels.flash_attention import chunked
+
   del bias  # refused by _chunked_supports
   return chunked(**args)
 
 
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bool = False,
-                      window: int | tuple[int, int] | None = None,
-                      segment_ids: jax.Array | None = None,
-                      kv_segment_ids: jax.Array | None = None,
-                      q_positions: jax.Array | None = None,
-                      kv_positions: jax.Array | None = None, softcap: float | None = None,
-                      bias: jax.Array | None = None, return_lse: bool = False,
-                      block_mask: jax.Array | None = None,
-                      block_mask_size: tuple[int, int] | None = None,
-                      dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                      implementation: str = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
+def softmax_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale,
+  causal: bool = False,
+  window: int | tuple[int, int] | None = None,
+  segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  softcap: float | None = None,
+  bias: jax.Array | None = None,
+  return_lse: bool = False,
+  block_mask: jax.Array | None = None,
+  block_mask_size: tuple[int, int] | None = None,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+  implementation: str = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Multi-head softmax attention; see the module docstring for the mask semantics.
 
   Returns o[B,Tq,H,Dv], or (o, lse[B,Tq,H] float32) when return_lse.
@@ -279,13 +470,26 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal
   if dropout_rate > 0.0 and dropout_rng is not None:
     dropout = {"dropout_rate": dropout_rate, "dropout_rng": dropout_rng}
   explicit_positions = q_positions is not None or kv_positions is not None
-  args = _canonical(q, k, v, scale=scale, causal=causal, window=window,
-                    segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                    q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
-                    bias=bias, return_lse=return_lse, block_mask=block_mask,
-                    block_mask_size=block_mask_size)
-  name = dispatcher.choose(implementation, **args, explicit_positions=explicit_positions,
-                           dropout=bool(dropout))
+  args = _canonical(
+    q,
+    k,
+    v,
+    scale=scale,
+    causal=causal,
+    window=window,
+    segment_ids=segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    q_positions=q_positions,
+    kv_positions=kv_positions,
+    softcap=softcap,
+    bias=bias,
+    return_lse=return_lse,
+    block_mask=block_mask,
+    block_mask_size=block_mask_size,
+  )
+  name = dispatcher.choose(
+    implementation, **args, explicit_positions=explicit_positions, dropout=bool(dropout)
+  )
   if name in ("pallas", "interpret") and not explicit_positions:
     # default positions let the kernel index its fully visible tiles arithmetically
     args = dict(args, q_positions=None, kv_positions=None)

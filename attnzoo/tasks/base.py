@@ -14,6 +14,7 @@ A task owns everything the trainer must not know by name:
 Batches are dicts of numpy arrays with the examples on the leading axis; "inputs" holds the
 model's input sequences [N, T, ...] (tokens or vectors), from which throughput is counted.
 """
+
 from __future__ import annotations
 
 import abc
@@ -30,6 +31,7 @@ TASKS: dict[str, type[Task]] = {}
 
 def register_task(name: str):
   """Class decorator: `@register_task("mqar")` makes the task buildable as `config.task`."""
+
   def decorator(cls):
     if name in TASKS:
       raise ValueError(f"task {name!r} is registered twice")
@@ -38,6 +40,7 @@ def register_task(name: str):
     TASKS[name] = cls
     cls.name = name
     return cls
+
   return decorator
 
 
@@ -50,10 +53,11 @@ def build_task(config) -> Task:
 
 class Task(abc.ABC):
   """Base class of every registered task; see the module docstring for the contract."""
+
   name: ClassVar[str]
   model_kind: ClassVar[str]
-  metric_names: ClassVar[tuple[str, ...]]           # keys of example_metrics
-  early_stop_metric: ClassVar[str | None] = None    # an eval metric, higher is better
+  metric_names: ClassVar[tuple[str, ...]]  # keys of example_metrics
+  early_stop_metric: ClassVar[str | None] = None  # an eval metric, higher is better
 
   @classmethod
   @abc.abstractmethod

@@ -12,6 +12,7 @@ examples (uniform subsets by ranking random numbers; the weighted gaps by Gumbel
 is the same distribution as sequential sampling without replacement), so 100k examples take
 seconds. The draws differ from Zoology's number for number; the distribution is the same.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,9 @@ def check_segment(segment: Segment, vocab_size: int):
   if L % 2:
     raise ValueError(f"MQAR seq_len must be even, got {L}")
   if K < 1 or 4 * K > L:
-    raise ValueError(f"MQAR num_kv_pairs={K} does not fit seq_len={L} (needs 4*num_kv_pairs "
-                     f"<= seq_len)")
+    raise ValueError(
+      f"MQAR num_kv_pairs={K} does not fit seq_len={L} (needs 4*num_kv_pairs <= seq_len)"
+    )
   if vocab_size <= L:
     raise ValueError(f"MQAR vocab_size ({vocab_size}) must exceed seq_len ({L})")
   if K >= vocab_size // 2:
@@ -62,12 +64,19 @@ def _distinct(rng, low, high, rows, k, block=4096):
     scores = rng.random((n, high - low), dtype=np.float32)
     top = np.argpartition(scores, k - 1, axis=1)[:, :k]  # k smallest, in arbitrary order
     order = np.argsort(np.take_along_axis(scores, top, axis=1), axis=1)
-    out[start:start + n] = low + np.take_along_axis(top, order, axis=1)
+    out[start : start + n] = low + np.take_along_axis(top, order, axis=1)
   return out
 
 
-def generate(vocab_size: int, num_examples: int, seq_len: int, num_kv_pairs: int, seed: int,
-             power_a: float = 0.01, random_non_queries: bool = True):
+def generate(
+  vocab_size: int,
+  num_examples: int,
+  seq_len: int,
+  num_kv_pairs: int,
+  seed: int,
+  power_a: float = 0.01,
+  random_non_queries: bool = True,
+):
   """Returns (inputs [N, L] int32, labels [N, L] int32)."""
   check_segment(Segment(seq_len, num_kv_pairs, num_examples, 1), vocab_size)
   rng = np.random.default_rng(seed)
@@ -97,10 +106,15 @@ def generate(vocab_size: int, num_examples: int, seq_len: int, num_kv_pairs: int
 
 def with_targets(inputs, labels, num_kv_pairs):
   """Batch dict: tokens plus the K query positions and values per example, in order."""
-  positions = np.sort(np.argsort(labels == IGNORE, axis=1, kind="stable")[:, :num_kv_pairs],
-                      axis=1).astype(np.int32)
-  return {"inputs": inputs, "labels": labels, "target_positions": positions,
-          "targets": np.take_along_axis(labels, positions, axis=1)}
+  positions = np.sort(
+    np.argsort(labels == IGNORE, axis=1, kind="stable")[:, :num_kv_pairs], axis=1
+  ).astype(np.int32)
+  return {
+    "inputs": inputs,
+    "labels": labels,
+    "target_positions": positions,
+    "targets": np.take_along_axis(labels, positions, axis=1),
+  }
 
 
 @register_task("mqar")
@@ -113,22 +127,39 @@ class MQAR(Task):
   scored by the fraction of its queries answered correctly (Zoology's per-example accuracy,
   averaged over examples).
   """
+
   model_kind = "causal_lm"
   metric_names = ("loss", "accuracy")
   early_stop_metric = "eval/accuracy"
 
-  def __init__(self, *, vocab_size: int, train_segments, test_segments, seed: int,
-               power_a: float = 0.01, random_non_queries: bool = True):
+  def __init__(
+    self,
+    *,
+    vocab_size: int,
+    train_segments,
+    test_segments,
+    seed: int,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+  ):
     for segment in (*train_segments, *test_segments):
       check_segment(segment, vocab_size)
       if segment.batch_size > segment.num_examples:
-        raise ValueError(f"MQAR segment {segment.name}: batch_size {segment.batch_size} > "
-                         f"num_examples {segment.num_examples}")
+        raise ValueError(
+          f"MQAR segment {segment.name}: batch_size {segment.batch_size} > "
+          f"num_examples {segment.num_examples}"
+        )
     self.vocab_size, self.seed = vocab_size, seed
     self.train_segments, self.test_segments = tuple(train_segments), tuple(test_segments)
-    make = lambda s, i, salt: generate(vocab_size, s.num_examples, s.seq_len, s.num_kv_pairs,
-                                       seed=[seed, salt, i], power_a=power_a,
-                                       random_non_queries=random_non_queries)
+    make = lambda s, i, salt: generate(
+      vocab_size,
+      s.num_examples,
+      s.seq_len,
+      s.num_kv_pairs,
+      seed=[seed, salt, i],
+      power_a=power_a,
+      random_non_queries=random_non_queries,
+    )
     self.train_data = [make(s, i, 0) for i, s in enumerate(self.train_segments)]
     self.test_data = [make(s, i, 1) for i, s in enumerate(self.test_segments)]
     self.batches_per_epoch = [s.num_examples // s.batch_size for s in self.train_segments]
@@ -141,14 +172,22 @@ class MQAR(Task):
     def segments(key):
       specs = d[key]
       if not specs or any(len(s) != 4 for s in specs):
-        raise ValueError(f"data.{key} must be a non-empty list of (seq_len, num_kv_pairs, "
-                         f"num_examples, batch_size), got {specs!r}")
+        raise ValueError(
+          f"data.{key} must be a non-empty list of (seq_len, num_kv_pairs, "
+          f"num_examples, batch_size), got {specs!r}"
+        )
       return [Segment(*map(int, s)) for s in specs]
+
     if not d.power_a > 0:
       raise ValueError(f"data.power_a must be positive, got {d.power_a!r}")
-    return cls(vocab_size=d.vocab_size, train_segments=segments("train_segments"),
-               test_segments=segments("test_segments"), seed=config.seed, power_a=d.power_a,
-               random_non_queries=d.random_non_queries)
+    return cls(
+      vocab_size=d.vocab_size,
+      train_segments=segments("train_segments"),
+      test_segments=segments("test_segments"),
+      seed=config.seed,
+      power_a=d.power_a,
+      random_non_queries=d.random_non_queries,
+    )
 
   @property
   def steps_per_epoch(self) -> int:
@@ -172,7 +211,7 @@ class MQAR(Task):
     batches, examples = self._epoch_plan(epoch)
     segment_index, b = batches[index]
     segment = self.train_segments[segment_index]
-    rows = examples[segment_index][b * segment.batch_size:(b + 1) * segment.batch_size]
+    rows = examples[segment_index][b * segment.batch_size : (b + 1) * segment.batch_size]
     inputs, labels = self.train_data[segment_index]
     return with_targets(inputs[rows], labels[rows], segment.num_kv_pairs)
 
@@ -180,9 +219,13 @@ class MQAR(Task):
     out = {}
     for segment, (inputs, labels) in zip(self.test_segments, self.test_data):
       out[segment.name] = [
-          with_targets(inputs[i:i + segment.batch_size], labels[i:i + segment.batch_size],
-                       segment.num_kv_pairs)
-          for i in range(0, segment.num_examples, segment.batch_size)]
+        with_targets(
+          inputs[i : i + segment.batch_size],
+          labels[i : i + segment.batch_size],
+          segment.num_kv_pairs,
+        )
+        for i in range(0, segment.num_examples, segment.batch_size)
+      ]
     return out
 
   def model_kwargs(self) -> dict:
@@ -205,5 +248,7 @@ class MQAR(Task):
     return self._query_cross_entropy(outputs, batch).mean(), {"accuracy": accuracy}
 
   def example_metrics(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-    return {"loss": self._query_cross_entropy(outputs, batch).mean(-1),
-            "accuracy": self._query_accuracy(outputs, batch)}
+    return {
+      "loss": self._query_cross_entropy(outputs, batch).mean(-1),
+      "accuracy": self._query_accuracy(outputs, batch),
+    }

@@ -1,5 +1,6 @@
 """Orbax checkpoints of the train state. Orbax writes each step to a temporary directory and
 renames it when complete, so a half-written checkpoint is never restored."""
+
 from __future__ import annotations
 
 import pathlib
@@ -11,8 +12,9 @@ import orbax.checkpoint as ocp
 class Checkpoints:
   def __init__(self, directory: pathlib.Path, max_to_keep: int):
     self.manager = ocp.CheckpointManager(
-        directory.absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      directory.absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -1,5 +1,6 @@
 """Metrics to workdir/metrics.jsonl (one flat JSON object per line), TensorBoard event files
 (tensorboardX) and a progress bar."""
+
 from __future__ import annotations
 
 import json
@@ -25,20 +26,26 @@ class MetricsLogger:
     self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
     self.file = self.path.open("a")
     self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
-    self.progress = tqdm.tqdm(total=total_steps, initial=resume_step, disable=quiet,
-                              dynamic_ncols=True, desc="train")
+    self.progress = tqdm.tqdm(
+      total=total_steps, initial=resume_step, disable=quiet, dynamic_ncols=True, desc="train"
+    )
 
   def write(self, step: int, metrics: dict) -> None:
-    record = {"step": step, **{k: (float(v) if not isinstance(v, str) else v)
-                               for k, v in metrics.items()}}
+    record = {
+      "step": step,
+      **{k: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()},
+    }
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
     for key, value in record.items():
       if key != "step" and isinstance(value, float) and math.isfinite(value):
         self.tensorboard.add_scalar(key, value, step)
     self.tensorboard.flush()
-    shown = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items()
-             if k in ("train/loss", "eval/accuracy", "throughput/tokens_per_s")}
+    shown = {
+      k.split("/", 1)[1]: f"{v:.4g}"
+      for k, v in record.items()
+      if k in ("train/loss", "eval/accuracy", "throughput/tokens_per_s")
+    }
     if shown:
       self.progress.set_postfix(shown, refresh=False)
 

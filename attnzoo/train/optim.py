@@ -1,4 +1,5 @@
 """AdamW with a weight-decay mask, linear warm-up + cosine decay, global-norm clipping."""
+
 from __future__ import annotations
 
 import jax
@@ -8,8 +9,12 @@ import optax
 def learning_rate_schedule(cfg, num_steps: int):
   warmup = min(cfg.warmup_steps, max(num_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
-      decay_steps=max(num_steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    init_value=0.0,
+    peak_value=cfg.lr,
+    warmup_steps=warmup,
+    decay_steps=max(num_steps, warmup + 1),
+    end_value=cfg.lr * cfg.min_lr_ratio,
+  )
 
 
 def decay_mask(params, decay_all: bool):
@@ -17,16 +22,22 @@ def decay_mask(params, decay_all: bool):
   convolutions) or "embedding" decays; nothing else does (biases, norm scales, decay rates,
   per-channel gates and bonuses, token-shift mixes, the LoRAs that produce RWKV's decays and
   mixes: mixers name these otherwise). decay_all decays everything (as Zoology does)."""
+
   def decays(path, _):
     names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]
     return decay_all or names[-1] in ("kernel", "embedding")
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
-  adamw = optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2,
-                      weight_decay=cfg.weight_decay,
-                      mask=lambda params: decay_mask(params, cfg.decay_all_params))
+  adamw = optax.adamw(
+    learning_rate_schedule(cfg, num_steps),
+    b1=cfg.b1,
+    b2=cfg.b2,
+    weight_decay=cfg.weight_decay,
+    mask=lambda params: decay_mask(params, cfg.decay_all_params),
+  )
   if cfg.grad_clip:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
   return adamw

@@ -5,11 +5,11 @@ Task-agnostic: the registered task (attnzoo.tasks) gives the data, the model hea
 the metrics. The batch at step s is a function of (seed, s) and the step is deterministic, so a
 run killed at any point and restarted finishes with the same parameters and logged losses.
 """
+
 from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import time
 
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from attnzoo.config import ConfigError
 from attnzoo.models import build_model
@@ -36,16 +37,19 @@ def compute_dtype(name: str):
   if name == "auto":
     return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
   if name not in ("float32", "bfloat16", "float16"):
-    raise ConfigError(f"train.compute_dtype must be auto, float32, bfloat16 or float16; "
-                      f"got {name!r}")
+    raise ConfigError(
+      f"train.compute_dtype must be auto, float32, bfloat16 or float16; got {name!r}"
+    )
   return jnp.dtype(name)
 
 
 def check_train_config(tc) -> None:
   """One ConfigError naming the first impossible value of the `train` section."""
+
   def need(ok, key, what):
     if not ok:
       raise ConfigError(f"train.{key} must be {what}, got {tc[key]!r}")
+
   for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "max_checkpoints"):
     need(isinstance(tc[key], int) and tc[key] >= 1, key, "a positive integer")
   need(tc.lr > 0, "lr", "positive")
@@ -55,14 +59,18 @@ def check_train_config(tc) -> None:
   need(0 <= tc.b1 < 1, "b1", "in [0, 1)")
   need(0 <= tc.b2 < 1, "b2", "in [0, 1)")
   need(tc.grad_clip is None or tc.grad_clip >= 0, "grad_clip", ">= 0 (0 or None: no clipping)")
-  need(tc.checkpoint_every % tc.log_every == 0, "checkpoint_every",
-       f"a multiple of train.log_every ({tc.log_every})")
+  need(
+    tc.checkpoint_every % tc.log_every == 0,
+    "checkpoint_every",
+    f"a multiple of train.log_every ({tc.log_every})",
+  )
 
 
 def model_for(config, task: Task):
   """The model the task's head needs, with the config's backbone options."""
-  return build_model(task.model_kind, config.model, compute_dtype(config.train.compute_dtype),
-                     **task.model_kwargs())
+  return build_model(
+    task.model_kind, config.model, compute_dtype(config.train.compute_dtype), **task.model_kwargs()
+  )
 
 
 def count_params(params) -> int:
@@ -81,8 +89,10 @@ def _prepare_workdir(workdir, config) -> pathlib.Path:
   saved = workdir / "config.json"
   text = config.to_json(indent=2, sort_keys=True)
   if saved.exists() and json.loads(saved.read_text()) != json.loads(text):
-    raise ConfigError(f"workdir {str(workdir)!r} holds a run with a different config; "
-                      f"use a new workdir (or the same config to resume)")
+    raise ConfigError(
+      f"workdir {str(workdir)!r} holds a run with a different config; "
+      f"use a new workdir (or the same config to resume)"
+    )
   saved.write_text(text)
   return workdir
 
@@ -101,8 +111,12 @@ class Experiment:
     self.mesh = Mesh(devices, ("data",))
     replicated = NamedSharding(self.mesh, P())
     data = NamedSharding(self.mesh, P("data"))
-    self.train_step = jax.jit(self._train_step, in_shardings=(replicated, data),
-                              out_shardings=(replicated, replicated), donate_argnums=0)
+    self.train_step = jax.jit(
+      self._train_step,
+      in_shardings=(replicated, data),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+    )
     self.eval_step = jax.jit(self._eval_step)
 
   def shardable(self, batch) -> dict:
@@ -115,10 +129,14 @@ class Experiment:
   def init_state(self):
     example = {k: v[:1] for k, v in self.task.train_batch(0).items()}
     init = lambda rng, inputs: self.model.init(rng, **inputs)
-    params = jax.jit(init)(jax.random.key(self.config.seed),
-                           self.task.model_inputs(example))["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": self.optimizer.init(params)}
+    params = jax.jit(init)(jax.random.key(self.config.seed), self.task.model_inputs(example))[
+      "params"
+    ]
+    return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt_state": self.optimizer.init(params),
+    }
 
   def _outputs(self, params, batch, dropout_rng=None):
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
@@ -131,12 +149,16 @@ class Experiment:
     # Dropout masks are a function of (seed, step), like the batches: resuming stays exact.
     dropout_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)  # not init's stream
     dropout_rng = jax.random.fold_in(dropout_key, state["step"])
-    (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch,
-                                                                      dropout_rng)
+    (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(
+      state["params"], batch, dropout_rng
+    )
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},
-               "train/grad_norm": optax.tree.norm(grads)}
+    metrics = {
+      "train/loss": loss,
+      **{f"train/{k}": v for k, v in aux.items()},
+      "train/grad_norm": optax.tree.norm(grads),
+    }
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def _eval_step(self, params, batch):
@@ -189,9 +211,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
     mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
     if not all(math.isfinite(v) for v in mean.values()):
       last = checkpoints.latest_step()
-      raise TrainingError(f"training loss is not finite (NaN/inf) between steps "
-                          f"{step - len(window) + 1} and {step}; the last good checkpoint "
-                          f"(step {last}) is kept in {workdir / 'checkpoints'}")
+      raise TrainingError(
+        f"training loss is not finite (NaN/inf) between steps "
+        f"{step - len(window) + 1} and {step}; the last good checkpoint "
+        f"(step {last}) is kept in {workdir / 'checkpoints'}"
+      )
     mean["throughput/tokens_per_s"] = window_tokens / max(time.time() - window_start, 1e-9)
     logger.write(step, mean)
     window, window_tokens, window_start = [], 0, time.time()
@@ -223,10 +247,14 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
     logger.close()
   if not eval_metrics:
     eval_metrics = exp.evaluate(state["params"])
-  summary = {"status": status, "step": int(state["step"]),
-             "params": count_params(state["params"]),
-             "state_size": exp.model.state_size(exp.task.max_seq_len),
-             "wall_time_s": time.time() - started, **eval_metrics}
+  summary = {
+    "status": status,
+    "step": int(state["step"]),
+    "params": count_params(state["params"]),
+    "state_size": exp.model.state_size(exp.task.max_seq_len),
+    "wall_time_s": time.time() - started,
+    **eval_metrics,
+  }
   summary_path.write_text(json.dumps(summary, indent=2))
   return summary
 

@@ -13,6 +13,7 @@ the hybrid has one); any other configs/mqar.py knob passes through (seq_len, num
 num_layers, num_steps, ...). Without seq_len/num_kv_pairs it trains on configs/mqar.py's mix
 of lengths (Zoology's) rather than the Based paper's exact training mix.
 """
+
 import pathlib
 
 import numpy as np
@@ -27,8 +28,10 @@ def get_config(arg=None):
   mixers = knobs.pop("mixers", "base_conv+based").split(";")
   d_models = [int(d) for d in knobs.pop("d_models", "48;64;128").split(";")]
   feature_dims = [int(f) for f in knobs.pop("feature_dims", "8;16;24").split(";")]
-  lrs = [float(x) for x in
-         knobs.pop("lrs", ";".join(str(v) for v in np.logspace(-3, -1.5, 4))).split(";")]
+  lrs = [
+    float(x)
+    for x in knobs.pop("lrs", ";".join(str(v) for v in np.logspace(-3, -1.5, 4))).split(";")
+  ]
   window = knobs.pop("window", None)
   rest = ",".join(f"{k}={v}" for k, v in knobs.items())
   configs = []
@@ -37,14 +40,19 @@ def get_config(arg=None):
     for d_model in d_models:
       for fd in feature_dims if "based" in names else [None]:
         for lr in lrs:
-          c = load_config_file(f"{MQAR}:" + ",".join(filter(None, [
-              f"mixer={mixer}", f"d_model={d_model}", f"lr={lr}", rest])))
+          c = load_config_file(
+            f"{MQAR}:"
+            + ",".join(filter(None, [f"mixer={mixer}", f"d_model={d_model}", f"lr={lr}", rest]))
+          )
           prefix = "model.mixer_kwargs." + ("based." if len(names) > 1 else "")
           if fd is not None:
             set_typed(c, prefix + "feature_dim", fd)
           if window is not None and "sliding_window" in names:
-            set_typed(c, "model.mixer_kwargs." + ("sliding_window." if len(names) > 1 else "")
-                      + "window", int(window))
+            set_typed(
+              c,
+              "model.mixer_kwargs." + ("sliding_window." if len(names) > 1 else "") + "window",
+              int(window),
+            )
           setting = f"{mixer}_d{d_model}" + (f"_f{fd}" if fd is not None else "")
           c.name = f"{setting}_lr{lr:.2g}"
           c.group = setting

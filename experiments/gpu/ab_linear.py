@@ -9,28 +9,36 @@ benchmark's inputs; three rounds, the packages interleaved within each round, so
 between rounds hits every package alike. Prints one line per package: the milliseconds of each
 round.
 """
+
 import argparse
 
 import jax
+from profile_linear import load_kernel_package  # this directory
 
 from attnzoo.bench.linear import _inputs, _jitted
 from attnzoo.bench.timing import median_seconds
 from attnzoo.ops.linear_attention import _augment
 from pallas_kernels import linear_attention as main_package
-from profile_linear import load_kernel_package  # this directory
 
 
 def _functions(package, static, interpret):
   def fwd(q, k, v, d):
-    o, _ = package.linear_attention(q, k, _augment(v, static.get("normalize", False)),
-                                    d.get("log_decay"), scale=static["scale"],
-                                    bonus=d.get("bonus"), interpret=interpret)
+    o, _ = package.linear_attention(
+      q,
+      k,
+      _augment(v, static.get("normalize", False)),
+      d.get("log_decay"),
+      scale=static["scale"],
+      bonus=d.get("bonus"),
+      interpret=interpret,
+    )
     return o
 
   def fwdbwd(q, k, v, d, do):
     o, pullback = jax.vjp(fwd, q, k, v, d)
-    pad = [(0, 0)] * 3 + [(0, o.shape[-1] - do.shape[-1])]   # the normaliser's ones column
+    pad = [(0, 0)] * 3 + [(0, o.shape[-1] - do.shape[-1])]  # the normaliser's ones column
     return pullback(jax.numpy.pad(do, pad))
+
   return jax.jit(fwd), jax.jit(fwdbwd)
 
 
@@ -42,8 +50,9 @@ def main():
   p.add_argument("--interpret", action="store_true")
   args = p.parse_args()
   packages = {"main": main_package}
-  packages.update((n, load_kernel_package(n, path))
-                  for n, path in (m.split("=") for m in args.packages))
+  packages.update(
+    (n, load_kernel_package(n, path)) for n, path in (m.split("=") for m in args.packages)
+  )
   for shape in args.shapes.split(";"):
     shape = tuple(int(x) for x in shape.split(","))
     for variant in args.variants.split(","):
@@ -59,9 +68,13 @@ def main():
           times[n][0].append(median_seconds(fwd, q, k, v, d) * 1e3)
           times[n][1].append(median_seconds(fwdbwd, q, k, v, d, do) * 1e3)
       for n, (f, fb) in times.items():
-        print(f"{variant} {'x'.join(map(str, shape))} {n:>14}: fwd "
-              + " ".join(f"{x:.3f}" for x in f) + " | fwdbwd " + " ".join(f"{x:.3f}" for x in fb),
-              flush=True)
+        print(
+          f"{variant} {'x'.join(map(str, shape))} {n:>14}: fwd "
+          + " ".join(f"{x:.3f}" for x in f)
+          + " | fwdbwd "
+          + " ".join(f"{x:.3f}" for x in fb),
+          flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ $OUT/hopper_check.json (a list of runs). About 2-3 minutes on an H200.
   GPU:  PYTHONPATH=. python3 experiments/gpu/hopper_attention_check.py
   options: --only default,s3 (config names) --budget 200 (seconds; later configs skipped)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ CHECK = dict(batch=2, t=1000, heads=4, kv_heads=2)  # correctness shape (GQA 4/2
 
 def first_lines(e, n=6):
   text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
-  text = [line for line in text if line.strip() and not line.startswith(("-----", "For simplicity"))]
+  text = [
+    line for line in text if line.strip() and not line.startswith(("-----", "For simplicity"))
+  ]
   return "\n".join(text[:n])
 
 
@@ -64,10 +67,10 @@ def check_inputs():
 
 def value_and_grads(attn, q, k, v, do, dlse, causal):
   def loss(q, k, v):
-    o, lse = attn(q, k, v, scale=D ** -0.5, causal=causal, return_lse=True)
+    o, lse = attn(q, k, v, scale=D**-0.5, causal=causal, return_lse=True)
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(lse * dlse), (o, lse)
-  (_, (o, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
-      q, k, v)
+
+  (_, (o, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   return o, lse, grads
 
 
@@ -100,12 +103,18 @@ def big_inputs(b, t):
 
 
 def forward_fn(impl, causal, cfg=None):
-  scale = D ** -0.5
+  scale = D**-0.5
   if impl == "cudnn":
-    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=causal, implementation="cudnn"))
-  return jax.jit(functools.partial(flash_attention, scale=scale, causal=causal,
-                                   hopper=impl == "hopper", tuning=cfg))
+    return jax.jit(
+      lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=causal, implementation="cudnn"
+      )
+    )
+  return jax.jit(
+    functools.partial(
+      flash_attention, scale=scale, causal=causal, hopper=impl == "hopper", tuning=cfg
+    )
+  )
 
 
 def flops(b, t, causal):
@@ -113,27 +122,40 @@ def flops(b, t, causal):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--only", default="", help="comma-separated config names (default: all)")
-  p.add_argument("--budget", type=float, default=200.0,
-                 help="seconds after which no further config starts")
+  p.add_argument(
+    "--budget", type=float, default=200.0, help="seconds after which no further config starts"
+  )
   args = p.parse_args(argv)
   start = time.perf_counter()
   device = jax.devices()[0]
   try:  # JAX's own Mosaic attention refuses causal on CUDA 12.8-12.9.0 (a ptxas miscompile)
     from jax._src.lib import cuda_versions
+
     cuda = (cuda_versions.cuda_runtime_get_version(), cuda_versions.cuda_compiled_version())
   except Exception:  # pylint: disable=broad-except
     cuda = "?"
-  print(f"device: {device.device_kind} (cc {getattr(device, 'compute_capability', '?')}), "
-        f"jax {jax.__version__}, CUDA runtime/compiled {cuda}", flush=True)
+  print(
+    f"device: {device.device_kind} (cc {getattr(device, 'compute_capability', '?')}), "
+    f"jax {jax.__version__}, CUDA runtime/compiled {cuda}",
+    flush=True,
+  )
   configs = [(n, c) for n, c in CONFIGS if not args.only or n in args.only.split(",")]
   cases = [(b, t, causal) for b, t in SHAPES for causal in (True, False)]
   inputs = {(b, t): big_inputs(b, t) for b, t in SHAPES}
-  summary = dict(device=device.device_kind, jax=jax.__version__, cuda=str(cuda), H=H, D=D,
-                 dtype="bfloat16",
-                 anchors={}, configs={})
+  summary = dict(
+    device=device.device_kind,
+    jax=jax.__version__,
+    cuda=str(cuda),
+    H=H,
+    D=D,
+    dtype="bfloat16",
+    anchors={},
+    configs={},
+  )
 
   # Anchors, once: our Triton forward and cuDNN (and cuDNN's o, to compare against).
   cudnn_out = {}
@@ -150,9 +172,15 @@ def main(argv=None):
       except Exception as e:
         row = dict(error=first_lines(e))
       summary["anchors"][f"{impl} {name}"] = row
-      print(f"[anchor] {impl:6s} {name:14s} " + (
-          f"{row['ms']:8.3f} ms {row['tflops']:6.0f} TFLOP/s" if "ms" in row else
-          f"ERROR {row['error']}"), flush=True)
+      print(
+        f"[anchor] {impl:6s} {name:14s} "
+        + (
+          f"{row['ms']:8.3f} ms {row['tflops']:6.0f} TFLOP/s"
+          if "ms" in row
+          else f"ERROR {row['error']}"
+        ),
+        flush=True,
+      )
 
   for cname, cfg in configs:
     if time.perf_counter() - start > args.budget:
@@ -164,9 +192,12 @@ def main(argv=None):
     try:
       res["correctness"] = correctness(cfg)
       for k, errs in res["correctness"].items():
-        print(f"  check {k:6s} " + " ".join(f"{n}={errs[n]:.1e}" for n in
-                                             ("o", "lse", "dq", "dk", "dv"))
-              + ("  OK" if errs["ok"] else "  FAIL (tol 1e-2)"), flush=True)
+        print(
+          f"  check {k:6s} "
+          + " ".join(f"{n}={errs[n]:.1e}" for n in ("o", "lse", "dq", "dk", "dv"))
+          + ("  OK" if errs["ok"] else "  FAIL (tol 1e-2)"),
+          flush=True,
+        )
     except Exception as e:
       res["correctness"] = dict(error=first_lines(e))
       print(f"  check ERROR {first_lines(e)}", flush=True)
@@ -182,12 +213,16 @@ def main(argv=None):
             row[f"vs_{impl}"] = anchor["ms"] / row["ms"]
         if (b, t, causal) in cudnn_out:
           o = fn(*inputs[b, t])
-          row["relerr_vs_cudnn"] = rel(o.astype(jnp.float32),
-                                       cudnn_out[b, t, causal].astype(jnp.float32))
-        print(f"  {name:14s} {row['ms']:8.3f} ms {row['tflops']:6.0f} TFLOP/s  "
-              f"vs cuDNN {row.get('vs_cudnn', float('nan')):.2f}x  "
-              f"vs Triton {row.get('vs_triton', float('nan')):.2f}x  "
-              f"o vs cuDNN {row.get('relerr_vs_cudnn', float('nan')):.1e}", flush=True)
+          row["relerr_vs_cudnn"] = rel(
+            o.astype(jnp.float32), cudnn_out[b, t, causal].astype(jnp.float32)
+          )
+        print(
+          f"  {name:14s} {row['ms']:8.3f} ms {row['tflops']:6.0f} TFLOP/s  "
+          f"vs cuDNN {row.get('vs_cudnn', float('nan')):.2f}x  "
+          f"vs Triton {row.get('vs_triton', float('nan')):.2f}x  "
+          f"o vs cuDNN {row.get('relerr_vs_cudnn', float('nan')):.1e}",
+          flush=True,
+        )
       except Exception as e:
         row = dict(error=first_lines(e))
         print(f"  {name:14s} ERROR {first_lines(e)}", flush=True)
@@ -198,8 +233,11 @@ def main(argv=None):
   print("\nsummary (TFLOP/s, x cuDNN):", flush=True)
   for b, t, causal in cases:
     name = f"{'causal' if causal else 'full'} {b}x{t}"
-    timed = [(r["cases"][name]["ms"], n) for n, r in summary["configs"].items()
-             if "ms" in r.get("cases", {}).get(name, {})]
+    timed = [
+      (r["cases"][name]["ms"], n)
+      for n, r in summary["configs"].items()
+      if "ms" in r.get("cases", {}).get(name, {})
+    ]
     line = f"  {name:14s} cuDNN {summary['anchors'].get(f'cudnn {name}', {}).get('tflops', 0):5.0f}"
     line += f"  Triton {summary['anchors'].get(f'triton {name}', {}).get('tflops', 0):5.0f}"
     if timed:

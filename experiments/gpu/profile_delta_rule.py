@@ -10,6 +10,7 @@ it to --out. About 2 minutes on one H200 (each Triton compile takes 0.3-3 s).
   GPU:  PYTHONPATH=. python3 experiments/gpu/profile_delta_rule.py --out $OUT/profile_delta_rule.md
   CPU check:  PYTHONPATH=. .venv/bin/python experiments/gpu/profile_delta_rule.py --interpret --tiny
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,29 +27,29 @@ H, D = 16, 128
 SHAPES = [(4, 4096), (1, 16384)]
 # Sweep: (kernel, overrides of the default Tuning); the defaults are timed in the main rows.
 SWEEP = [
-    ("wy", dict(wy=(4, 2))),
-    ("wy", dict(wy=(8, 3))),
-    ("state", dict(state_block_v=64)),
-    ("state", dict(state_block_v=32)),
-    ("state", dict(state_block_v=16)),
-    ("state", dict(state=(4, 2))),
-    ("state", dict(state=(8, 3))),
-    ("wu", dict(wu=(4, 3))),
-    ("wu", dict(wu=(4, 2))),
-    ("dv_local", dict(dv_local=(4, 3))),
-    ("dv_local", dict(dv_local=(8, 2))),
-    ("dstate", dict(dstate_block_v=64)),
-    ("dstate", dict(dstate_block_v=32)),
-    ("dstate", dict(dstate_block_v=16)),
-    ("dstate", dict(dstate=(4, 3))),
-    ("dstate", dict(dstate=(8, 2))),
-    ("grad_qk", dict(grad_qk=(4, 3))),
-    ("grad_qk", dict(grad_qk=(8, 2))),
-    ("grad_qk", dict(grad_block_k=128, grad_qk=(4, 2))),
-    ("grad_qk", dict(grad_block_k=128, grad_qk=(8, 3))),
-    ("grad_qk", dict(grad_block_v=32)),
-    ("grad_wy", dict(grad_wy=(8, 2))),
-    ("grad_wy", dict(grad_wy=(4, 3))),
+  ("wy", dict(wy=(4, 2))),
+  ("wy", dict(wy=(8, 3))),
+  ("state", dict(state_block_v=64)),
+  ("state", dict(state_block_v=32)),
+  ("state", dict(state_block_v=16)),
+  ("state", dict(state=(4, 2))),
+  ("state", dict(state=(8, 3))),
+  ("wu", dict(wu=(4, 3))),
+  ("wu", dict(wu=(4, 2))),
+  ("dv_local", dict(dv_local=(4, 3))),
+  ("dv_local", dict(dv_local=(8, 2))),
+  ("dstate", dict(dstate_block_v=64)),
+  ("dstate", dict(dstate_block_v=32)),
+  ("dstate", dict(dstate_block_v=16)),
+  ("dstate", dict(dstate=(4, 3))),
+  ("dstate", dict(dstate=(8, 2))),
+  ("grad_qk", dict(grad_qk=(4, 3))),
+  ("grad_qk", dict(grad_qk=(8, 2))),
+  ("grad_qk", dict(grad_block_k=128, grad_qk=(4, 2))),
+  ("grad_qk", dict(grad_block_k=128, grad_qk=(8, 3))),
+  ("grad_qk", dict(grad_block_v=32)),
+  ("grad_wy", dict(grad_wy=(8, 2))),
+  ("grad_wy", dict(grad_wy=(4, 3))),
 ]
 
 
@@ -76,9 +77,8 @@ class Stages:
   """The single-kernel calls on one problem; run once in order at construction so that every
   kernel later sees realistic inputs (the outputs of the kernels before it)."""
 
-  KERNELS = ("wy", "wy_t", "state", "output", "wu", "dv_local", "dstate", "grad_qk",
-             "grad_wy")
-  FORWARD = ("wy_t", "state", "output")     # the forward of training, which stores T
+  KERNELS = ("wy", "wy_t", "state", "output", "wu", "dv_local", "dstate", "grad_qk", "grad_wy")
+  FORWARD = ("wy_t", "state", "output")  # the forward of training, which stores T
   BACKWARD = ("wu", "state", "dv_local", "dstate", "grad_qk", "grad_wy")
 
   def __init__(self, q, k, v, beta, log_decay, do, *, chunk, interpret):
@@ -106,34 +106,62 @@ class Stages:
 
   def calls(self, tuning):
     """name -> (jitted fn, argument names, output names)."""
-    kern = calls.Kernels(self.x["q"], self.x["v"], chunk=self.chunk, gated=True,
-                         segmented=False, tuning=tuning, interpret=self.interpret)
+    kern = calls.Kernels(
+      self.x["q"],
+      self.x["v"],
+      chunk=self.chunk,
+      gated=True,
+      segmented=False,
+      tuning=tuning,
+      interpret=self.interpret,
+    )
     scale = self.scale
     specs = {
-        "wy": (lambda k, v, beta, *gs: kern.wy(k, v, beta, gs),
-               ("k", "v", "beta"), ("w", "u_tilde")),
-        "wy_t": (lambda k, v, beta, *gs: kern.wy(k, v, beta, gs, with_t=True),
-                 ("k", "v", "beta"), ("w", "u_tilde", "t")),
-        "wu": (lambda k, v, beta, t, *gs: kern.wu(k, v, beta, t, gs),
-               ("k", "v", "beta", "t"), ("w", "u_tilde")),
-        "state": (lambda w, ut, k, s0, *gs: kern.states(w, ut, k, s0, gs),
-                  ("w", "u_tilde", "k", "s0"), ("h", "u", "final")),
-        "output": (lambda q, k, h, u, *gs: (kern.output(q, k, h, u, gs, scale, u.dtype),),
-                   ("q", "k", "h", "u"), ("o",)),
-        "dv_local": (lambda q, k, do, *gs: (kern.dv_local(q, k, do, gs, scale),),
-                     ("q", "k", "do"), ("dvl",)),
-        "dstate": (lambda q, k, w, do, dvl, dsf, *gs: kern.dstates(q, k, w, do, dvl, dsf, gs,
-                                                                   scale),
-                   ("q", "k", "w", "do", "dvl", "dsf"), ("dh", "du", "ds0")),
-        "grad_qk": (lambda q, k, h, dh, do, u, du, *gs: kern.grad_qk(q, k, h, dh, do, u, du, gs,
-                                                                     scale),
-                    ("q", "k", "h", "dh", "do", "u", "du"), ("dq", "dk_part", "dw")),
-        "grad_wy": (lambda k, v, beta, t, dw, du, dkp, *gs: kern.grad_wy(k, v, beta, t, dw, du,
-                                                                         dkp, gs),
-                    ("k", "v", "beta", "t", "dw", "du", "dk_part"), ("dk", "dv", "dbeta")),
+      "wy": (lambda k, v, beta, *gs: kern.wy(k, v, beta, gs), ("k", "v", "beta"), ("w", "u_tilde")),
+      "wy_t": (
+        lambda k, v, beta, *gs: kern.wy(k, v, beta, gs, with_t=True),
+        ("k", "v", "beta"),
+        ("w", "u_tilde", "t"),
+      ),
+      "wu": (
+        lambda k, v, beta, t, *gs: kern.wu(k, v, beta, t, gs),
+        ("k", "v", "beta", "t"),
+        ("w", "u_tilde"),
+      ),
+      "state": (
+        lambda w, ut, k, s0, *gs: kern.states(w, ut, k, s0, gs),
+        ("w", "u_tilde", "k", "s0"),
+        ("h", "u", "final"),
+      ),
+      "output": (
+        lambda q, k, h, u, *gs: (kern.output(q, k, h, u, gs, scale, u.dtype),),
+        ("q", "k", "h", "u"),
+        ("o",),
+      ),
+      "dv_local": (
+        lambda q, k, do, *gs: (kern.dv_local(q, k, do, gs, scale),),
+        ("q", "k", "do"),
+        ("dvl",),
+      ),
+      "dstate": (
+        lambda q, k, w, do, dvl, dsf, *gs: kern.dstates(q, k, w, do, dvl, dsf, gs, scale),
+        ("q", "k", "w", "do", "dvl", "dsf"),
+        ("dh", "du", "ds0"),
+      ),
+      "grad_qk": (
+        lambda q, k, h, dh, do, u, du, *gs: kern.grad_qk(q, k, h, dh, do, u, du, gs, scale),
+        ("q", "k", "h", "dh", "do", "u", "du"),
+        ("dq", "dk_part", "dw"),
+      ),
+      "grad_wy": (
+        lambda k, v, beta, t, dw, du, dkp, *gs: kern.grad_wy(k, v, beta, t, dw, du, dkp, gs),
+        ("k", "v", "beta", "t", "dw", "du", "dk_part"),
+        ("dk", "dv", "dbeta"),
+      ),
     }
-    return {name: (jax.jit(fn), names + ("g", "g0"), outs)
-            for name, (fn, names, outs) in specs.items()}
+    return {
+      name: (jax.jit(fn), names + ("g", "g0"), outs) for name, (fn, names, outs) in specs.items()
+    }
 
 
 def op_calls(q, k, v, beta, log_decay, do, interpret):
@@ -164,8 +192,11 @@ def main():
     ms, first_call = timed(fn, args)
     first = first_call if first is None else first
     rows.append((shape, kind, name, config, ms, first))
-    print(f"{shape} {kind:6} {name:10} {config:40} {ms:8.3f} ms  (first call {first:5.1f} s, "
-          f"{time.perf_counter() - start:6.1f} s elapsed)", flush=True)
+    print(
+      f"{shape} {kind:6} {name:10} {config:40} {ms:8.3f} ms  (first call {first:5.1f} s, "
+      f"{time.perf_counter() - start:6.1f} s elapsed)",
+      flush=True,
+    )
     return ms
 
   for b, t in shapes:
@@ -178,12 +209,11 @@ def main():
     ms = {}
     for name in st.KERNELS:
       fn, names, _ = st.default[name]
-      ms[name] = row(shape, "kernel", name, st.config[name], fn, st.args(names),
-                     st.compile_s[name])
-    rows.append((shape, "sum", "fwd kernels (with T)", "", sum(ms[n] for n in st.FORWARD),
-                 None))
-    rows.append((shape, "sum", "fwd+bwd kernels", "",
-                 sum(ms[n] for n in st.FORWARD + st.BACKWARD), None))
+      ms[name] = row(shape, "kernel", name, st.config[name], fn, st.args(names), st.compile_s[name])
+    rows.append((shape, "sum", "fwd kernels (with T)", "", sum(ms[n] for n in st.FORWARD), None))
+    rows.append(
+      (shape, "sum", "fwd+bwd kernels", "", sum(ms[n] for n in st.FORWARD + st.BACKWARD), None)
+    )
     if a.no_sweep:
       continue
     for name, over in SWEEP:
@@ -191,15 +221,19 @@ def main():
       config = ", ".join(f"{k}={v}" for k, v in over.items())
       row(shape, "sweep", name, config, fn, st.args(names))
 
-  lines = [f"# Delta-rule Pallas kernels, {jax.devices()[0].device_kind}",
-           "",
-           f"Gated, bf16, H={H}, K=V={d}, chunk 64; median of timed batches (ms); "
-           f"defaults: `{Tuning()}` (V blocks by shape); first call includes compilation.",
-           "",
-           "| B x T | kind | kernel | config | ms | first call s |",
-           "|---|---|---|---|---|---|"]
-  lines += [f"| {s} | {k} | {n} | {c} | {ms:.3f} | {'' if f is None else f'{f:.1f}'} |"
-            for s, k, n, c, ms, f in rows]
+  lines = [
+    f"# Delta-rule Pallas kernels, {jax.devices()[0].device_kind}",
+    "",
+    f"Gated, bf16, H={H}, K=V={d}, chunk 64; median of timed batches (ms); "
+    f"defaults: `{Tuning()}` (V blocks by shape); first call includes compilation.",
+    "",
+    "| B x T | kind | kernel | config | ms | first call s |",
+    "|---|---|---|---|---|---|",
+  ]
+  lines += [
+    f"| {s} | {k} | {n} | {c} | {ms:.3f} | {'' if f is None else f'{f:.1f}'} |"
+    for s, k, n, c, ms, f in rows
+  ]
   lines += ["", f"Total wall time {time.perf_counter() - start:.0f} s."]
   text = "\n".join(lines)
   print(text)

@@ -11,6 +11,7 @@ states kernel, the forward kernels (states + output), each backward kernel and a
 (from the forward's states; the vector sub-block choice is not applied), and the public op
 forward and forward+backward (the pullback of a bf16 cotangent, as the benchmark times it).
 """
+
 import argparse
 import dataclasses
 import importlib.util
@@ -27,8 +28,9 @@ from pallas_kernels import linear_attention as default_package
 def load_kernel_package(name, path):
   """A copy of the kernel package (a directory), imported from `path` under `name`. Its
   modules import each other relatively, so the copy runs its own."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
-                                                submodule_search_locations=[path])
+  spec = importlib.util.spec_from_file_location(
+    name, os.path.join(path, "__init__.py"), submodule_search_locations=[path]
+  )
   package = importlib.util.module_from_spec(spec)
   sys.modules[name] = package  # dataclasses and relative imports look it up here
   spec.loader.exec_module(package)
@@ -51,8 +53,8 @@ def _tuning(lk, variant, text, b, h, d):
 def _inputs(variant, b, t, h, d):
   ks = jax.random.split(jax.random.key(0), 6)
   bf = jnp.bfloat16
-  q = (jax.random.normal(ks[0], (b, t, h, d)) * d ** -0.5).astype(bf)
-  k = (jax.random.normal(ks[1], (b, t, h, d)) * d ** -0.5).astype(bf)
+  q = (jax.random.normal(ks[0], (b, t, h, d)) * d**-0.5).astype(bf)
+  k = (jax.random.normal(ks[1], (b, t, h, d)) * d**-0.5).astype(bf)
   v = jax.random.normal(ks[2], (b, t, h, d)).astype(bf)
   if variant == "den":
     v = jnp.ones((b, t, h, 1), bf)
@@ -91,19 +93,28 @@ def main():
     b, t, h, d = (int(x) for x in shape.split(","))
     for variant in args.variants.split(","):
       q, k, v, g, bonus, do = _inputs(variant, b, t, h, d)
-      scale = d ** -0.5
+      scale = d**-0.5
       for text in [""] + [c for var, c in extra if var == variant]:
         tuning = _tuning(lk, variant, text, b, h, d)
         tag = f"{variant} {b}x{t} [{text or 'default'}]" + (" (package)" if args.package else "")
-        st, a = lk.op.prepare(q, k, v, g, scale=scale, bonus=bonus, initial_state=None,
-                              segment_ids=None, tuning=tuning, interpret=args.interpret,
-                              out_dtype=None)
+        st, a = lk.op.prepare(
+          q,
+          k,
+          v,
+          g,
+          scale=scale,
+          bonus=bonus,
+          initial_state=None,
+          segment_ids=None,
+          tuning=tuning,
+          interpret=args.interpret,
+          out_dtype=None,
+        )
         dhT = jnp.zeros(a["h0"].shape, jnp.float32)
         calls = lk.calls
         core_args = tuple(a[n] for n in calls.ARGS)
         if g is not None:
-          _time(f"{tag}: chunk cumsum", jax.jit(lambda x: calls.with_cumsum(st, x)["G"]),
-                core_args)
+          _time(f"{tag}: chunk cumsum", jax.jit(lambda x: calls.with_cumsum(st, x)["G"]), core_args)
         a = calls.with_cumsum(st, core_args)
         _time(f"{tag}: states kernel", jax.jit(lambda a: calls.states(st, a)), a)
         _time(f"{tag}: forward kernels", jax.jit(lambda a: calls.forward(st, a)), a)
@@ -111,21 +122,33 @@ def main():
         dstates = jax.jit(lambda a, do, hs: calls.dstates(st, a, do, dhT, hs))
         _time(f"{tag}: dstates kernel", dstates, a, do, hs)
         dhs, _, rs = dstates(a, do, hs)
-        _time(f"{tag}: dv kernel", jax.jit(lambda a, do, dhs: calls.dv(st, a, do, dhs)),
-              a, do, dhs)
-        _time(f"{tag}: dqk kernel",
-              jax.jit(lambda a, do, hs, dhs, rs: calls.dqk(st, a, do, hs, dhs, rs)),
-              a, do, hs, dhs, rs)
-        _time(f"{tag}: backward kernels",
-              jax.jit(lambda a, do, hs: calls.backward(st, a, do, dhT, hs)), a, do, hs)
+        _time(f"{tag}: dv kernel", jax.jit(lambda a, do, dhs: calls.dv(st, a, do, dhs)), a, do, dhs)
+        _time(
+          f"{tag}: dqk kernel",
+          jax.jit(lambda a, do, hs, dhs, rs: calls.dqk(st, a, do, hs, dhs, rs)),
+          a,
+          do,
+          hs,
+          dhs,
+          rs,
+        )
+        _time(
+          f"{tag}: backward kernels",
+          jax.jit(lambda a, do, hs: calls.backward(st, a, do, dhT, hs)),
+          a,
+          do,
+          hs,
+        )
 
         def op(q, k, v, g):
-          o, _ = lk.linear_attention(q, k, v, g, scale=scale, bonus=bonus, tuning=tuning,
-                                     interpret=args.interpret)
+          o, _ = lk.linear_attention(
+            q, k, v, g, scale=scale, bonus=bonus, tuning=tuning, interpret=args.interpret
+          )
           return o
 
         def fwdbwd(q, k, v, g, do):  # the benchmark's convention: the pullback of a bf16 do
           return jax.vjp(op, q, k, v, g)[1](do)
+
         _time(f"{tag}: op fwd", jax.jit(op), q, k, v, g)
         _time(f"{tag}: op fwdbwd", jax.jit(fwdbwd), q, k, v, g, do)
 

@@ -6,9 +6,17 @@ knobs (tuning.py), and `chunked` the pure-jnp twin of the kernels' algorithm on 
 inputs (chunked_jnp.py, with `chunk_size_for` and `prepare_gates`). The kernel bodies are in
 kernels.py, their pallas_calls in calls.py.
 """
+
 from .chunked_jnp import chunk_size_for, chunked, prepare_gates
 from .op import delta_rule, reason
 from .tuning import Tuning, default_tuning
 
-__all__ = ["Tuning", "chunk_size_for", "chunked", "default_tuning", "delta_rule",
-           "prepare_gates", "reason"]
+__all__ = [
+  "Tuning",
+  "chunk_size_for",
+  "chunked",
+  "default_tuning",
+  "delta_rule",
+  "prepare_gates",
+  "reason",
+]

@@ -20,6 +20,7 @@ reset happened in the chunk up to i (`g0` = g there, -inf elsewhere).
 Layouts here: q, k [B, Tp, H, K], v [B, Tp, H, V] (Tp a multiple of the chunk), per-position
 gates [B, H, Tp] float32, run ids [B, Tp] float32, states [B, H, K, V] float32.
 """
+
 from __future__ import annotations
 
 import jax
@@ -63,10 +64,10 @@ def prepare_gates(beta, log_decay, segment_ids, chunk: int):
   if segment_ids is None:
     return beta, g, g, None
   reset = jnp.pad(common.segment_starts(segment_ids), ((0, 0), (0, pad)))
-  run = jnp.cumsum(reset.astype(jnp.int32), axis=1)                      # [B, Tp]
+  run = jnp.cumsum(reset.astype(jnp.int32), axis=1)  # [B, Tp]
   run_c = run.reshape(b, n, chunk)
   run_in = run_c[:, :, 0] - reset.reshape(b, n, chunk)[:, :, 0].astype(jnp.int32)
-  reach = (run_c == run_in[:, :, None]).reshape(b, 1, tp)                # S0 reaches i
+  reach = (run_c == run_in[:, :, None]).reshape(b, 1, tp)  # S0 reaches i
   g0 = jnp.where(reach, g, -jnp.inf)
   return beta, g, g0, run.astype(jnp.float32)
 
@@ -75,9 +76,19 @@ def _dot(a, b, spec, precision):
   return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
-def chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array | None,
-            g0: jax.Array | None, run: jax.Array | None, initial_state: jax.Array, *,
-            scale: float, chunk: int) -> tuple[jax.Array, jax.Array]:
+def chunked(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  beta: jax.Array,
+  g: jax.Array | None,
+  g0: jax.Array | None,
+  run: jax.Array | None,
+  initial_state: jax.Array,
+  *,
+  scale: float,
+  chunk: int,
+) -> tuple[jax.Array, jax.Array]:
   """Chunked delta rule on prepared inputs (`prepare_gates`; q, k, v padded to Tp); returns
   (o [B,Tp,H,V] in v.dtype, S [B,H,K,V] f32)."""
   b, tp, h, dk = q.shape
@@ -105,11 +116,11 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Ar
     diff = gc[..., :, None] - gc[..., None, :]
     decay_strict = jnp.exp(jnp.where(strict, diff, 0.0))
     decay_incl = jnp.exp(jnp.where(incl, diff, 0.0))
-    gate0 = jnp.exp(g0c)                                        # e^{g_i}, 0 after a reset
-    end = jnp.exp(gc[..., -1:] - gc)                            # e^{g_C - g_j}
+    gate0 = jnp.exp(g0c)  # e^{g_i}, 0 after a reset
+    end = jnp.exp(gc[..., -1:] - gc)  # e^{g_C - g_j}
     if run is not None:
       end = jnp.where(rc == rc[..., -1:], end, 0.0)
-    gate_end = jnp.exp(g0c[..., -1])                            # [B, H, N]
+    gate_end = jnp.exp(g0c[..., -1])  # [B, H, N]
   else:
     decay_strict = decay_incl = 1.0
     gate0 = jnp.ones((b, h, n, chunk), jnp.float32)
@@ -119,8 +130,9 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Ar
   kk = _dot(kc, kc, "bhnik,bhnjk->bhnij", precision)
   a = jnp.where(strict, bc[..., :, None] * kk * decay_strict, 0.0)
   eye = jnp.eye(chunk, dtype=jnp.float32)
-  tinv = jax.scipy.linalg.solve_triangular(eye + a, jnp.broadcast_to(eye, a.shape),
-                                           lower=True, unit_diagonal=True)
+  tinv = jax.scipy.linalg.solve_triangular(
+    eye + a, jnp.broadcast_to(eye, a.shape), lower=True, unit_diagonal=True
+  )
   hp = lax.Precision.HIGHEST
   w = _dot(tinv, kc.astype(jnp.float32) * (bc * gate0)[..., None], "bhnij,bhnjk->bhnik", hp)
   u_tilde = _dot(tinv, vc.astype(jnp.float32) * bc[..., None], "bhnij,bhnjv->bhniv", hp)

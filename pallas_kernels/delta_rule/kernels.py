@@ -42,6 +42,7 @@ rules (last two block dims divisible by (8, 128) or whole):
   - `pltpu.CompilerParams` with dimension semantics replace the Triton knobs, and interpret
     mode is Pallas' TPU interpreter.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -138,14 +139,14 @@ def wy_kernel(*refs, chunk, gated, segmented, precision):
 def wu_kernel(*refs, chunk, gated, segmented, precision):
   """W and U~ from the stored T (the backward's recomputation)."""
   del chunk
-  (k_ref, v_ref, beta_ref, t_ref), _, g0_ref, _, (w_ref, u_ref) = _unpack(
-      refs, 4, gated, segmented)
+  (k_ref, v_ref, beta_ref, t_ref), _, g0_ref, _, (w_ref, u_ref) = _unpack(refs, 4, gated, segmented)
   _store_wu(t_ref[...], k_ref, v_ref, beta_ref[...], g0_ref, w_ref, u_ref, precision)
 
 
 def state_kernel(*refs, chunk, n_chunks, gated, segmented, precision, loop):
   (w_ref, ut_ref, k_ref, s0_ref), g_ref, g0_ref, run_ref, (h_ref, u_ref, sf_ref) = _unpack(
-      refs, 4, gated, segmented)
+    refs, 4, gated, segmented
+  )
   dt = k_ref.dtype
 
   def body(n, state):
@@ -175,7 +176,8 @@ def _decayed_scores(q, k, g_ref, mask, precision):
 
 def output_kernel(*refs, chunk, scale, gated, segmented, precision):
   (q_ref, k_ref, h_ref, u_ref), g_ref, g0_ref, run_ref, (o_ref,) = _unpack(
-      refs, 4, gated, segmented)
+    refs, 4, gated, segmented
+  )
   q = q_ref[...]
   incl, _ = _masks(chunk, run_ref)
   p = _decayed_scores(q, k_ref[...], g_ref, incl, precision).astype(q.dtype)
@@ -197,7 +199,8 @@ def dstate_kernel(*refs, chunk, n_chunks, scale, gated, segmented, precision, lo
   """Reverse pass over chunks: dU = dU_local + K~ dS', dS <- e^{g_C} dS' + scale (e^g Q)^T dO
   - W^T dU; stores dS' (the gradient at each chunk's exit) and dU."""
   (q_ref, k_ref, w_ref, do_ref, dvl_ref, dsf_ref), g_ref, g0_ref, run_ref, outs = _unpack(
-      refs, 6, gated, segmented)
+    refs, 6, gated, segmented
+  )
   dh_ref, du_ref, ds0_ref = outs
   dt = k_ref.dtype
 
@@ -213,8 +216,9 @@ def dstate_kernel(*refs, chunk, n_chunks, scale, gated, segmented, precision, lo
       q = (q.astype(F32) * jnp.exp(g0)[:, None]).astype(dt)
     du = (dvl_ref[sl, :].astype(F32) + _dot(k, ds.astype(dt), precision)).astype(dt)
     du_ref[sl, :] = du
-    new = (scale * _dot(q, do_ref[sl, :], precision, trans_a=True)
-           - _dot(w_ref[sl, :], du, precision, trans_a=True))
+    new = scale * _dot(q, do_ref[sl, :], precision, trans_a=True) - _dot(
+      w_ref[sl, :], du, precision, trans_a=True
+    )
     if gated:
       ds = jnp.exp(_last(g0)) * ds
     return ds + new
@@ -249,7 +253,7 @@ def grad_qk_kernel(*refs, chunk, block_v, scale, gated, segmented, precision):
 
   q, k = q_ref[...], k_ref[...]
   incl, _ = _masks(chunk, run_ref)
-  dp = jnp.where(incl, scale * ds, 0.0)          # dP, P = [Q K^T . decay]_{j<=i}
+  dp = jnp.where(incl, scale * ds, 0.0)  # dP, P = [Q K^T . decay]_{j<=i}
   if gated:
     g, g0 = g_ref[...], g0_ref[...]
     dp = dp * jnp.exp(jnp.where(incl, g[:, None] - g[None, :], 0.0))
@@ -269,8 +273,12 @@ def grad_qk_kernel(*refs, chunk, block_v, scale, gated, segmented, precision):
     is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
     # P's decay: rows +g_i, columns -g_j; S' = e^{g0_C} h + (K . e^{g_C - g})^T U
     dend = jnp.sum(kf * dkh, axis=1)
-    dg_ref[...] = (jnp.sum(qf * dq_p, axis=1) - jnp.sum(kf * dk_p, axis=1) - dend
-                   + jnp.where(is_last, jnp.sum(dend), 0.0))
+    dg_ref[...] = (
+      jnp.sum(qf * dq_p, axis=1)
+      - jnp.sum(kf * dk_p, axis=1)
+      - dend
+      + jnp.where(is_last, jnp.sum(dend), 0.0)
+    )
     state_term = jnp.exp(_last(g0)) * jnp.sum(hdh)
     dg0_ref[...] = jnp.sum(qf * dqh, axis=1) + jnp.where(is_last, state_term, 0.0)
 
@@ -294,16 +302,19 @@ def grad_wy_kernel(*refs, chunk, gated, segmented, precision):
   dxw = _dot(t, dw, precision, trans_a=True)
   dxu = _dot(t, du, precision, trans_a=True)
   sw = jnp.sum(kf * dxw, axis=1)
-  da = _dot(_dot(t, dtm.astype(dt), precision, trans_a=True).astype(dt), t, precision,
-            trans_b=True)
+  da = _dot(_dot(t, dtm.astype(dt), precision, trans_a=True).astype(dt), t, precision, trans_b=True)
   da = jnp.where(strict, -da, 0.0)
-  if gated:                                       # A = beta K K^T . decay
+  if gated:  # A = beta K K^T . decay
     g = g_ref[...]
     da = da * jnp.exp(jnp.where(strict, g[:, None] - g[None, :], 0.0))
   da_kk = da * _dot(k, k, precision, trans_b=True)
   dkk = (da * beta[:, None]).astype(dt)
-  dk = (dkp_ref[...] + bg[:, None] * dxw + _dot(dkk, k, precision)
-        + _dot(dkk, k, precision, trans_a=True))
+  dk = (
+    dkp_ref[...]
+    + bg[:, None] * dxw
+    + _dot(dkk, k, precision)
+    + _dot(dkk, k, precision, trans_a=True)
+  )
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = (beta[:, None] * dxu).astype(dv_ref.dtype)
   dbeta_ref[...] = gamma0 * sw + jnp.sum(v.astype(F32) * dxu, axis=1) + jnp.sum(da_kk, axis=1)

@@ -1,5 +1,6 @@
 """`delta_rule`: argument checks (`reason`), padding and layout, and the custom_vjp around the
 kernels' forward and backward (saving the inputs and T = (I + A)^{-1}, as fla does)."""
+
 from __future__ import annotations
 
 import functools
@@ -17,8 +18,9 @@ from .tuning import Tuning, default_tuning
 F32 = jnp.float32
 
 
-def reason(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-           interpret: bool = False) -> str | None:
+def reason(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, interpret: bool = False
+) -> str | None:
   """Why the kernels cannot serve these arguments, or None (no tracing). Compiled (not
   `interpret`) the [K, V] state tiles live in registers (GPU) or VMEM (TPU): head dims <= 128."""
   if q.dtype not in (jnp.float32, jnp.bfloat16):
@@ -36,16 +38,39 @@ def _gates(g, g0, run):
 
 
 def _kernels(q, v, g, run, chunk, interpret, tuning, platform):
-  return Kernels(q, v, chunk=chunk, gated=g is not None, segmented=run is not None,
-                 tuning=tuning, interpret=interpret, platform=platform)
+  return Kernels(
+    q,
+    v,
+    chunk=chunk,
+    gated=g is not None,
+    segmented=run is not None,
+    tuning=tuning,
+    interpret=interpret,
+    platform=platform,
+  )
 
 
 _STATIC = ("scale", "chunk", "interpret", "tuning", "platform")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("with_t",))
-def forward(q, k, v, beta, g, g0, run, initial_state, *, scale, chunk, tuning, interpret=False,
-            platform=None, with_t=False):
+def forward(
+  q,
+  k,
+  v,
+  beta,
+  g,
+  g0,
+  run,
+  initial_state,
+  *,
+  scale,
+  chunk,
+  tuning,
+  interpret=False,
+  platform=None,
+  with_t=False,
+):
   """Kernel forward on prepared inputs (see chunked_jnp.chunked; q, k, v in the platform's
   token layout, see `Kernels`); head dims powers of two >= 16. Returns (o, final_state), and
   T = (I + A)^{-1} [B,H,Tp,C] (the backward's residual) with_t."""
@@ -57,8 +82,25 @@ def forward(q, k, v, beta, g, g0, run, initial_state, *, scale, chunk, tuning, i
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def backward(q, k, v, beta, g, g0, run, initial_state, t, do, dfinal, *, scale, chunk, tuning,
-             interpret=False, platform=None):
+def backward(
+  q,
+  k,
+  v,
+  beta,
+  g,
+  g0,
+  run,
+  initial_state,
+  t,
+  do,
+  dfinal,
+  *,
+  scale,
+  chunk,
+  tuning,
+  interpret=False,
+  platform=None,
+):
   """Kernel backward from the inputs and the forward's T: recomputes W, U~, the chunk states
   and U, then the reverse state-gradient pass and the two per-chunk gradient kernels.
   Returns (dq, dk, dv, dbeta, dg, dg0, ds0)."""
@@ -78,24 +120,57 @@ def backward(q, k, v, beta, g, g0, run, initial_state, t, do, dfinal, *, scale, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
-def _delta_rule_vjp(q, k, v, beta, g, g0, run, initial_state, scale, chunk, interpret, tuning,
-                    platform):
-  return forward(q, k, v, beta, g, g0, run, initial_state, scale=scale, chunk=chunk,
-                 interpret=interpret, tuning=tuning, platform=platform)
+def _delta_rule_vjp(
+  q, k, v, beta, g, g0, run, initial_state, scale, chunk, interpret, tuning, platform
+):
+  return forward(
+    q,
+    k,
+    v,
+    beta,
+    g,
+    g0,
+    run,
+    initial_state,
+    scale=scale,
+    chunk=chunk,
+    interpret=interpret,
+    tuning=tuning,
+    platform=platform,
+  )
 
 
-def _vjp_fwd(q, k, v, beta, g, g0, run, initial_state, scale, chunk, interpret, tuning,
-             platform):
-  o, final, t = forward(q, k, v, beta, g, g0, run, initial_state, scale=scale, chunk=chunk,
-                        interpret=interpret, tuning=tuning, platform=platform, with_t=True)
+def _vjp_fwd(q, k, v, beta, g, g0, run, initial_state, scale, chunk, interpret, tuning, platform):
+  o, final, t = forward(
+    q,
+    k,
+    v,
+    beta,
+    g,
+    g0,
+    run,
+    initial_state,
+    scale=scale,
+    chunk=chunk,
+    interpret=interpret,
+    tuning=tuning,
+    platform=platform,
+    with_t=True,
+  )
   return (o, final), (q, k, v, beta, g, g0, run, initial_state, t)
 
 
 def _vjp_bwd(scale, chunk, interpret, tuning, platform, residuals, cotangents):
   run = residuals[6]
-  dq, dk, dv, dbeta, dg, dg0, ds0 = backward(*residuals, *cotangents, scale=scale, chunk=chunk,
-                                             interpret=interpret, tuning=tuning,
-                                             platform=platform)
+  dq, dk, dv, dbeta, dg, dg0, ds0 = backward(
+    *residuals,
+    *cotangents,
+    scale=scale,
+    chunk=chunk,
+    interpret=interpret,
+    tuning=tuning,
+    platform=platform,
+  )
   drun = None if run is None else jnp.zeros_like(run)
   return dq, dk, dv, dbeta, dg, dg0, drun, ds0
 
@@ -103,11 +178,21 @@ def _vjp_bwd(scale, chunk, interpret, tuning, platform, residuals, cotangents):
 _delta_rule_vjp.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, scale: float,
-               log_decay: jax.Array | None = None, initial_state: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, chunk: int | None = None,
-               interpret: bool = False, tuning: Tuning | None = None,
-               platform: str | None = None) -> tuple[jax.Array, jax.Array]:
+def delta_rule(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  beta: jax.Array,
+  *,
+  scale: float,
+  log_decay: jax.Array | None = None,
+  initial_state: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+  chunk: int | None = None,
+  interpret: bool = False,
+  tuning: Tuning | None = None,
+  platform: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Chunked delta rule through the Pallas kernels, differentiable.
 
   q, k [B,T,H,K], v [B,T,H,V] (one dtype), beta [B,T,H], log_decay [B,T,H] or None,
@@ -134,10 +219,11 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, sca
   else:
     s0 = jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, pk - dk), (0, pv - dv)))
   q, k, v = pad(q, pk), pad(k, pk), pad(v, pv)
-  if platform == "tpu":             # token layout [B, H, T, D]
+  if platform == "tpu":  # token layout [B, H, T, D]
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-  o, final = _delta_rule_vjp(q, k, v, beta_p, g, g0, run, s0, float(scale), chunk, interpret,
-                             tuning, platform)
+  o, final = _delta_rule_vjp(
+    q, k, v, beta_p, g, g0, run, s0, float(scale), chunk, interpret, tuning, platform
+  )
   if platform == "tpu":
     o = jnp.swapaxes(o, 1, 2)
   return o[:, :t, :, :dv], final[:, :, :dk, :dv]

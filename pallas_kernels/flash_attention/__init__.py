@@ -10,9 +10,17 @@ twin of the forward's algorithm (chunked_jnp.py). The kernel bodies are in kerne
 pallas_calls in calls.py, the Hopper forward in hopper.py, the mask rule and the tile
 schedules in schedule.py.
 """
+
 from .chunked_jnp import chunked
 from .op import flash_attention, hopper_reason, reason
 from .tuning import TPU_TUNING, Tuning, default_tuning
 
-__all__ = ["TPU_TUNING", "Tuning", "chunked", "default_tuning", "flash_attention",
-           "hopper_reason", "reason"]
+__all__ = [
+  "TPU_TUNING",
+  "Tuning",
+  "chunked",
+  "default_tuning",
+  "flash_attention",
+  "hopper_reason",
+  "reason",
+]

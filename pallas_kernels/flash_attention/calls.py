@@ -1,6 +1,7 @@
 """The pallas_calls of the flash-attention kernels (bodies in kernels.py): launch order,
 BlockSpecs of either platform (BTHD blocks for Triton, BHTD for Mosaic TPU; see kernels.py),
 and the forward, dq and dk/dv calls."""
+
 from __future__ import annotations
 
 import functools
@@ -38,6 +39,7 @@ def _launch(n_tiles, heads, batch, cfg, *, reverse):
   def ids(hg, t, r):
     tile = n_tiles - 1 - t if reverse else t
     return tile, (r % per_batch) * g + hg, r // per_batch
+
   return (g, n_tiles, per_batch * batch), ids
 
 
@@ -89,10 +91,14 @@ def _token_operand(spec, cfg, arr, rows, *, column, whole=False):
   if not cfg.tpu:
     return spec((None, rows), lambda t, h, b: (batch_index(arr, b), tile_of(t))), arr
   if column:
-    return (spec((None, rows, 1), lambda t, h, b: (batch_index(arr, b), tile_of(t), 0), whole),
-            arr[:, :, None])
-  return (spec((None, 1, rows), lambda t, h, b: (batch_index(arr, b), 0, tile_of(t)), whole),
-          arr[:, None, :])
+    return (
+      spec((None, rows, 1), lambda t, h, b: (batch_index(arr, b), tile_of(t), 0), whole),
+      arr[:, :, None],
+    )
+  return (
+    spec((None, 1, rows), lambda t, h, b: (batch_index(arr, b), 0, tile_of(t)), whole),
+    arr[:, None, :],
+  )
 
 
 def _stat_spec(spec, cfg, heads, rows, index_map, *, column, whole=False):
@@ -130,45 +136,63 @@ def _call(kernel, cfg, suffix, name, grid, ids, operands, sched, scale, out_spec
     if scale is not None:
       in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
       args.append(scale[1])
-    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid,
-                                             in_specs=in_specs, out_specs=out_specs)
-    params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid),
-                                  vmem_limit_bytes=TPU_VMEM_LIMIT)
-    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
-                          compiler_params=params, name=name,
-                          interpret=pltpu.InterpretParams() if cfg.interpret else False)(
-                              sched, *args)
-  in_specs.append(_spec(ids, (None, None, sched.shape[-1]),
-                        lambda t, h, b: (batch_index(sched, b), t, 0)))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs
+    )
+    params = pltpu.CompilerParams(
+      dimension_semantics=("parallel",) * len(grid), vmem_limit_bytes=TPU_VMEM_LIMIT
+    )
+    return pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=out_shape,
+      compiler_params=params,
+      name=name,
+      interpret=pltpu.InterpretParams() if cfg.interpret else False,
+    )(sched, *args)
+  in_specs.append(
+    _spec(ids, (None, None, sched.shape[-1]), lambda t, h, b: (batch_index(sched, b), t, 0))
+  )
   args.append(sched)
   if scale is not None:
     in_specs.append(scale[0])
     args.append(scale[1])
-  params = plgpu_triton.CompilerParams(num_warps=getattr(cfg, "num_warps" + suffix),
-                                       num_stages=getattr(cfg, "num_stages" + suffix))
-  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, compiler_params=params,
-                        interpret=cfg.interpret, name=name)(*args)
+  params = plgpu_triton.CompilerParams(
+    num_warps=getattr(cfg, "num_warps" + suffix), num_stages=getattr(cfg, "num_stages" + suffix)
+  )
+  return pl.pallas_call(
+    kernel,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=params,
+    interpret=cfg.interpret,
+    name=name,
+  )(*args)
 
 
-def _query_tile_operands(spec, cfg, bq, q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
-                         tile_stats=()):
+def _query_tile_operands(
+  spec, cfg, bq, q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, tile_stats=()
+):
   """(spec, array) operands of a kernel with one query tile per program (forward, dq): the q
   tile, the whole k and v of its kv head, `tile_stats` (more per-tile operands: dO, lse2,
   delta), the positions and segment ids; and the per-head scale operand (None when static)."""
   tk, d, dv = _dims(k, cfg)[1], q.shape[-1], v.shape[-1]
   g = cfg.groups
   operands = [
-      (_seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)), q),
-      (_seq_spec(spec, cfg, tk, None, d, lambda i, h, b: (b, 0, h // g), whole=True), k),
-      (_seq_spec(spec, cfg, tk, None, dv, lambda i, h, b: (b, 0, h // g), whole=True), v),
-      *tile_stats,
-      _token_operand(spec, cfg, q_pos, bq, column=True),
-      _token_operand(spec, cfg, kv_pos, tk, column=False, whole=True),
+    (_seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)), q),
+    (_seq_spec(spec, cfg, tk, None, d, lambda i, h, b: (b, 0, h // g), whole=True), k),
+    (_seq_spec(spec, cfg, tk, None, dv, lambda i, h, b: (b, 0, h // g), whole=True), v),
+    *tile_stats,
+    _token_operand(spec, cfg, q_pos, bq, column=True),
+    _token_operand(spec, cfg, kv_pos, tk, column=False, whole=True),
   ]
   if cfg.has_segments:
-    operands += [_token_operand(spec, cfg, q_seg, bq, column=True),
-                 _token_operand(spec, cfg, kv_seg, tk, column=False, whole=True)]
+    operands += [
+      _token_operand(spec, cfg, q_seg, bq, column=True),
+      _token_operand(spec, cfg, kv_seg, tk, column=False, whole=True),
+    ]
   scale = None
   if cfg.static_scale is None:
     scale = (spec((None,), lambda i, h, b: (h,)), scale_arr)
@@ -184,20 +208,36 @@ def forward(q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched, cfg: Static
   bq = cfg.block_q
   grid, ids = _launch(tq // bq, heads, batch, cfg, reverse=True)
   spec = functools.partial(_spec, ids)
-  operands, scale = _query_tile_operands(spec, cfg, bq, q, k, v, scale_arr, q_pos, kv_pos,
-                                         q_seg, kv_seg)
-  out_specs = [_seq_spec(spec, cfg, bq, None, dv, lambda i, h, b: (b, i, h)),
-               _stat_spec(spec, cfg, None, bq, lambda i, h, b: (b, h, i), column=True)]
-  out_shape = [jax.ShapeDtypeStruct(_seq_shape(batch, tq, heads, dv, cfg), q.dtype),
-               jax.ShapeDtypeStruct((batch, heads, tq, 1) if cfg.tpu else (batch, heads, tq),
-                                    jnp.float32)]
-  o, lse2 = _call(functools.partial(kernels.fwd_kernel, cfg=cfg, ids=ids), cfg, "",
-                  "flash_attention_fwd", grid, ids, operands, sched, scale, out_specs, out_shape)
+  operands, scale = _query_tile_operands(
+    spec, cfg, bq, q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg
+  )
+  out_specs = [
+    _seq_spec(spec, cfg, bq, None, dv, lambda i, h, b: (b, i, h)),
+    _stat_spec(spec, cfg, None, bq, lambda i, h, b: (b, h, i), column=True),
+  ]
+  out_shape = [
+    jax.ShapeDtypeStruct(_seq_shape(batch, tq, heads, dv, cfg), q.dtype),
+    jax.ShapeDtypeStruct((batch, heads, tq, 1) if cfg.tpu else (batch, heads, tq), jnp.float32),
+  ]
+  o, lse2 = _call(
+    functools.partial(kernels.fwd_kernel, cfg=cfg, ids=ids),
+    cfg,
+    "",
+    "flash_attention_fwd",
+    grid,
+    ids,
+    operands,
+    sched,
+    scale,
+    out_specs,
+    out_shape,
+  )
   return o, lse2[..., 0] if cfg.tpu else lse2
 
 
-def backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched,
-                cfg: Static):
+def backward_dq(
+  q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched, cfg: Static
+):
   """dq [B,Tq,H,D] (TPU: BHTD); with a per-head scale array, the unscaled sum (float32)."""
   batch, tq, heads, d = _dims(q, cfg)
   dv = v.shape[-1]
@@ -205,21 +245,32 @@ def backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_se
   grid, ids = _launch(tq // bq, heads, batch, cfg, reverse=True)
   spec = functools.partial(_spec, ids)
   tile_stats = [
-      (_seq_spec(spec, cfg, bq, None, dv, lambda i, h, b: (b, i, h)), do),
-      _stat_operand(spec, cfg, lse2, None, bq, lambda i, h, b: (b, h, i), column=True),
-      _stat_operand(spec, cfg, delta, None, bq, lambda i, h, b: (b, h, i), column=True),
+    (_seq_spec(spec, cfg, bq, None, dv, lambda i, h, b: (b, i, h)), do),
+    _stat_operand(spec, cfg, lse2, None, bq, lambda i, h, b: (b, h, i), column=True),
+    _stat_operand(spec, cfg, delta, None, bq, lambda i, h, b: (b, h, i), column=True),
   ]
-  operands, scale = _query_tile_operands(spec, cfg, bq, q, k, v, scale_arr, q_pos, kv_pos,
-                                         q_seg, kv_seg, tile_stats)
+  operands, scale = _query_tile_operands(
+    spec, cfg, bq, q, k, v, scale_arr, q_pos, kv_pos, q_seg, kv_seg, tile_stats
+  )
   out_dtype = q.dtype if scale is None else jnp.float32
-  return _call(functools.partial(kernels.dq_kernel, cfg=cfg, ids=ids), cfg, "_dq",
-               "flash_attention_dq", grid, ids, operands, sched, scale,
-               _seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)),
-               jax.ShapeDtypeStruct(q.shape, out_dtype))
+  return _call(
+    functools.partial(kernels.dq_kernel, cfg=cfg, ids=ids),
+    cfg,
+    "_dq",
+    "flash_attention_dq",
+    grid,
+    ids,
+    operands,
+    sched,
+    scale,
+    _seq_spec(spec, cfg, bq, None, d, lambda i, h, b: (b, i, h)),
+    jax.ShapeDtypeStruct(q.shape, out_dtype),
+  )
 
 
-def backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
-                 sched_t, cfg: Static):
+def backward_dkv(
+  q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched_t, cfg: Static
+):
   """dk [B,Tk,Hkv,D], dv [B,Tk,Hkv,Dv] (TPU: BHTD); sums over the query heads of each kv
   head."""
   batch, tq, heads, d = _dims(q, cfg)
@@ -230,26 +281,38 @@ def backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_s
   grid, ids = _launch(tk // bk, kv_heads, batch, cfg, reverse=False)
   spec = functools.partial(_spec, ids)
   operands = [
-      (_seq_spec(spec, cfg, tq, g, d, lambda j, hk, b: (b, 0, hk), whole=True), q),
-      (_seq_spec(spec, cfg, bk, None, d, lambda j, hk, b: (b, j, hk)), k),
-      (_seq_spec(spec, cfg, bk, None, dv, lambda j, hk, b: (b, j, hk)), v),
-      (_seq_spec(spec, cfg, tq, g, dv, lambda j, hk, b: (b, 0, hk), whole=True), do),
-      _stat_operand(spec, cfg, lse2, g, tq, lambda j, hk, b: (b, hk, 0), column=False,
-                    whole=True),
-      _stat_operand(spec, cfg, delta, g, tq, lambda j, hk, b: (b, hk, 0), column=False,
-                    whole=True),
-      _token_operand(spec, cfg, q_pos, tq, column=False, whole=True),
-      _token_operand(spec, cfg, kv_pos, bk, column=True),
+    (_seq_spec(spec, cfg, tq, g, d, lambda j, hk, b: (b, 0, hk), whole=True), q),
+    (_seq_spec(spec, cfg, bk, None, d, lambda j, hk, b: (b, j, hk)), k),
+    (_seq_spec(spec, cfg, bk, None, dv, lambda j, hk, b: (b, j, hk)), v),
+    (_seq_spec(spec, cfg, tq, g, dv, lambda j, hk, b: (b, 0, hk), whole=True), do),
+    _stat_operand(spec, cfg, lse2, g, tq, lambda j, hk, b: (b, hk, 0), column=False, whole=True),
+    _stat_operand(spec, cfg, delta, g, tq, lambda j, hk, b: (b, hk, 0), column=False, whole=True),
+    _token_operand(spec, cfg, q_pos, tq, column=False, whole=True),
+    _token_operand(spec, cfg, kv_pos, bk, column=True),
   ]
   if cfg.has_segments:
-    operands += [_token_operand(spec, cfg, q_seg, tq, column=False, whole=True),
-                 _token_operand(spec, cfg, kv_seg, bk, column=True)]
+    operands += [
+      _token_operand(spec, cfg, q_seg, tq, column=False, whole=True),
+      _token_operand(spec, cfg, kv_seg, bk, column=True),
+    ]
   scale = None
   if cfg.static_scale is None:
     scale = (spec((None, g), lambda j, hk, b: (hk, 0)), scale_arr.reshape(kv_heads, g))
-  out_specs = [_seq_spec(spec, cfg, bk, None, d, lambda j, hk, b: (b, j, hk)),
-               _seq_spec(spec, cfg, bk, None, dv, lambda j, hk, b: (b, j, hk))]
+  out_specs = [
+    _seq_spec(spec, cfg, bk, None, d, lambda j, hk, b: (b, j, hk)),
+    _seq_spec(spec, cfg, bk, None, dv, lambda j, hk, b: (b, j, hk)),
+  ]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  return _call(functools.partial(kernels.dkv_kernel, cfg=cfg, ids=ids), cfg, "_dkv",
-               "flash_attention_dkv", grid, ids, operands, sched_t, scale, out_specs,
-               out_shape)
+  return _call(
+    functools.partial(kernels.dkv_kernel, cfg=cfg, ids=ids),
+    cfg,
+    "_dkv",
+    "flash_attention_dkv",
+    grid,
+    ids,
+    operands,
+    sched_t,
+    scale,
+    out_specs,
+    out_shape,
+  )

@@ -10,6 +10,7 @@ Gradients come from autodiff through the scan with each step rematerialised
 The running max is a constant shift of the exponents that cancels in o and lse, so no
 gradient flows through it.
 """
+
 from __future__ import annotations
 
 import jax
@@ -24,13 +25,24 @@ from .schedule import visible
 F32 = jnp.float32
 
 
-def chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bool = False,
-            window: int | tuple[int, int] | None = None, segment_ids: jax.Array | None = None,
-            kv_segment_ids: jax.Array | None = None, q_positions: jax.Array | None = None,
-            kv_positions: jax.Array | None = None, softcap: float | None = None,
-            block_mask: jax.Array | None = None, block_mask_size: tuple[int, int] | None = None,
-            return_lse: bool = False,
-            block_k: int = 128) -> jax.Array | tuple[jax.Array, jax.Array]:
+def chunked(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale,
+  causal: bool = False,
+  window: int | tuple[int, int] | None = None,
+  segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  softcap: float | None = None,
+  block_mask: jax.Array | None = None,
+  block_mask_size: tuple[int, int] | None = None,
+  return_lse: bool = False,
+  block_k: int = 128,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Softmax attention with the arguments of `flash_attention` (`block_k`: keys per step).
 
   Returns o[B,Tq,H,Dv] in v's dtype (and lse[B,Tq,H] float32, natural log, -inf on rows that
@@ -59,18 +71,17 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bool = F
   user = None
   if block_mask is not None:
     rows = jnp.arange(tq) // block_mask_size[0]
-    user = jnp.asarray(block_mask, bool)[:, rows]                       # [B|1, Tq, nkb]
+    user = jnp.asarray(block_mask, bool)[:, rows]  # [B|1, Tq, nkb]
   scale = jnp.broadcast_to(jnp.asarray(scale, F32).reshape(-1), (heads,))
   scale = scale.reshape(1, kv_heads, groups, 1, 1)
   precision = lax.Precision.HIGHEST if q.dtype == F32 else None
-  qg = jnp.moveaxis(q.reshape(batch, tq, kv_heads, groups, d), 1, 3)    # [B, Hkv, G, Tq, D]
+  qg = jnp.moveaxis(q.reshape(batch, tq, kv_heads, groups, d), 1, 3)  # [B, Hkv, G, Tq, D]
   q_pos = q_positions[:, None, None, :, None]
 
   def step(carry, x):
     acc, m, l = carry
     kb, vb, kp, ks, j = x
-    qk = jnp.einsum("bhgqd,bkhd->bhgqk", qg, kb, precision=precision,
-                    preferred_element_type=F32)
+    qk = jnp.einsum("bhgqd,bkhd->bhgqk", qg, kb, precision=precision, preferred_element_type=F32)
     if softcap is None:
       s2 = qk * (scale * LOG2E)
     else:
@@ -82,20 +93,28 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bool = F
       mask &= user[:, None, None][..., cols]
     s2 = jnp.where(mask, s2, -jnp.inf)
     m_new = lax.stop_gradient(jnp.maximum(m, s2.max(axis=-1)))
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)      # a row may still have seen nothing
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row may still have seen nothing
     p = jnp.exp2(s2 - m_use[..., None])
     alpha = jnp.exp2(m - m_use)
     l = l * alpha + p.sum(axis=-1)
-    acc = acc * alpha[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), vb,
-                                              precision=precision, preferred_element_type=F32)
+    acc = acc * alpha[..., None] + jnp.einsum(
+      "bhgqk,bkhd->bhgqd", p.astype(v.dtype), vb, precision=precision, preferred_element_type=F32
+    )
     return (acc, m_new, l), None
 
   stat = (batch, kv_heads, groups, tq)
   carry = (jnp.zeros(stat + (dv,), F32), jnp.full(stat, -jnp.inf, F32), jnp.zeros(stat, F32))
-  (acc, m, l), _ = lax.scan(jax.checkpoint(step), carry,
-                            (blocks(k), blocks(v),
-                             blocks(jnp.asarray(kv_positions, jnp.int32), common.EMPTY), kv_seg,
-                             jnp.arange(n)))
+  (acc, m, l), _ = lax.scan(
+    jax.checkpoint(step),
+    carry,
+    (
+      blocks(k),
+      blocks(v),
+      blocks(jnp.asarray(kv_positions, jnp.int32), common.EMPTY),
+      kv_seg,
+      jnp.arange(n),
+    ),
+  )
   empty = l == 0.0
   l = jnp.where(empty, 1.0, l)
   o = jnp.moveaxis(acc / l[..., None], 3, 1).reshape(batch, tq, heads, dv).astype(v.dtype)

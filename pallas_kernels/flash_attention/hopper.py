@@ -25,6 +25,7 @@ positions), so no row is empty and no +inf appears.
 Lowering needs no device (jax.export for platforms=["cuda"] runs on CPU); only PTX -> SASS and
 execution need an sm90 GPU.
 """
+
 from __future__ import annotations
 
 import jax
@@ -53,15 +54,16 @@ SWIZZLE = 128  # bytes: 64 bf16/f16 elements per swizzled row
 # Alternatives to time against the defaults on an H200 at D=128 (all fit shared memory and
 # lower; experiments/gpu/hopper_attention_check.py times them).
 CANDIDATES = {
-    "default": Tuning(),
-    "s3": Tuning(hopper_stages=3),
-    "kv64_s4": Tuning(hopper_block_kv=64, hopper_stages=4),
-    "kv192": Tuning(hopper_block_kv=192),
-    "q128_kv64": Tuning(hopper_block_q=128, hopper_block_kv=64),
-    "overlap": Tuning(hopper_pingpong=False, hopper_overlap=True),
-    "overlap_kv64_s3": Tuning(hopper_block_kv=64, hopper_stages=3, hopper_pingpong=False,
-                              hopper_overlap=True),
-    "no_pingpong": Tuning(hopper_pingpong=False),
+  "default": Tuning(),
+  "s3": Tuning(hopper_stages=3),
+  "kv64_s4": Tuning(hopper_block_kv=64, hopper_stages=4),
+  "kv192": Tuning(hopper_block_kv=192),
+  "q128_kv64": Tuning(hopper_block_q=128, hopper_block_kv=64),
+  "overlap": Tuning(hopper_pingpong=False, hopper_overlap=True),
+  "overlap_kv64_s3": Tuning(
+    hopper_block_kv=64, hopper_stages=3, hopper_pingpong=False, hopper_overlap=True
+  ),
+  "no_pingpong": Tuning(hopper_pingpong=False),
 }
 
 
@@ -75,8 +77,10 @@ def smem_bytes(head_dim: int, dtype_bytes: int, tuning: Tuning) -> int:
 
 
 def _knobs(tuning: Tuning) -> str:
-  return (f"{tuning.hopper_block_q} x {tuning.hopper_block_kv} tiles, {tuning.hopper_stages} "
-          f"stages{', overlap' if tuning.hopper_overlap else ''}")
+  return (
+    f"{tuning.hopper_block_q} x {tuning.hopper_block_kv} tiles, {tuning.hopper_stages} "
+    f"stages{', overlap' if tuning.hopper_overlap else ''}"
+  )
 
 
 def config_reason(head_dim: int, dtype, tuning: Tuning) -> str | None:
@@ -87,26 +91,36 @@ def config_reason(head_dim: int, dtype, tuning: Tuning) -> str | None:
     return f"the Hopper forward supports head_dim in {HEAD_DIMS} (after padding), got {head_dim}"
   need = smem_bytes(head_dim, jnp.dtype(dtype).itemsize, tuning)
   if need > SMEM_BYTES:
-    return (f"the Hopper forward needs {need} bytes of shared memory for head_dim "
-            f"{head_dim} with {_knobs(tuning)}, over {SMEM_BYTES}")
+    return (
+      f"the Hopper forward needs {need} bytes of shared memory for head_dim "
+      f"{head_dim} with {_knobs(tuning)}, over {SMEM_BYTES}"
+    )
   # Registers: the O accumulator and S tile, float32, per consumer thread (128 threads).
-  regs = (tuning.hopper_block_q
-          * (head_dim + tuning.hopper_block_kv * (2 if tuning.hopper_overlap else 1)) // 128)
+  regs = (
+    tuning.hopper_block_q
+    * (head_dim + tuning.hopper_block_kv * (2 if tuning.hopper_overlap else 1))
+    // 128
+  )
   if regs > 192:
-    return (f"the Hopper forward keeps {regs} float32 accumulator registers a thread for "
-            f"head_dim {head_dim} with {_knobs(tuning)}; at most 192 fit")
+    return (
+      f"the Hopper forward keeps {regs} float32 accumulator registers a thread for "
+      f"head_dim {head_dim} with {_knobs(tuning)}; at most 192 fit"
+    )
   return None
 
 
 def padded_lengths(tq: int, tk: int, tuning: Tuning) -> tuple[int, int]:
   """Tq, Tk rounded up to the kernel's tiles (2 * hopper_block_q query rows, hopper_block_kv
   keys)."""
-  return (common.round_up(tq, 2 * tuning.hopper_block_q),
-          common.round_up(tk, tuning.hopper_block_kv))
+  return (
+    common.round_up(tq, 2 * tuning.hopper_block_q),
+    common.round_up(tk, tuning.hopper_block_kv),
+  )
 
 
-def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
-            tuning: Tuning | None = None):
+def forward(
+  q, k, v, *, scale: float, causal: bool, kv_len: int | None = None, tuning: Tuning | None = None
+):
   """o[B,Tq,H,D], lse2[B,H,Tq] of softmax attention; q, k, v BTHD, padded to the tiles.
 
   q [B,Tq,H,D], k/v [B,Tk,Hkv,D] with Tq a multiple of 2 * hopper_block_q and Tk of
@@ -147,8 +161,23 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
     n = jnp.minimum(lax.div(q0 + bq + bkv - 1, bkv), n_kv)
     return n, jnp.minimum(lax.div(q0, bkv), n_kv_unpadded)
 
-  def body(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, lse_smem, k_smem, v_smem,
-           q_full, k_full, v_full, k_free, v_free, turn):
+  def body(
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    qo_smem,
+    lse_smem,
+    k_smem,
+    v_smem,
+    q_full,
+    k_full,
+    v_full,
+    k_free,
+    v_free,
+    turn,
+  ):
     # Heaviest causal tiles first: their kv loops are the longest.
     qt = lax.axis_index("q")
     if causal:
@@ -231,6 +260,7 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
         def qk_fn(s_ref):
           plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
           return s_ref[...]
+
         return pl.run_scoped(qk_fn, plgpu.ACC((bq, bkv), jnp.float32))
 
       def overlapped_step(j, carry, masked):
@@ -266,10 +296,12 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
         plgpu.barrier_wait(k_full.at[0])
         s0 = qk(0)
         plgpu.barrier_arrive(k_free.at[wg * stages])
-        carry = lax.fori_loop(0, n_unmasked, lambda j, c_: overlapped_step(j, c_, False),
-                              (acc, m, l, s0))
-        acc, m, l, _ = lax.fori_loop(n_unmasked, n_steps,
-                                     lambda j, c_: overlapped_step(j, c_, True), carry)
+        carry = lax.fori_loop(
+          0, n_unmasked, lambda j, c_: overlapped_step(j, c_, False), (acc, m, l, s0)
+        )
+        acc, m, l, _ = lax.fori_loop(
+          n_unmasked, n_steps, lambda j, c_: overlapped_step(j, c_, True), carry
+        )
       else:
         carry = lax.fori_loop(0, n_unmasked, lambda j, c_: step(j, c_, False), (acc, m, l))
         acc, m, l = lax.fori_loop(n_unmasked, n_steps, lambda j, c_: step(j, c_, True), carry)
@@ -279,6 +311,7 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
         def _(j):
           handoff()
           handoff()
+
         pl.when(wg == 0)(handoff)
 
       q_smem[...] = (acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])).astype(dtype)
@@ -299,35 +332,47 @@ def forward(q, k, v, *, scale: float, causal: bool, kv_len: int | None = None,
       def _(j):
         slot = lax.rem(j, stages)
         rows = (b, pl.ds(j * bkv, bkv), kv_h)
-        for src, dst, full, free in ((k_ref, k_smem, k_full, k_free),
-                                     (v_ref, v_smem, v_full, v_free)):
+        for src, dst, full, free in (
+          (k_ref, k_smem, k_full, k_free),
+          (v_ref, v_smem, v_full, v_free),
+        ):
           for w in range(2):
+
             @pl.when((j >= stages) & (j - stages < n_wg[w]))
             def _():
               plgpu.barrier_wait(free.at[w * stages + slot])
+
           plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], full.at[slot])
 
-  swizzled = (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
-              plgpu.SwizzleTransform(SWIZZLE))
-  scratch = dict(
-      qo_smem=plgpu.SMEM((2, bq, d), dtype, transforms=swizzled),
-      lse_smem=plgpu.SMEM((2, bq), jnp.float32),
-      k_smem=plgpu.SMEM((stages, bkv, d), dtype, transforms=swizzled),
-      v_smem=plgpu.SMEM((stages, bkv, d), dtype, transforms=swizzled),
-      q_full=plgpu.Barrier(num_barriers=2),
-      k_full=plgpu.Barrier(num_barriers=stages),
-      v_full=plgpu.Barrier(num_barriers=stages),
-      k_free=plgpu.Barrier(num_barriers=2 * stages),
-      v_free=plgpu.Barrier(num_barriers=2 * stages),
-      turn=plgpu.Barrier(num_arrivals=2),
+  swizzled = (
+    plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
+    plgpu.SwizzleTransform(SWIZZLE),
   )
-  out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
-              jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32))
+  scratch = dict(
+    qo_smem=plgpu.SMEM((2, bq, d), dtype, transforms=swizzled),
+    lse_smem=plgpu.SMEM((2, bq), jnp.float32),
+    k_smem=plgpu.SMEM((stages, bkv, d), dtype, transforms=swizzled),
+    v_smem=plgpu.SMEM((stages, bkv, d), dtype, transforms=swizzled),
+    q_full=plgpu.Barrier(num_barriers=2),
+    k_full=plgpu.Barrier(num_barriers=stages),
+    v_full=plgpu.Barrier(num_barriers=stages),
+    k_free=plgpu.Barrier(num_barriers=2 * stages),
+    v_free=plgpu.Barrier(num_barriers=2 * stages),
+    turn=plgpu.Barrier(num_arrivals=2),
+  )
+  out_type = (
+    jax.ShapeDtypeStruct(q.shape, dtype),
+    jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32),
+  )
   return plgpu.kernel(
-      body, out_type=out_type, scratch_types=scratch,
-      grid=(n_q, heads, batch), grid_names=("q", "h", "b"),
-      num_threads=3, thread_name="wg",
-      # Row reductions stay inside warps (WGMMA layout): no cross-warp reduction scratch.
-      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-      kernel_name="flash_fwd_hopper",
+    body,
+    out_type=out_type,
+    scratch_types=scratch,
+    grid=(n_q, heads, batch),
+    grid_names=("q", "h", "b"),
+    num_threads=3,
+    thread_name="wg",
+    # Row reductions stay inside warps (WGMMA layout): no cross-warp reduction scratch.
+    compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+    kernel_name="flash_fwd_hopper",
   )(q, k, v)

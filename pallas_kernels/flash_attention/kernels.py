@@ -21,6 +21,7 @@ One kernel body serves both platforms; `Static.tpu` picks the Mosaic TPU form:
 - grid (head, batch, tile), all dimensions parallel, run with the tiles of one head in
   sequence so its K/V blocks stay in VMEM.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ LN2 = math.log(2.0)
 @dataclasses.dataclass(frozen=True)
 class Static:
   """Static description of one attention call (hashable; a custom_vjp nondiff argument)."""
+
   static_scale: float | None  # None: a per-head scale array is passed
   causal: bool
   window: tuple[int, int] | None
@@ -118,8 +120,12 @@ def _exp2(x, cfg):
   if not cfg.fast_exp2:
     return jnp.exp2(x)
   [y] = plgpu_triton.elementwise_inline_asm(
-      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    "ex2.approx.ftz.f32 $0, $1;",
+    args=[x],
+    constraints="=f,f",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+  )
   return y
 
 
@@ -182,8 +188,8 @@ def _split_refs(refs, cfg, n_out, ids):
   program's schedule row and head (the dk/dv kernel: its kv head's group of query heads)."""
   refs = list(refs)
   sched_ref = refs.pop(0) if cfg.tpu else None
-  outs = refs[len(refs) - n_out:]
-  refs = refs[:len(refs) - n_out]
+  outs = refs[len(refs) - n_out :]
+  refs = refs[: len(refs) - n_out]
   scale_ref = refs.pop() if cfg.static_scale is None else None
   if not cfg.tpu:
     sched_ref = refs.pop()
@@ -205,7 +211,8 @@ def _split_refs(refs, cfg, n_out, ids):
 
 def fwd_kernel(*refs, cfg: Static, ids):
   (q_ref, k_ref, v_ref, qpos_ref, kpos_ref), qs_ref, ks_ref, sched_ref, scale_ref, outs = (
-      _split_refs(refs, cfg, 2, ids))
+    _split_refs(refs, cfg, 2, ids)
+  )
   o_ref, lse_ref = outs
   bq, bk = cfg.block_q, cfg.block_k
   dv = v_ref.shape[-1]
@@ -240,8 +247,11 @@ def fwd_kernel(*refs, cfg: Static, ids):
     return acc, m_new, l
 
   stat = _stat_shape(bq, cfg)
-  carry = (jnp.zeros((bq, dv), jnp.float32), jnp.full(stat, -jnp.inf, jnp.float32),
-           jnp.zeros(stat, jnp.float32))
+  carry = (
+    jnp.zeros((bq, dv), jnp.float32),
+    jnp.full(stat, -jnp.inf, jnp.float32),
+    jnp.zeros(stat, jnp.float32),
+  )
   n_full = sched_ref[0]
   n_vis = sched_ref[1]
   carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
@@ -256,8 +266,14 @@ def fwd_kernel(*refs, cfg: Static, ids):
 
 
 def dq_kernel(*refs, cfg: Static, ids):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref), qs_ref, ks_ref, \
-      sched_ref, scale_ref, (dq_ref,) = _split_refs(refs, cfg, 1, ids)
+  (
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref),
+    qs_ref,
+    ks_ref,
+    sched_ref,
+    scale_ref,
+    (dq_ref,),
+  ) = _split_refs(refs, cfg, 1, ids)
   bk = cfg.block_k_dq
   scale = _scale_value(scale_ref, cfg)
   q = q_ref[...]
@@ -297,8 +313,14 @@ def dq_kernel(*refs, cfg: Static, ids):
 
 
 def dkv_kernel(*refs, cfg: Static, ids):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref), qs_ref, ks_ref, \
-      sched_ref, scale_ref, (dk_ref, dv_ref) = _split_refs(refs, cfg, 2, ids)
+  (
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref),
+    qs_ref,
+    ks_ref,
+    sched_ref,
+    scale_ref,
+    (dk_ref, dv_ref),
+  ) = _split_refs(refs, cfg, 2, ids)
   bq = cfg.block_q_dkv
   groups = cfg.groups
   k = k_ref[...]
@@ -346,8 +368,7 @@ def dkv_kernel(*refs, cfg: Static, ids):
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   carry = lax.fori_loop(0, groups * n_full, functools.partial(body, masked=False), carry)
-  dk, dv = lax.fori_loop(0, groups * (n_vis - n_full), functools.partial(body, masked=True),
-                         carry)
+  dk, dv = lax.fori_loop(0, groups * (n_vis - n_full), functools.partial(body, masked=True), carry)
   if cfg.static_scale is not None:
     dk = dk * cfg.static_scale
   dk_ref[...] = dk.astype(dk_ref.dtype)

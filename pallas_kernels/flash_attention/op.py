@@ -1,5 +1,6 @@
 """`flash_attention`: argument checks (`reason`, `hopper_reason`), padding, tile schedules and
 the custom_vjp around the Pallas kernels (calls.py; the Hopper forward in hopper.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,11 +44,13 @@ def _tiles(tuning, tq, tk, user_blocks, floor):
   blocks."""
   uq, uk = user_blocks
   return dict(
-      block_q=_tile(tuning.block_q, tq, uq, floor), block_k=_tile(tuning.block_k, tk, uk, floor),
-      block_q_dq=_tile(tuning.block_q_dq, tq, uq, floor),
-      block_k_dq=_tile(tuning.block_k_dq, tk, uk, floor),
-      block_q_dkv=_tile(tuning.block_q_dkv, tq, uq, floor),
-      block_k_dkv=_tile(tuning.block_k_dkv, tk, uk, floor))
+    block_q=_tile(tuning.block_q, tq, uq, floor),
+    block_k=_tile(tuning.block_k, tk, uk, floor),
+    block_q_dq=_tile(tuning.block_q_dq, tq, uq, floor),
+    block_k_dq=_tile(tuning.block_k_dq, tk, uk, floor),
+    block_q_dkv=_tile(tuning.block_q_dkv, tq, uq, floor),
+    block_k_dkv=_tile(tuning.block_k_dkv, tk, uk, floor),
+  )
 
 
 def _padded_lengths(tiles, tq, tk):
@@ -59,8 +62,10 @@ def _padded_lengths(tiles, tq, tk):
 def _tpu_reason(q, k, v, block_mask_size, tuning, per_batch_schedule):
   """Why the TPU kernels cannot serve these shapes (tiles, VMEM, SMEM), or None."""
   if block_mask_size is not None and any(b % TPU_TILE for b in block_mask_size):
-    return (f"on TPU block_mask_size entries must be multiples of {TPU_TILE} (kernel tiles "
-            f"divide them), got {block_mask_size}")
+    return (
+      f"on TPU block_mask_size entries must be multiples of {TPU_TILE} (kernel tiles "
+      f"divide them), got {block_mask_size}"
+    )
   batch, tq, heads, d = q.shape
   tk, kv_heads = k.shape[1], k.shape[2]
   itemsize = 4 if q.dtype == jnp.float16 else q.dtype.itemsize  # f16 runs in f32 on TPU
@@ -76,35 +81,52 @@ def _tpu_reason(q, k, v, block_mask_size, tuning, per_batch_schedule):
   qdo = groups * tq_pad * (width * itemsize + 2 * 8 * 4) + 2 * 8 * 4 * tq_pad
   vmem = max(kv, qdo)
   if vmem > calls.TPU_VMEM_LIMIT - 8 * 2**20:
-    return (f"on TPU the kernels keep whole-sequence K/V and Q/dO blocks in VMEM: Tq {tq}, Tk "
-            f"{tk}, head_dim {d}, {groups} q heads per kv head need {vmem / 2**20:.0f} MiB, "
-            f"over {calls.TPU_VMEM_LIMIT // 2**20 - 8} MiB")
+    return (
+      f"on TPU the kernels keep whole-sequence K/V and Q/dO blocks in VMEM: Tq {tq}, Tk "
+      f"{tk}, head_dim {d}, {groups} q heads per kv head need {vmem / 2**20:.0f} MiB, "
+      f"over {calls.TPU_VMEM_LIMIT // 2**20 - 8} MiB"
+    )
   rows = batch if per_batch_schedule else 1
   nq = max(tq_pad // tiles[n] for n in ("block_q", "block_q_dq", "block_q_dkv"))
   nk = max(tk_pad // tiles[n] for n in ("block_k", "block_k_dq", "block_k_dkv"))
   smem = 4 * rows * max(nq * common.round_up(2 + nk, 128), nk * common.round_up(2 + nq, 128))
   if smem > TPU_SMEM_BUDGET:
-    return (f"on TPU the tile schedule ({rows} x {nq} x {nk} tiles) needs {smem // 1024} KiB "
-            f"of SMEM, over {TPU_SMEM_BUDGET // 1024} KiB")
+    return (
+      f"on TPU the tile schedule ({rows} x {nq} x {nk} tiles) needs {smem // 1024} KiB "
+      f"of SMEM, over {TPU_SMEM_BUDGET // 1024} KiB"
+    )
   return None
 
 
-def reason(q: jax.Array, k: jax.Array, v: jax.Array, *,
-           block_mask_size: tuple[int, int] | None = None, platform: str | None = None,
-           tuning: Tuning | None = None, per_batch_schedule: bool = True) -> str | None:
+def reason(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  block_mask_size: tuple[int, int] | None = None,
+  platform: str | None = None,
+  tuning: Tuning | None = None,
+  per_batch_schedule: bool = True,
+) -> str | None:
   """Why the kernel cannot serve these shapes/dtypes, or None (static check, no tracing).
 
   `platform` as in `flash_attention`; `per_batch_schedule`: whether the masks differ across
   the batch (segment ids, explicit positions or a block mask), which sizes the TPU schedule.
   """
   if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-    return f"flash kernel needs q, k, v of one dtype in f32/bf16/f16, got {q.dtype}, {k.dtype}, {v.dtype}"
+    return (
+      f"flash kernel needs q, k, v of one dtype in f32/bf16/f16, got {q.dtype}, {k.dtype}, "
+      f"{v.dtype}"
+    )
   if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
     return f"flash kernel supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}/{v.shape[-1]}"
   if block_mask_size is not None:
     for b in block_mask_size:
       if b % 16:
-        return f"block_mask_size entries must be multiples of 16 (kernel tiles divide them), got {block_mask_size}"
+        return (
+          "block_mask_size entries must be multiples of 16 (kernel tiles divide them), got "
+          f"{block_mask_size}"
+        )
   if common.resolve_platform(platform) == "tpu":
     return _tpu_reason(q, k, v, block_mask_size, tuning, per_batch_schedule)
   return None
@@ -121,19 +143,39 @@ def _sm90_default_device() -> bool:
   return device.platform == "gpu" and isinstance(cc, str) and cc.split(".")[0] == "9"
 
 
-def hopper_reason(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bool = False,
-                  window=None, segment_ids=None, kv_segment_ids=None, q_positions=None,
-                  kv_positions=None, softcap=None, block_mask=None, platform: str | None = None,
-                  interpret: bool = False, tuning: Tuning | None = None) -> str | None:
+def hopper_reason(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale,
+  causal: bool = False,
+  window=None,
+  segment_ids=None,
+  kv_segment_ids=None,
+  q_positions=None,
+  kv_positions=None,
+  softcap=None,
+  block_mask=None,
+  platform: str | None = None,
+  interpret: bool = False,
+  tuning: Tuning | None = None,
+) -> str | None:
   """Why the Hopper (Mosaic GPU) forward cannot serve these arguments, or None (static check;
   the device is not queried: `flash_attention(hopper=None)` adds that)."""
   if common.resolve_platform(platform) != "gpu":
     return "the Hopper forward runs on GPU only"
   if interpret:
     return "the Hopper forward has no interpret mode (wgmma)"
-  extras = dict(window=window, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                q_positions=q_positions, kv_positions=kv_positions, softcap=softcap,
-                block_mask=block_mask)
+  extras = dict(
+    window=window,
+    segment_ids=segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    q_positions=q_positions,
+    kv_positions=kv_positions,
+    softcap=softcap,
+    block_mask=block_mask,
+  )
   if used := [name for name, val in extras.items() if val is not None]:
     return f"the Hopper forward does not support {', '.join(used)}"
   if not isinstance(scale, (int, float, np.floating, np.integer)) or not scale > 0:
@@ -144,17 +186,21 @@ def hopper_reason(q: jax.Array, k: jax.Array, v: jax.Array, *, scale, causal: bo
   if d != dv:
     return f"the Hopper forward needs v's head dim equal to q's, got {d} and {dv}"
   if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2] or q.shape[2] % k.shape[2]:
-    return f"the Hopper forward needs k, v of one shape with Hkv dividing H, got {k.shape}, {v.shape}"
+    return (
+      f"the Hopper forward needs k, v of one shape with Hkv dividing H, got {k.shape}, {v.shape}"
+    )
   if causal and q.shape[1] != k.shape[1]:
     return f"the Hopper forward needs Tq == Tk when causal, got {q.shape[1]} and {k.shape[1]}"
   dp = common.next_pow2(d, 16)
   return hopper_lib.config_reason(
-      dp, q.dtype, tuning or default_tuning(dp, jnp.dtype(q.dtype).itemsize, causal=causal))
+    dp, q.dtype, tuning or default_tuning(dp, jnp.dtype(q.dtype).itemsize, causal=causal)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class _HopperCall:
   """Static arguments of the Hopper forward inside `_flash`."""
+
   tuning: Tuning
   scale: float
   causal: bool
@@ -170,8 +216,9 @@ def _hopper_forward(q, k, v, hop: _HopperCall):
   tq_h, tk_h = hopper_lib.padded_lengths(tq_pad, hop.kv_len, hop.tuning)
   qh = _pad_axis(q, 1, tq_h)
   kh, vh = (_pad_axis(x, 1, max(tk_pad, tk_h))[:, :tk_h] for x in (k, v))
-  o, lse2 = hopper_lib.forward(qh, kh, vh, scale=hop.scale, causal=hop.causal,
-                               kv_len=hop.kv_len, tuning=hop.tuning)
+  o, lse2 = hopper_lib.forward(
+    qh, kh, vh, scale=hop.scale, causal=hop.causal, kv_len=hop.kv_len, tuning=hop.tuning
+  )
   return o[:, :tq_pad], lse2[:, :, :tq_pad]
 
 
@@ -186,16 +233,27 @@ def _pad_axis(x, axis, size, mode="constant", value=0, xp=jnp):
   return xp.pad(x, widths, constant_values=value)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale,
-                    causal: bool = False, window: int | tuple[int, int] | None = None,
-                    segment_ids: jax.Array | None = None,
-                    kv_segment_ids: jax.Array | None = None,
-                    q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
-                    softcap: float | None = None, block_mask: jax.Array | None = None,
-                    block_mask_size: tuple[int, int] | None = None, return_lse: bool = False,
-                    tuning: Tuning | None = None, interpret: bool = False,
-                    platform: str | None = None,
-                    hopper: bool | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale,
+  causal: bool = False,
+  window: int | tuple[int, int] | None = None,
+  segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  softcap: float | None = None,
+  block_mask: jax.Array | None = None,
+  block_mask_size: tuple[int, int] | None = None,
+  return_lse: bool = False,
+  tuning: Tuning | None = None,
+  interpret: bool = False,
+  platform: str | None = None,
+  hopper: bool | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Blockwise softmax attention with Pallas forward and backward kernels.
 
   q[B,Tq,H,D], k[B,Tk,Hkv,D], v[B,Tk,Hkv,Dv] (BTHD; Hkv divides H). `scale` is a Python
@@ -224,19 +282,39 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale,
   platform = common.resolve_platform(platform)
   if hopper is None or hopper:
     why_hopper = hopper_reason(
-        q, k, v, scale=scale, causal=causal, window=window, segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids, q_positions=q_positions, kv_positions=kv_positions,
-        softcap=softcap, block_mask=block_mask, platform=platform, interpret=interpret,
-        tuning=tuning)
+      q,
+      k,
+      v,
+      scale=scale,
+      causal=causal,
+      window=window,
+      segment_ids=segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
+      softcap=softcap,
+      block_mask=block_mask,
+      platform=platform,
+      interpret=interpret,
+      tuning=tuning,
+    )
     if hopper and why_hopper:
       raise NotImplementedError(why_hopper)
     hopper = why_hopper is None and (hopper or _sm90_default_device())
   tpu = platform == "tpu"
   # Default positions and no segments / block mask: the schedule depends only on shapes.
-  static_masks = (q_positions is None and kv_positions is None and segment_ids is None
-                  and block_mask is None)
-  why = reason(q, k, v, block_mask_size=block_mask_size, platform=platform, tuning=tuning,
-               per_batch_schedule=not static_masks)
+  static_masks = (
+    q_positions is None and kv_positions is None and segment_ids is None and block_mask is None
+  )
+  why = reason(
+    q,
+    k,
+    v,
+    block_mask_size=block_mask_size,
+    platform=platform,
+    tuning=tuning,
+    per_batch_schedule=not static_masks,
+  )
   if why:
     raise NotImplementedError(why)
   if tpu and q.dtype == jnp.float16:
@@ -244,11 +322,24 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale,
     # float16 inputs (IEEE f32 dots, exact on f16 values); o goes back to float16.
     f32 = lambda x: x.astype(jnp.float32)
     r = flash_attention(
-        f32(q), f32(k), f32(v), scale=scale, causal=causal, window=window,
-        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-        kv_positions=kv_positions, softcap=softcap, block_mask=block_mask,
-        block_mask_size=block_mask_size, return_lse=return_lse, tuning=tuning,
-        interpret=interpret, platform=platform)
+      f32(q),
+      f32(k),
+      f32(v),
+      scale=scale,
+      causal=causal,
+      window=window,
+      segment_ids=segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
+      softcap=softcap,
+      block_mask=block_mask,
+      block_mask_size=block_mask_size,
+      return_lse=return_lse,
+      tuning=tuning,
+      interpret=interpret,
+      platform=platform,
+    )
     return (r[0].astype(q.dtype), r[1]) if return_lse else r.astype(q.dtype)
   batch, tq, heads, d = q.shape
   tk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -263,8 +354,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale,
     tuning = TPU_TUNING
   if tuning is None:
     local = window is not None and window[0] + window[1] < tk // 2
-    tuning = default_tuning(max(d, dv), jnp.dtype(q.dtype).itemsize, local=local,
-                            causal=causal)
+    tuning = default_tuning(max(d, dv), jnp.dtype(q.dtype).itemsize, local=local, causal=causal)
   ub = block_mask_size if block_mask is not None else (None, None)
   tiles = _tiles(tuning, tq, tk, ub, TPU_TILE if tpu else 16)
   tq_pad, tk_pad = _padded_lengths(tiles, tq, tk)
@@ -277,14 +367,26 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale,
   if softcap is not None:
     softcap = float(softcap)
   cfg = kernels.Static(
-      contiguous_full=bool(tuning.direct_full and static_masks), head_group=tuning.head_group,
-      static_scale=static_scale, causal=bool(causal), window=window,
-      has_segments=segment_ids is not None, softcap=softcap, groups=groups,
-      precise=q.dtype == jnp.float32, interpret=bool(interpret), tpu=tpu,
-      fast_exp2=not interpret and not tpu and kernels.nvidia_gpu(),
-      num_warps=tuning.num_warps, num_stages=tuning.num_stages,
-      num_warps_dq=tuning.num_warps_dq, num_stages_dq=tuning.num_stages_dq,
-      num_warps_dkv=tuning.num_warps_dkv, num_stages_dkv=tuning.num_stages_dkv, **tiles)
+    contiguous_full=bool(tuning.direct_full and static_masks),
+    head_group=tuning.head_group,
+    static_scale=static_scale,
+    causal=bool(causal),
+    window=window,
+    has_segments=segment_ids is not None,
+    softcap=softcap,
+    groups=groups,
+    precise=q.dtype == jnp.float32,
+    interpret=bool(interpret),
+    tpu=tpu,
+    fast_exp2=not interpret and not tpu and kernels.nvidia_gpu(),
+    num_warps=tuning.num_warps,
+    num_stages=tuning.num_stages,
+    num_warps_dq=tuning.num_warps_dq,
+    num_stages_dq=tuning.num_stages_dq,
+    num_warps_dkv=tuning.num_warps_dkv,
+    num_stages_dkv=tuning.num_stages_dkv,
+    **tiles,
+  )
 
   # Positions and segments, padded: padded keys are empty slots; padded queries repeat the
   # last real query (so tile summaries stay tight) and their outputs are dropped. With static
@@ -312,16 +414,37 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale,
   def kinds(bq, bk):
     user = None
     if block_mask is not None:
-      user = sched_lib.user_tiles(block_mask, block_mask_size, batch=batch, nq=tq_pad // bq,
-                                  nk=tk_pad // bk, block_q=bq, block_k=bk)
-    return sched_lib.tile_kinds(q_pos, kv_pos, q_seg, kv_seg, block_q=bq, block_k=bk,
-                                causal=causal, window=window, user_tiles=user, xp=xp)
+      user = sched_lib.user_tiles(
+        block_mask,
+        block_mask_size,
+        batch=batch,
+        nq=tq_pad // bq,
+        nk=tk_pad // bk,
+        block_q=bq,
+        block_k=bk,
+      )
+    return sched_lib.tile_kinds(
+      q_pos,
+      kv_pos,
+      q_seg,
+      kv_seg,
+      block_q=bq,
+      block_k=bk,
+      causal=causal,
+      window=window,
+      user_tiles=user,
+      xp=xp,
+    )
 
   sched_fwd = sched_lib.schedule_rows(kinds(cfg.block_q, cfg.block_k), xp)
-  sched_dq = (sched_fwd if (cfg.block_q_dq, cfg.block_k_dq) == (cfg.block_q, cfg.block_k)
-              else sched_lib.schedule_rows(kinds(cfg.block_q_dq, cfg.block_k_dq), xp))
+  sched_dq = (
+    sched_fwd
+    if (cfg.block_q_dq, cfg.block_k_dq) == (cfg.block_q, cfg.block_k)
+    else sched_lib.schedule_rows(kinds(cfg.block_q_dq, cfg.block_k_dq), xp)
+  )
   sched_dkv = sched_lib.schedule_rows(
-      xp.swapaxes(kinds(cfg.block_q_dkv, cfg.block_k_dkv), 1, 2), xp)
+    xp.swapaxes(kinds(cfg.block_q_dkv, cfg.block_k_dkv), 1, 2), xp
+  )
   aux = (q_pos, kv_pos, q_seg, kv_seg, sched_fwd, sched_dq, sched_dkv)
 
   if tpu:  # head dims fill the 128 lanes; the kernels take BHTD
@@ -373,10 +496,12 @@ def _flash_bwd(cfg, hop, res, cts):
   delta = jnp.einsum(f"{seq},{seq}->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   if dlse2 is not None and not isinstance(dlse2, jax.custom_derivatives.SymbolicZero):
     delta = delta - dlse2.astype(jnp.float32) / kernels.LN2
-  dq = calls.backward_dq(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg,
-                         sched_dq, cfg)
-  dk, dv = calls.backward_dkv(q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg,
-                              kv_seg, sched_dkv, cfg)
+  dq = calls.backward_dq(
+    q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched_dq, cfg
+  )
+  dk, dv = calls.backward_dkv(
+    q, k, v, do, lse2, delta, scale_arr, q_pos, kv_pos, q_seg, kv_seg, sched_dkv, cfg
+  )
   dscale = None
   if cfg.static_scale is None:
     # dq came back unscaled: dL/dscale_h = sum q . dq_raw; dq = scale * dq_raw.

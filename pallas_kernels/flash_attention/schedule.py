@@ -16,6 +16,7 @@ transposed schedule (per kv tile, the query tiles).
 segments or block mask the schedule depends only on static shapes, and is computed with numpy
 while tracing (a constant: no XLA work per call).
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -41,8 +42,9 @@ def visible(q_pos, kv_pos, q_seg, kv_seg, *, causal, window):
   return mask
 
 
-def tile_kinds(q_pos, kv_pos, q_seg, kv_seg, *, block_q, block_k, causal, window,
-               user_tiles=None, xp=jnp):
+def tile_kinds(
+  q_pos, kv_pos, q_seg, kv_seg, *, block_q, block_k, causal, window, user_tiles=None, xp=jnp
+):
   """int32 [B, nq, nk] tile kinds. Inputs are already padded to whole tiles."""
   batch, tq = q_pos.shape
   tk = kv_pos.shape[1]

@@ -1,6 +1,7 @@
 """Tuning of the flash-attention kernels: tile sizes and launch parameters of the portable
 (Triton / Mosaic TPU) kernels and of the Hopper forward in one `Tuning`, their defaults
 (`default_tuning`) and validation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ class Tuning:
   of shared memory at D=128 (the float32 O and S accumulators of 64 rows take 128 registers a
   thread); 3 slots (224 KiB) also fit.
   """
+
   # Defaults: the best of the candidates timed on one H200 (bf16, D=128, causal 4x4096;
   # experiments/results/kernels/attention_nvidia_h200.md).
   block_q: int = 128
@@ -63,26 +65,31 @@ class Tuning:
     if self.head_group < 1:
       raise ValueError(f"Tuning.head_group must be >= 1, got {self.head_group}")
     if self.hopper_block_q % 64 or self.hopper_block_q <= 0:
-      raise ValueError("Tuning.hopper_block_q must be a positive multiple of 64, got "
-                       f"{self.hopper_block_q}")
+      raise ValueError(
+        f"Tuning.hopper_block_q must be a positive multiple of 64, got {self.hopper_block_q}"
+      )
     if self.hopper_block_kv % 64 or not 0 < self.hopper_block_kv <= 256:
-      raise ValueError("Tuning.hopper_block_kv must be a multiple of 64 in [64, 256], got "
-                       f"{self.hopper_block_kv}")
+      raise ValueError(
+        f"Tuning.hopper_block_kv must be a multiple of 64 in [64, 256], got {self.hopper_block_kv}"
+      )
     if self.hopper_overlap and self.hopper_pingpong:
-      raise ValueError("Tuning: hopper_overlap and hopper_pingpong are alternatives; set "
-                       "hopper_pingpong=False")
+      raise ValueError(
+        "Tuning: hopper_overlap and hopper_pingpong are alternatives; set hopper_pingpong=False"
+      )
     if self.hopper_stages < 2:
       raise ValueError(f"Tuning.hopper_stages must be >= 2, got {self.hopper_stages}")
 
 
 # Mosaic TPU: 128-row tiles everywhere (multiples of the 128 lanes; not tuned on a TPU). The
 # Triton launch fields and the Hopper knobs are unused there.
-TPU_TUNING = Tuning(block_q=128, block_k=128, block_q_dq=128, block_k_dq=128,
-                    block_q_dkv=128, block_k_dkv=128)
+TPU_TUNING = Tuning(
+  block_q=128, block_k=128, block_q_dq=128, block_k_dq=128, block_q_dkv=128, block_k_dkv=128
+)
 
 
-def default_tuning(head_dim: int, dtype_bytes: int, *, local: bool = False,
-                   causal: bool = True) -> Tuning:
+def default_tuning(
+  head_dim: int, dtype_bytes: int, *, local: bool = False, causal: bool = True
+) -> Tuning:
   """GPU defaults by head dim and dtype; larger rows take smaller tiles to fit shared memory
   (TPU: `TPU_TUNING`).
 
@@ -107,9 +114,33 @@ def default_tuning(head_dim: int, dtype_bytes: int, *, local: bool = False,
   if head_dim <= 64:  # float32
     return Tuning(block_q=64, block_k=64, num_warps=4, num_stages=2)
   if head_dim <= 128 or dtype_bytes <= 2:  # f32 head_dim 128, or bf16/f16 head_dim 256
-    return Tuning(block_q=64, block_k=32, num_warps=4, num_stages=2,
-                  block_q_dq=64, block_k_dq=32, num_warps_dq=4, num_stages_dq=1,
-                  block_q_dkv=32, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=1, **hopper)
-  return Tuning(block_q=32, block_k=32, num_warps=4, num_stages=1,  # f32 head_dim 256
-                block_q_dq=32, block_k_dq=32, num_warps_dq=4, num_stages_dq=1,
-                block_q_dkv=32, block_k_dkv=32, num_warps_dkv=4, num_stages_dkv=1, **hopper)
+    return Tuning(
+      block_q=64,
+      block_k=32,
+      num_warps=4,
+      num_stages=2,
+      block_q_dq=64,
+      block_k_dq=32,
+      num_warps_dq=4,
+      num_stages_dq=1,
+      block_q_dkv=32,
+      block_k_dkv=64,
+      num_warps_dkv=4,
+      num_stages_dkv=1,
+      **hopper,
+    )
+  return Tuning(
+    block_q=32,
+    block_k=32,
+    num_warps=4,
+    num_stages=1,  # f32 head_dim 256
+    block_q_dq=32,
+    block_k_dq=32,
+    num_warps_dq=4,
+    num_stages_dq=1,
+    block_q_dkv=32,
+    block_k_dkv=32,
+    num_warps_dkv=4,
+    num_stages_dkv=1,
+    **hopper,
+  )

@@ -9,6 +9,7 @@ in kernels.py, their pallas_calls and the forward and backward passes in calls.p
 the package import each other relatively, so that a copy of the package loads as itself
 (experiments/gpu/profile_linear.py).
 """
+
 from .chunked_jnp import chunked
 from .op import linear_attention, reason
 from .tuning import Tuning, default_splits, default_tuning

@@ -14,6 +14,7 @@ take one chunk per step of a fifth, "arbitrary" grid axis with their float32 car
 scratch (pallas_kernels.common); single rows of G are read as masked sums; interpret mode is
 Pallas' TPU interpreter. Of `Tuning` only `chunk` and `sub` apply there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,11 +58,13 @@ class _Specs:
     if name == "state":
       return pl.BlockSpec((None, None, None, bk, bv), lambda b, h, i, j, p: (b, h, p, i, j))
     if name == "rs":
-      return pl.BlockSpec((None, None, None, self.n // st.splits, bk),
-                          lambda b, h, i, j, p: (b, h, j, p, i))
+      return pl.BlockSpec(
+        (None, None, None, self.n // st.splits, bk), lambda b, h, i, j, p: (b, h, j, p, i)
+      )
     assert name == "states", name
-    return pl.BlockSpec((None, None, self.n // st.splits, bk, bv),
-                        lambda b, h, i, j, p: (b, h, p, i, j))
+    return pl.BlockSpec(
+      (None, None, self.n // st.splits, bk, bv), lambda b, h, i, j, p: (b, h, p, i, j)
+    )
 
   # chunk kernels: one chunk; all of K and V, or one V tile (tiled="v"), or one K tile ("k")
   def chunk(self, name, tiled=None):
@@ -69,9 +72,9 @@ class _Specs:
     kw = self.st.block_k_grad if tiled == "k" else self.k
     vw = self.st.block_v_out if tiled == "v" else self.v
     if tiled:
-      idx = lambda f: (lambda b, h, n, j: f(b, h, n, j))
+      idx = lambda f: lambda b, h, n, j: f(b, h, n, j)
     else:
-      idx = lambda f: (lambda b, h, n: f(b, h, n, 0))
+      idx = lambda f: lambda b, h, n: f(b, h, n, 0)
     kj = (lambda j: j) if tiled == "k" else (lambda j: 0)
     vj = (lambda j: j) if tiled == "v" else (lambda j: 0)
     vector = self.st.kind == "vector"
@@ -83,13 +86,12 @@ class _Specs:
       return pl.BlockSpec((None, c, None), idx(lambda b, h, n, j: (b, n, h)))
     if name in ("seg", "m0", "mk"):
       return pl.BlockSpec((None, c), idx(lambda b, h, n, j: (b, n)))
-    if name == "rs":   # summed over the V tiles (see dstates)
+    if name == "rs":  # summed over the V tiles (see dstates)
       return pl.BlockSpec((None, None, 1, None, kw), idx(lambda b, h, n, j: (b, h, 0, n, kj(j))))
-    if name == "u":    # the RWKV-6 bonus [H, 1, K]
+    if name == "u":  # the RWKV-6 bonus [H, 1, K]
       return pl.BlockSpec((None, 1, self.k), idx(lambda b, h, n, j: (h, 0, 0)))
     assert name == "states", name
-    return pl.BlockSpec((None, None, None, kw, vw),
-                        idx(lambda b, h, n, j: (b, h, n, kj(j), vj(j))))
+    return pl.BlockSpec((None, None, None, kw, vw), idx(lambda b, h, n, j: (b, h, n, kj(j), vj(j))))
 
   def rs_shape(self, b, h):
     return (b, h, self.v // self.st.block_v, self.n, self.k)
@@ -104,8 +106,9 @@ class _TpuSpecs(_Specs):
   def _block(self, name, b, h, n, seq):
     """(block shape, block index) of chunk n of batch b, head h."""
     c, kd, vd = self.st.chunk, self.k, self.v
-    if (name in ("q", "k", "kd", "dq", "dk")
-        or (name in ("g", "G", "Gq", "dg") and self.st.kind == "vector")):
+    if name in ("q", "k", "kd", "dq", "dk") or (
+      name in ("g", "G", "Gq", "dg") and self.st.kind == "vector"
+    ):
       return (None, None, c, kd), (b, h, n, 0)
     if name in ("v", "do", "o", "dv"):
       return (None, None, c, vd), (b, h, n, 0)
@@ -119,7 +122,7 @@ class _TpuSpecs(_Specs):
       return (None, 1, kd), (h, 0, 0)
     if name == "state":
       return (None, None, None, kd, vd), (b, h, 0, 0, 0)
-    assert name == "states", name   # the sequential kernels index their one chunk as [0]
+    assert name == "states", name  # the sequential kernels index their one chunk as [0]
     return (None, None, 1 if seq else None, kd, vd), (b, h, n, 0, 0)
 
   def seq(self, name, reverse=False):
@@ -146,8 +149,19 @@ def _sizes(st, a):
   return b, t, h, k_dim, v_dim, (_TpuSpecs if st.tpu else _Specs)(st, t, k_dim, v_dim)
 
 
-def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None, stages=None,
-          store=True, turn=None):
+def _call(
+  st,
+  kernel,
+  grid,
+  in_specs,
+  out_specs,
+  out_shape,
+  args,
+  chunks=None,
+  stages=None,
+  store=True,
+  turn=None,
+):
   """chunks: for the sequential kernels, the number of chunks they loop over carrying a
   [BK, BV] float32 state (`common.pallas_call`); on GPU their grid gains the split axis.
   stages: Triton pipeline stages instead of the tuning's. store=False: a sequential kernel's
@@ -172,21 +186,31 @@ def _call(st, kernel, grid, in_specs, out_specs, out_shape, args, chunks=None, s
     in_specs = [pl.BlockSpec((1,), lambda *_: (0,))] + in_specs + [out_specs] * len(so_far)
     args = [flag] + args + so_far
   call = common.pallas_call(
-      body, tpu=st.tpu, interpret=st.interpret, grid=grid, in_specs=in_specs,
-      out_specs=out_specs, out_shape=out_shape,
-      name=kernel.__name__ + ("" if store else "_local"),
-      carry=(st.block_k, st.block_v) if sequential else None, chunks=chunks, launch=launch,
-      aliases=aliases)
+    body,
+    tpu=st.tpu,
+    interpret=st.interpret,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    name=kernel.__name__ + ("" if store else "_local"),
+    carry=(st.block_k, st.block_v) if sequential else None,
+    chunks=chunks,
+    launch=launch,
+    aliases=aliases,
+  )
   return call(*args)
 
 
 def _taking_turns(body, value, n_in, n_so_far):
   """body under `flag == value`, its flag ref first and the aliased output-so-far ref (left
   as it is) dropped."""
+
   def kernel(flag_ref, *refs):
     @pl.when(flag_ref[0] == value)
     def _():
-      body(*refs[:n_in], *refs[n_in + n_so_far:])
+      body(*refs[:n_in], *refs[n_in + n_so_far :])
+
   return kernel
 
 
@@ -197,7 +221,7 @@ def _arrays(names, arrays):
 def _chunk_ends(st, x):
   """x at every chunk's last position: G or a mask [B,T,...] on GPU, a vector decay's G
   [B,H,T,K] on TPU."""
-  return x[:, :, st.chunk - 1::st.chunk] if st.tpu else x[:, st.chunk - 1::st.chunk]
+  return x[:, :, st.chunk - 1 :: st.chunk] if st.tpu else x[:, st.chunk - 1 :: st.chunk]
 
 
 def _split_decays(st, a):
@@ -207,7 +231,7 @@ def _split_decays(st, a):
   p = st.splits
   log_a = jnp.zeros((b, p, h, 1), F32)
   if st.kind != "none":
-    ends = _chunk_ends(st, a["G"])                                 # [B, N, H(, K)]
+    ends = _chunk_ends(st, a["G"])  # [B, N, H(, K)]
     ends = ends if st.kind == "vector" else ends[..., None]
     log_a = jnp.sum(ends.reshape(b, p, sp.n // p, h, -1), axis=2)
   f = jnp.exp(log_a)
@@ -216,8 +240,7 @@ def _split_decays(st, a):
   return jnp.moveaxis(f, 1, 2)[..., None]
 
 
-def sequential(st, a, kernel, names, init, reverse, out_dtype, extra_in=(), extra_out=(),
-               **kw):
+def sequential(st, a, kernel, names, init, reverse, out_dtype, extra_in=(), extra_out=(), **kw):
   """A sequential kernel (1 or 3) over its splits: (per-chunk states [B,H,N,K,V], the carry
   after the last chunk it walks, *extra outputs). With several splits (GPU) it runs twice:
   first from zero states, for each split's own contribution L_p to the carry leaving it; then,
@@ -231,27 +254,43 @@ def sequential(st, a, kernel, names, init, reverse, out_dtype, extra_in=(), extr
   specs = [seq(n) for n in names]
   inits = init[:, :, None]
   if st.splits > 1:
-    local = _call(st, kernel, grid, specs + [seq("state")], seq("state"), state,
-                  _arrays(names, a) + [jnp.zeros(state.shape, F32)], chunks=sp.n, store=False,
-                  **kw)
+    local = _call(
+      st,
+      kernel,
+      grid,
+      specs + [seq("state")],
+      seq("state"),
+      state,
+      _arrays(names, a) + [jnp.zeros(state.shape, F32)],
+      chunks=sp.n,
+      store=False,
+      **kw,
+    )
     decay = _split_decays(st, a)
     carries = [init]
-    for p in (range(st.splits - 1, 0, -1) if reverse else range(st.splits - 1)):
+    for p in range(st.splits - 1, 0, -1) if reverse else range(st.splits - 1):
       carries.append(decay[:, :, p] * carries[-1] + local[:, :, p])
     inits = jnp.stack(carries[::-1] if reverse else carries, axis=2)
   states, last, *extra = _call(
-      st, kernel, grid, specs + [seq(n) for n, _ in extra_in] + [seq("state")],
-      [seq("states"), seq("state")] + [seq(n) for n, _ in extra_out],
-      [jax.ShapeDtypeStruct((b, h, sp.n, k_dim, v_dim), out_dtype), state]
-      + [jax.ShapeDtypeStruct(shape, F32) for _, shape in extra_out],
-      _arrays(names, a) + [x for _, x in extra_in] + [inits], chunks=sp.n, **kw)
+    st,
+    kernel,
+    grid,
+    specs + [seq(n) for n, _ in extra_in] + [seq("state")],
+    [seq("states"), seq("state")] + [seq(n) for n, _ in extra_out],
+    [jax.ShapeDtypeStruct((b, h, sp.n, k_dim, v_dim), out_dtype), state]
+    + [jax.ShapeDtypeStruct(shape, F32) for _, shape in extra_out],
+    _arrays(names, a) + [x for _, x in extra_in] + [inits],
+    chunks=sp.n,
+    **kw,
+  )
   return (states, last[:, :, 0 if reverse else -1], *extra)
 
 
 def states(st, a):
   """Kernel 1: (h_n for every chunk [B,H,N,K,V] in the input dtype, final state f32)."""
-  return sequential(st, a, kernels.states_kernel, kernels.states_names(st), a["h0"], False,
-                    a["v"].dtype)
+  return sequential(
+    st, a, kernels.states_kernel, kernels.states_names(st), a["h0"], False, a["v"].dtype
+  )
 
 
 def forward(st, a):
@@ -268,11 +307,14 @@ def _output(st, a, hs):
   b, _, h, _, v_dim, sp = _sizes(st, a)
   names = kernels.input_names(st) + (["u"] if st.exclusive else [])
   call = functools.partial(
-      _call, kernel=kernels.output_kernel, grid=(b, h, sp.n, v_dim // st.block_v_out),
-      in_specs=[sp.chunk(n, "v") for n in names] + [sp.chunk("states", "v")],
-      out_specs=sp.chunk("o", "v"),
-      out_shape=jax.ShapeDtypeStruct(a["v"].shape, st.out_dtype or a["v"].dtype),
-      args=_arrays(names, a) + [hs])
+    _call,
+    kernel=kernels.output_kernel,
+    grid=(b, h, sp.n, v_dim // st.block_v_out),
+    in_specs=[sp.chunk(n, "v") for n in names] + [sp.chunk("states", "v")],
+    out_specs=sp.chunk("o", "v"),
+    out_shape=jax.ShapeDtypeStruct(a["v"].shape, st.out_dtype or a["v"].dtype),
+    args=_arrays(names, a) + [hs],
+  )
   if not st.choose_sub:
     return call(st)
   wide = dataclasses.replace(st, choose_sub=False)
@@ -286,9 +328,17 @@ def dstates(st, a, do, dhT, hs):
   b, _, h, _, _, sp = _sizes(st, a)
   decay = st.kind != "none"
   dhs, dh0, *rs = sequential(
-      st, dict(a, do=do), kernels.dstates_kernel, ["q", "do"] + kernels.decay_names(st, True),
-      dhT, True, hs.dtype, extra_in=[("states", hs)] if decay else [],
-      extra_out=[("rs", sp.rs_shape(b, h))] if decay else [], stages=st.tuning.dstates_stages)
+    st,
+    dict(a, do=do),
+    kernels.dstates_kernel,
+    ["q", "do"] + kernels.decay_names(st, True),
+    dhT,
+    True,
+    hs.dtype,
+    extra_in=[("states", hs)] if decay else [],
+    extra_out=[("rs", sp.rs_shape(b, h))] if decay else [],
+    stages=st.tuning.dstates_stages,
+  )
   return dhs, dh0, [x if st.tpu else jnp.sum(x, axis=2, keepdims=True) for x in rs]
 
 
@@ -296,9 +346,15 @@ def dv(st, a, do, dhs):
   """Kernel 4: dv."""
   b, _, h, _, v_dim, sp = _sizes(st, a)
   names = kernels.input_names(st)
-  return _call(st, kernels.dv_kernel, (b, h, sp.n, v_dim // st.block_v_out),
-               [sp.chunk(n, "v") for n in names + ["do", "states"]], sp.chunk("dv", "v"),
-               jax.ShapeDtypeStruct(a["v"].shape, a["v"].dtype), _arrays(names, a) + [do, dhs])
+  return _call(
+    st,
+    kernels.dv_kernel,
+    (b, h, sp.n, v_dim // st.block_v_out),
+    [sp.chunk(n, "v") for n in names + ["do", "states"]],
+    sp.chunk("dv", "v"),
+    jax.ShapeDtypeStruct(a["v"].shape, a["v"].dtype),
+    _arrays(names, a) + [do, dhs],
+  )
 
 
 def dqk(st, a, do, hs, dhs, rs):
@@ -315,9 +371,15 @@ def dqk(st, a, do, hs, dhs, rs):
   if st.block_k_grad < k_dim:
     grid, tiled = grid + (k_dim // st.block_k_grad,), "k"
   spec = functools.partial(sp.chunk, tiled=tiled)
-  res = _call(st, kernels.dqk_kernel, grid,
-              [spec(n) for n in names + ["do", "states", "states"]] + [spec("rs") for _ in rs],
-              [spec(n) for n in outs], out_shape, _arrays(names, a) + [do, hs, dhs] + rs)
+  res = _call(
+    st,
+    kernels.dqk_kernel,
+    grid,
+    [spec(n) for n in names + ["do", "states", "states"]] + [spec("rs") for _ in rs],
+    [spec(n) for n in outs],
+    out_shape,
+    _arrays(names, a) + [do, hs, dhs] + rs,
+  )
   return res[0], res[1], (res[2] if st.kind != "none" else None)
 
 
@@ -342,8 +404,9 @@ def with_sub(st, a, fn, *args, turns=False):
     return fn(st, *args)
   wide = dataclasses.replace(st, choose_sub=False)
   narrow = dataclasses.replace(wide, sub=16)
-  return lax.cond(a["exact"][0] == 1, functools.partial(fn, wide), functools.partial(fn, narrow),
-                  *args)
+  return lax.cond(
+    a["exact"][0] == 1, functools.partial(fn, wide), functools.partial(fn, narrow), *args
+  )
 
 
 ARGS = ("q", "k", "v", "g", "u", "h0", "seg", "m0", "mk")
@@ -358,12 +421,22 @@ def with_cumsum(st, args):
   if g is not None:
     b, _, h, _, _, sp = _sizes(st, a)
     names, outs = kernels.cumsum_names(st)
-    shapes = [jax.ShapeDtypeStruct(a["k"].shape, a["k"].dtype) if n == "kd" else
-              jax.ShapeDtypeStruct(g.shape, F32) for n in outs]
-    res = _call(st, kernels.cumsum_kernel, (b, h, sp.n), [sp.chunk(n) for n in names],
-                [sp.chunk(n) for n in outs], shapes, _arrays(names, a))
+    shapes = [
+      jax.ShapeDtypeStruct(a["k"].shape, a["k"].dtype)
+      if n == "kd"
+      else jax.ShapeDtypeStruct(g.shape, F32)
+      for n in outs
+    ]
+    res = _call(
+      st,
+      kernels.cumsum_kernel,
+      (b, h, sp.n),
+      [sp.chunk(n) for n in names],
+      [sp.chunk(n) for n in outs],
+      shapes,
+      _arrays(names, a),
+    )
     a.update(zip(outs, res))
     if st.choose_sub:
       a["exact"] = (jnp.min(_chunk_ends(st, a["G"])) >= -CLAMP).astype(jnp.int32).reshape(1)
   return a
-

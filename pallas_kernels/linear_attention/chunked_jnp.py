@@ -7,6 +7,7 @@ The chunkwise form of kernels.py: intra-chunk scores from chunk-local cumulative
 vector decay per 16-row sub-block, referenced to its middle row and clamped at e^CLAMP), the
 chunks' entering states by a lax.scan, matmuls in the input dtype, states in float32.
 """
+
 from __future__ import annotations
 
 import jax
@@ -44,32 +45,33 @@ def _core(q, k, v, g, *, scale, exclusive, h0, seg, chunk):
     G = jnp.cumsum(g, axis=2)
     Gq = G - g if exclusive else G
     if kind == "scalar":
-      G, Gq = G[..., None], Gq[..., None]                         # [B,N,C,H,1]
+      G, Gq = G[..., None], Gq[..., None]  # [B,N,C,H,1]
   seg = jnp.zeros((b, t), jnp.int32) if seg is None else seg
   cs = jnp.pad(seg, [(0, 0), (0, tp - t)], mode="edge").reshape(b, n, c)
-  prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cs[:, :-1, -1]], axis=1)   # [B,N]
-  m0 = (cs == prev[..., None])[..., None, None]                   # [B,N,C,1,1]
+  prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cs[:, :-1, -1]], axis=1)  # [B,N]
+  m0 = (cs == prev[..., None])[..., None, None]  # [B,N,C,1,1]
   mk = (cs == cs[..., -1:])[..., None, None]
-  passes = (cs[..., -1] == prev)[..., None, None, None]           # [B,N,1,1,1]
+  passes = (cs[..., -1] == prev)[..., None, None, None]  # [B,N,1,1,1]
   i = jnp.arange(c)[:, None]
   j = jnp.arange(c)[None, :]
   causal = j < i if exclusive else j <= i
-  mask = (causal & (cs[..., :, None] == cs[..., None, :]))[:, :, None]          # [B,N,1,C,C]
+  mask = (causal & (cs[..., :, None] == cs[..., None, :]))[:, :, None]  # [B,N,1,C,C]
   # intra-chunk scores [B,N,H,C,C]
   if kind == "vector":
     s = min(16, c)
     gq = Gq.reshape(b, n, c // s, s, h, kd)
     # reference row: the output does not depend on it, so no gradient flows through it
-    r = lax.stop_gradient(gq[:, :, :, s // 2 - 1:s // 2])         # [B,N,M,1,H,K] middle row
+    r = lax.stop_gradient(gq[:, :, :, s // 2 - 1 : s // 2])  # [B,N,M,1,H,K] middle row
     qf = q.reshape(b, n, c // s, s, h, kd) * jnp.exp(jnp.minimum(gq - r, CLAMP))
-    kf = k[:, :, None] * jnp.exp(jnp.minimum(r - G[:, :, None], CLAMP))        # [B,N,M,C,H,K]
-    sc = jnp.einsum("bnmihk,bnmjhk->bnhmij", qf.astype(dt), kf.astype(dt),
-                    preferred_element_type=F32).reshape(b, n, h, c, c)
+    kf = k[:, :, None] * jnp.exp(jnp.minimum(r - G[:, :, None], CLAMP))  # [B,N,M,C,H,K]
+    sc = jnp.einsum(
+      "bnmihk,bnmjhk->bnhmij", qf.astype(dt), kf.astype(dt), preferred_element_type=F32
+    ).reshape(b, n, h, c, c)
     sc = jnp.where(mask, sc, 0.0)
   else:
     sc = jnp.einsum("bnihk,bnjhk->bnhij", q, k, preferred_element_type=F32)
     if kind == "scalar":
-      gi = Gq[..., 0].transpose(0, 1, 3, 2)                       # [B,N,H,C]
+      gi = Gq[..., 0].transpose(0, 1, 3, 2)  # [B,N,H,C]
       gj = G[..., 0].transpose(0, 1, 3, 2)
       diff = jnp.where(mask, gi[..., :, None] - gj[..., None, :], 0.0)
       sc = sc * jnp.exp(diff)
@@ -78,9 +80,9 @@ def _core(q, k, v, g, *, scale, exclusive, h0, seg, chunk):
   # chunk states
   kdec = k.astype(F32) * mk
   if kind != "none":
-    gam = G[:, :, -1:]                                            # [B,N,1,H,K|1]
+    gam = G[:, :, -1:]  # [B,N,1,H,K|1]
     kdec = kdec * jnp.exp(gam - G)
-    carry = jnp.exp(gam[:, :, 0])[..., None] * passes             # [B,N,H,K|1,1]
+    carry = jnp.exp(gam[:, :, 0])[..., None] * passes  # [B,N,H,K|1,1]
   else:
     carry = passes.astype(F32)
   st = jnp.einsum("bnjhk,bnjhv->bnhkv", kdec.astype(dt), v, preferred_element_type=F32)
@@ -91,24 +93,42 @@ def _core(q, k, v, g, *, scale, exclusive, h0, seg, chunk):
 
   h0 = jnp.zeros((b, h, kd, vd), F32) if h0 is None else h0.astype(F32)
   hT, hs = lax.scan(scan_fn, h0, (st.swapaxes(0, 1), carry.swapaxes(0, 1)))
-  hs = hs.swapaxes(0, 1)                                          # [B,N,H,K,V] entering
+  hs = hs.swapaxes(0, 1)  # [B,N,H,K,V] entering
   qd = q.astype(F32) * m0
   if kind != "none":
     qd = qd * jnp.exp(Gq)
-  o = o + scale * jnp.einsum("bnihk,bnhkv->bnihv", qd.astype(dt), hs.astype(dt),
-                             preferred_element_type=F32)
+  o = o + scale * jnp.einsum(
+    "bnihk,bnhkv->bnihv", qd.astype(dt), hs.astype(dt), preferred_element_type=F32
+  )
   return o.reshape(b, tp, h, vd)[:, :t], hT
 
 
-def chunked(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None = None, *,
-            scale: float, bonus: jax.Array | None = None,
-            initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
-            chunk: int = 64) -> tuple[jax.Array, jax.Array]:
+def chunked(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  log_decay: jax.Array | None = None,
+  *,
+  scale: float,
+  bonus: jax.Array | None = None,
+  initial_state: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+  chunk: int = 64,
+) -> tuple[jax.Array, jax.Array]:
   """Decayed linear attention, chunkwise in pure jnp; the arguments of `linear_attention`.
   Returns (o [B,T,H,V] float32, final_state [B,H,K,V] float32)."""
   seg = None if segment_ids is None else common.canonical_segments(segment_ids)
-  o, hT = _core(q, k, v, log_decay, scale=scale, exclusive=bonus is not None,
-                h0=initial_state, seg=seg, chunk=chunk)
+  o, hT = _core(
+    q,
+    k,
+    v,
+    log_decay,
+    scale=scale,
+    exclusive=bonus is not None,
+    h0=initial_state,
+    seg=seg,
+    chunk=chunk,
+  )
   if bonus is not None:
     beta = jnp.einsum("bthk,hk,bthk->bth", q.astype(F32), bonus.astype(F32), k.astype(F32))
     o = o + scale * beta[..., None] * v.astype(F32)

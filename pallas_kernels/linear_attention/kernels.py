@@ -41,6 +41,7 @@ Backward (from the saved inputs, G and h_n; see op.py):
 The kernels' speed-ups and the alternatives tried are measured in
 experiments/results/kernels/linear_nvidia_h200.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,26 +61,27 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class Static:
   """The static description of one call (hashable: the custom_vjp's nondiff argument)."""
-  kind: str          # "none" | "scalar" | "vector"
+
+  kind: str  # "none" | "scalar" | "vector"
   exclusive: bool
   segments: bool
   scale: float
   chunk: int
   sub: int
-  choose_sub: bool   # vector decay: sub chosen at run time (`calls.with_sub`)
+  choose_sub: bool  # vector decay: sub chosen at run time (`calls.with_sub`)
   interpret: bool
-  tpu: bool          # Mosaic TPU form (see calls.py), else Triton
+  tpu: bool  # Mosaic TPU form (see calls.py), else Triton
   block_k: int
   block_v: int
   block_v_out: int
   block_k_grad: int
-  splits: int        # pieces of the sequence walked in parallel by the sequential kernels
+  splits: int  # pieces of the sequence walked in parallel by the sequential kernels
   out_dtype: object
   tuning: Tuning
 
 
-
 # ----------------------------------------------------------------------------- kernel pieces
+
 
 class _Chunk:
   """Decay factors and masks of the chunk at rows [start, start + C) of the refs (start is 0
@@ -90,7 +92,7 @@ class _Chunk:
     self.st, self.refs = st, refs
     self.rows = pl.ds(start, st.chunk)
     self.last = start + st.chunk - 1
-    self.given = G      # G already in registers (the cumsum kernel), else loaded from refs
+    self.given = G  # G already in registers (the cumsum kernel), else loaded from refs
 
   @property
   def G(self):
@@ -177,9 +179,9 @@ class _Rows:
       seg = refs["seg"]
       mask = mask & (seg[self.rows][:, None] == seg[ch.rows][None, :])
     self.mask = mask
-    self.ref_row = index * s + s // 2 - 1                # vector decay: the reference row
+    self.ref_row = index * s + s // 2 - 1  # vector decay: the reference row
     if st.kind == "scalar":
-      gq = ch.gq(self.rows)                              # [S]
+      gq = ch.gq(self.rows)  # [S]
       self.pair = jnp.exp(jnp.where(mask, gq[:, None] - ch.G[None, :], -jnp.inf))  # [S, C]
 
   def weigh(self, x):
@@ -239,8 +241,10 @@ def keys_factored(st):
 def cumsum_names(st):
   """(inputs, outputs) of `cumsum_kernel`."""
   factored = keys_factored(st)
-  return (["g"] + (["k"] + (["mk"] if st.segments else []) if factored else []),
-          ["G"] + (["Gq"] if st.exclusive else []) + (["kd"] if factored else []))
+  return (
+    ["g"] + (["k"] + (["mk"] if st.segments else []) if factored else []),
+    ["G"] + (["Gq"] if st.exclusive else []) + (["kd"] if factored else []),
+  )
 
 
 def states_names(st):
@@ -250,6 +254,7 @@ def states_names(st):
 
 
 # ----------------------------------------------------------------------------- kernels
+
 
 def cumsum_kernel(st, *refs):
   """One chunk: G, the chunk-local cumulative sum of the log decay g (float32); exclusive
@@ -293,8 +298,16 @@ def dstates_kernel(st, *refs, loop, store=True):
   with decay, this V tile's part of sum_v (e^Gamma h_n) * dh_n per chunk (in R_n), unless
   `store` is False; returns the gradient at the first chunk's entry."""
   rs = store and st.kind != "none"
-  r = _unpack(["q", "do"] + decay_names(st, True) + (["hs"] if rs else []) + ["dhT"]
-              + (["dhs"] if store else []) + ["dh0"] + (["rs"] if rs else []), refs)
+  r = _unpack(
+    ["q", "do"]
+    + decay_names(st, True)
+    + (["hs"] if rs else [])
+    + ["dhT"]
+    + (["dhs"] if store else [])
+    + ["dh0"]
+    + (["rs"] if rs else []),
+    refs,
+  )
   c = st.chunk
   dt = r["q"].dtype
   n_chunks = r["q"].shape[0] // c
@@ -363,8 +376,9 @@ def _place(x, index, rows):
   i = lax.broadcasted_iota(jnp.int32, (rows, s), 0)
   j = lax.broadcasted_iota(jnp.int32, (rows, s), 1)
   onehot = (i == index * s + j).astype(F32)
-  return lax.dot_general(onehot, x, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=F32)
+  return lax.dot_general(
+    onehot, x, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=F32
+  )
 
 
 def dv_kernel(st, *refs):
@@ -407,37 +421,37 @@ def dqk_kernel(st, *refs):
   for rows, (qf, kf) in zip(blocks, factored):
     ds_raw = None
     for tile in tiles:
-      x = common.dot(r["do"][rows.rows, tile], r["v"][:, tile], trans_b=True)     # [S, C]
+      x = common.dot(r["do"][rows.rows, tile], r["v"][:, tile], trans_b=True)  # [S, C]
       ds_raw = x if ds_raw is None else ds_raw + x
     ds.append(rows.weigh(ds_raw).astype(dt))
-    if st.kind == "scalar":                                  # one block: S = C
-      m = rows.weigh(common.dot(qf, kf, trans_b=True)) * ds_raw         # dL/d(log pair weight)
+    if st.kind == "scalar":  # one block: S = C
+      m = rows.weigh(common.dot(qf, kf, trans_b=True)) * ds_raw  # dL/d(log pair weight)
       rowm, colm = jnp.sum(m, axis=1), jnp.sum(m, axis=0)
   # dk = (v dh_n^T) e^{Gamma-G} + sum over blocks of (ds^T qf) e^{r-G}
   dk = None
   for tile in tiles:
-    term = common.dot(r["v"][:, tile], r["dhs"][:, tile], trans_b=True)          # [C, K]
+    term = common.dot(r["v"][:, tile], r["dhs"][:, tile], trans_b=True)  # [C, K]
     dk = term if dk is None else dk + term
   f = ch.key_factor()
   if f is not None:
     dk = dk * f
   if decay:
-    u = r["k"][...].astype(F32) * dk                                   # [C, K]
-    big_r = jnp.sum(r["rs"][...], axis=0) + jnp.sum(u, axis=0)         # R_n [K]
+    u = r["k"][...].astype(F32) * dk  # [C, K]
+    big_r = jnp.sum(r["rs"][...], axis=0) + jnp.sum(u, axis=0)  # R_n [K]
     if st.kind == "scalar":
-      colm = colm + jnp.sum(u, axis=1)                                 # + k . dk_state
+      colm = colm + jnp.sum(u, axis=1)  # + k . dk_state
   for rows, (qf, _), d in zip(blocks, factored, ds):
     x = common.dot(d, qf, trans_a=True)
     dk = dk + (x * rows.kfac() if st.kind == "vector" else x)
   r["dk"][...] = dk.astype(r["dk"].dtype)
   if st.kind == "vector":
-    dsum = -(r["k"][...].astype(F32) * dk)                             # dG, then + dGq
+    dsum = -(r["k"][...].astype(F32) * dk)  # dG, then + dGq
   # dq = (ds kf) e^{Gq-r} + scale (do h_n^T) e^{Gq}
   dgq = None
   for index, (rows, (_, kf), d) in enumerate(zip(blocks, factored, ds)):
     dq_state = None
     for tile in tiles:
-      y = common.dot(r["do"][rows.rows, tile], r["hs"][:, tile].astype(dt), trans_b=True)   # [S, K]
+      y = common.dot(r["do"][rows.rows, tile], r["hs"][:, tile].astype(dt), trans_b=True)  # [S, K]
       dq_state = y if dq_state is None else dq_state + y
     dq_state = ch.query_side(dq_state, rows.rows)
     dq = common.dot(d, kf)
@@ -447,9 +461,9 @@ def dqk_kernel(st, *refs):
     r["dq"][rows.rows, :] = dq.astype(r["dq"].dtype)
     q32 = r["q"][rows.rows, :].astype(F32)
     if st.kind == "scalar":
-      dgq = rowm + jnp.sum(q32 * dq_state, axis=1)                     # [C]
+      dgq = rowm + jnp.sum(q32 * dq_state, axis=1)  # [C]
     elif st.kind == "vector":
-      piece = _place(q32 * dq, index, c)                               # [C, K]
+      piece = _place(q32 * dq, index, c)  # [C, K]
       dsum = dsum + piece
       if st.exclusive:
         dgq = piece if dgq is None else dgq + piece
@@ -461,5 +475,3 @@ def dqk_kernel(st, *refs):
     if st.exclusive:
       dg = dg - dgq
     r["dg"][...] = dg
-
-

@@ -6,6 +6,7 @@ B*H*(T/C)*K*V in the input dtype, 4x v's bytes at K=128, C=64; recomputing them 
 nothing under jit, where XLA merges the identical states kernels of the forward and the
 backward and keeps h_n alive anyway.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,10 +23,18 @@ from .tuning import Tuning, check, default_splits, default_tuning
 F32 = jnp.float32
 
 
-def reason(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None = None, *,
-           scale: float | None = None, bonus: jax.Array | None = None,
-           initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
-           tuning: Tuning | None = None) -> str | None:
+def reason(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  log_decay: jax.Array | None = None,
+  *,
+  scale: float | None = None,
+  bonus: jax.Array | None = None,
+  initial_state: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+  tuning: Tuning | None = None,
+) -> str | None:
   """Why these arguments cannot be served by the kernels, or None (no tracing)."""
   if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
     return f"wants q,k [B,T,H,K] and v [B,T,H,V]; got {q.shape}, {k.shape}, {v.shape}"
@@ -54,7 +63,7 @@ def _core(st, *args):
 def _core_fwd(st, *args):
   a = calls.with_cumsum(st, args)
   o, hT, hs = calls.forward(st, a)
-  return (o, hT), ({n: x for n, x in a.items() if n != "kd"}, hs)   # kd: forward only
+  return (o, hT), ({n: x for n, x in a.items() if n != "kd"}, hs)  # kd: forward only
 
 
 def _core_bwd(st, res, cts):
@@ -76,18 +85,30 @@ def _bonus_grads(st, a, do, dq, dk, dv):
   dbeta = do . v per step, dq += scale dbeta u k, dk += scale dbeta u q, dv += scale beta do,
   du = scale sum_{b,t} dbeta q k."""
   f = lambda x: x.astype(F32)
-  u = a["u"] if st.tpu else a["u"][:, 0, :]         # broadcasts against [..., H, T|., K]
+  u = a["u"] if st.tpu else a["u"][:, 0, :]  # broadcasts against [..., H, T|., K]
   q, k = f(a["q"]), f(a["k"])
   beta = jnp.sum(q * u * k, axis=-1, keepdims=True) * st.scale
   dbeta = jnp.sum(f(do) * f(a["v"]), axis=-1, keepdims=True) * st.scale
   du = jnp.sum(dbeta * q * k, axis=(0, 2) if st.tpu else (0, 1))
   grads = (f(dq) + dbeta * u * k, f(dk) + dbeta * u * q, f(dv) + beta * f(do))
-  return (*(g.astype(x.dtype) for g, x in zip(grads, (dq, dk, dv))),
-          du.reshape(a["u"].shape))
+  return (*(g.astype(x.dtype) for g, x in zip(grads, (dq, dk, dv))), du.reshape(a["u"].shape))
 
 
-def prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, tuning,
-            interpret, out_dtype, platform=None):
+def prepare(
+  q,
+  k,
+  v,
+  log_decay,
+  *,
+  scale,
+  bonus,
+  initial_state,
+  segment_ids,
+  tuning,
+  interpret,
+  out_dtype,
+  platform=None,
+):
   """The static description and the padded kernel inputs (a dict keyed by calls.ARGS): T
   padded to whole chunks, K to a power of two, V to whole tiles; the log decay in float32;
   segment masks; in the platform's layout (see calls.py)."""
@@ -111,11 +132,24 @@ def prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, tun
   splits = 1 if tpu else tuning.state_splits
   if splits is None:
     splits = default_splits(b * h * (kp // bk) * (vp // bv), tp // c)
-  st = Static(kind=kind, exclusive=bonus is not None, segments=segment_ids is not None,
-              scale=float(scale), chunk=c, sub=(tuning.sub or c) if kind == "vector" else c,
-              choose_sub=kind == "vector" and tuning.sub is None and c > 16,
-              interpret=bool(interpret), tpu=tpu, block_k=bk, block_v=bv, block_v_out=bvo,
-              block_k_grad=bkg, splits=splits, out_dtype=out_dtype, tuning=tuning)
+  st = Static(
+    kind=kind,
+    exclusive=bonus is not None,
+    segments=segment_ids is not None,
+    scale=float(scale),
+    chunk=c,
+    sub=(tuning.sub or c) if kind == "vector" else c,
+    choose_sub=kind == "vector" and tuning.sub is None and c > 16,
+    interpret=bool(interpret),
+    tpu=tpu,
+    block_k=bk,
+    block_v=bv,
+    block_v_out=bvo,
+    block_k_grad=bkg,
+    splits=splits,
+    out_dtype=out_dtype,
+    tuning=tuning,
+  )
 
   def pad(x, width):
     widths = [(0, 0), (0, tp - t), (0, 0)] + ([(0, width - x.shape[-1])] if x.ndim == 4 else [])
@@ -127,8 +161,7 @@ def prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, tun
   if initial_state is None:
     h0 = jnp.zeros((b, h, kp, vp), F32)
   else:
-    h0 = jnp.pad(initial_state.astype(F32),
-                 [(0, 0), (0, 0), (0, kp - k_dim), (0, vp - v_dim)])
+    h0 = jnp.pad(initial_state.astype(F32), [(0, 0), (0, 0), (0, kp - k_dim), (0, vp - v_dim)])
   seg = m0 = mk = None
   if segment_ids is not None:
     cs = common.canonical_segments(segment_ids)
@@ -148,12 +181,21 @@ def prepare(q, k, v, log_decay, *, scale, bonus, initial_state, segment_ids, tun
   return st, dict(zip(calls.ARGS, (qp, kpd, vpd, g, u, h0, seg, m0, mk)))
 
 
-def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     log_decay: jax.Array | None = None, *, scale: float,
-                     bonus: jax.Array | None = None, initial_state: jax.Array | None = None,
-                     segment_ids: jax.Array | None = None, tuning: Tuning | None = None,
-                     interpret: bool = False, out_dtype: jax.typing.DTypeLike | None = None,
-                     platform: str | None = None) -> tuple[jax.Array, jax.Array]:
+def linear_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  log_decay: jax.Array | None = None,
+  *,
+  scale: float,
+  bonus: jax.Array | None = None,
+  initial_state: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+  tuning: Tuning | None = None,
+  interpret: bool = False,
+  out_dtype: jax.typing.DTypeLike | None = None,
+  platform: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Decayed linear attention; returns (o[B,T,H,V] in v's dtype, final_state[B,H,K,V] f32).
 
   log_decay: None | [B,T,H] | [B,T,H,K] float, <= 0. bonus: None or u[H,K]; when given the
@@ -163,13 +205,33 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   out_dtype: dtype of o (default v's). platform: "gpu" (Triton) | "tpu" (Mosaic) | None (TPU
   when JAX's default backend is TPU); with interpret=True, the interpreter of that form.
   """
-  why = reason(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
-               segment_ids=segment_ids, tuning=tuning)
+  why = reason(
+    q,
+    k,
+    v,
+    log_decay,
+    scale=scale,
+    bonus=bonus,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+    tuning=tuning,
+  )
   if why is not None:
     raise NotImplementedError(f"pallas linear_attention: {why}")
-  st, a = prepare(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
-                  segment_ids=segment_ids, tuning=tuning, interpret=interpret,
-                  out_dtype=out_dtype, platform=platform)
+  st, a = prepare(
+    q,
+    k,
+    v,
+    log_decay,
+    scale=scale,
+    bonus=bonus,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+    tuning=tuning,
+    interpret=interpret,
+    out_dtype=out_dtype,
+    platform=platform,
+  )
   o, hT = _core(st, *(a[n] for n in calls.ARGS))
   if st.tpu:
     o = jnp.swapaxes(o, 1, 2)

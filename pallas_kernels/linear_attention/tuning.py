@@ -1,5 +1,6 @@
 """Tuning of the linear-attention kernels: block sizes and launch knobs (`Tuning`), the fixed
 defaults per decay kind and size (`default_tuning`, `default_splits`) and their validation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ class Tuning:
   sequence the sequential kernels walk in parallel (see `calls.sequential`; a power of two;
   None: `default_splits`). `sub`: query rows per intra-chunk sub-block for vector decay (see
   kernels.py); None: the whole chunk where that is exact, else 16."""
+
   chunk: int = 64
   sub: int | None = None
   block_k: int = 64
@@ -31,8 +33,7 @@ class Tuning:
   state_splits: int | None = None
 
 
-def default_tuning(batch: int, heads: int, k_dim: int, v_dim: int,
-                   kind: str = "scalar") -> Tuning:
+def default_tuning(batch: int, heads: int, k_dim: int, v_dim: int, kind: str = "scalar") -> Tuning:
   """A fixed block configuration per decay kind ("none" | "scalar" | "vector") and size (no
   autotuning), from the H200 sweeps in experiments/results/kernels/linear_nvidia_h200.md.
   Scalar decay with few sequences (under 128 state tiles of 64x64, e.g. 1x16384x16: 64

@@ -1,6 +1,7 @@
 """DeltaNet / Gated DeltaNet: the layer equals a naive float64 loop (short convs, SiLU, L2
 norm, beta, Mamba-2 decay, gated RMSNorm); unit-norm q/k, beta and decay ranges; the hidden
 attention matrix reproduces the op's output."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +23,10 @@ def naive(p, x, heads, gated, eps=1e-5):
   x = np.asarray(x, np.float64)
   b, t, _ = x.shape
 
-  def conv(z, w):                       # causal depthwise, w [K, C], w[-1] on the current
+  def conv(z, w):  # causal depthwise, w [K, C], w[-1] on the current
     kk = w.shape[0]
     zp = np.concatenate([np.zeros((b, kk - 1, z.shape[-1])), z], axis=1)
-    return sum(zp[:, i:i + t] * w[i] for i in range(kk))
+    return sum(zp[:, i : i + t] * w[i] for i in range(kk))
 
   feats = {n: silu(conv(x @ p[n]["kernel"], p[n + "_conv"]["kernel"])) for n in "qkv"}
   q, k, v = (f.reshape(b, t, heads, -1) for f in (feats["q"], feats["k"], feats["v"]))
@@ -46,7 +47,7 @@ def naive(p, x, heads, gated, eps=1e-5):
         s = decay[bi, ti, h] * (s - bt * np.outer(kt, kt @ s)) + bt * np.outer(kt, v[bi, ti, h])
         o[bi, ti, h] = scale * s.T @ q[bi, ti, h]
   g = np.einsum("btd,dhv->bthv", x, p["g"]["kernel"])
-  o = o / np.sqrt(np.mean(o ** 2, -1, keepdims=True) + eps) * p["norm"]["scale"] * silu(g)
+  o = o / np.sqrt(np.mean(o**2, -1, keepdims=True) + eps) * p["norm"]["scale"] * silu(g)
   return np.einsum("bthv,hvd->btd", o, p["out"]["kernel"])
 
 
@@ -83,8 +84,9 @@ def test_delta_net_attention_matrix_reproduces_op_output():
   weights = mixer.apply(params, x, method=mixer.attention_matrix)
   assert weights.shape == (B, H, T, T)
   assert np.abs(np.asarray(jnp.triu(weights, 1))).max() == 0
-  o = delta_rule(q, k, v, beta, scale=q.shape[-1] ** -0.5, log_decay=log_decay,
-                 implementation="xla")
+  o = delta_rule(
+    q, k, v, beta, scale=q.shape[-1] ** -0.5, log_decay=log_decay, implementation="xla"
+  )
   assert relative_error(jnp.einsum("bhts,bshv->bthv", weights, v), o) < 1e-5
 
 

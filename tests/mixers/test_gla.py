@@ -1,5 +1,6 @@
 """GLA: the mixer equals a naive float64 loop of the paper's recurrence; gate range; the
 hidden attention matrix reproduces the op's output."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,7 @@ def naive_gla(p, x, normalizer=16.0, eps=1e-5):
       for t in range(x.shape[1]):
         s = alpha[b, t, h][:, None] * s + np.outer(k[b, t, h], v[b, t, h])
         o[b, t, h] = scale * s.T @ q[b, t, h]
-  o = o / np.sqrt(np.mean(o ** 2, -1, keepdims=True) + eps) * p["norm"]["scale"] * silu(g)
+  o = o / np.sqrt(np.mean(o**2, -1, keepdims=True) + eps) * p["norm"]["scale"] * silu(g)
   return np.einsum("bthv,hvd->btd", o, p["out"]["kernel"])
 
 
@@ -57,6 +58,7 @@ def test_gla_gate_range():
 
 def test_gla_attention_matrix_reproduces_op_output():
   from attnzoo.ops.linear_attention import linear_attention
+
   mixer = build_mixer("gla", d_model=D, num_heads=H, implementation="xla")
   x = jax.random.normal(jax.random.key(0), (B, T, D))
   params = mixer.init(jax.random.key(1), x)
@@ -64,8 +66,9 @@ def test_gla_attention_matrix_reproduces_op_output():
   weights = mixer.apply(params, x, method=mixer.attention_matrix)
   assert weights.shape == (B, H, T, T)
   assert np.abs(np.asarray(jnp.triu(weights, 1))).max() == 0
-  o = linear_attention(q, k, v, scale=q.shape[-1] ** -0.5, log_decay=log_decay,
-                       implementation="xla")
+  o = linear_attention(
+    q, k, v, scale=q.shape[-1] ** -0.5, log_decay=log_decay, implementation="xla"
+  )
   assert relative_error(jnp.einsum("bhts,bshv->bthv", weights, v), o) < 1e-5
 
 

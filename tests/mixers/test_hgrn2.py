@@ -1,5 +1,6 @@
 """HGRN-2: forget gate above its learned lower bound, key = 1 - forget gate, no bound at the
 first layer, and the bound's initial value rising with depth."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +11,14 @@ B, T, D = 2, 9, 16
 
 
 def gates(layer_idx, num_layers, scale=1.0, bound=None):
-  mixer = build_mixer("hgrn2", d_model=D, num_heads=2, layer_idx=layer_idx,
-                      num_layers=num_layers, implementation="xla")
+  mixer = build_mixer(
+    "hgrn2",
+    d_model=D,
+    num_heads=2,
+    layer_idx=layer_idx,
+    num_layers=num_layers,
+    implementation="xla",
+  )
   x = 4 * jax.random.normal(jax.random.key(0), (B, T, D))
   params = mixer.init(jax.random.key(1), x)
   params = jax.tree.map(lambda a: a * scale, params)
@@ -32,7 +39,7 @@ def test_forget_gate_respects_lower_bound():
   beta = 1 / (1 + np.exp(-0.7))
   params, f, key = gates(2, 4, scale=20.0, bound=0.7)
   assert f.min() >= beta - 1e-6 and f.max() <= 1.0
-  assert f.min() < beta + 1e-3           # saturated gates reach the bound
+  assert f.min() < beta + 1e-3  # saturated gates reach the bound
   np.testing.assert_allclose(key, 1 - f, atol=1e-6)
 
 

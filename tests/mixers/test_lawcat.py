@@ -1,5 +1,6 @@
 """LAWCAT: positive shared features, normalised attention rows, conv reach, and the output is
 the output projection of (hidden attention) @ values."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,6 +1,7 @@
 """linear_attention / lsa mixers and the feature maps of attnzoo.mixers.layers: each map against
 its formula, the mixer against a hand-written quadratic form, decoding for every map, and
 packed sequences (segment_ids) for every linear-attention family of this module set."""
+
 import math
 
 import jax
@@ -8,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnzoo.mixers import build_mixer
-from attnzoo.mixers import layers
+from attnzoo.mixers import build_mixer, layers
 from tests.conftest import relative_error
 
 D, B, T = 16, 2, 11
@@ -28,18 +28,21 @@ def test_taylor_kernel_identity():
   phi_q, phi_k = layers.taylor_feature_map(q), layers.taylor_feature_map(k)
   assert phi_q.shape[-1] == layers.taylor_feature_size(d) == 1 + 8 + 36
   s = q @ k.T
-  expected = 1 + s / math.sqrt(d) + s ** 2 / (2 * d)
+  expected = 1 + s / math.sqrt(d) + s**2 / (2 * d)
   np.testing.assert_allclose(np.asarray(phi_q @ phi_k.T), np.asarray(expected), rtol=1e-5)
-  assert layers.taylor_feature_size(16) == 153          # what Zoology's state_size counts
+  assert layers.taylor_feature_size(16) == 153  # what Zoology's state_size counts
 
 
 def test_elementwise_maps():
   x = jax.random.normal(jax.random.key(1), (2, 3, 2, 4))
-  np.testing.assert_allclose(np.asarray(layers.feature_map("elu", x)),
-                             np.where(np.asarray(x) > 0, np.asarray(x) + 1,
-                                      np.exp(np.asarray(x))), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(layers.feature_map("relu", x)),
-                                np.maximum(np.asarray(x), 0))
+  np.testing.assert_allclose(
+    np.asarray(layers.feature_map("elu", x)),
+    np.where(np.asarray(x) > 0, np.asarray(x) + 1, np.exp(np.asarray(x))),
+    rtol=1e-6,
+  )
+  np.testing.assert_array_equal(
+    np.asarray(layers.feature_map("relu", x)), np.maximum(np.asarray(x), 0)
+  )
   assert layers.feature_map("identity", x) is x
 
 
@@ -68,7 +71,7 @@ def test_performer_estimates_the_softmax_kernel():
   est = layers.performer_feature_map(q, w) @ layers.performer_feature_map(k, w).T
   exact = jnp.exp(q @ k.T / math.sqrt(d))
   assert relative_error(est, exact) < 0.05
-  assert float(layers.performer_feature_map(q, w).min()) > 0     # positive features
+  assert float(layers.performer_feature_map(q, w).min()) > 0  # positive features
 
 
 def quadratic(phi_q, phi_k, v, scale, normalize, eps=1e-6):
@@ -85,9 +88,16 @@ def quadratic(phi_q, phi_k, v, scale, normalize, eps=1e-6):
 @pytest.mark.parametrize("feature_map", MAPS)
 def test_mixer_matches_quadratic_form_and_decodes(feature_map):
   normalize = feature_map != "identity"
-  mixer = build_mixer("linear_attention", d_model=D, num_heads=2, feature_map=feature_map,
-                      feature_dim=4, normalize=normalize, cosformer_horizon=16,
-                      implementation="xla")
+  mixer = build_mixer(
+    "linear_attention",
+    d_model=D,
+    num_heads=2,
+    feature_map=feature_map,
+    feature_dim=4,
+    normalize=normalize,
+    cosformer_horizon=16,
+    implementation="xla",
+  )
   x = x_input()
   params = mixer.init(jax.random.key(0), x)["params"]
   full = mixer.apply({"params": params}, x)
@@ -101,8 +111,13 @@ def test_mixer_matches_quadratic_form_and_decodes(feature_map):
   outs = []
   for start, stop in [(0, 4)] + [(t, t + 1) for t in range(4, T)]:
     pos = jnp.broadcast_to(jnp.arange(start, stop), (B, stop - start))
-    out, var = mixer.apply({"params": params, "cache": cache}, x[:, start:stop], positions=pos,
-                           decode=True, mutable=["cache"])
+    out, var = mixer.apply(
+      {"params": params, "cache": cache},
+      x[:, start:stop],
+      positions=pos,
+      decode=True,
+      mutable=["cache"],
+    )
     outs.append(out)
     cache = var["cache"]
   assert relative_error(jnp.concatenate(outs, axis=1), full) < 1e-5
@@ -112,8 +127,12 @@ def test_lsa_is_plain_causal_linear_attention():
   mixer = build_mixer("lsa", d_model=D, num_heads=2, scale=0.5, implementation="xla")
   x = x_input(1)
   params = mixer.init(jax.random.key(0), x)["params"]
-  q, k, v = (np.einsum("btd,dhf->bthf", np.asarray(x, np.float64),
-                       np.asarray(params[n]["kernel"], np.float64)) for n in "qkv")
+  q, k, v = (
+    np.einsum(
+      "btd,dhf->bthf", np.asarray(x, np.float64), np.asarray(params[n]["kernel"], np.float64)
+    )
+    for n in "qkv"
+  )
   o = quadratic(q, k, v, 0.5, normalize=False)
   ref = np.einsum("bthv,hvd->btd", o, np.asarray(params["out"]["kernel"], np.float64))
   assert relative_error(mixer.apply({"params": params}, x), ref) < 1e-5
@@ -121,8 +140,9 @@ def test_lsa_is_plain_causal_linear_attention():
 
 
 def test_normalised_attention_matrix_rows_sum_to_one():
-  mixer = build_mixer("linear_attention", d_model=D, num_heads=2, feature_map="elu",
-                      implementation="xla")
+  mixer = build_mixer(
+    "linear_attention", d_model=D, num_heads=2, feature_map="elu", implementation="xla"
+  )
   x = x_input()
   params = mixer.init(jax.random.key(0), x)
   a = mixer.apply(params, x, method=mixer.attention_matrix)
@@ -133,13 +153,13 @@ def test_normalised_attention_matrix_rows_sum_to_one():
 
 # Every linear-time mixer of this set, with options that make a quick check.
 PACKED = {
-    "base_conv": dict(),
-    "linear_attention": dict(num_heads=2, feature_map="cosformer", cosformer_horizon=32),
-    "lsa": dict(num_heads=2),
-    "based": dict(num_heads=2, feature_dim=4),
-    "retnet": dict(num_heads=2),
-    "lightning": dict(num_heads=2),
-    "mamba2": dict(d_state=4, head_dim=8),
+  "base_conv": dict(),
+  "linear_attention": dict(num_heads=2, feature_map="cosformer", cosformer_horizon=32),
+  "lsa": dict(num_heads=2),
+  "based": dict(num_heads=2, feature_dim=4),
+  "retnet": dict(num_heads=2),
+  "lightning": dict(num_heads=2),
+  "mamba2": dict(d_state=4, head_dim=8),
 }
 
 

@@ -1,6 +1,7 @@
 """Contract tests run on every registered mixer: shapes, causality, decode ≡ full forward,
 state_size equal to the bytes of the real decoding state, the declared capabilities
 (bidirectional form or a one-line refusal, block_ids)."""
+
 import dataclasses
 import inspect
 
@@ -14,24 +15,23 @@ from tests.conftest import relative_error
 
 # Options that exercise each mixer's interesting paths at small sizes.
 TEST_KWARGS = {
-    "attention": dict(num_heads=4, num_kv_heads=2, rope=True),
-    "sliding_window": dict(num_heads=2, window=5),
-    "gla": dict(num_heads=2, implementation="xla"),
-    "hgrn2": dict(num_heads=2, layer_idx=1, num_layers=2, implementation="xla"),
-    "rwkv6": dict(num_heads=2, mix_lora_dim=4, decay_lora_dim=8, implementation="xla"),
-    "deltanet": dict(num_heads=2, implementation="xla"),
-    "gated_deltanet": dict(num_heads=2, expand_v=2.0, implementation="xla"),
-    "lawcat": dict(num_heads=2, feature_dim=4, gate_low_rank_dim=4, implementation="xla"),
-    "gated_attention": dict(num_heads=2, gate="headwise"),
-    "block_attention": dict(num_heads=2, num_kv_heads=1),
-    "base_conv": dict(kernel_size=3),
-    "linear_attention": dict(num_heads=2, feature_map="taylor", feature_dim=4,
-                             implementation="xla"),
-    "lsa": dict(num_heads=2, implementation="xla"),
-    "based": dict(num_heads=2, feature_dim=4, implementation="xla"),
-    "retnet": dict(num_heads=2, implementation="xla"),
-    "lightning": dict(num_heads=2, layer_idx=1, num_layers=3, implementation="xla"),
-    "mamba2": dict(d_state=8, head_dim=8, ngroups=2, implementation="xla"),
+  "attention": dict(num_heads=4, num_kv_heads=2, rope=True),
+  "sliding_window": dict(num_heads=2, window=5),
+  "gla": dict(num_heads=2, implementation="xla"),
+  "hgrn2": dict(num_heads=2, layer_idx=1, num_layers=2, implementation="xla"),
+  "rwkv6": dict(num_heads=2, mix_lora_dim=4, decay_lora_dim=8, implementation="xla"),
+  "deltanet": dict(num_heads=2, implementation="xla"),
+  "gated_deltanet": dict(num_heads=2, expand_v=2.0, implementation="xla"),
+  "lawcat": dict(num_heads=2, feature_dim=4, gate_low_rank_dim=4, implementation="xla"),
+  "gated_attention": dict(num_heads=2, gate="headwise"),
+  "block_attention": dict(num_heads=2, num_kv_heads=1),
+  "base_conv": dict(kernel_size=3),
+  "linear_attention": dict(num_heads=2, feature_map="taylor", feature_dim=4, implementation="xla"),
+  "lsa": dict(num_heads=2, implementation="xla"),
+  "based": dict(num_heads=2, feature_dim=4, implementation="xla"),
+  "retnet": dict(num_heads=2, implementation="xla"),
+  "lightning": dict(num_heads=2, layer_idx=1, num_layers=3, implementation="xla"),
+  "mamba2": dict(d_state=8, head_dim=8, ngroups=2, implementation="xla"),
 }
 D, B, T = 16, 2, 13
 
@@ -52,8 +52,8 @@ def test_shape_and_causality(name):
   assert mixer.apply(params, x).shape == (B, T, D)
   t = 6  # d out[:, t] / d x[:, s] must vanish for s > t
   grad = jax.grad(lambda x: mixer.apply(params, x)[:, t].sum())(x)
-  assert np.abs(np.asarray(grad[:, t + 1:])).max() == 0
-  assert np.abs(np.asarray(grad[:, :t + 1])).max() > 0
+  assert np.abs(np.asarray(grad[:, t + 1 :])).max() == 0
+  assert np.abs(np.asarray(grad[:, : t + 1])).max() > 0
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
@@ -67,8 +67,13 @@ def test_decode_equals_forward(name, prefill):
   outs, start = [], 0
   for stop in [prefill, *range(prefill + 1, T + 1)]:
     positions = jnp.broadcast_to(jnp.arange(start, stop), (B, stop - start))
-    out, variables = mixer.apply({"params": params, "cache": cache}, x[:, start:stop],
-                                 positions=positions, decode=True, mutable=["cache"])
+    out, variables = mixer.apply(
+      {"params": params, "cache": cache},
+      x[:, start:stop],
+      positions=positions,
+      decode=True,
+      mutable=["cache"],
+    )
     outs.append(out)
     cache, start = variables["cache"], stop
   assert relative_error(jnp.concatenate(outs, axis=1), full) < 1e-5
@@ -128,7 +133,9 @@ def test_attention_options_reach_the_op():
   params = jax.tree.map(lambda p: 30 * p, params)  # large logits, so the cap matters
   capped = build_mixer("attention", d_model=D, num_heads=2, head_dim=24, softcap=0.5)
   weights = capped.apply(params, x, method=capped.attention_matrix)
-  assert np.abs(np.asarray(weights - plain.apply(params, x, method=plain.attention_matrix))).max() > 1e-3
+  assert (
+    np.abs(np.asarray(weights - plain.apply(params, x, method=plain.attention_matrix))).max() > 1e-3
+  )
   # with a cap of 0.5 every logit is in [-0.5, 0.5]: weights within a row differ by <= e^1
   w = np.asarray(weights[:, :, -1])
   assert w.max(-1).min() / w.min(-1).min() <= np.e + 1e-4
@@ -142,8 +149,11 @@ def test_gated_attention_gates_each_head():
     assert params["params"]["gate_proj"]["kernel"].shape == (D, 2, width)
     # a gate driven to zero silences the output
     shut = jax.tree_util.tree_map_with_path(
-        lambda path, p: jnp.full_like(p, -1e4) if "gate_proj" in str(path) and "bias" in str(path)
-        else p, params)
+      lambda path, p: (
+        jnp.full_like(p, -1e4) if "gate_proj" in str(path) and "bias" in str(path) else p
+      ),
+      params,
+    )
     assert np.abs(np.asarray(mixer.apply(shut, x) - shut["params"]["out"]["bias"])).max() < 1e-6
 
 
@@ -154,8 +164,9 @@ def test_block_attention_mask_and_kv_reuse():
   params = mixer.init(jax.random.key(0), x)
   full = mixer.apply(params, x, block_ids=blocks)
   # a token of block 1 sees only block 1; a token of the last block sees everything before it
-  grad = lambda t: np.abs(np.asarray(jax.grad(
-      lambda x: mixer.apply(params, x, block_ids=blocks)[:, t].sum())(x))).sum(axis=(0, 2))
+  grad = lambda t: np.abs(
+    np.asarray(jax.grad(lambda x: mixer.apply(params, x, block_ids=blocks)[:, t].sum())(x))
+  ).sum(axis=(0, 2))
   assert (grad(6)[:4] == 0).all() and (grad(6)[4:7] > 0).all() and (grad(6)[7:] == 0).all()
   assert (grad(10)[:11] > 0).all() and (grad(10)[11:] == 0).all()
   # blocks encoded on their own at local positions, re-encoded at their offsets, fill the KV
@@ -166,12 +177,16 @@ def test_block_attention_mask_and_kv_reuse():
     k, v = mixer.apply(params, x[:, start:stop], method=mixer.encode_block)
     keys.append(mixer.apply(params, k, start, method=mixer.place_block))
     values.append(v)
-  cache = dict(cache, keys=cache["keys"].at[:, :9].set(jnp.concatenate(keys, 1)),
-               values=cache["values"].at[:, :9].set(jnp.concatenate(values, 1)),
-               positions=cache["positions"].at[:, :9].set(jnp.arange(9)))
+  cache = dict(
+    cache,
+    keys=cache["keys"].at[:, :9].set(jnp.concatenate(keys, 1)),
+    values=cache["values"].at[:, :9].set(jnp.concatenate(values, 1)),
+    positions=cache["positions"].at[:, :9].set(jnp.arange(9)),
+  )
   positions = jnp.broadcast_to(jnp.arange(9, 13), (B, 4))
-  out, _ = mixer.apply({**params, "cache": cache}, x[:, 9:], positions=positions, decode=True,
-                       mutable=["cache"])
+  out, _ = mixer.apply(
+    {**params, "cache": cache}, x[:, 9:], positions=positions, decode=True, mutable=["cache"]
+  )
   assert relative_error(out, full[:, 9:]) < 1e-5
 
 
@@ -183,14 +198,15 @@ def test_block_attention_blocks_inside_documents():
   documents = jnp.array([[0] * 7 + [1] * 6] * B)
   blocks = jnp.array([[0] * 3 + [1] * 4 + [1] * 2 + [2] * 4] * B)  # block 1 spans both
   params = mixer.init(jax.random.key(0), x)
-  weights = np.asarray(mixer.apply(params, x, segment_ids=documents, block_ids=blocks,
-                                   method=mixer.attention_matrix))
+  weights = np.asarray(
+    mixer.apply(params, x, segment_ids=documents, block_ids=blocks, method=mixer.attention_matrix)
+  )
   seen = (weights[0, 0] > 0).astype(int)
   visible = np.zeros((T, T), int)
   for lo, hi, last in ((0, 3, False), (3, 7, True), (7, 9, False), (9, 13, True)):
     start = (0 if lo < 7 else 7) if last else lo
     for t in range(lo, hi):
-      visible[t, start:t + 1] = 1
+      visible[t, start : t + 1] = 1
   np.testing.assert_array_equal(seen, visible)
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
   # the forward applies the same weights
@@ -225,7 +241,7 @@ def test_bidirectional_mixers_see_the_future(name):
   params = mixer.init(jax.random.key(1), x)
   t = 6  # with causal=False, d out[:, t] / d x[:, s] is nonzero for some s > t
   grad = jax.grad(lambda x: mixer.apply(params, x)[:, t].sum())(x)
-  assert np.abs(np.asarray(grad[:, t + 1:])).max() > 0
+  assert np.abs(np.asarray(grad[:, t + 1 :])).max() > 0
 
 
 @pytest.mark.parametrize("name", sorted(set(MIXERS) - set(BIDIRECTIONAL)))

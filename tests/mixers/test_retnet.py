@@ -1,5 +1,6 @@
 """retnet and lightning: decays and positions against the papers' formulas, the mixers'
 attention matrices against hand-written decayed scores."""
+
 import math
 
 import jax
@@ -17,8 +18,7 @@ D, B, T = 16, 2, 9
 
 def test_retnet_decays():
   gamma = np.exp(np.asarray(retnet_log_decay(4), np.float64))
-  np.testing.assert_allclose(gamma, [1 - 2 ** -5, 1 - 2 ** -6, 1 - 2 ** -7, 1 - 2 ** -8],
-                             rtol=1e-7)
+  np.testing.assert_allclose(gamma, [1 - 2**-5, 1 - 2**-6, 1 - 2**-7, 1 - 2**-8], rtol=1e-7)
 
 
 def test_retnet_attention_matrix_and_state():
@@ -32,11 +32,12 @@ def test_retnet_attention_matrix_and_state():
   s = np.einsum("bihf,bjhf->bhij", q, k) / math.sqrt(8)
   gamma = np.exp(np.asarray(retnet_log_decay(2), np.float64))
   n = np.arange(T)
-  decay = np.where(n[:, None] >= n[None, :],
-                   gamma[:, None, None] ** (n[:, None] - n[None, :]).clip(0), 0.0)
+  decay = np.where(
+    n[:, None] >= n[None, :], gamma[:, None, None] ** (n[:, None] - n[None, :]).clip(0), 0.0
+  )
   a = mixer.apply({"params": params}, x, method=mixer.attention_matrix)
   assert relative_error(a, s * decay) < 1e-5
-  assert mixer.state_size(10) == 2 * 8 * 16 * 4        # value_factor 2
+  assert mixer.state_size(10) == 2 * 8 * 16 * 4  # value_factor 2
 
 
 def test_alibi_slopes_and_layer_scaling():
@@ -51,15 +52,17 @@ def test_alibi_slopes_and_layer_scaling():
 
 def test_lightning_lrpe_scores():
   """q'.k' = sum_i q_i k_i cos(theta_i (n - m)) with silu q, k, times lambda^(n-m)."""
-  mixer = build_mixer("lightning", d_model=D, num_heads=2, layer_idx=1, num_layers=4,
-                      implementation="xla")
+  mixer = build_mixer(
+    "lightning", d_model=D, num_heads=2, layer_idx=1, num_layers=4, implementation="xla"
+  )
   x = jax.random.normal(jax.random.key(0), (B, T, D))
   params = mixer.init(jax.random.key(1), x)["params"]
   theta = np.asarray(params["lrpe_theta"], np.float64)
   np.testing.assert_allclose(theta, 10000.0 ** (-2 / 16 * np.arange(16)), rtol=1e-6)
-  theta = theta.reshape(2, 8)                                          # [H, d/H]
-  proj = lambda n: np.asarray(jax.nn.silu(jnp.einsum("btd,dhf->bthf", x, params[n]["kernel"])),
-                              np.float64)
+  theta = theta.reshape(2, 8)  # [H, d/H]
+  proj = lambda n: np.asarray(
+    jax.nn.silu(jnp.einsum("btd,dhf->bthf", x, params[n]["kernel"])), np.float64
+  )
   q, k = proj("q"), proj("k")
   n = np.arange(T)
   rel_pos = n[:, None] - n[None, :]

@@ -1,5 +1,6 @@
 """RWKV-6: the whole time-mixing layer (ddlerp token shift, LoRA decay, bonus readout, per-head
 GroupNorm, gate) equals a naive float64 loop; token shift restarts at packed segments."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +24,9 @@ def naive_rwkv6(p, x, heads, eps=64e-5):
   proj = lambda z, name: np.einsum("btd,dhk->bthk", z, p[name]["kernel"])
   r, k, v, g = proj(xr, "r"), proj(xk, "k"), proj(xv, "v"), proj(xg, "g")
   g = g / (1 + np.exp(-g))
-  w = np.exp(-np.exp(p["decay"] + np.einsum("btl,lhk->bthk", np.tanh(xw @ p["decay_a"]),
-                                            p["decay_b"])))
+  w = np.exp(
+    -np.exp(p["decay"] + np.einsum("btl,lhk->bthk", np.tanh(xw @ p["decay_a"]), p["decay_b"]))
+  )
   u = p["bonus"]
   o = np.zeros(v.shape)
   for bi in range(b):
@@ -41,8 +43,16 @@ def naive_rwkv6(p, x, heads, eps=64e-5):
 
 
 def test_rwkv6_equals_naive_loop():
-  mixer = build_mixer("rwkv6", d_model=D, num_heads=H, layer_idx=1, num_layers=3,
-                      mix_lora_dim=4, decay_lora_dim=8, implementation="xla")
+  mixer = build_mixer(
+    "rwkv6",
+    d_model=D,
+    num_heads=H,
+    layer_idx=1,
+    num_layers=3,
+    mix_lora_dim=4,
+    decay_lora_dim=8,
+    implementation="xla",
+  )
   x = jax.random.normal(jax.random.key(0), (B, T, D))
   params = mixer.init(jax.random.key(1), x)["params"]
   # Make every learned path matter (zero-initialised LoRA A, unit norm affine, bonus).
@@ -66,13 +76,15 @@ def test_token_shift_restarts_at_segments():
   seg = jnp.asarray([[0, 0, 0, 1, 1, 2]])
   np.testing.assert_array_equal(np.asarray(token_shift(x, seg))[0, :, 0], [0, 1, 2, 0, 4, 0])
   first = jnp.full((1, 1), 9.0)
-  np.testing.assert_array_equal(np.asarray(token_shift(x, first=first))[0, :, 0],
-                                [9, 1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(
+    np.asarray(token_shift(x, first=first))[0, :, 0], [9, 1, 2, 3, 4, 5]
+  )
 
 
 def test_rwkv6_packed_segments_are_independent():
-  mixer = build_mixer("rwkv6", d_model=D, num_heads=H, mix_lora_dim=4, decay_lora_dim=8,
-                      implementation="xla")
+  mixer = build_mixer(
+    "rwkv6", d_model=D, num_heads=H, mix_lora_dim=4, decay_lora_dim=8, implementation="xla"
+  )
   x = jax.random.normal(jax.random.key(0), (1, T, D))
   params = mixer.init(jax.random.key(1), x)
   seg = jnp.asarray([[0] * 4 + [1] * (T - 4)])

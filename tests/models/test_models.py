@@ -2,6 +2,7 @@
 pooling over real tokens), the regressor over vectors (causal, decodes like its forward),
 dropout (active only with a "dropout" rng) and block_ids reaching only the mixers that use
 them."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +19,16 @@ def tokens(seed=0, vocab=30):
 
 
 def encoder(**kw):
-  return EncoderClassifier(vocab_size=30, num_classes=5, d_model=16, num_layers=2,
-                           mixers=("attention",), mixer_kwargs={"num_heads": 2},
-                           state_mixer="mlp", **kw)
+  return EncoderClassifier(
+    vocab_size=30,
+    num_classes=5,
+    d_model=16,
+    num_layers=2,
+    mixers=("attention",),
+    mixer_kwargs={"num_heads": 2},
+    state_mixer="mlp",
+    **kw,
+  )
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
@@ -46,20 +54,38 @@ def test_encoder_mean_pool_ignores_padding():
 
 
 def test_encoder_refuses_a_causal_only_mixer():
-  model = EncoderClassifier(vocab_size=30, num_classes=2, d_model=16, num_layers=1,
-                            mixers=("gla",), mixer_kwargs={"num_heads": 2})
+  model = EncoderClassifier(
+    vocab_size=30,
+    num_classes=2,
+    d_model=16,
+    num_layers=1,
+    mixers=("gla",),
+    mixer_kwargs={"num_heads": 2},
+  )
   with pytest.raises(ValueError, match="mixer 'gla' is causal-only"):
     model.init(jax.random.key(0), tokens())
 
 
-@pytest.mark.parametrize("mixers,kwargs", [
+@pytest.mark.parametrize(
+  "mixers,kwargs",
+  [
     (("attention",), {"num_heads": 2}),
-    (("gated_deltanet", "attention"), {"gated_deltanet": {"num_heads": 2, "implementation": "xla"},
-                                       "attention": {"num_heads": 2}}),
-])
+    (
+      ("gated_deltanet", "attention"),
+      {"gated_deltanet": {"num_heads": 2, "implementation": "xla"}, "attention": {"num_heads": 2}},
+    ),
+  ],
+)
 def test_regressor_is_causal_and_decodes_like_its_forward(mixers, kwargs):
-  model = Regressor(input_dim=3, output_dim=2, d_model=16, num_layers=2, mixers=mixers,
-                    mixer_kwargs=kwargs, state_mixer="swiglu")
+  model = Regressor(
+    input_dim=3,
+    output_dim=2,
+    d_model=16,
+    num_layers=2,
+    mixers=mixers,
+    mixer_kwargs=kwargs,
+    state_mixer="swiglu",
+  )
   x = jax.random.normal(jax.random.key(0), (B, T, 3))
   params = model.init(jax.random.key(1), x)["params"]
   full = model.apply({"params": params}, x)
@@ -69,19 +95,30 @@ def test_regressor_is_causal_and_decodes_like_its_forward(mixers, kwargs):
   cache = jax.jit(lambda: model.init(jax.random.key(0), x, decode=True)["cache"])()
   outs = []
   for start, stop in [(0, 3), *[(t, t + 1) for t in range(3, T)]]:
-    out, variables = model.apply({"params": params, "cache": cache}, x[:, start:stop],
-                                 decode=True, mutable=["cache"])
+    out, variables = model.apply(
+      {"params": params, "cache": cache}, x[:, start:stop], decode=True, mutable=["cache"]
+    )
     outs.append(out)
     cache = variables["cache"]
   assert relative_error(jnp.concatenate(outs, 1), full) < 1e-5
   at = jnp.array([[0, 8], [3, 4]])
-  np.testing.assert_allclose(model.apply({"params": params}, x, outputs_at=at),
-                             jnp.take_along_axis(full, at[..., None], 1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    model.apply({"params": params}, x, outputs_at=at),
+    jnp.take_along_axis(full, at[..., None], 1),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_dropout_only_with_a_dropout_rng():
-  kw = dict(vocab_size=30, d_model=16, num_layers=2, mixers=("attention",),
-            mixer_kwargs={"num_heads": 2}, state_mixer="mlp")
+  kw = dict(
+    vocab_size=30,
+    d_model=16,
+    num_layers=2,
+    mixers=("attention",),
+    mixer_kwargs={"num_heads": 2},
+    state_mixer="mlp",
+  )
   plain, dropped = DecoderLM(**kw), DecoderLM(**kw, embedding_dropout=0.3, residual_dropout=0.3)
   x = tokens()
   params = plain.init(jax.random.key(1), x)
@@ -95,10 +132,16 @@ def test_dropout_only_with_a_dropout_rng():
 
 
 def test_block_ids_reach_only_the_mixers_that_use_them():
-  model = DecoderLM(vocab_size=30, d_model=16, num_layers=2,
-                    mixers=("block_attention", "gated_deltanet"),
-                    mixer_kwargs={"block_attention": {"num_heads": 2},
-                                  "gated_deltanet": {"num_heads": 2, "implementation": "xla"}})
+  model = DecoderLM(
+    vocab_size=30,
+    d_model=16,
+    num_layers=2,
+    mixers=("block_attention", "gated_deltanet"),
+    mixer_kwargs={
+      "block_attention": {"num_heads": 2},
+      "gated_deltanet": {"num_heads": 2, "implementation": "xla"},
+    },
+  )
   x = tokens()
   blocks = jnp.array([[0, 0, 0, 1, 1, 1, 2, 2, 2]] * B)
   params = model.init(jax.random.key(1), x)
@@ -110,14 +153,20 @@ def test_block_ids_reach_only_the_mixers_that_use_them():
 
 
 def test_decoder_lm_cache_and_positions():
-  model = DecoderLM(vocab_size=30, d_model=16, num_layers=1, mixers=("attention",),
-                    position_embedding="learned", max_positions=T)
+  model = DecoderLM(
+    vocab_size=30,
+    d_model=16,
+    num_layers=1,
+    mixers=("attention",),
+    position_embedding="learned",
+    max_positions=T,
+  )
   x = tokens()
   params = model.init(jax.random.key(1), x)["params"]
   full = model.apply({"params": params}, x)
   cache = init_cache(model, B, T)
-  out, variables = model.apply({"params": params, "cache": cache}, x[:, :4], decode=True,
-                               mutable=["cache"])
-  out2, _ = model.apply({"params": params, **variables}, x[:, 4:], decode=True,
-                        mutable=["cache"])
+  out, variables = model.apply(
+    {"params": params, "cache": cache}, x[:, :4], decode=True, mutable=["cache"]
+  )
+  out2, _ = model.apply({"params": params, **variables}, x[:, 4:], decode=True, mutable=["cache"])
   assert relative_error(jnp.concatenate([out, out2], 1), full) < 1e-5

@@ -1,4 +1,5 @@
 """attnzoo.ops.linear_attention: reference == recurrent == chunked ("xla") == step decoding."""
+
 import functools
 
 import jax
@@ -35,7 +36,7 @@ def make_inputs(variant, seed=0, t=T, segments=True):
   if variant == "bonus":
     kw["bonus"] = jax.random.normal(ks[4], (H, K)) * 0.5
   if variant == "normalized":
-    q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1      # positive feature maps
+    q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1  # positive feature maps
     kw["normalize"] = True
     vd = V + 1
   h0 = jax.random.normal(ks[5], (B, H, K, vd)) * 0.5
@@ -68,15 +69,15 @@ def loss_and_grads(fn, q, k, v, kw, seed=1):
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(hT * dh), (o, hT)
 
   (_, (o, hT)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
-      q, k, v, extra)
+    q, k, v, extra
+  )
   return o, hT, grads
 
 
 def assert_all_close(got, want, tol, what=""):
   o, hT, (dq, dk, dv, dext) = got
   o_r, hT_r, (dq_r, dk_r, dv_r, dext_r) = want
-  checks = {"o": (o, o_r), "h_T": (hT, hT_r), "dq": (dq, dq_r), "dk": (dk, dk_r),
-            "dv": (dv, dv_r)}
+  checks = {"o": (o, o_r), "h_T": (hT, hT_r), "dq": (dq, dq_r), "dk": (dk, dk_r), "dv": (dv, dv_r)}
   for name in dext_r:
     checks["d" + name] = (dext[name], dext_r[name])
   for name, (a, b) in checks.items():
@@ -111,8 +112,11 @@ def test_step_decoding_equals_forward(variant):
   o_ref, hT_ref = la.reference(q, k, v, **kw, return_final_state=True)
   state = kw["initial_state"]
   g = kw.get("log_decay")
-  step = jax.jit(functools.partial(la.step, scale=SCALE, bonus=kw.get("bonus"),
-                                   normalize=kw.get("normalize", False)))
+  step = jax.jit(
+    functools.partial(
+      la.step, scale=SCALE, bonus=kw.get("bonus"), normalize=kw.get("normalize", False)
+    )
+  )
   outs = []
   for t in range(T):
     gt = None if g is None else g[:, t]
@@ -125,9 +129,16 @@ def test_step_decoding_equals_forward(variant):
 def test_decode_continues_a_prefill():
   q, k, v, kw = make_inputs("vector", seed=4, segments=False)
   o_ref = la.reference(q, k, v, **kw)
-  o1, s = la.linear_attention(q[:, :20], k[:, :20], v[:, :20], scale=SCALE,
-                              log_decay=kw["log_decay"][:, :20], return_final_state=True,
-                              initial_state=kw["initial_state"], implementation="xla")
+  o1, s = la.linear_attention(
+    q[:, :20],
+    k[:, :20],
+    v[:, :20],
+    scale=SCALE,
+    log_decay=kw["log_decay"][:, :20],
+    return_final_state=True,
+    initial_state=kw["initial_state"],
+    implementation="xla",
+  )
   outs = []
   for t in range(20, T):
     s, o = la.step(s, q[:, t], k[:, t], v[:, t], kw["log_decay"][:, t], scale=SCALE)
@@ -151,10 +162,12 @@ def test_segments_equal_separate_sequences():
   del kw["initial_state"]
   seg = jnp.asarray(np.repeat([[0, 1]], B, 0).repeat([15, T - 15], axis=1))
   packed = la.linear_attention(q, k, v, **kw, segment_ids=seg, implementation="xla")
-  first = la.reference(q[:, :15], k[:, :15], v[:, :15], scale=SCALE,
-                       log_decay=kw["log_decay"][:, :15])
-  second = la.reference(q[:, 15:], k[:, 15:], v[:, 15:], scale=SCALE,
-                        log_decay=kw["log_decay"][:, 15:])
+  first = la.reference(
+    q[:, :15], k[:, :15], v[:, :15], scale=SCALE, log_decay=kw["log_decay"][:, :15]
+  )
+  second = la.reference(
+    q[:, 15:], k[:, 15:], v[:, 15:], scale=SCALE, log_decay=kw["log_decay"][:, 15:]
+  )
   assert rel(packed, jnp.concatenate([first, second], 1)) <= 1e-5
 
 
@@ -163,9 +176,10 @@ def test_dispatch():
   if jax.default_backend() != "gpu":
     with pytest.raises(Unsupported, match="only on GPU"):
       la.linear_attention(q, k, v, **kw, implementation="pallas")
-  assert la.dispatcher.choose("auto", **la._canonical(
-      q, k, v, **kw, bonus=None, normalize=False, return_final_state=False, eps=1e-6)) in (
-          "pallas", "xla")
+  assert la.dispatcher.choose(
+    "auto",
+    **la._canonical(q, k, v, **kw, bonus=None, normalize=False, return_final_state=False, eps=1e-6),
+  ) in ("pallas", "xla")
   with pytest.raises(ValueError, match="scale"):
     la.linear_attention(q, k, v, scale=None)
   with pytest.raises(ValueError, match="log_decay"):

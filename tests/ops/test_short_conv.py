@@ -1,4 +1,5 @@
 """attnzoo.ops.short_conv: reference == explicit loop == recurrent `step`, segments, chaining."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ def inputs(k, seed=0):
 def segments():
   seg = np.zeros((B, T), np.int32)
   seg[0, 4:] = 1
-  seg[0, 6:] = 2       # a segment shorter than the kernel
+  seg[0, 6:] = 2  # a segment shorter than the kernel
   seg[1, 9:] = 5
   return jnp.asarray(seg)
 
@@ -112,8 +113,9 @@ def test_layer_decode_equals_forward():
   assert sum(a.size * 4 for a in jax.tree.leaves(cache)) == B * state_bytes((3, C))
   outs = []
   for start, stop in [(0, 3), (3, 4), (4, 8), *[(t, t + 1) for t in range(8, T)]]:
-    out, var = layer.apply({"params": params, "cache": cache}, x[:, start:stop], decode=True,
-                           mutable=["cache"])
+    out, var = layer.apply(
+      {"params": params, "cache": cache}, x[:, start:stop], decode=True, mutable=["cache"]
+    )
     outs.append(out)
     cache = var["cache"]
   assert rel(jnp.concatenate(outs, axis=1), full) < 1e-6

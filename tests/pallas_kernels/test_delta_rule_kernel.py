@@ -3,6 +3,7 @@
 On CPU the kernels run in interpret mode. On a GPU set ATTNZOO_KERNEL_IMPL=pallas to compile
 them with Triton (the default is "interpret").
 """
+
 import os
 
 import jax.numpy as jnp
@@ -18,8 +19,10 @@ INTERPRET = IMPL != "pallas"
 
 
 def check(inputs, fn, tol, scale=0.4):
-  ref_inputs = {n: (None if x is None else x.astype(jnp.float32) if n in "qkv" else x)
-                for n, x in inputs.items()}
+  ref_inputs = {
+    n: (None if x is None else x.astype(jnp.float32) if n in "qkv" else x)
+    for n, x in inputs.items()
+  }
   ref = lambda **kw: dr.reference(**kw, return_final_state=True)
   o_ref, s_ref, g_ref = outputs_and_grads(ref, ref_inputs, scale)
   o, s, g = outputs_and_grads(fn, inputs, scale)
@@ -46,14 +49,16 @@ def test_kernel_float32_chunk64():
 
 
 def test_kernel_bfloat16():
-  check(make_inputs(2, 77, 2, 64, 32, gated=True, segmented=True, dtype=jnp.bfloat16),
-        kernel_fn(32), 1e-2)
+  check(
+    make_inputs(2, 77, 2, 64, 32, gated=True, segmented=True, dtype=jnp.bfloat16),
+    kernel_fn(32),
+    1e-2,
+  )
 
 
 def test_op_dispatch_to_kernel():
   x = make_inputs(1, 45, 2, 16, 16, gated=True, segmented=False)
-  check(x, lambda **kw: dr.delta_rule(**kw, return_final_state=True, implementation=IMPL),
-        1e-5)
+  check(x, lambda **kw: dr.delta_rule(**kw, return_final_state=True, implementation=IMPL), 1e-5)
 
 
 def test_kernel_without_initial_state():

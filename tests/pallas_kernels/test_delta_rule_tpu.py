@@ -5,6 +5,7 @@ this lowers, it does not compile or run). Interpret: the TPU-shaped kernels (tok
 [B,H,T,D], one-chunk blocks, sequential grid axis with a VMEM carry) run in Pallas' TPU
 interpret mode against the float32 reference.
 """
+
 import re
 import types
 
@@ -19,8 +20,14 @@ from tests.ops.test_delta_rule import make_inputs
 from tests.pallas_kernels.test_delta_rule_kernel import check
 
 FORWARD = ["delta_rule_wy", "delta_rule_state", "delta_rule_output"]
-BACKWARD = ["delta_rule_wu", "delta_rule_state", "delta_rule_dv_local", "delta_rule_dstate",
-            "delta_rule_grad_qk", "delta_rule_grad_wy"]
+BACKWARD = [
+  "delta_rule_wu",
+  "delta_rule_state",
+  "delta_rule_dv_local",
+  "delta_rule_dstate",
+  "delta_rule_grad_qk",
+  "delta_rule_grad_wy",
+]
 
 
 def tpu_kernels(fn, inputs):
@@ -45,7 +52,8 @@ def test_exports_for_tpu(dtype, gated, segmented):
     def loss(x):
       o, s = run(x)
       return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s), (o, s)
-    return jax.grad(loss, has_aux=True)(x)   # q, k, v, beta, log_decay, initial_state
+
+    return jax.grad(loss, has_aux=True)(x)  # q, k, v, beta, log_decay, initial_state
 
   assert tpu_kernels(run, x) == FORWARD
   assert sorted(tpu_kernels(value_and_grads, x)) == sorted(FORWARD + BACKWARD)
@@ -61,8 +69,11 @@ def test_tpu_interpret_gated_segmented_float32():
 
 
 def test_tpu_interpret_plain_bfloat16():
-  check(make_inputs(1, 45, 2, 16, 24, gated=False, segmented=False, dtype=jnp.bfloat16),
-        tpu_interpret(16), 1e-2)
+  check(
+    make_inputs(1, 45, 2, 16, 24, gated=False, segmented=False, dtype=jnp.bfloat16),
+    tpu_interpret(16),
+    1e-2,
+  )
 
 
 def test_pallas_supports_tpu(monkeypatch):

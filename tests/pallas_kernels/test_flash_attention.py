@@ -10,6 +10,7 @@ the device's exp2/log2/tanh approximations. bf16 is 1e-2 everywhere.
 The mask tests also run the kernels' pure-jnp blockwise twin (`chunked`, in key blocks of 32
 that no T here is a multiple of) against the same reference.
 """
+
 import functools
 import os
 
@@ -65,13 +66,14 @@ def check(q, k, v, do, dlse, *, tol, use_lse=True, grad_scale=False, kernel=None
   if kernel is None:
     kernel = lambda *a, **k2: softmax_attention(*a, implementation=IMPL, **k2)
   argnums = (0, 1, 2, 3) if grad_scale else (0, 1, 2)
-  (_, (o, lse)), grads = jax.jit(jax.value_and_grad(
-      lambda *a: loss(kernel, *a), argnums=argnums, has_aux=True))(q, k, v, scale, do, dlse)
+  (_, (o, lse)), grads = jax.jit(
+    jax.value_and_grad(lambda *a: loss(kernel, *a), argnums=argnums, has_aux=True)
+  )(q, k, v, scale, do, dlse)
   f32 = lambda x: x.astype(jnp.float32)
   with jax.default_matmul_precision("highest"):
-    (_, (ro, rlse)), rgrads = jax.jit(jax.value_and_grad(
-        lambda *a: loss(reference, *a), argnums=argnums, has_aux=True))(
-            f32(q), f32(k), f32(v), scale, do, dlse)
+    (_, (ro, rlse)), rgrads = jax.jit(
+      jax.value_and_grad(lambda *a: loss(reference, *a), argnums=argnums, has_aux=True)
+    )(f32(q), f32(k), f32(v), scale, do, dlse)
   assert o.shape == ro.shape and o.dtype == q.dtype
   assert rel_err(o, ro) <= tol, ("out", rel_err(o, ro))
   finite = np.isfinite(np.asarray(rlse))
@@ -86,11 +88,11 @@ def check(q, k, v, do, dlse, *, tol, use_lse=True, grad_scale=False, kernel=None
 
 # Each case: (batch, Tq, Tk, H, Hkv, D) and mask keywords. T is never a multiple of the tile.
 CASES = {
-    "causal_gqa": ((2, 100, 100, 4, 2, 64), dict(causal=True)),
-    "noncausal_mqa_cross": ((1, 72, 130, 3, 1, 40), dict()),
-    "window_left_right": ((1, 150, 150, 2, 2, 32), dict(window=(17, 9))),
-    "window_causal": ((2, 200, 200, 2, 1, 32), dict(causal=True, window=37)),
-    "softcap_causal": ((1, 90, 90, 4, 4, 64), dict(causal=True, softcap=3.0)),
+  "causal_gqa": ((2, 100, 100, 4, 2, 64), dict(causal=True)),
+  "noncausal_mqa_cross": ((1, 72, 130, 3, 1, 40), dict()),
+  "window_left_right": ((1, 150, 150, 2, 2, 32), dict(window=(17, 9))),
+  "window_causal": ((2, 200, 200, 2, 1, 32), dict(causal=True, window=37)),
+  "softcap_causal": ((1, 90, 90, 4, 4, 64), dict(causal=True, softcap=3.0)),
 }
 
 
@@ -108,10 +110,21 @@ def test_segment_ids_packed_documents(impl):
   q, k, v, do, dlse = inputs(1, b, t, t, 4, 2, 32, jnp.float32)
   rng = np.random.default_rng(0)
   seg = np.stack([np.sort(rng.integers(0, 5, t)) for _ in range(b)]).astype(np.int32)
-  check(q, k, v, do, dlse, tol=F32_TOL, causal=True, segment_ids=jnp.asarray(seg),
-        kernel=KERNELS[impl])
-  check(q, k, v, do, dlse, tol=F32_TOL, causal=False, window=(40, 40),
-        segment_ids=jnp.asarray(seg), kernel=KERNELS[impl])
+  check(
+    q, k, v, do, dlse, tol=F32_TOL, causal=True, segment_ids=jnp.asarray(seg), kernel=KERNELS[impl]
+  )
+  check(
+    q,
+    k,
+    v,
+    do,
+    dlse,
+    tol=F32_TOL,
+    causal=False,
+    window=(40, 40),
+    segment_ids=jnp.asarray(seg),
+    kernel=KERNELS[impl],
+  )
 
 
 @twin_too
@@ -121,16 +134,27 @@ def test_block_sparse_map(impl):
   rng = np.random.default_rng(1)
   bm = rng.random((b, 4, 5)) < 0.6
   bm[:, :, 0] = True  # every query row sees something
-  check(q, k, v, do, dlse, tol=F32_TOL, block_mask=jnp.asarray(bm), block_mask_size=(32, 32),
-        causal=True, kernel=KERNELS[impl])
+  check(
+    q,
+    k,
+    v,
+    do,
+    dlse,
+    tol=F32_TOL,
+    block_mask=jnp.asarray(bm),
+    block_mask_size=(32, 32),
+    causal=True,
+    kernel=KERNELS[impl],
+  )
 
 
 @twin_too
 def test_per_head_temperature_grad(impl):
   q, k, v, do, dlse = inputs(3, 1, 80, 80, 4, 2, 32, jnp.float32)
   scale = jnp.asarray([0.1, 0.2, 0.3, 0.05], jnp.float32)
-  check(q, k, v, do, dlse, tol=F32_TOL, causal=True, scale=scale, grad_scale=True,
-        kernel=KERNELS[impl])
+  check(
+    q, k, v, do, dlse, tol=F32_TOL, causal=True, scale=scale, grad_scale=True, kernel=KERNELS[impl]
+  )
 
 
 @twin_too
@@ -146,10 +170,21 @@ def test_kv_cache_positions_and_empty_rows(impl):
   q_seg = np.zeros((b, tq), np.int32)
   q_seg[:, :3] = 7  # no key carries segment 7
   kv_seg = np.zeros((b, tk), np.int32)
-  o, lse = check(q, k, v, do, dlse, tol=F32_TOL, use_lse=False, causal=True,
-                 q_positions=q_pos, kv_positions=jnp.asarray(kv_pos),
-                 segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg),
-                 kernel=KERNELS[impl])
+  o, lse = check(
+    q,
+    k,
+    v,
+    do,
+    dlse,
+    tol=F32_TOL,
+    use_lse=False,
+    causal=True,
+    q_positions=q_pos,
+    kv_positions=jnp.asarray(kv_pos),
+    segment_ids=jnp.asarray(q_seg),
+    kv_segment_ids=jnp.asarray(kv_seg),
+    kernel=KERNELS[impl],
+  )
   assert np.all(np.asarray(o)[:, :3] == 0) and np.all(np.asarray(lse)[:, :3] == -np.inf)
 
 
@@ -168,10 +203,12 @@ def test_block_skipping_schedule():
   # window 64 at T=1024 with 64-wide tiles visits ~2 tiles per row instead of ~8.5 (causal).
   t, blk = 1024, 64
   pos = jnp.arange(t, dtype=jnp.int32)[None]
-  causal = schedule.tile_kinds(pos, pos, None, None, block_q=blk, block_k=blk, causal=True,
-                               window=None)
-  window = schedule.tile_kinds(pos, pos, None, None, block_q=blk, block_k=blk, causal=True,
-                               window=(64, 0))
+  causal = schedule.tile_kinds(
+    pos, pos, None, None, block_q=blk, block_k=blk, causal=True, window=None
+  )
+  window = schedule.tile_kinds(
+    pos, pos, None, None, block_q=blk, block_k=blk, causal=True, window=(64, 0)
+  )
   assert int((causal > 0).sum()) == 16 * 17 // 2
   assert int((window > 0).sum()) == 16 + 15 and int((window == 2).sum()) == 0
   rows = schedule.schedule_rows(causal)
@@ -187,6 +224,7 @@ def test_unsupported_raise_before_tracing(monkeypatch):
 
   def traced(*_, **__):
     raise AssertionError("kernel traced")
+
   monkeypatch.setattr(calls, "forward", traced)
   q = jnp.zeros((1, 32, 2, 32), jnp.float32)
   bias = jnp.zeros((1, 2, 32, 32), jnp.float32)
@@ -212,6 +250,7 @@ def _flash_value_and_grads(q, k, v, **kw):
   def loss(q, k, v):
     o = flash_attention(q, k, v, scale=0.2, interpret=IMPL == "interpret", **kw)
     return jnp.sum(o * jnp.cos(jnp.arange(o.size, dtype=o.dtype).reshape(o.shape))), o
+
   (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   return o, grads
 
@@ -220,15 +259,16 @@ def test_launch_order_head_groups():
   # Programs are decoded from (head in group, tile, group x batch) ids, the query tiles
   # heaviest first; every head_group (dividing H or not) must give the same result.
   from pallas_kernels.flash_attention import Tuning
+
   q, k, v, _, _ = inputs(7, 2, 100, 100, 6, 3, 32, jnp.float32)
   seg = jnp.asarray(np.repeat([[0, 1], [2, 2]], 50, axis=1).astype(np.int32))
-  small = dict(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=16,
-               block_k_dkv=32)
+  small = dict(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=16, block_k_dkv=32)
   results = []
   for group in (1, 4, 6):
     tuning = Tuning(**small, head_group=group)
-    results.append(_flash_value_and_grads(q, k, v, causal=True, window=(40, 0),
-                                          segment_ids=seg, tuning=tuning))
+    results.append(
+      _flash_value_and_grads(q, k, v, causal=True, window=(40, 0), segment_ids=seg, tuning=tuning)
+    )
   for other in results[1:]:
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -242,6 +282,7 @@ def test_static_schedule_matches_traced(monkeypatch):
   # schedule too large for a constant), and explicit positions (per-batch schedule, tiles
   # read from the list) give the same outputs and gradients.
   from pallas_kernels.flash_attention import op
+
   b, t = 2, 90
   q, k, v, _, _ = inputs(8, b, t, t, 2, 1, 32, jnp.float32)
   kw = dict(causal=True, window=(30, 0))
@@ -254,8 +295,12 @@ def test_static_schedule_matches_traced(monkeypatch):
     for a, c in zip(jax.tree.leaves(static), jax.tree.leaves(other)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-6, atol=1e-6)
   pos = np.arange(96, dtype=np.int32)[None]
-  rows_np = schedule.schedule_rows(schedule.tile_kinds(
-      pos, pos, None, None, block_q=32, block_k=16, xp=np, **kw), np)
-  rows_jnp = schedule.schedule_rows(schedule.tile_kinds(
-      jnp.asarray(pos), jnp.asarray(pos), None, None, block_q=32, block_k=16, **kw))
+  rows_np = schedule.schedule_rows(
+    schedule.tile_kinds(pos, pos, None, None, block_q=32, block_k=16, xp=np, **kw), np
+  )
+  rows_jnp = schedule.schedule_rows(
+    schedule.tile_kinds(
+      jnp.asarray(pos), jnp.asarray(pos), None, None, block_q=32, block_k=16, **kw
+    )
+  )
   np.testing.assert_array_equal(rows_np, np.asarray(rows_jnp))

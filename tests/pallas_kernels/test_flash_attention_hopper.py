@@ -6,6 +6,7 @@ layouts and the API, for the forward alone and for jax.grad through flash_attent
 (the Triton backward lowered for an abstract H200). The GPU tests (skipped without an sm90
 device) compare o, lse and dq/dk/dv with the float32 reference.
 """
+
 import functools
 
 import jax
@@ -29,37 +30,74 @@ def export_cuda(fn, *args):
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   with jax.sharding.use_abstract_mesh(mesh):
     return jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
+      jax.jit(fn),
+      platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+    )(*args).mlir_module()
 
 
 def shapes(batch, tq, tk, heads, kv_heads, dim, dtype):
-  return (S((batch, tq, heads, dim), dtype), S((batch, tk, kv_heads, dim), dtype),
-          S((batch, tk, kv_heads, dim), dtype))
+  return (
+    S((batch, tq, heads, dim), dtype),
+    S((batch, tk, kv_heads, dim), dtype),
+    S((batch, tk, kv_heads, dim), dtype),
+  )
 
 
 # (batch, T, H, Hkv, D, dtype, causal, tuning)
 FORWARD_CASES = {
-    "bf16_d128_causal_gqa": (2, 1024, 4, 2, 128, jnp.bfloat16, True, None),
-    "f16_d64_noncausal": (1, 512, 2, 2, 64, jnp.float16, False, None),
-    "bf16_d256_causal": (1, 256, 2, 1, 256, jnp.bfloat16, True, None),
-    "bf16_d128_q128_kv64_s3": (1, 512, 2, 1, 128, jnp.bfloat16, True,
-                               Tuning(hopper_block_q=128, hopper_block_kv=64, hopper_stages=3)),
-    "f16_d64_kv192_nopingpong": (1, 768, 2, 2, 64, jnp.float16, False,
-                                  Tuning(hopper_block_kv=192, hopper_pingpong=False)),
-    "bf16_d128_overlap_causal": (1, 512, 4, 2, 128, jnp.bfloat16, True,
-                                 Tuning(hopper_pingpong=False, hopper_overlap=True)),
-    "f16_d64_overlap_kv64": (2, 256, 2, 1, 64, jnp.float16, False,
-                             Tuning(hopper_block_kv=64, hopper_stages=3, hopper_pingpong=False,
-                                    hopper_overlap=True)),
+  "bf16_d128_causal_gqa": (2, 1024, 4, 2, 128, jnp.bfloat16, True, None),
+  "f16_d64_noncausal": (1, 512, 2, 2, 64, jnp.float16, False, None),
+  "bf16_d256_causal": (1, 256, 2, 1, 256, jnp.bfloat16, True, None),
+  "bf16_d128_q128_kv64_s3": (
+    1,
+    512,
+    2,
+    1,
+    128,
+    jnp.bfloat16,
+    True,
+    Tuning(hopper_block_q=128, hopper_block_kv=64, hopper_stages=3),
+  ),
+  "f16_d64_kv192_nopingpong": (
+    1,
+    768,
+    2,
+    2,
+    64,
+    jnp.float16,
+    False,
+    Tuning(hopper_block_kv=192, hopper_pingpong=False),
+  ),
+  "bf16_d128_overlap_causal": (
+    1,
+    512,
+    4,
+    2,
+    128,
+    jnp.bfloat16,
+    True,
+    Tuning(hopper_pingpong=False, hopper_overlap=True),
+  ),
+  "f16_d64_overlap_kv64": (
+    2,
+    256,
+    2,
+    1,
+    64,
+    jnp.float16,
+    False,
+    Tuning(hopper_block_kv=64, hopper_stages=3, hopper_pingpong=False, hopper_overlap=True),
+  ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(FORWARD_CASES))
 def test_forward_lowers(name):
   batch, t, heads, kv_heads, dim, dtype, causal, tuning = FORWARD_CASES[name]
-  fn = functools.partial(hopper.forward, scale=dim ** -0.5, causal=causal, kv_len=t - 7,
-                         tuning=tuning)
+  fn = functools.partial(
+    hopper.forward, scale=dim**-0.5, causal=causal, kv_len=t - 7, tuning=tuning
+  )
   text = export_cuda(fn, *shapes(batch, t, t, heads, kv_heads, dim, dtype))
   assert text.count(MOSAIC) >= 1
   assert f"tensor<{batch}x{heads}x{t}xf32>" in text  # lse2 [B, H, T]
@@ -77,10 +115,10 @@ def test_tuning_candidates_lower_at_d128(name):
 
 # (batch, Tq, Tk, H, Hkv, D, dtype, causal): odd lengths, GQA, D 64 / 96 (padded) / 128.
 GRAD_CASES = {
-    "bf16_causal_gqa_t1000_d128": (2, 1000, 1000, 4, 2, 128, jnp.bfloat16, True),
-    "f16_noncausal_t1000_d64": (1, 1000, 1000, 2, 2, 64, jnp.float16, False),
-    "bf16_noncausal_cross_d64": (1, 300, 700, 4, 1, 64, jnp.bfloat16, False),
-    "f16_causal_t77_d96": (1, 77, 77, 2, 1, 96, jnp.float16, True),
+  "bf16_causal_gqa_t1000_d128": (2, 1000, 1000, 4, 2, 128, jnp.bfloat16, True),
+  "f16_noncausal_t1000_d64": (1, 1000, 1000, 2, 2, 64, jnp.float16, False),
+  "bf16_noncausal_cross_d64": (1, 300, 700, 4, 1, 64, jnp.bfloat16, False),
+  "f16_causal_t77_d96": (1, 77, 77, 2, 1, 96, jnp.float16, True),
 }
 
 
@@ -89,12 +127,12 @@ def test_grad_lowers_with_hopper_forward(name):
   batch, tq, tk, heads, kv_heads, dim, dtype, causal = GRAD_CASES[name]
 
   def loss(q, k, v):
-    o, lse = flash_attention(q, k, v, scale=dim ** -0.5, causal=causal, return_lse=True,
-                             hopper=True)
+    o, lse = flash_attention(q, k, v, scale=dim**-0.5, causal=causal, return_lse=True, hopper=True)
     return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(lse)
 
-  text = export_cuda(jax.grad(loss, argnums=(0, 1, 2)),
-                     *shapes(batch, tq, tk, heads, kv_heads, dim, dtype))
+  text = export_cuda(
+    jax.grad(loss, argnums=(0, 1, 2)), *shapes(batch, tq, tk, heads, kv_heads, dim, dtype)
+  )
   # The Mosaic forward once; the Triton dq and dk/dv kernels, no Triton forward.
   assert text.count(f"@{MOSAIC}(") == 1
   assert text.count(f"@{TRITON}(") == 2
@@ -102,7 +140,7 @@ def test_grad_lowers_with_hopper_forward(name):
 
 def test_auto_selection(monkeypatch):
   q, k, v = shapes(1, 256, 256, 2, 2, 64, jnp.bfloat16)
-  fwd = lambda **kw: (lambda q, k, v: flash_attention(q, k, v, scale=0.125, causal=True, **kw))
+  fwd = lambda **kw: lambda q, k, v: flash_attention(q, k, v, scale=0.125, causal=True, **kw)
   # Without an sm90 default device auto keeps the Triton forward.
   monkeypatch.setattr(op_lib, "_sm90_default_device", lambda: False)
   assert MOSAIC not in export_cuda(fwd(), q, k, v)
@@ -114,7 +152,9 @@ def test_auto_selection(monkeypatch):
   assert MOSAIC not in export_cuda(fwd(softcap=30.0), q, k, v)
 
 
-@pytest.mark.parametrize("kw, match", [
+@pytest.mark.parametrize(
+  "kw, match",
+  [
     (dict(window=(16, 0)), "window"),
     (dict(segment_ids=jnp.zeros((1, 128), jnp.int32)), "segment_ids"),
     (dict(q_positions=jnp.arange(128)[None]), "q_positions"),
@@ -122,7 +162,8 @@ def test_auto_selection(monkeypatch):
     (dict(scale=jnp.full((2,), 0.125)), "static positive"),
     (dict(interpret=True), "interpret"),
     (dict(platform="tpu"), "GPU only"),
-])
+  ],
+)
 def test_unsupported_arguments_raise(kw, match):
   q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
   kw = {"scale": 0.125, **kw}
@@ -130,11 +171,14 @@ def test_unsupported_arguments_raise(kw, match):
     flash_attention(q, q, q, hopper=True, **kw)
 
 
-@pytest.mark.parametrize("q_shape, k_shape, dtype, causal, match", [
+@pytest.mark.parametrize(
+  "q_shape, k_shape, dtype, causal, match",
+  [
     ((1, 128, 2, 64), (1, 128, 2, 64), jnp.float32, False, "bf16/f16"),
     ((1, 128, 2, 32), (1, 128, 2, 32), jnp.bfloat16, False, "head_dim"),
     ((1, 128, 2, 64), (1, 256, 2, 64), jnp.bfloat16, True, "Tq == Tk"),
-])
+  ],
+)
 def test_unsupported_shapes_raise(q_shape, k_shape, dtype, causal, match):
   q, k = jnp.zeros(q_shape, dtype), jnp.zeros(k_shape, dtype)
   assert match in hopper_reason(q, k, k, scale=0.125, causal=causal, platform="gpu")
@@ -173,30 +217,62 @@ gpu = pytest.mark.skipif(not _sm90(), reason="needs an sm90 (Hopper) GPU")
 @pytest.mark.parametrize("dim", [64, 128])
 def test_gpu_matches_reference(causal, dtype, dim):
   q, k, v, do, dlse = inputs(0, 2, 1000, 1000, 4, 2, dim, dtype)
-  check(q, k, v, do, dlse, tol=1e-2, causal=causal,
-        kernel=functools.partial(flash_attention, hopper=True))
+  check(
+    q,
+    k,
+    v,
+    do,
+    dlse,
+    tol=1e-2,
+    causal=causal,
+    kernel=functools.partial(flash_attention, hopper=True),
+  )
 
 
 @gpu
-@pytest.mark.parametrize("tuning", [
+@pytest.mark.parametrize(
+  "tuning",
+  [
     Tuning(hopper_block_q=128, hopper_block_kv=64, hopper_stages=3),
-    Tuning(hopper_pingpong=False), Tuning(hopper_pingpong=False, hopper_overlap=True)])
+    Tuning(hopper_pingpong=False),
+    Tuning(hopper_pingpong=False, hopper_overlap=True),
+  ],
+)
 def test_gpu_tunings_and_cross_attention(tuning):
   q, k, v, do, dlse = inputs(1, 1, 333, 333, 2, 1, 128, jnp.bfloat16)
-  check(q, k, v, do, dlse, tol=1e-2, causal=True,
-        kernel=functools.partial(flash_attention, hopper=True, tuning=tuning))
+  check(
+    q,
+    k,
+    v,
+    do,
+    dlse,
+    tol=1e-2,
+    causal=True,
+    kernel=functools.partial(flash_attention, hopper=True, tuning=tuning),
+  )
   q, k, v, do, dlse = inputs(2, 1, 200, 900, 4, 4, 64, jnp.bfloat16)
-  check(q, k, v, do, dlse, tol=1e-2,
-        kernel=functools.partial(flash_attention, hopper=True, tuning=tuning))
+  check(
+    q,
+    k,
+    v,
+    do,
+    dlse,
+    tol=1e-2,
+    kernel=functools.partial(flash_attention, hopper=True, tuning=tuning),
+  )
 
 
 @gpu
 def test_gpu_auto_uses_hopper_and_matches_triton():
   q, k, v, _, _ = inputs(3, 1, 512, 512, 2, 2, 128, jnp.bfloat16)
-  hop = jax.jit(functools.partial(flash_attention, scale=0.1, causal=True, return_lse=True,
-                                  hopper=True))(q, k, v)
-  tri = jax.jit(functools.partial(flash_attention, scale=0.1, causal=True, return_lse=True,
-                                  hopper=False))(q, k, v)
+  hop = jax.jit(
+    functools.partial(flash_attention, scale=0.1, causal=True, return_lse=True, hopper=True)
+  )(q, k, v)
+  tri = jax.jit(
+    functools.partial(flash_attention, scale=0.1, causal=True, return_lse=True, hopper=False)
+  )(q, k, v)
   np.testing.assert_allclose(np.asarray(hop[1]), np.asarray(tri[1]), atol=2e-2)
-  assert MOSAIC in jax.jit(functools.partial(flash_attention, scale=0.1, causal=True)).lower(
-      q, k, v).as_text()
+  assert (
+    MOSAIC
+    in jax.jit(functools.partial(flash_attention, scale=0.1, causal=True)).lower(q, k, v).as_text()
+  )

@@ -7,6 +7,7 @@ test_tpu_compile.py compiles the kernels with it, ahead of time, when libtpu is 
 Interpret tests run the same TPU-shaped kernels (BHTD blocks, SMEM schedules, [rows, 1]
 statistics) in Pallas TPU interpret mode against the float32 reference.
 """
+
 import functools
 
 import jax
@@ -25,18 +26,21 @@ tpu_kernel = functools.partial(flash_attention, platform="tpu", interpret=True)
 def export_tpu(fn, *args, device_kind="TPU v5 lite"):
   """StableHLO text of jit(fn) lowered for TPU (`device_kind` names the target chip)."""
   device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                abstract_device=device)):
+  with jax.sharding.use_abstract_mesh(
+    jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  ):
     return jax.export.export(jax.jit(fn), platforms=("tpu",))(*args).mlir_module()
 
 
 def attention_loss(attention, extra_names, grad_scale=False, grad=True):
   """A loss over o and lse; with `grad` its value_and_grad w.r.t. q, k, v (and a per-head
   scale)."""
+
   def loss(q, k, v, *extra):
     kw = dict(zip(extra_names, extra))
     o, lse = attention(q, k, v, scale=kw.pop("scale", 0.125), return_lse=True, **kw)
     return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
   if not grad:
     return loss
   argnums = (0, 1, 2, 3 + list(extra_names).index("scale")) if grad_scale else (0, 1, 2)
@@ -63,24 +67,30 @@ def flash_case(shape, kw, sds=S, grad=True):
   if grad_scale:
     extra["scale"] = sds((h,), jnp.float32)
   attention = functools.partial(flash_attention, platform="tpu", **kw)
-  return (attention_loss(attention, list(extra), grad_scale, grad),
-          (sds((b, tq, h, d), dtype), sds((b, tk, hkv, d), dtype), sds((b, tk, hkv, d), dtype),
-           *extra.values()))
+  return (
+    attention_loss(attention, list(extra), grad_scale, grad),
+    (
+      sds((b, tq, h, d), dtype),
+      sds((b, tk, hkv, d), dtype),
+      sds((b, tk, hkv, d), dtype),
+      *extra.values(),
+    ),
+  )
 
 
 # (batch, Tq, Tk, H, Hkv, D, dtype), mask keywords (see `flash_case`).
 EXPORT_CASES = {
-    "causal_gqa_bf16_d128": ((2, 300, 300, 8, 2, 128, jnp.bfloat16), dict(causal=True)),
-    "noncausal_mqa_f32_d64": ((1, 200, 330, 4, 1, 64, jnp.float32), dict()),
-    "window_bf16_d128": ((1, 520, 520, 4, 2, 128, jnp.bfloat16), dict(window=(100, 20))),
-    "causal_window_f16": ((2, 256, 256, 2, 2, 64, jnp.float16), dict(causal=True, window=64)),
-    "segments_softcap_bf16_d256": ((2, 256, 256, 4, 1, 256, jnp.bfloat16),
-                                   dict(causal=True, softcap=20.0, segments=True)),
-    "block_mask_f32": ((2, 256, 384, 2, 2, 64, jnp.float32), dict(block_mask=True)),
-    "kv_cache_positions": ((2, 64, 256, 4, 2, 128, jnp.bfloat16),
-                           dict(causal=True, positions=True)),
-    "per_head_scale_f32_d32": ((1, 160, 160, 4, 2, 32, jnp.float32),
-                               dict(causal=True, scale=True)),
+  "causal_gqa_bf16_d128": ((2, 300, 300, 8, 2, 128, jnp.bfloat16), dict(causal=True)),
+  "noncausal_mqa_f32_d64": ((1, 200, 330, 4, 1, 64, jnp.float32), dict()),
+  "window_bf16_d128": ((1, 520, 520, 4, 2, 128, jnp.bfloat16), dict(window=(100, 20))),
+  "causal_window_f16": ((2, 256, 256, 2, 2, 64, jnp.float16), dict(causal=True, window=64)),
+  "segments_softcap_bf16_d256": (
+    (2, 256, 256, 4, 1, 256, jnp.bfloat16),
+    dict(causal=True, softcap=20.0, segments=True),
+  ),
+  "block_mask_f32": ((2, 256, 384, 2, 2, 64, jnp.float32), dict(block_mask=True)),
+  "kv_cache_positions": ((2, 64, 256, 4, 2, 128, jnp.bfloat16), dict(causal=True, positions=True)),
+  "per_head_scale_f32_d32": ((1, 160, 160, 4, 2, 32, jnp.float32), dict(causal=True, scale=True)),
 }
 
 
@@ -110,8 +120,9 @@ def test_export_forward_only_and_dispatch(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   q = S((2, 200, 4, 128), jnp.bfloat16)
   for implementation in ("pallas", "auto"):
-    text = export_tpu(lambda q: softmax_attention(q, q, q, scale=0.1, causal=True,
-                                                  implementation=implementation), q)
+    text = export_tpu(
+      lambda q: softmax_attention(q, q, q, scale=0.1, causal=True, implementation=implementation), q
+    )
     assert text.count("stablehlo.custom_call @tpu_custom_call") == 1
     assert 'kernel_name = "flash_attention_fwd"' in text
 
@@ -131,10 +142,10 @@ def test_tpu_limits_reported():
 # Interpret mode: (batch, Tq, Tk, H, Hkv, D) and mask keywords; T is not a multiple of the
 # 128-row tile, except where a block mask needs whole tiles.
 INTERPRET_CASES = {
-    "causal_gqa": ((1, 250, 250, 4, 2, 64), dict(causal=True)),
-    "noncausal_mqa_cross": ((1, 72, 200, 3, 1, 40), dict()),
-    "window_left_right": ((1, 200, 200, 2, 1, 32), dict(window=(37, 20))),
-    "softcap_causal": ((1, 150, 150, 2, 2, 64), dict(causal=True, softcap=3.0)),
+  "causal_gqa": ((1, 250, 250, 4, 2, 64), dict(causal=True)),
+  "noncausal_mqa_cross": ((1, 72, 200, 3, 1, 40), dict()),
+  "window_left_right": ((1, 200, 200, 2, 1, 32), dict(window=(37, 20))),
+  "softcap_causal": ((1, 150, 150, 2, 2, 64), dict(causal=True, softcap=3.0)),
 }
 
 
@@ -150,16 +161,36 @@ def test_interpret_segments_and_per_head_scale():
   q, k, v, do, dlse = inputs(1, b, t, t, 2, 1, 32, jnp.float32)
   rng = np.random.default_rng(0)
   seg = np.stack([np.sort(rng.integers(0, 4, t)) for _ in range(b)]).astype(np.int32)
-  check(q, k, v, do, dlse, tol=1e-5, kernel=tpu_kernel, causal=True,
-        segment_ids=jnp.asarray(seg), scale=jnp.asarray([0.1, 0.3]), grad_scale=True)
+  check(
+    q,
+    k,
+    v,
+    do,
+    dlse,
+    tol=1e-5,
+    kernel=tpu_kernel,
+    causal=True,
+    segment_ids=jnp.asarray(seg),
+    scale=jnp.asarray([0.1, 0.3]),
+    grad_scale=True,
+  )
 
 
 def test_interpret_block_mask():
   b, tq, tk = 1, 256, 384
   q, k, v, do, dlse = inputs(2, b, tq, tk, 2, 2, 32, jnp.float32)
   bm = np.array([[[True, False, True], [False, True, True]]])
-  check(q, k, v, do, dlse, tol=1e-5, kernel=tpu_kernel, block_mask=jnp.asarray(bm),
-        block_mask_size=(128, 128))
+  check(
+    q,
+    k,
+    v,
+    do,
+    dlse,
+    tol=1e-5,
+    kernel=tpu_kernel,
+    block_mask=jnp.asarray(bm),
+    block_mask_size=(128, 128),
+  )
 
 
 def test_interpret_kv_cache_empty_rows():
@@ -170,9 +201,21 @@ def test_interpret_kv_cache_empty_rows():
   kv_pos[:, 60:] = EMPTY
   q_seg = np.zeros((b, tq), np.int32)
   q_seg[:, :3] = 7  # no key carries segment 7
-  o, lse = check(q, k, v, do, dlse, tol=1e-5, kernel=tpu_kernel, use_lse=False, causal=True,
-                 q_positions=q_pos, kv_positions=jnp.asarray(kv_pos),
-                 segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.zeros((b, tk), jnp.int32))
+  o, lse = check(
+    q,
+    k,
+    v,
+    do,
+    dlse,
+    tol=1e-5,
+    kernel=tpu_kernel,
+    use_lse=False,
+    causal=True,
+    q_positions=q_pos,
+    kv_positions=jnp.asarray(kv_pos),
+    segment_ids=jnp.asarray(q_seg),
+    kv_segment_ids=jnp.zeros((b, tk), jnp.int32),
+  )
   assert np.all(np.asarray(o)[:, :3] == 0) and np.all(np.asarray(lse)[:, :3] == -np.inf)
 
 
@@ -184,8 +227,9 @@ def test_interpret_bf16():
 def test_float16_runs_float32_kernels():
   # Mosaic has no float16 vectors: float16 inputs take the float32 kernels (o back in f16).
   q = S((1, 200, 2, 64), jnp.float16)
-  text = export_tpu(attention_loss(functools.partial(flash_attention, platform="tpu",
-                                                     causal=True), []), q, q, q)
+  text = export_tpu(
+    attention_loss(functools.partial(flash_attention, platform="tpu", causal=True), []), q, q, q
+  )
   assert_three_kernels(text)
   calls = [line for line in text.splitlines() if "@tpu_custom_call" in line]
   assert all("f16" not in line and "f32" in line for line in calls)

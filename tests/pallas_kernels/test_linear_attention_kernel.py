@@ -3,6 +3,7 @@
 Runs the kernel in interpret mode on CPU. On a GPU, ATTNZOO_KERNEL_IMPL=pallas runs the same
 tests on the compiled (Triton) kernel.
 """
+
 import dataclasses
 import functools
 import os
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 from attnzoo.ops import linear_attention as la
-from pallas_kernels.linear_attention import Tuning, default_splits, linear_attention as kernel
+from pallas_kernels.linear_attention import Tuning, default_splits
+from pallas_kernels.linear_attention import linear_attention as kernel
 from tests.ops.test_linear_attention import assert_all_close, loss_and_grads, make_inputs, rel
 
 IMPL = os.environ.get("ATTNZOO_KERNEL_IMPL", "interpret")
@@ -23,31 +25,69 @@ if not INTERPRET:  # float32 references without TF32
   jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def kernel_op(q, k, v, *, scale, log_decay=None, bonus=None, normalize=False,
-              initial_state=None, return_final_state=False, segment_ids=None, tuning):
+def kernel_op(
+  q,
+  k,
+  v,
+  *,
+  scale,
+  log_decay=None,
+  bonus=None,
+  normalize=False,
+  initial_state=None,
+  return_final_state=False,
+  segment_ids=None,
+  tuning,
+):
   """The op's semantics on top of the kernel package, with an explicit tuning."""
   assert not normalize
-  o, hT = kernel(q, k, v, log_decay, scale=scale, bonus=bonus, initial_state=initial_state,
-                 segment_ids=segment_ids, tuning=tuning, interpret=INTERPRET)
+  o, hT = kernel(
+    q,
+    k,
+    v,
+    log_decay,
+    scale=scale,
+    bonus=bonus,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+    tuning=tuning,
+    interpret=INTERPRET,
+  )
   return (o, hT) if return_final_state else o
 
 
 # chunk 16 with 16-wide state tiles (V=20 -> two V tiles in every kernel; the gradient kernel
 # in 16-wide K tiles without decay or with vector decay); chunk 32 (vector decay: one 32-row
 # block where exact, else two 16-row sub-blocks; c32s16 forces the latter, in K tiles)
-TUNINGS = {"c16": Tuning(chunk=16, block_k=16, block_v=16, block_v_out=16, block_k_grad=16),
-           "c32": Tuning(chunk=32, block_k=16, block_v=32),
-           "c32s16": Tuning(chunk=32, sub=16, block_k=16, block_v=32, block_k_grad=16)}
+TUNINGS = {
+  "c16": Tuning(chunk=16, block_k=16, block_v=16, block_v_out=16, block_k_grad=16),
+  "c32": Tuning(chunk=32, block_k=16, block_v=32),
+  "c32s16": Tuning(chunk=32, sub=16, block_k=16, block_v=32, block_k_grad=16),
+}
 
 
-@pytest.mark.parametrize("variant,tuning", [
-    ("none", "c16"), ("scalar", "c16"), ("vector", "c32"), ("vector", "c32s16"),
-    ("bonus", "c16"), ("bonus", "c32"), ("retnet", "c32")])
+@pytest.mark.parametrize(
+  "variant,tuning",
+  [
+    ("none", "c16"),
+    ("scalar", "c16"),
+    ("vector", "c32"),
+    ("vector", "c32s16"),
+    ("bonus", "c16"),
+    ("bonus", "c32"),
+    ("retnet", "c32"),
+  ],
+)
 def test_kernel_float32(variant, tuning):
   q, k, v, kw = make_inputs(variant, seed=11)
   want = loss_and_grads(la.reference, q, k, v, kw)
-  got = loss_and_grads(functools.partial(kernel_op, tuning=TUNINGS[tuning]), q, k, v,
-                       {**kw, "log_decay": _full_decay(kw, q)})
+  got = loss_and_grads(
+    functools.partial(kernel_op, tuning=TUNINGS[tuning]),
+    q,
+    k,
+    v,
+    {**kw, "log_decay": _full_decay(kw, q)},
+  )
   if variant == "retnet":  # the kernel took the fixed decay broadcast to [B,T,H]
     got[2][3]["log_decay"] = jnp.sum(got[2][3]["log_decay"], axis=(0, 1))
   assert_all_close(got, want, 1e-5, f"{variant} ")
@@ -64,16 +104,20 @@ def test_kernel_state_tiles_over_k(variant):
   v = jax.random.normal(ks[2], (b, t, h, vd))
   shape = (b, t, h) if variant == "scalar" else (b, t, h, kd)
   log_decay = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 2.0)
-  kw = dict(scale=0.2, log_decay=None if variant == "none" else log_decay,
-            initial_state=jax.random.normal(ks[4], (b, h, kd, vd)) * 0.1,
-            segment_ids=jnp.asarray((jnp.arange(t)[None] >= jnp.array([[20], [0]])), jnp.int32))
+  kw = dict(
+    scale=0.2,
+    log_decay=None if variant == "none" else log_decay,
+    initial_state=jax.random.normal(ks[4], (b, h, kd, vd)) * 0.1,
+    segment_ids=jnp.asarray((jnp.arange(t)[None] >= jnp.array([[20], [0]])), jnp.int32),
+  )
   want = loss_and_grads(la.reference, q, k, v, kw)
   got = loss_and_grads(functools.partial(kernel_op, tuning=TUNINGS["c16"]), q, k, v, kw)
   assert_all_close(got, want, 1e-5, f"{variant} K tiles ")
 
 
-@pytest.mark.parametrize("variant,splits", [("none", 4), ("scalar", 2), ("vector", 4),
-                                            ("bonus", 2)])
+@pytest.mark.parametrize(
+  "variant,splits", [("none", 4), ("scalar", 2), ("vector", 4), ("bonus", 2)]
+)
 def test_kernel_split_sequence(variant, splits):
   """The sequential kernels walking 2 or 4 pieces of the sequence in parallel (chunk 16,
   T=61: 4 chunks), chained in XLA: same values, final state and gradients (initial state
@@ -93,9 +137,15 @@ def test_split_count_default():
   (64 state tiles of 64x64, 256 chunks) -> 4 pieces; 4x4096x16 (256 tiles) -> none; scalar
   decay at 1x16384 (32x32 tiles, 256 of them) -> none; 1x1000x16 (64 tiles, 16 chunks) -> 2
   pieces of 8 chunks; never pieces under 8 chunks or not dividing the chunks."""
-  assert [default_splits(64, 256), default_splits(256, 64), default_splits(256, 256),
-          default_splits(64, 16), default_splits(64, 8), default_splits(1, 24),
-          default_splits(1, 17)] == [4, 1, 1, 2, 1, 2, 1]
+  assert [
+    default_splits(64, 256),
+    default_splits(256, 64),
+    default_splits(256, 256),
+    default_splits(64, 16),
+    default_splits(64, 8),
+    default_splits(1, 24),
+    default_splits(1, 17),
+  ] == [4, 1, 1, 2, 1, 2, 1]
 
 
 def test_kernel_strong_vector_decay_takes_sub_blocks():
@@ -144,7 +194,7 @@ def test_op_dispatch_default_tuning(variant):
 def test_kernel_bf16_long_decay_stability():
   """Strong vector decay over long T: outputs stay finite and match the chunked form."""
   q, k, v, kw = make_inputs("vector", seed=14, t=256, segments=False)
-  kw["log_decay"] = kw["log_decay"] * 8.0           # about -1.6 per step, tails below -5
+  kw["log_decay"] = kw["log_decay"] * 8.0  # about -1.6 per step, tails below -5
   bf = lambda x: x.astype(jnp.bfloat16)
   q, k, v = bf(q), bf(k), bf(v)
   o = la.linear_attention(q, k, v, **kw, implementation=IMPL)
@@ -162,10 +212,10 @@ def test_kernel_device_shapes_bf16(variant):
   passes, ~2^-22 relative): IEEE float32 dots of 64x128 tiles kept ptxas busy for minutes."""
   b, t, h, d = 2, 1000, 4, 128
   ks = jax.random.split(jax.random.key(15), 6)
-  q = jax.random.normal(ks[0], (b, t, h, d)) * d ** -0.5
-  k = jax.random.normal(ks[1], (b, t, h, d)) * d ** -0.5
+  q = jax.random.normal(ks[0], (b, t, h, d)) * d**-0.5
+  k = jax.random.normal(ks[1], (b, t, h, d)) * d**-0.5
   v = jax.random.normal(ks[2], (b, t, h, d))
-  kw = dict(scale=d ** -0.5, initial_state=jax.random.normal(ks[3], (b, h, d, d)) * 0.1)
+  kw = dict(scale=d**-0.5, initial_state=jax.random.normal(ks[3], (b, h, d, d)) * 0.1)
   if variant == "scalar":
     kw["log_decay"] = -jax.nn.softplus(jax.random.normal(ks[4], (b, t, h))) * 0.1
   elif variant in ("vector", "bonus"):
@@ -175,7 +225,7 @@ def test_kernel_device_shapes_bf16(variant):
   if variant == "normalized":
     q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
     kw["normalize"] = True
-    kw["initial_state"] = jnp.abs(jnp.concatenate([kw["initial_state"]] * 2, -1)[..., :d + 1])
+    kw["initial_state"] = jnp.abs(jnp.concatenate([kw["initial_state"]] * 2, -1)[..., : d + 1])
   seg = jnp.asarray((jnp.arange(t)[None] >= jnp.array([[400], [0]])).astype(jnp.int32))
   kw["segment_ids"] = seg
   # bf16, except the normalised form: its dq is a small difference of two large terms
@@ -196,6 +246,7 @@ def test_gpu_sub_block_choice_without_host_wait():
   conditional (XLA's GPU conditional waits on the host for its predicate); the backward keeps
   one lax.cond around its dv and dq/dk/dg kernels (cheaper there than two idle launches)."""
   from tests.pallas_kernels.test_flash_attention_hopper import export_cuda
+
   q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
   g = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
 
@@ -204,6 +255,7 @@ def test_gpu_sub_block_choice_without_host_wait():
 
   def loss(q, k, v, g):
     return jnp.sum(forward(q, k, v, g).astype(jnp.float32))
+
   text = export_cuda(forward, q, q, q, g)
   assert text.count('name = "output_kernel"') == 2, text.count('name = "output_kernel"')
   assert "output_operand_aliases" in text and "stablehlo.case" not in text

@@ -9,7 +9,7 @@ def test_token_ranges_and_structure(random_non_queries):
   V, L, K, N = 8192, 128, 8, 500
   inputs, labels = generate(V, N, L, K, seed=3, random_non_queries=random_non_queries)
   assert inputs.shape == labels.shape == (N, L)
-  keys, values = inputs[:, 0:2 * K:2], inputs[:, 1:2 * K:2]
+  keys, values = inputs[:, 0 : 2 * K : 2], inputs[:, 1 : 2 * K : 2]
   assert ((keys >= 1) & (keys < V // 2)).all()
   assert ((values >= V // 2) & (values < V)).all()
   for row in range(N):  # keys and values are distinct within an example
@@ -17,19 +17,19 @@ def test_token_ranges_and_structure(random_non_queries):
   # Labels: exactly K per example, each the value of the key that stands at that position.
   mask = labels != IGNORE
   assert (mask.sum(1) == K).all()
-  assert not mask[:, :2 * K].any()
+  assert not mask[:, : 2 * K].any()
   for row in range(N):
     lookup = dict(zip(keys[row], values[row]))
     for pos in np.flatnonzero(mask[row]):
       assert inputs[row, pos] in lookup
       assert labels[row, pos] == lookup[inputs[row, pos]]
-  query_region = inputs[:, 2 * K:]
+  query_region = inputs[:, 2 * K :]
   if random_non_queries:
     assert (query_region != 0).mean() > 0.9
   else:  # filler is 0 everywhere except the K query keys
     assert ((query_region != 0).sum(1) == K).all()
   # queries sit at even offsets of the query region
-  offsets = np.argwhere(mask[:, 2 * K:])[:, 1]
+  offsets = np.argwhere(mask[:, 2 * K :])[:, 1]
   assert (offsets % 2 == 0).all()
 
 
@@ -45,7 +45,7 @@ def test_query_placement_follows_power_law():
   expected = N * p
   for i in (0, 1, 2, 10):  # the commonest slots, within 5 standard deviations
     assert abs(counts[i] - expected[i]) < 5 * np.sqrt(expected[i]), (i, counts[i], expected[i])
-  assert counts[:space // 4].sum() > counts[space // 4:].sum() * 0.9
+  assert counts[: space // 4].sum() > counts[space // 4 :].sum() * 0.9
 
 
 def test_seeded():

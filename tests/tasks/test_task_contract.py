@@ -1,6 +1,7 @@
 """The task contract, run over every registered task: batches depend only on (seed, step), eval
 sets are fixed, the model head is one the models provide, the loss is finite and every declared
 metric is reported per segment and pooled."""
+
 import jax
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ from tests.conftest import REPO
 
 # A small config of every registered task: (config spec, overrides). A new task adds a row.
 SMALL = {
-    "mqar": (f"{REPO}/configs/mqar.py:mixer=attention,d_model=16,num_layers=1,seq_len=32,"
-             "num_kv_pairs=4,train_examples=256,batch_size=32",
-             {"data.vocab_size": 128, "data.test_segments": ((32, 4, 48, 32), (16, 2, 32, 32))}),
+  "mqar": (
+    f"{REPO}/configs/mqar.py:mixer=attention,d_model=16,num_layers=1,seq_len=32,"
+    "num_kv_pairs=4,train_examples=256,batch_size=32",
+    {"data.vocab_size": 128, "data.test_segments": ((32, 4, 48, 32), (16, 2, 32, 32))},
+  ),
 }
 
 
@@ -41,7 +44,7 @@ def test_batches_depend_only_on_seed_and_step(name):
   steps = [3, 0, 17, 3, 1]
   first = [a.train_batch(s) for s in steps]
   assert all(same_batch(x, b.train_batch(s)) for x, s in zip(first, steps))
-  assert same_batch(first[0], first[3])   # the same step again, after others
+  assert same_batch(first[0], first[3])  # the same step again, after others
   assert not same_batch(first[0], first[2])
   other = build_task(small_config(name, seed=1))
   assert not same_batch(first[0], other.train_batch(3))
@@ -69,5 +72,4 @@ def test_loss_is_finite_and_declared_metrics_are_reported(name):
     assert all(f"eval/{metric}/{segment}" in metrics for segment in task.eval_sets())
   if task.early_stop_metric is not None:
     assert task.early_stop_metric in metrics
-  assert task.max_seq_len >= max(b["inputs"].shape[1] for v in task.eval_sets().values()
-                                 for b in v)
+  assert task.max_seq_len >= max(b["inputs"].shape[1] for v in task.eval_sets().values() for b in v)

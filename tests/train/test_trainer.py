@@ -1,8 +1,8 @@
 """Training end to end: files in the workdir, bit-exact kill-and-resume, NaN handling,
 half-written checkpoints."""
+
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -15,15 +15,22 @@ import pytest
 
 from attnzoo.train.checkpoint import Checkpoints
 from attnzoo.train.logging import read_metrics
-from attnzoo.train.trainer import Experiment, TrainingError, load_run, train
+from attnzoo.train.trainer import TrainingError, load_run, train
 from tests.conftest import REPO, tiny_mqar_config
 
-TINY_ARGS = ["--config", f"{REPO}/configs/mqar.py:mixer=attention,d_model=32,num_layers=2,"
-             "seq_len=32,num_kv_pairs=4,train_examples=2048,batch_size=32,num_steps={steps}",
-             "--config.data.vocab_size=256", "--config.data.test_segments=((32,4,64,32),)",
-             "--config.train.log_every=5", "--config.train.eval_every=100",
-             "--config.train.checkpoint_every=10", "--config.train.warmup_steps=5",
-             "--config.train.early_stop_at=2.0", "--quiet"]
+TINY_ARGS = [
+  "--config",
+  f"{REPO}/configs/mqar.py:mixer=attention,d_model=32,num_layers=2,"
+  "seq_len=32,num_kv_pairs=4,train_examples=2048,batch_size=32,num_steps={steps}",
+  "--config.data.vocab_size=256",
+  "--config.data.test_segments=((32,4,64,32),)",
+  "--config.train.log_every=5",
+  "--config.train.eval_every=100",
+  "--config.train.checkpoint_every=10",
+  "--config.train.warmup_steps=5",
+  "--config.train.early_stop_at=2.0",
+  "--quiet",
+]
 
 
 def cli(workdir, steps):
@@ -57,11 +64,13 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
   reference, killed = tmp_path / "reference", tmp_path / "killed"
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   subprocess.run(cli(reference, steps), check=True, env=env, capture_output=True)
-  process = subprocess.Popen(cli(killed, steps), env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+  process = subprocess.Popen(
+    cli(killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 120
   while time.time() < deadline and not any(
-      p.name.isdigit() and int(p.name) >= 30 for p in (killed / "checkpoints").glob("*")):
+    p.name.isdigit() and int(p.name) >= 30 for p in (killed / "checkpoints").glob("*")
+  ):
     time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   process.wait()
@@ -95,6 +104,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
   """From step 23 on the loss is NaN (injected): training stops with one clear error and the
   checkpoint of step 20 is kept, with finite parameters."""
   from attnzoo.tasks.mqar import MQAR
+
   clean_batch, clean_loss = MQAR.train_batch, MQAR.loss
 
   def poisoned_batch(self, step):

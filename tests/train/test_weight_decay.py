@@ -1,6 +1,7 @@
 """Weight decay by parameter role (train.optim.decay_mask): for every registered mixer, which
 parameters decay (leaf "kernel": projections and convolutions) and which do not (biases, norm
 scales, decay rates, gates, bonuses, token-shift mixes, RWKV's LoRAs), as an explicit table."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -13,39 +14,51 @@ from tests.mixers.test_mixers import TEST_KWARGS
 ATTENTION = ("k/kernel out/kernel q/kernel v/kernel", "k/bias out/bias q/bias v/bias")
 # mixer: (decayed, not decayed), parameter paths at TEST_KWARGS.
 EXPECTED = {
-    "attention": ATTENTION,
-    "sliding_window": ATTENTION,
-    "block_attention": ATTENTION,
-    "gated_attention": ("gate_proj/kernel " + ATTENTION[0], "gate_proj/bias " + ATTENTION[1]),
-    # Zoology's BaseConv: the conv taps and the projection decay, their biases not.
-    "base_conv": ("conv/kernel projection/kernel", "conv/bias projection/bias"),
-    "based": ("k/kernel out/kernel q/kernel v/kernel", ""),
-    "linear_attention": ("k/kernel out/kernel q/kernel v/kernel", ""),
-    "lsa": ("k/kernel out/kernel q/kernel v/kernel", ""),
-    "retnet": ("g/kernel k/kernel out/kernel q/kernel v/kernel", ""),  # gammas are constants
-    # TransNormerLLM: the LRPE frequencies are per-channel rates (the decays are constants).
-    "lightning": ("k/kernel out/kernel q/kernel u/kernel v/kernel", "lrpe_theta"),
-    # fla's GLA: its low-rank gate is two nn.Linear layers, decayed like every projection.
-    "gla": ("g/kernel gate_down/kernel gate_up/kernel k/kernel out/kernel q/kernel v/kernel",
-            "gate_up/bias norm/scale"),
-    # HGRN-2: the forget gate's lower bound is a decay rate.
-    "hgrn2": ("f/kernel i/kernel out/kernel q/kernel", "bound_logit norm/scale"),
-    # RWKV-LM (v6 configure_optimizers): only the 2-D weights outside time_* and the _w1/_w2
-    # LoRAs decay; time_maa (mu), time_decay, time_faaaa (bonus) and the LoRAs do not.
-    "rwkv6": ("g/kernel k/kernel out/kernel r/kernel v/kernel",
-              "bonus decay decay_a decay_b group_norm/bias group_norm/scale mix_a mix_b mu mu_x"),
-    # fla's DeltaNet / Gated DeltaNet: A_log and dt_bias are marked _no_weight_decay.
-    "deltanet": ("b/kernel g/kernel k/kernel k_conv/kernel out/kernel q/kernel q_conv/kernel "
-                 "v/kernel v_conv/kernel", "norm/scale"),
-    "gated_deltanet": ("a/kernel b/kernel g/kernel k/kernel k_conv/kernel out/kernel q/kernel "
-                       "q_conv/kernel v/kernel v_conv/kernel", "A_log dt_bias norm/scale"),
-    # LAWCAT: the Hedgehog feature map is a learned projection; the gate follows GLA.
-    "lawcat": ("feature_map/kernel gate_down/kernel gate_up/kernel k/kernel k_conv/kernel "
-               "out/kernel q/kernel q_conv/kernel v/kernel", "gate_up/bias"),
-    # mamba_ssm: A_log, D and dt_bias are marked _no_weight_decay; biases and norms are not
-    # decayed.
-    "mamba2": ("conv/kernel in_proj/kernel out_proj/kernel",
-               "A_log D conv/bias dt_bias norm/scale"),
+  "attention": ATTENTION,
+  "sliding_window": ATTENTION,
+  "block_attention": ATTENTION,
+  "gated_attention": ("gate_proj/kernel " + ATTENTION[0], "gate_proj/bias " + ATTENTION[1]),
+  # Zoology's BaseConv: the conv taps and the projection decay, their biases not.
+  "base_conv": ("conv/kernel projection/kernel", "conv/bias projection/bias"),
+  "based": ("k/kernel out/kernel q/kernel v/kernel", ""),
+  "linear_attention": ("k/kernel out/kernel q/kernel v/kernel", ""),
+  "lsa": ("k/kernel out/kernel q/kernel v/kernel", ""),
+  "retnet": ("g/kernel k/kernel out/kernel q/kernel v/kernel", ""),  # gammas are constants
+  # TransNormerLLM: the LRPE frequencies are per-channel rates (the decays are constants).
+  "lightning": ("k/kernel out/kernel q/kernel u/kernel v/kernel", "lrpe_theta"),
+  # fla's GLA: its low-rank gate is two nn.Linear layers, decayed like every projection.
+  "gla": (
+    "g/kernel gate_down/kernel gate_up/kernel k/kernel out/kernel q/kernel v/kernel",
+    "gate_up/bias norm/scale",
+  ),
+  # HGRN-2: the forget gate's lower bound is a decay rate.
+  "hgrn2": ("f/kernel i/kernel out/kernel q/kernel", "bound_logit norm/scale"),
+  # RWKV-LM (v6 configure_optimizers): only the 2-D weights outside time_* and the _w1/_w2
+  # LoRAs decay; time_maa (mu), time_decay, time_faaaa (bonus) and the LoRAs do not.
+  "rwkv6": (
+    "g/kernel k/kernel out/kernel r/kernel v/kernel",
+    "bonus decay decay_a decay_b group_norm/bias group_norm/scale mix_a mix_b mu mu_x",
+  ),
+  # fla's DeltaNet / Gated DeltaNet: A_log and dt_bias are marked _no_weight_decay.
+  "deltanet": (
+    "b/kernel g/kernel k/kernel k_conv/kernel out/kernel q/kernel q_conv/kernel "
+    "v/kernel v_conv/kernel",
+    "norm/scale",
+  ),
+  "gated_deltanet": (
+    "a/kernel b/kernel g/kernel k/kernel k_conv/kernel out/kernel q/kernel "
+    "q_conv/kernel v/kernel v_conv/kernel",
+    "A_log dt_bias norm/scale",
+  ),
+  # LAWCAT: the Hedgehog feature map is a learned projection; the gate follows GLA.
+  "lawcat": (
+    "feature_map/kernel gate_down/kernel gate_up/kernel k/kernel k_conv/kernel "
+    "out/kernel q/kernel q_conv/kernel v/kernel",
+    "gate_up/bias",
+  ),
+  # mamba_ssm: A_log, D and dt_bias are marked _no_weight_decay; biases and norms are not
+  # decayed.
+  "mamba2": ("conv/kernel in_proj/kernel out_proj/kernel", "A_log D conv/bias dt_bias norm/scale"),
 }
 
 
@@ -74,11 +87,21 @@ def test_decayed_parameters(name):
 
 
 def test_model_decays_embeddings_not_norms():
-  model = DecoderLM(vocab_size=11, d_model=16, num_layers=1, mixers=("gla",),
-                    mixer_kwargs={"num_heads": 2}, state_mixer="mlp", position_embedding="learned")
+  model = DecoderLM(
+    vocab_size=11,
+    d_model=16,
+    num_layers=1,
+    mixers=("gla",),
+    mixer_kwargs={"num_heads": 2},
+    state_mixer="mlp",
+    position_embedding="learned",
+  )
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32)))
   decayed, kept = split_by_mask(params["params"])
   assert "embed/embedding" in decayed and "positions_embed/embedding" in decayed
   assert not any(path.endswith(("scale", "bias")) for path in decayed.split())
-  assert all(path.endswith(("scale", "bias")) for path in kept.split()
-             if not path.startswith("blocks_0/mixer/"))
+  assert all(
+    path.endswith(("scale", "bias"))
+    for path in kept.split()
+    if not path.startswith("blocks_0/mixer/")
+  )
