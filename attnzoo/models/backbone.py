@@ -92,7 +92,15 @@ class Block(nn.Module):
   residual_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, *, positions, segment_ids, block_ids, decode):
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array,
+    segment_ids: jax.Array | None,
+    block_ids: jax.Array | None,
+    decode: bool,
+  ) -> jax.Array:
     norm = NORMS[self.norm]
     mixer = build_mixer(
       self.mixer,
@@ -232,7 +240,15 @@ class Backbone(nn.Module):
         index.value = start + shape[1]
     return jnp.broadcast_to(start + jnp.arange(shape[1], dtype=jnp.int32), shape)
 
-  def stack(self, x, *, positions, segment_ids=None, block_ids=None, decode=False):
+  def stack(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    block_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
     """Positions added (if learned), embedding dropout, the blocks, the final norm."""
     if self.position_embedding == "learned":
       if x.shape[1] > self.max_positions:

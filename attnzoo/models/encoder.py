@@ -36,7 +36,15 @@ class EncoderClassifier(Backbone):
     self.setup_stack()
     self.classifier = nn.Dense(self.num_classes, kernel_init=dense_init)
 
-  def __call__(self, tokens, *, mask=None, positions=None, segment_ids=None, block_ids=None):
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    block_ids: jax.Array | None = None,
+  ) -> jax.Array:
     positions = self.positions(tokens.shape, positions, False)
     if mask is not None and segment_ids is None:
       segment_ids = mask.astype(jnp.int32)

@@ -23,8 +23,15 @@ class DecoderLM(Backbone):
     self.setup_stack()
 
   def __call__(
-    self, tokens, *, positions=None, segment_ids=None, block_ids=None, decode=False, logits_at=None
-  ):
+    self,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    block_ids: jax.Array | None = None,
+    decode: bool = False,
+    logits_at: jax.Array | None = None,
+  ) -> jax.Array:
     positions = self.positions(tokens.shape, positions, decode)
     x = self.stack(
       self.embed(tokens).astype(self.dtype),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from attnzoo.mixers.registry import dense_init
@@ -25,8 +26,15 @@ class Regressor(Backbone):
     self.read_out = nn.Dense(self.output_dim, kernel_init=dense_init)
 
   def __call__(
-    self, inputs, *, positions=None, segment_ids=None, block_ids=None, decode=False, outputs_at=None
-  ):
+    self,
+    inputs: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    block_ids: jax.Array | None = None,
+    decode: bool = False,
+    outputs_at: jax.Array | None = None,
+  ) -> jax.Array:
     positions = self.positions(inputs.shape[:2], positions, decode)
     x = self.stack(
       self.read_in(inputs),

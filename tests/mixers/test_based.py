@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from attnzoo.mixers import build_mixer
-from attnzoo.models.lm import layer_mixers
+from attnzoo.models.backbone import layer_mixers
 from tests.conftest import relative_error
 
 D, B, T = 16, 2, 9

@@ -60,7 +60,7 @@ def test_train_writes_metrics_config_tensorboard_checkpoint(tmp_path):
 
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
-  steps = 600
+  steps = 300
   reference, killed = tmp_path / "reference", tmp_path / "killed"
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   subprocess.run(cli(reference, steps), check=True, env=env, capture_output=True)
