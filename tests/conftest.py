@@ -1,11 +1,18 @@
 """Shared test helpers: small configs and relative-error checks."""
 
+import os
 import pathlib
 
 import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# Further cases of what the default suite already covers once (more TPU-interpret variants):
+# run with ATTNZOO_SLOW_TESTS=1; skipped otherwise, to keep `make test` inside its budget.
+slow = pytest.mark.skipif(
+  os.environ.get("ATTNZOO_SLOW_TESTS") != "1", reason="opt-in slow case: set ATTNZOO_SLOW_TESTS=1"
+)
 
 
 def relative_error(x, ref):

@@ -16,6 +16,7 @@ import pytest
 from attnzoo.ops import delta_rule as dr
 from pallas_kernels import delta_rule as kernels
 from pallas_kernels.common import resolve_platform
+from tests.conftest import slow
 from tests.ops.test_delta_rule import make_inputs
 from tests.pallas_kernels.test_delta_rule_kernel import check
 
@@ -68,6 +69,7 @@ def test_tpu_interpret_gated_segmented_float32():
   check(make_inputs(1, 37, 2, 24, 40, gated=True, segmented=True), tpu_interpret(16), 1e-5)
 
 
+@slow
 def test_tpu_interpret_plain_bfloat16():
   check(
     make_inputs(1, 45, 2, 16, 24, gated=False, segmented=False, dtype=jnp.bfloat16),

@@ -17,6 +17,7 @@ import pytest
 
 from attnzoo.ops.softmax_attention import EMPTY, softmax_attention
 from pallas_kernels.flash_attention import flash_attention, reason
+from tests.conftest import slow
 from tests.pallas_kernels.test_flash_attention import check, inputs
 
 S = jax.ShapeDtypeStruct
@@ -149,7 +150,9 @@ INTERPRET_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(INTERPRET_CASES))
+@pytest.mark.parametrize(
+  "name", [n if n == "causal_gqa" else pytest.param(n, marks=slow) for n in sorted(INTERPRET_CASES)]
+)
 def test_interpret_f32(name):
   (b, tq, tk, h, hkv, d), kw = INTERPRET_CASES[name]
   q, k, v, do, dlse = inputs(0, b, tq, tk, h, hkv, d, jnp.float32)
@@ -193,6 +196,7 @@ def test_interpret_block_mask():
   )
 
 
+@slow
 def test_interpret_kv_cache_empty_rows():
   b, tq, tk = 1, 20, 140
   q, k, v, do, dlse = inputs(4, b, tq, tk, 2, 1, 32, jnp.float32)

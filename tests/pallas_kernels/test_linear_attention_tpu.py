@@ -16,6 +16,7 @@ import pytest
 from attnzoo.ops import linear_attention as la
 from pallas_kernels.linear_attention import Tuning
 from pallas_kernels.linear_attention import linear_attention as kernel
+from tests.conftest import slow
 from tests.ops.test_linear_attention import assert_all_close, loss_and_grads, make_inputs
 
 S = jax.ShapeDtypeStruct
@@ -79,7 +80,12 @@ def tpu_interpret(tuning):
 
 
 @pytest.mark.parametrize(
-  "variant,segments", [("scalar", True), ("vector", False), ("bonus", False)]
+  "variant,segments",
+  [
+    ("scalar", True),
+    pytest.param("vector", False, marks=slow),
+    pytest.param("bonus", False, marks=slow),
+  ],
 )
 def test_tpu_interpret_float32(variant, segments):
   # B,T,H,K,V = 2,37,3,12,20: T in chunks of 16 (the last padded), K, V padded to 16, 32

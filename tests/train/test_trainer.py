@@ -63,7 +63,9 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
   steps = 300
   reference, killed = tmp_path / "reference", tmp_path / "killed"
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  subprocess.run(cli(reference, steps), check=True, env=env, capture_output=True)
+  log = (tmp_path / "reference.log").open("w")
+  # the uninterrupted reference run goes on beside the killed and resumed ones
+  uninterrupted = subprocess.Popen(cli(reference, steps), env=env, stdout=log, stderr=log)
   process = subprocess.Popen(
     cli(killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
@@ -76,6 +78,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
   process.wait()
   assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
   subprocess.run(cli(killed, steps), check=True, env=env, capture_output=True)
+  assert uninterrupted.wait() == 0, (tmp_path / "reference.log").read_text()[-2000:]
   assert losses(killed) == losses(reference)
   assert len(losses(reference)) == steps // 5
   for a, b in zip(final_params(killed), final_params(reference)):
