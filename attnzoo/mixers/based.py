@@ -37,7 +37,7 @@ from attnzoo.mixers.layers import (
   taylor_feature_map,
   taylor_feature_size,
 )
-from attnzoo.mixers.registry import dense_init, output_init, per_head, register
+from attnzoo.mixers.registry import dense_init, head_output, per_head, register
 
 
 @register("based")
@@ -69,13 +69,7 @@ class Based(nn.Module):
     )
     self.q, self.k = dense(self.feature_dim), dense(self.feature_dim)
     self.v = dense(head_dim)
-    self.out = nn.DenseGeneral(
-      self.d_model,
-      axis=(-2, -1),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=output_init(self.num_layers),
-    )
+    self.out = head_output(self.d_model, self.num_layers, self.dtype)
     self.attn = LinearAttentionOp(
       scale=1.0, normalize=True, eps=self.eps, implementation=self.implementation
     )

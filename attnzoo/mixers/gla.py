@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.mixers.layers import GatedRMSNorm, LinearAttentionOp, state_bytes
-from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.mixers.registry import dense_init, head_output, register
 
 
 @register("gla")
@@ -69,13 +69,7 @@ class GLA(nn.Module):
       self.norm = GatedRMSNorm(norm_before_gate=True, eps=self.norm_eps)
     else:
       self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
-    self.out = nn.DenseGeneral(
-      self.d_model,
-      axis=(-2, -1),
-      dtype=self.dtype,
-      use_bias=False,
-      kernel_init=output_init(self.num_layers),
-    )
+    self.out = head_output(self.d_model, self.num_layers, self.dtype)
     self.attn = LinearAttentionOp(scale=k_dim**-0.5, implementation=self.implementation)
 
   def _features(self, x):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.mixers.layers import LinearAttentionOp, state_bytes
-from attnzoo.mixers.registry import dense_init, output_init, per_head, register
+from attnzoo.mixers.registry import dense_init, head_output, per_head, register
 
 
 @register("hgrn2")
@@ -69,13 +69,7 @@ class HGRN2(nn.Module):
         "bound_logit", nn.initializers.constant(logit), (heads, f_dim), jnp.float32
       )
     self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
-    self.out = nn.DenseGeneral(
-      self.d_model,
-      axis=(-2, -1),
-      dtype=self.dtype,
-      use_bias=False,
-      kernel_init=output_init(self.num_layers),
-    )
+    self.out = head_output(self.d_model, self.num_layers, self.dtype)
     self.attn = LinearAttentionOp(scale=f_dim**-0.5, implementation=self.implementation)
 
   def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.mixers.layers import LinearAttentionOp, ShortConv, state_bytes
-from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.mixers.registry import dense_init, head_output, register
 
 GATES = ("vector", "scalar", "none")
 
@@ -110,13 +110,7 @@ class LAWCAT(nn.Module):
       )
       gate_shape = (heads, 2 * feat) if self.gate == "vector" else (heads,)
       self.gate_up = nn.DenseGeneral(gate_shape, dtype=jnp.float32, kernel_init=dense_init)
-    self.out = nn.DenseGeneral(
-      self.d_model,
-      axis=(-2, -1),
-      dtype=self.dtype,
-      use_bias=False,
-      kernel_init=output_init(self.num_layers),
-    )
+    self.out = head_output(self.d_model, self.num_layers, self.dtype)
     self.attn = LinearAttentionOp(scale=1.0, normalize=True, implementation=self.implementation)
 
   def phi(self, u: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ from attnzoo.mixers.layers import (
   rms_normalize,
   state_bytes,
 )
-from attnzoo.mixers.registry import dense_init, output_init, per_head, register
+from attnzoo.mixers.registry import dense_init, head_output, per_head, register
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -82,13 +82,7 @@ class Lightning(nn.Module):
       (heads, head_dim), use_bias=False, dtype=self.dtype, kernel_init=dense_init
     )
     self.q, self.k, self.v, self.u = dense(), dense(), dense(), dense()
-    self.out = nn.DenseGeneral(
-      self.d_model,
-      axis=(-2, -1),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=output_init(self.num_layers),
-    )
+    self.out = head_output(self.d_model, self.num_layers, self.dtype)
     if self.lrpe:
       # Per-channel rates: not a "kernel", so weight decay leaves them alone.
       init = lambda key, shape: (

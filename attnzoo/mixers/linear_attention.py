@@ -37,7 +37,7 @@ from attnzoo.mixers.layers import (
   performer_projection,
   state_bytes,
 )
-from attnzoo.mixers.registry import dense_init, output_init, per_head, register
+from attnzoo.mixers.registry import dense_init, head_output, per_head, register
 
 
 @register("linear_attention")
@@ -87,13 +87,7 @@ class LinearAttention(nn.Module):
       (heads, n), use_bias=False, dtype=self.dtype, kernel_init=dense_init
     )
     self.q, self.k, self.v = dense(qk_dim), dense(qk_dim), dense(head_dim)
-    self.out = nn.DenseGeneral(
-      self.d_model,
-      axis=(-2, -1),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=output_init(self.num_layers),
-    )
+    self.out = head_output(self.d_model, self.num_layers, self.dtype)
     self.attn = LinearAttentionOp(
       scale=self._scale(),
       normalize=self.normalize,

@@ -27,6 +27,14 @@ def output_init(num_layers: int) -> Callable:
   return nn.initializers.normal(0.02 / math.sqrt(2 * num_layers))
 
 
+def head_output(d_model: int, num_layers: int, dtype) -> nn.DenseGeneral:
+  """The bias-free projection of [..., heads, head_dim] back to d_model that writes into the
+  residual stream (Zoology's scaled initialisation)."""
+  return nn.DenseGeneral(
+    d_model, axis=(-2, -1), dtype=dtype, use_bias=False, kernel_init=output_init(num_layers)
+  )
+
+
 def per_head(width: int, num_heads: int) -> int:
   """width // num_heads; a one-line error naming both when num_heads does not divide it."""
   if num_heads < 1 or width % num_heads:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, default_positions, state_bytes
-from attnzoo.mixers.registry import dense_init, output_init, per_head, register
+from attnzoo.mixers.registry import dense_init, head_output, per_head, register
 from attnzoo.ops.rotary import apply_rope
 
 
@@ -63,13 +63,7 @@ class RetNet(nn.Module):
     )
     self.q, self.k = dense(key_dim), dense(key_dim)
     self.v, self.g = dense(value_dim), dense(value_dim)
-    self.out = nn.DenseGeneral(
-      self.d_model,
-      axis=(-2, -1),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=output_init(self.num_layers),
-    )
+    self.out = head_output(self.d_model, self.num_layers, self.dtype)
     self.group_norm = HeadNorm(kind=self.norm, affine=False, eps=self.norm_eps)
     self.attn = LinearAttentionOp(scale=key_dim**-0.5, implementation=self.implementation)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, state_bytes
-from attnzoo.mixers.registry import dense_init, output_init, per_head, register
+from attnzoo.mixers.registry import dense_init, head_output, per_head, register
 from attnzoo.ops.segments import segment_starts
 
 MIXES = ("w", "k", "v", "r", "g")
@@ -110,9 +110,7 @@ class RWKV6(nn.Module):
     self.r, self.k, self.v, self.g = dense(), dense(), dense(), dense()
     # GroupNorm with one group per head: normalise each head, affine per channel.
     self.group_norm = HeadNorm(kind="layernorm", affine=True, eps=self.norm_eps)
-    self.out = nn.DenseGeneral(
-      d, axis=(-2, -1), dtype=self.dtype, use_bias=False, kernel_init=output_init(self.num_layers)
-    )
+    self.out = head_output(d, self.num_layers, self.dtype)
     self.attn = LinearAttentionOp(scale=1.0, implementation=self.implementation)
 
   def _features(self, x, x_prev):
