@@ -51,3 +51,11 @@ def test_long_chunks_default_tuning():
   inputs = make_inputs(1, 40, 40, 16, segmented=False)
   fn = lambda **kw: kernels.selective_scan(**kw, interpret=INTERPRET, platform="gpu")
   check(fn, inputs, 1e-5)
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiled kernels only (ATTNZOO_KERNEL_IMPL=pallas)")
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_compiled_mamba_sizes(dtype, tol):
+  """On the device: N=16, default tuning, T=1000 (a partial last chunk), D=160."""
+  inputs = make_inputs(2, 1000, 160, 16, dtype=dtype)
+  check(lambda **kw: kernels.selective_scan(**kw), inputs, tol)
