@@ -183,7 +183,7 @@ def _scan_table(rows):
     for r in mem:
       if "peak_gib" in r:
         lines.append(
-          f"| {r['shape'][1]} | {r['impl']} | {r['peak_gib']:.2f} | {r['temp_gib']:.2f} |"
+          f"| {r['shape'][1]} | {r['impl']} | {r['peak_gib']:.4g} | {r['temp_gib']:.4g} |"
         )
       else:
         lines.append(f"| {r['shape'][1]} | {r['impl']} | error: {r['error'][:120]} | |")

@@ -340,6 +340,36 @@ class SelectiveScanOp(nn.Module):
     init = functools.partial(ss_ops.init_state, batch, d_inner, A.shape[1])
     return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
 
+  def attention_matrix(
+    self,
+    x: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    delta_bias: jax.Array | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
+    """[B,D,T,T]: the hidden attention of the scan per channel (Ali et al. 2024, "The Hidden
+    Attention of Mamba Models"), y_t[d] = sum_s M[d,t,s] x_s[d] without the D skip. The scan
+    is linear in x, so it runs once on one-hot inputs, one channel per (d, s)."""
+    batch, steps, d_inner = x.shape
+    one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=F32), (batch, d_inner, steps, steps))
+    one_hot = jnp.transpose(one_hot, (0, 2, 1, 3)).reshape(batch, steps, d_inner * steps)
+    rep = lambda z, axis: None if z is None else jnp.repeat(z.astype(F32), steps, axis=axis)
+    rows = _ss_op(
+      one_hot,
+      rep(delta, -1),
+      rep(A, 0),
+      B.astype(F32),
+      C.astype(F32),
+      delta_bias=rep(delta_bias, 0),
+      segment_ids=segment_ids,
+      implementation="xla",
+    )
+    return jnp.transpose(rows.reshape(batch, steps, d_inner, steps), (0, 2, 1, 3))
+
 
 # ----------------------------------------------------------------------------- feature maps
 

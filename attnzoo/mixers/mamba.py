@@ -94,6 +94,14 @@ class Mamba(nn.Module):
     self.out_proj = dense(self.d_model, kernel_init=output_init(self.num_layers))
     self.ssm = SelectiveScanOp(implementation=self.implementation)
 
+  def _scan_inputs(self, u, segment_ids, decode):
+    """z (the gate) and the scan's x, delta, A, B, C."""
+    _, rank = self._dims()
+    x, z = jnp.split(self.in_proj(u), 2, axis=-1)
+    x = self.conv(x, segment_ids=segment_ids, decode=decode)
+    dt, b, c = jnp.split(self.x_proj(x), [rank, rank + self.d_state], axis=-1)
+    return z, x, self.dt_proj(dt), -jnp.exp(self.A_log), b, c
+
   def __call__(
     self,
     u: jax.Array,
@@ -102,11 +110,14 @@ class Mamba(nn.Module):
     segment_ids: jax.Array | None = None,
     decode: bool = False,
   ) -> jax.Array:
-    d_inner, rank = self._dims()
-    x, z = jnp.split(self.in_proj(u), 2, axis=-1)
-    x = self.conv(x, segment_ids=segment_ids, decode=decode)
-    dt, b, c = jnp.split(self.x_proj(x), [rank, rank + self.d_state], axis=-1)
-    delta = self.dt_proj(dt)
-    a = -jnp.exp(self.A_log)
+    z, x, delta, a, b, c = self._scan_inputs(u, segment_ids, decode)
     y = self.ssm(x, delta, a, b, c, self.D, self.dt_bias, segment_ids=segment_ids, decode=decode)
     return self.out_proj(y * nn.silu(z))
+
+  def attention_matrix(
+    self, u: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
+    """[B,d_inner,T,T]: the hidden attention of the selective scan per channel (Ali et al.
+    2024; without the D skip and the gate)."""
+    _, x, delta, a, b, c = self._scan_inputs(u, segment_ids, False)
+    return self.ssm.attention_matrix(x, delta, a, b, c, self.dt_bias, segment_ids=segment_ids)
