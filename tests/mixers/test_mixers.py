@@ -33,6 +33,7 @@ TEST_KWARGS = {
   "retnet": dict(num_heads=2, implementation="xla"),
   "lightning": dict(num_heads=2, layer_idx=1, num_layers=3, implementation="xla"),
   "mamba2": dict(d_state=8, head_dim=8, ngroups=2, implementation="xla"),
+  "mamba": dict(d_state=4, implementation="xla"),
 }
 D, B, T = 16, 2, 13
 
