@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from attnzoo.cli import main
 from attnzoo.config import load_config_file, set_typed
 from attnzoo.models import build_model
 from attnzoo.tasks import build_task
@@ -110,9 +111,10 @@ def test_packed_documents_reset_recurrent_state(tmp_path):
     assert relative_error(out[row, a:b], out[2 + i, : b - a]) < 1e-5
 
 
-def test_train_lowers_the_loss_and_resumes_bit_exactly(tmp_path):
+def test_train_lowers_the_loss_and_resumes_bit_exactly(tmp_path, capsys):
   """40 steps on a Shakespeare slice; then the last checkpoint is removed as if the run had been
-  killed after step 20, and resuming gives the same parameters and logged losses."""
+  killed after step 20, and resuming gives the same parameters and logged losses; then
+  `attnzoo generate` samples from it."""
   (tmp_path / "slice.txt").write_text(SHAKESPEARE.read_text()[:40_000])
   config = lm_config(
     f"source={tmp_path / 'slice.txt'},num_steps=40,lr=0.01,dropout=0.0",
@@ -143,3 +145,25 @@ def test_train_lowers_the_loss_and_resumes_bit_exactly(tmp_path):
   assert resumed["eval/loss"] == summary["eval/loss"]
   for a, b in zip(jax.tree.leaves(load_run(workdir)[2]["params"]), params):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the CLI samples from the run; its bad inputs are one error line
+  argv = ["generate", "--workdir", str(workdir), "--max_new_tokens", "5", "--num_samples", "2"]
+  assert main([*argv, "--prompt", "ROMEO:", "--seed", "1"]) == 0
+  samples = capsys.readouterr().out.split("\n\n")
+  assert [len(s) for s in samples[:2]] == [11, 11] and samples[0].startswith("ROMEO:")
+  assert main([*argv, "--prompt", "ROMEO€"]) == 2
+  assert capsys.readouterr().err.startswith("error: characters '€' are not in the model's vocab")
+  assert main([*argv[:3], "--max_new_tokens", "40", "--prompt", "A"]) == 2
+  assert "error: prompt (1) + max_new_tokens (40) is longer than the 32 positions" in (
+    capsys.readouterr().err
+  )
+
+
+def test_empty_sources_are_one_error_line(tmp_path, capsys):
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "dir").mkdir()
+  (tmp_path / "dir" / "blank.txt").write_text("")
+  for source, message in (("empty.txt", "is empty"), ("dir", "holds no non-empty text files")):
+    argv = ["train", "--config", f"{REPO}/configs/lm.py:source={tmp_path / source}"]
+    assert main([*argv, "--workdir", str(tmp_path / f"w_{source}")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.source") and message in err[0]
