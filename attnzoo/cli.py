@@ -214,7 +214,7 @@ def main(argv=None):
   p.add_argument("--quiet", action="store_true")
   p.set_defaults(fn=cmd_sweep)
   p = sub.add_parser("bench", help="kernel benchmarks (run on the accelerator)", add_help=False)
-  p.add_argument("name", help="attention | linear")
+  p.add_argument("name", help="attention | linear | decode")
   p.set_defaults(fn=cmd_bench)
   p = sub.add_parser("demo", help="train a few mixers on MQAR and print a table")
   p.add_argument("--workdir", default="workdirs/demo")
