@@ -109,7 +109,7 @@ def write(results: dict, out: pathlib.Path, device: str, contexts, batches):
     lines += [f"\n## batch {b}\n\n| mixer | {head} |\n|---|" + "---|" * 2 * len(contexts) + "\n"]
     for m in mixers:
       cells = [
-        f"{fmt(cell(m, b, L, 'tokens_per_s'), ',.0f')} | {fmt(mib(m, b, L), ',.1f')}"
+        f"{fmt(cell(m, b, L, 'tokens_per_s'), ',.0f')} | {fmt(mib(m, b, L), ',.2f')}"
         for L in contexts
       ]
       lines.append(f"| {m} | {' | '.join(cells)} |\n")
