@@ -95,7 +95,7 @@ def measure(mixer: str, batch: int, context: int, steps: int, tiny: bool) -> dic
   }
 
 
-def write(results: dict, out: pathlib.Path, device: str, contexts, batches):
+def write(results: dict, out: pathlib.Path, device: str, contexts, batches, settings: str):
   out.with_suffix(".json").write_text(json.dumps(results, indent=2, sort_keys=True))
   mixers = sorted({r["mixer"] for r in results.values()})
   cell = lambda m, b, L, f: results.get(f"{m}/B{b}/L{L}", {}).get(f)
@@ -103,7 +103,8 @@ def write(results: dict, out: pathlib.Path, device: str, contexts, batches):
     None if cell(m, b, L, "cache_bytes") is None else (cell(m, b, L, "cache_bytes") / 2**20)
   )
   fmt = lambda v, spec: "OOM/err" if v is None else format(v, spec)
-  lines = [f"# Decoding speed and state memory on {device}\n\n", __doc__.split("\n\n")[1], "\n"]
+  lines = [f"# Decoding speed and state memory on {device}\n\n", __doc__.split("\n\n")[1]]
+  lines.append(f"\n\nThis run: {settings}.\n")
   for b in batches:
     head = " | ".join(f"{L} tok/s | {L} cache MiB" for L in contexts)
     lines += [f"\n## batch {b}\n\n| mixer | {head} |\n|---|" + "---|" * 2 * len(contexts) + "\n"]
@@ -148,6 +149,8 @@ def main(argv=None):
   results = (
     json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
   )
+  dtype = jnp.dtype(compute_dtype("auto")).name
+  settings = f"{TINY if args.tiny else 'the recipe LM'}, {dtype}, {args.steps} steps timed per call"
   for mixer in mixers:
     for b in batches:
       for L in contexts:
@@ -160,5 +163,5 @@ def main(argv=None):
           results[key] = {"mixer": mixer, "error": str(e).splitlines()[0][:200]}
           print(f"{key}: failed: {results[key]['error']}")
           traceback.print_exc(limit=1)
-        write(results, out, device, contexts, batches)
+        write(results, out, device, contexts, batches, settings)
   print(f"wrote {out}.md/.json")

@@ -21,7 +21,7 @@ SMALL = {
   ),
   "lm": (
     f"{REPO}/configs/lm.py:mixer=attention,d_model=16,num_layers=1,seq_len=32,batch_size=8",
-    {"data.eval_windows": 20, "data.eval_batch_size": 8},
+    {"data.eval_windows": 16, "data.eval_batch_size": 8},
   ),
 }
 
