@@ -6,6 +6,7 @@ setup(
   description="Every family of attention and attention replacement in JAX, with Pallas kernels.",
   python_requires=">=3.11",
   packages=find_packages(include=["attnzoo*", "pallas_kernels*"]),
+  package_data={"attnzoo": ["data/tinyshakespeare.txt"]},
   install_requires=[
     "jax==0.11.2",
     "jaxlib==0.11.2",

@@ -4,8 +4,10 @@
       [--config.train.lr=1e-3 ...]
   attnzoo eval --workdir DIR
   attnzoo sweep --config configs/sweeps/mqar_lr.py:mixers=attention --workdir DIR
-  attnzoo bench attention|linear|ssm [...]
+  attnzoo bench attention|linear|ssm|decode [...]
   attnzoo demo [--workdir DIR]
+  attnzoo generate --workdir DIR --prompt "ROMEO:" [--max_new_tokens 500 --temperature 0.8
+      --top_k 40 --top_p 1.0 --num_samples 1 --seed 0]
 
 User mistakes (bad config keys or values, impossible shapes, unwritable workdirs, a NaN loss)
 print one line `error: ...` and exit with status 2.
@@ -139,6 +141,52 @@ def cmd_demo(args, extra):
   _print_table(rows, ["mixer", "params", "state_size", "eval_accuracy", "steps", "wall_time"])
 
 
+def cmd_generate(args, extra):
+  """Samples from the latest checkpoint of an LM run through the mixers' decode paths."""
+  import jax
+  import numpy as np
+
+  from attnzoo.models import generate
+  from attnzoo.train.trainer import load_run
+
+  if extra:
+    raise ConfigError(f"generate takes no overrides, got {' '.join(extra)}")
+  if args.max_new_tokens <= 0:
+    raise ConfigError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  if args.num_samples <= 0:
+    raise ConfigError(f"--num_samples must be positive, got {args.num_samples}")
+  _, exp, state = load_run(args.workdir)
+  vocabulary = getattr(exp.task, "vocabulary", None)
+  if exp.task.model_kind != "causal_lm":
+    raise ConfigError(f"{args.workdir!r} holds a {exp.task.name} run, not a language model")
+  for i, prompt in enumerate(args.prompt or [""]):
+    if vocabulary is not None:
+      tokens = vocabulary.encode(prompt)
+    else:  # a token-file run: the prompt is token ids
+      try:
+        tokens = np.array([int(t) for t in prompt.split()], np.int32)
+      except ValueError:
+        raise ConfigError(f"a token-file run takes prompts of token ids, got {prompt!r}") from None
+    if len(tokens) == 0:
+      raise ConfigError("the prompt is empty; give --prompt TEXT")
+    if tokens.max() >= exp.task.vocab_size:
+      raise ConfigError(f"prompt token {tokens.max()} is outside the vocabulary")
+    batch = np.broadcast_to(tokens, (args.num_samples, len(tokens)))
+    out = generate(
+      exp.model,
+      state["params"],
+      batch,
+      args.max_new_tokens,
+      rng=jax.random.fold_in(jax.random.key(args.seed), i),
+      temperature=args.temperature,
+      top_k=args.top_k,
+      top_p=args.top_p,
+    )
+    for row in np.asarray(out):
+      text = vocabulary.decode(row) if vocabulary is not None else " ".join(map(str, row))
+      print(text, end="\n\n" if vocabulary is not None else "\n", flush=True)
+
+
 def _repo_file(spec: str) -> str:
   """Resolves a config path relative to the repository when not found from the cwd."""
   path, sep, arg = spec.partition(":")
@@ -166,13 +214,23 @@ def main(argv=None):
   p.add_argument("--quiet", action="store_true")
   p.set_defaults(fn=cmd_sweep)
   p = sub.add_parser("bench", help="kernel benchmarks (run on the accelerator)", add_help=False)
-  p.add_argument("name", help="attention | linear | ssm")
+  p.add_argument("name", help="attention | linear | ssm | decode")
   p.set_defaults(fn=cmd_bench)
   p = sub.add_parser("demo", help="train a few mixers on MQAR and print a table")
   p.add_argument("--workdir", default="workdirs/demo")
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--mixers", nargs="*", default=[], help="more registered mixers to include")
   p.set_defaults(fn=cmd_demo)
+  p = sub.add_parser("generate", help="sample text from an LM run's latest checkpoint")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--prompt", action="append", help="repeat for several prompts")
+  p.add_argument("--max_new_tokens", type=int, default=500)
+  p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+  p.add_argument("--top_k", type=int, default=0, help="0: no top-k cut")
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--num_samples", type=int, default=1, help="samples per prompt (one batch)")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(fn=cmd_generate)
   args, extra = parser.parse_known_args(argv)
   if args.command in ("train", "sweep"):
     args.config = _repo_file(args.config)

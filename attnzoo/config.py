@@ -97,3 +97,15 @@ def load_config_file(spec: str):
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config(arg)")
   return module.get_config(arg or None)
+
+
+def needs_positions(mixers: str) -> bool:
+  """Every softmax-family mixer gets a position encoding: learned positions (Zoology's choice
+  for attention) unless the mixer rotates its own (RoPE on by default). Otherwise comparisons
+  of gated and plain softmax attention would be confounded with position-free attention."""
+  softmax = [
+    MIXERS[n.strip()]
+    for n in mixers.split("+")
+    if n.strip() in MIXERS and issubclass(MIXERS[n.strip()], MIXERS["attention"])
+  ]
+  return any(not cls.rope for cls in softmax)

@@ -10,8 +10,7 @@ longer contexts.
 
 import ml_collections
 
-from attnzoo.config import ConfigError, mixer_defaults, parse_arg, set_typed
-from attnzoo.mixers import MIXERS
+from attnzoo.config import ConfigError, mixer_defaults, needs_positions, parse_arg, set_typed
 
 # (seq_len, num_kv_pairs, num_examples, batch_size)
 DEFAULT_TRAIN = ((64, 4, 100_000, 64), (128, 8, 20_000, 64), (256, 16, 20_000, 64))
@@ -32,18 +31,6 @@ KNOBS = {
   "seed": "seed",
   "dtype": "train.compute_dtype",
 }
-
-
-def needs_positions(mixers: str) -> bool:
-  """Every softmax-family mixer gets a position encoding: learned positions (Zoology's choice
-  for attention) unless the mixer rotates its own (RoPE on by default). Otherwise comparisons
-  of gated and plain softmax attention would be confounded with position-free attention."""
-  softmax = [
-    MIXERS[n.strip()]
-    for n in mixers.split("+")
-    if n.strip() in MIXERS and issubclass(MIXERS[n.strip()], MIXERS["attention"])
-  ]
-  return any(not cls.rope for cls in softmax)
 
 
 def get_config(arg=None):

@@ -7,6 +7,7 @@ from attnzoo.cli import main
 from tests.conftest import REPO
 
 MQAR = f"{REPO}/configs/mqar.py"
+LM = f"{REPO}/configs/lm.py:d_model=16,num_layers=1,seq_len=32,batch_size=8,num_steps=2"
 SMALL = "seq_len=32,num_kv_pairs=4,train_examples=256,batch_size=32,num_steps=5"
 
 
@@ -84,6 +85,16 @@ CASES = [
     ["train", "--config", f"{MQAR}:seq_len=64"],
     "error: give both seq_len and num_kv_pairs, or neither",
   ),
+  # language modeling (configs/lm.py) and generation
+  (["train", "--config", f"{LM},source=/no/such.txt"], "error: data.source '/no/such.txt' does"),
+  (["train", "--config", f"{LM},source="], "error: data.source is empty"),
+  (["train", "--config", f"{LM},tokenizer=word"], "error: data.tokenizer must be char or byte"),
+  (["train", "--config", f"{LM},seq_len=2000000"], "error: the training split has 1003854 tok"),
+  (
+    ["train", "--config", LM, "--config.model.max_positions=16"],
+    "error: a sequence of 32 tokens is longer than the 16 positions",
+  ),
+  (["generate", "--workdir", "w", "--max_new_tokens", "0"], "error: max_new_tokens must be >= 1"),
 ]
 
 

@@ -19,6 +19,10 @@ SMALL = {
     "num_kv_pairs=4,train_examples=256,batch_size=32",
     {"data.vocab_size": 128, "data.test_segments": ((32, 4, 48, 32), (16, 2, 32, 32))},
   ),
+  "lm": (
+    f"{REPO}/configs/lm.py:mixer=attention,d_model=16,num_layers=1,seq_len=32,batch_size=8",
+    {"data.eval_windows": 16, "data.eval_batch_size": 8},
+  ),
 }
 
 
