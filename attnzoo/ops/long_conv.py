@@ -38,7 +38,7 @@ def _canonical(u, kernel, segment_ids):
     raise ValueError(f"long_conv: segment_ids must be [B,T]={u.shape[:2]}; got {segment_ids.shape}")
 
 
-def _fit(kernel: jax.Array, steps: int) -> jax.Array:
+def fit_kernel(kernel: jax.Array, steps: int) -> jax.Array:
   """The first `steps` taps (zero-padded when the kernel is shorter), float32."""
   kernel = kernel.astype(F32)[:steps]
   return jnp.pad(kernel, ((0, steps - kernel.shape[0]), (0, 0)))
@@ -46,7 +46,7 @@ def _fit(kernel: jax.Array, steps: int) -> jax.Array:
 
 def toeplitz(kernel: jax.Array, steps: int) -> jax.Array:
   """[T,T,C] with entry (t, s) = k[t - s] for s <= t, else 0."""
-  k = _fit(kernel, steps)
+  k = fit_kernel(kernel, steps)
   lag = jnp.arange(steps)[:, None] - jnp.arange(steps)[None, :]
   return jnp.where((lag >= 0)[..., None], k[jnp.clip(lag, 0, steps - 1)], 0.0)
 
@@ -82,7 +82,7 @@ def fft_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
   _canonical(u, kernel, None)
   steps = u.shape[1]
   n = fft_size(steps)
-  k_f = jnp.fft.rfft(_fit(kernel, steps), n=n, axis=0)
+  k_f = jnp.fft.rfft(fit_kernel(kernel, steps), n=n, axis=0)
   u_f = jnp.fft.rfft(u.astype(F32), n=n, axis=1)
   y = jnp.fft.irfft(u_f * k_f[None], n=n, axis=1)[:, :steps]
   return y.astype(u.dtype)
@@ -130,7 +130,7 @@ def decode_window(
   length = buf.shape[1]
   n = u.shape[1]
   buf = jax.lax.dynamic_update_slice_in_dim(buf, u.astype(F32), index, axis=1)
-  k = _fit(kernel, length)
+  k = fit_kernel(kernel, length)
   t = index + jnp.arange(n)
   lag = t[:, None] - jnp.arange(length)[None, :]  # [n,S]
   taps = jnp.where((lag >= 0)[..., None], k[jnp.clip(lag, 0, length - 1)], 0.0)
