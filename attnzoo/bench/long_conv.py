@@ -21,13 +21,13 @@ import argparse
 import json
 import math
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attnzoo.bench.linear import device_name
 from attnzoo.bench.timing import median_seconds
 from attnzoo.ops import conv_decode as cd
 from attnzoo.ops import diag_ssm as ssm_ops
@@ -208,9 +208,7 @@ def main(argv=None):
   if "generation" in parts:
     rows += generation_rows(**(dict(steps=256, channels=32) if args.quick else {}))
   os.makedirs(args.out_dir, exist_ok=True)
-  stem = os.path.join(
-    args.out_dir, "long_conv_" + re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-  )
+  stem = os.path.join(args.out_dir, f"long_conv_{device_name()}")
   with open(stem + ".json", "w") as f:
     json.dump(dict(device=device, jax=jax.__version__, rows=rows), f, indent=1)
   md = to_markdown(rows, device)

@@ -1,5 +1,6 @@
-"""S4D/DSS/H3 convolution form ≡ recurrence, the long BaseConv, RWKV-4 against a numpy loop,
-packed segments. (Shapes, causality, decode and state sizes: tests/mixers/test_mixers.py.)"""
+"""The long BaseConv, RWKV-4 against a numpy loop, packed segments. Shapes, causality, state
+sizes and decode ≡ forward (for S4D/DSS/H3: the recurrence, token by token, ≡ the
+convolution form) are tests/mixers/test_mixers.py's."""
 
 import jax
 import jax.numpy as jnp
@@ -17,29 +18,13 @@ def x_input(seed=0):
   return jax.random.normal(jax.random.key(seed), (B, T, D))
 
 
-@pytest.mark.parametrize(
-  "name,kwargs",
-  [
-    ("s4d", dict(d_state=8, a_init="lin", discretization="zoh")),
-    ("dss", dict(d_state=8, kernel="exp")),
-    ("h3", dict(d_state=6, head_dim=2, discretization="bilinear")),
-  ],
-)
-def test_convolution_form_equals_recurrence(name, kwargs):
-  x = x_input()
-  conv = build_mixer(name, d_model=D, implementation="xla", **kwargs)
-  rec = build_mixer(name, d_model=D, implementation="recurrent", **kwargs)
-  params = conv.init(jax.random.key(1), x)
-  assert relative_error(rec.apply(params, x), conv.apply(params, x)) < 1e-5
-
-
 def test_long_base_conv():
   """kernel_size -1 (or (3, -1) at layer 1) is the FFT long conv: it sees the whole past."""
   x = x_input(1)
   mixer = build_mixer("base_conv", d_model=D, kernel_size=(3, -1), layer_idx=1, l_max=T)
   params = mixer.init(jax.random.key(0), x)
   assert "filter" in params["params"] and mixer.state_size(T) == T * D * 4
-  grad = jax.grad(lambda x: mixer.apply(params, x)[:, T - 1].sum())(x)
+  grad = jax.jit(jax.grad(lambda x: mixer.apply(params, x)[:, T - 1].sum()))(x)
   assert (np.abs(np.asarray(grad)).sum(axis=(0, 2)) > 0).all()
   short = build_mixer("base_conv", d_model=D, kernel_size=(3, -1), layer_idx=0)
   assert short.state_size(T) == 2 * D * 4
@@ -66,13 +51,9 @@ def test_rwkv4_equals_numpy():
   assert P["time_decay"][0] == -5 and abs(P["time_decay"][-1] - 3) < 1e-5
 
 
-@pytest.mark.parametrize(
-  "name,kwargs",
-  [("hyena", dict(l_max=T, filter_order=8)), ("s4d", dict(d_state=4)), ("rwkv4", {})],
-)
-def test_packed_segments_are_independent(name, kwargs):
+def test_packed_segments_are_independent():
   x = x_input(3)
-  mixer = build_mixer(name, d_model=D, **kwargs)
+  mixer = build_mixer("hyena", d_model=D, l_max=T, filter_order=8)
   params = mixer.init(jax.random.key(0), x)
   apply = jax.jit(mixer.apply)
   seg = jnp.array([[0] * 6 + [1] * 7] * B)

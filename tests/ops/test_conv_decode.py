@@ -26,9 +26,8 @@ def test_futurefill_equals_naive():
   kernel = jax.random.normal(jax.random.key(0), (L, C)) * jnp.exp(-jnp.arange(L) / 8)[:, None]
   us, ys = jax.jit(lambda u0: cd.generate_naive(u0, kernel, next_input, L))(u0)
   assert relative_error(ys, lc.reference(us, kernel)) < 1e-5
-  for epoch in (6, 8):
-    us2, ys2 = jax.jit(lambda u0: cd.generate_futurefill(u0, kernel, next_input, L, epoch))(u0)
-    assert relative_error(ys2, ys) < 1e-5 and relative_error(us2, us) < 1e-5
+  us2, ys2 = jax.jit(lambda u0: cd.generate_futurefill(u0, kernel, next_input, L, 6))(u0)
+  assert relative_error(ys2, ys) < 1e-5 and relative_error(us2, us) < 1e-5
   with pytest.raises(ValueError, match="multiple of epoch"):
     cd.generate_futurefill(u0, kernel, next_input, L, 5)
 

@@ -37,7 +37,7 @@ def test_forms_match_the_loop(scale):
   k, v, w, u = inputs(scale)
   ref = numpy_wkv(k, v, w, u)
   for fn in (W.reference, W.recurrent, lambda *a: W.chunked(*a, chunk=4), W.wkv4):
-    y = fn(k, v, w, u)
+    y = jax.jit(fn)(k, v, w, u)
     assert np.isfinite(np.asarray(y)).all() and relative_error(y, ref) < 1e-5
 
 
@@ -46,15 +46,14 @@ def test_state_segments_and_gradients():
   x0 = W.recurrent(k, v, w, u, return_final_state=True)[1]
   seg = jnp.array([[0] * 5 + [1] * 8, [0] * T])
   unscaled = lambda s: s[:, :2] * jnp.exp(s[:, 2:])  # (p e^o, q e^o)
-  for segment_ids in (None, seg):
-    kw = dict(initial_state=x0, return_final_state=True, segment_ids=segment_ids)
-    y0, f0 = W.recurrent(k, v, w, u, **kw)
-    for fn in (W.reference, lambda *a, **kw: W.chunked(*a, chunk=4, **kw)):
-      y, f = fn(k, v, w, u, **kw)
-      assert relative_error(y, y0) < 1e-5 and relative_error(unscaled(f), unscaled(f0)) < 1e-5
+  kw = dict(initial_state=x0, return_final_state=True, segment_ids=seg)
+  y0, f0 = jax.jit(lambda *a: W.recurrent(*a, **kw))(k, v, w, u)
+  for fn in (W.reference, lambda *a, **kw: W.chunked(*a, chunk=4, **kw)):
+    y, f = jax.jit(lambda *a: fn(*a, **kw))(k, v, w, u)
+    assert relative_error(y, y0) < 1e-5 and relative_error(unscaled(f), unscaled(f0)) < 1e-5
   loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a, segment_ids=seg)))
   chunked = lambda *a, **kw: W.chunked(*a, chunk=4, **kw)
-  g1 = jax.grad(loss(chunked), argnums=(0, 1, 2, 3))(k, v, w, u)
-  g2 = jax.grad(loss(W.recurrent), argnums=(0, 1, 2, 3))(k, v, w, u)
+  g1 = jax.jit(jax.grad(loss(chunked), argnums=(0, 1, 2, 3)))(k, v, w, u)
+  g2 = jax.jit(jax.grad(loss(W.recurrent), argnums=(0, 1, 2, 3)))(k, v, w, u)
   for a, b in zip(g1, g2):
     assert relative_error(a, b) < 1e-5
