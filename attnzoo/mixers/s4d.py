@@ -5,16 +5,16 @@ standalone S4D layer wraps them:
 
   y = GLU(W_out GELU(SSM(x) + D ⊙ x))        (one SSM per channel, N/2 complex modes each)
 
-S4D: A = -exp(log_A_real) + i A_imag from S4D-Lin or S4D-Inv, B = 1, C complex randn, ZOH
-(default) or bilinear discretisation (attnzoo.mixers.layers.S4DKernel). DSS: Λ from the
-diagonal approximation of HiPPO-LegS (the normal part's eigenvalues), W complex randn, ZOH with
-DSS-softmax's normalisation over `l_max` positions, K_l = Re Σ W_n Λ_n^-1 (e^{Λ_n Δ} - 1) /
-(e^{Λ_n Δ l_max} - 1) e^{Λ_n Δ l} (Re Λ unconstrained: a mode that learns Re Λ Δ l_max >> 1
-overflows float32, which the s4 repo's max-shift avoids and this form does not), or DSS-exp (Re Λ = -exp(·), no
-normalisation). Deviation: Λ is a parameter per channel (initialised identically), as the
-state-spaces repo's DSS does with its copies. The SSM parameters are not weight-decayed (the
-default mask decays only "kernel" leaves). Training uses the closed-form convolution kernel
-(FFT); decoding the recurrence, state [D, N/2] complex.
+S4D: A = -exp(log_A_real) + i A_imag from S4D-Lin or S4D-Inv, B = 1, C complex randn, ZOH (default)
+or bilinear discretisation (attnzoo.mixers.layers.S4DKernel). DSS: Λ from the diagonal approximation
+of HiPPO-LegS (the normal part's eigenvalues), W complex randn, ZOH with DSS-softmax's normalisation
+over `l_max` positions, K_l = Re Σ W_n Λ_n^-1 (e^{Λ_n Δ} - 1) / (e^{Λ_n Δ l_max} - 1) e^{Λ_n Δ l}
+(Re Λ unconstrained: a mode that learns Re Λ Δ l_max >> 1 overflows float32, which the s4 repo's
+max-shift avoids and this form does not), or DSS-exp (Re Λ = -exp(·), no normalisation). Deviation:
+Λ is a parameter per channel (initialised identically), as the state-spaces repo's DSS does with its
+copies. The SSM parameters are not weight-decayed (the default mask decays only "kernel" leaves).
+Training uses the closed-form convolution kernel (FFT); decoding the recurrence, state [D, N/2]
+complex.
 """
 
 from __future__ import annotations
