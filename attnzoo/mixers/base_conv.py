@@ -7,13 +7,13 @@ As in Zoology, the mixer adds its own input back (on top of the block's residual
 output projection. kernel_size = -1 is Zoology's long convolution (`ImplicitLongConvolution`,
 convolution.py): conv(u) = h * u + u with an implicit filter h [l_max, D] (layers.
 ImplicitFilter: fixed positional features, a Sin MLP of width 16, exponential modulation), by
-FFT. kernel_size may be a tuple indexed by layer_idx (Zoology's Figure 2: (3, -1)). Decoding
+FFT. Zoology's list of per-layer kernel sizes (Figure 2: [3, -1]) is `layer_kernel_sizes`,
+indexed by layer_idx (cycled); when empty, every layer uses kernel_size. Decoding
 keeps the conv's last kernel_size - 1 inputs (short) or every past input (long, naive cache).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -29,7 +29,8 @@ class BaseConv(nn.Module):
   d_model: int
   layer_idx: int = 0
   num_layers: int = 1
-  kernel_size: int | Sequence[int] = 3
+  kernel_size: int = 3
+  layer_kernel_sizes: tuple[int, ...] = ()
   use_act: bool = False
   l_max: int = 1024
   filter_order: int = 16
@@ -39,9 +40,8 @@ class BaseConv(nn.Module):
   bidirectional: ClassVar[bool] = False
 
   def _kernel_size(self) -> int:
-    k = self.kernel_size
-    if not isinstance(k, int):
-      k = tuple(k)[self.layer_idx % len(tuple(k))]
+    sizes = tuple(self.layer_kernel_sizes)
+    k = sizes[self.layer_idx % len(sizes)] if sizes else self.kernel_size
     if k < 1 and k != -1:
       raise ValueError(f"base_conv: kernel_size must be >= 1 or -1 (long), got {k}")
     return k

@@ -19,14 +19,15 @@ def x_input(seed=0):
 
 
 def test_long_base_conv():
-  """kernel_size -1 (or (3, -1) at layer 1) is the FFT long conv: it sees the whole past."""
+  """kernel_size -1 (or layer_kernel_sizes (3, -1) at layer 1) is the FFT long conv: it sees
+  the whole past."""
   x = x_input(1)
-  mixer = build_mixer("base_conv", d_model=D, kernel_size=(3, -1), layer_idx=1, l_max=T)
+  mixer = build_mixer("base_conv", d_model=D, layer_kernel_sizes=(3, -1), layer_idx=1, l_max=T)
   params = mixer.init(jax.random.key(0), x)
   assert "filter" in params["params"] and mixer.state_size(T) == T * D * 4
   grad = jax.jit(jax.grad(lambda x: mixer.apply(params, x)[:, T - 1].sum()))(x)
   assert (np.abs(np.asarray(grad)).sum(axis=(0, 2)) > 0).all()
-  short = build_mixer("base_conv", d_model=D, kernel_size=(3, -1), layer_idx=0)
+  short = build_mixer("base_conv", d_model=D, layer_kernel_sizes=(3, -1), layer_idx=0)
   assert short.state_size(T) == 2 * D * 4
   with pytest.raises(ValueError, match="exceeds l_max"):
     build_mixer("base_conv", d_model=D, kernel_size=-1, l_max=8).init(jax.random.key(0), x)
