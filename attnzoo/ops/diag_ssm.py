@@ -30,7 +30,7 @@ from attnzoo.ops.segments import segment_starts
 
 F32 = jnp.float32
 
-dispatcher = Dispatcher("diag_ssm", auto_order={"default": ("xla",)})
+dispatcher = Dispatcher("diag_ssm", auto_order={"default": ("xla", "recurrent")})
 DISCRETIZATIONS = ("zoh", "bilinear")
 
 
@@ -165,7 +165,13 @@ def recurrent(
   return (y, final) if return_final_state else y
 
 
-@dispatcher.register("xla")
+def _xla_supports(u, segment_ids, **_):
+  if segment_ids is not None and u.shape[1] > lc_ops.DIRECT_MAX_LENGTH:
+    return "packed segments beyond 64 tokens (their direct convolution is O(T^2) memory)"
+  return None
+
+
+@dispatcher.register("xla", supports=_xla_supports)
 def _xla(**kwargs):
   return reference(**kwargs)
 
@@ -186,7 +192,7 @@ def diag_ssm(
   implementation: str = "auto",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """y [B,T,C] (or (y, final_state [B,C,N,2])). implementation: "auto" | "xla" |
-  "recurrent"."""
+  "recurrent"; "auto" takes the recurrence for packed segments beyond 64 tokens."""
   _canonical(u, log_da, w, initial_state, segment_ids)
   return dispatcher(
     implementation,

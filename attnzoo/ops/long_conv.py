@@ -9,7 +9,8 @@ and the kernel restarts at each segment's first token.
 Implementations: `reference` (direct O(T^2) sum over a Toeplitz gather, pure jnp, any
 arguments: the ground truth), "fft" (rfft of u and k zero-padded to n >= 2T, so the circular
 product is the linear convolution; O(T log T); float32 FFTs; no segment_ids) and "direct" (the
-reference, used by "auto" for packed segments).
+reference, used by "auto" for packed segments: O(T^2 C) memory, fine for short packed
+sequences, not for long ones).
 
 Decoding (`decode_window`): the naive cache keeps every past input (a buffer [B,S,C] and the
 number of tokens written); each new token costs O(S) (Massaroli et al. 2023 and Agarwal et al.

@@ -70,3 +70,12 @@ def test_initialisations():
     np.sort(eig[eig.imag > 0].imag), ds.legs_eigenvalues(8).imag, rtol=1e-6
   )
   np.testing.assert_allclose(eig.real, -0.5, atol=1e-6)
+
+
+def test_auto_takes_the_recurrence_for_long_packed_sequences():
+  u, seg = jnp.zeros((1, 80, 2)), jnp.zeros((1, 80), jnp.int32)
+  kw = dict(log_da=jnp.zeros((2, 2)), w=jnp.zeros((2, 2)), initial_state=None)
+  kw.update(return_final_state=False)
+  assert ds.dispatcher.choose("auto", u=u, segment_ids=seg, **kw) == "recurrent"
+  assert ds.dispatcher.choose("auto", u=u, segment_ids=None, **kw) == "xla"
+  assert ds.dispatcher.choose("auto", u=u[:, :13], segment_ids=seg[:, :13], **kw) == "xla"
