@@ -203,6 +203,9 @@ def main(argv=None):
   p.add_argument("--parts", default="fft,generation")
   p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
   p.add_argument("--direct-max-t", type=int, default=4096, help="longest T for the direct anchor")
+  p.add_argument("--gen-steps", type=int, default=4096, help="tokens generated")
+  p.add_argument("--gen-channels", type=int, default=768, help="channels of the generated conv")
+  p.add_argument("--gen-order", type=int, default=16, help="modes per channel when distilled")
   args = p.parse_args(argv)
   device = jax.devices()[0].device_kind
   print(f"device: {device}, jax {jax.__version__}", flush=True)
@@ -211,7 +214,8 @@ def main(argv=None):
   if "fft" in parts:
     rows += fft_rows(((1, 256, 64),) if args.quick else FFT_SHAPES, direct_max_t=args.direct_max_t)
   if "generation" in parts:
-    rows += generation_rows(**(dict(steps=256, channels=32) if args.quick else {}))
+    gen = dict(steps=args.gen_steps, channels=args.gen_channels, order=args.gen_order)
+    rows += generation_rows(**(dict(gen, steps=256, channels=32) if args.quick else gen))
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, f"long_conv_{device_name()}")
   with open(stem + ".json", "w") as f:
