@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.mixers.layers import S4DKernel, ShortConv, conv_kernel_init, state_bytes
-from attnzoo.mixers.registry import dense_init, output_init, per_head, register
+from attnzoo.mixers.registry import dense_init, per_head, register
 
 F32 = jnp.float32
 
@@ -91,6 +91,5 @@ class H3(nn.Module):
     y = y + d[:, None, None] * kv.reshape(y.shape).astype(F32)
     out = jnp.einsum("bthi,bthij->bthj", q.reshape(batch, steps, heads, hd).astype(F32), y)
     out = out.reshape(batch, steps, self.d_model).astype(self.dtype)
-    return nn.Dense(
-      self.d_model, dtype=self.dtype, kernel_init=output_init(self.num_layers), name="out"
-    )(out)
+    # Zoology's output_linear is not an "out_proj": N(0, 0.02) without the depth scaling
+    return nn.Dense(self.d_model, dtype=self.dtype, kernel_init=dense_init, name="out")(out)
