@@ -80,6 +80,13 @@ def get_config(arg=None):
     )
   )
 
+  # Long-convolution mixers (hyena, dss, long base_conv) size their filters to the longest
+  # sequence, as Zoology passes l_max = L.
+  hybrid = "+" in mixer
+  for kwargs in c.model.mixer_kwargs.values() if hybrid else [c.model.mixer_kwargs]:
+    if "l_max" in kwargs:
+      kwargs.l_max = c.model.max_positions
+
   c.train = ml_collections.ConfigDict(
     dict(
       num_steps=6_000,

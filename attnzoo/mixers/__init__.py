@@ -28,14 +28,18 @@ from attnzoo.mixers import (
   based,  # noqa: F401,E402
   delta_net,  # noqa: F401,E402
   gla,  # noqa: F401,E402
+  h3,  # noqa: F401,E402
   hgrn2,  # noqa: F401,E402
+  hyena,  # noqa: F401,E402
   lawcat,  # noqa: F401,E402
   lightning,  # noqa: F401,E402
   linear_attention,  # noqa: F401,E402
   mamba,  # noqa: F401,E402
   mamba2,  # noqa: F401,E402
   retnet,  # noqa: F401,E402
+  rwkv4,  # noqa: F401,E402
   rwkv6,  # noqa: F401,E402
+  s4d,  # noqa: F401,E402
 )
 from attnzoo.mixers.registry import MIXERS, build_mixer, register
 

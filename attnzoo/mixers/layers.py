@@ -5,7 +5,9 @@
   continues one sequence per batch row), `state_bytes` (what decoding keeps, float32 counted as
   Zoology does), `hidden_attention` (the [B,H,T,T] matrix of any op linear in v);
 - decode caches, one per op, each running its op (whole sequence) or continuing from its state
-  in the "cache" collection (`decode=True`): `ShortConv`, `LinearAttentionOp`, `DeltaRuleOp`;
+  in the "cache" collection (`decode=True`): `ShortConv`, `LinearAttentionOp`, `DeltaRuleOp`,
+  `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's parametrisation), `WKV4Op`, `TokenShift`;
+- Hyena's implicit long filter (`ImplicitFilter`);
 - feature maps of linear attention, and the normalisations of mixer outputs.
 """
 
@@ -22,9 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnzoo.ops import delta_rule as dr_ops
+from attnzoo.ops import diag_ssm as ssm_ops
 from attnzoo.ops import linear_attention as la_ops
+from attnzoo.ops import long_conv as lc_ops
 from attnzoo.ops import selective_scan as ss_ops
 from attnzoo.ops import short_conv as conv_ops
+from attnzoo.ops import wkv4 as wkv4_ops
+from attnzoo.ops.segments import segment_starts
 
 F32 = jnp.float32
 
@@ -531,3 +537,204 @@ class GatedRMSNorm(nn.Module):
     if self.norm_before_gate:
       y = y * gate
     return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- long convolutions
+# and diagonal state spaces (H3, Hyena, S4D/DSS, long BaseConv, RWKV-4)
+
+_lc_op = jax.jit(lc_ops.long_conv, static_argnames=("implementation",))
+_ssm_op = _eager_jit(ssm_ops.diag_ssm)
+_wkv4_op = _eager_jit(wkv4_ops.wkv4)
+
+
+class LongConvOp(nn.Module):
+  """attnzoo.ops.long_conv with the naive decoding cache: every past input, "inputs" [B,S,C]
+  float32 (S = the length of the input `init(..., decode=True)` saw) and "index" (int32)."""
+
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    u: jax.Array,
+    kernel: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    if not decode:
+      return _lc_op(u, kernel, segment_ids=segment_ids, implementation=self.implementation)
+    no_decode_segments(segment_ids)
+    initialized = self.has_variable("cache", "inputs")
+    batch, steps, channels = u.shape
+    init = lc_ops.init_state(batch, steps, channels)
+    buf = self.variable("cache", "inputs", lambda: init["inputs"])
+    index = self.variable("cache", "index", lambda: init["index"])
+    if not initialized:
+      return _lc_op(u, kernel, implementation=self.implementation)
+    state, y = lc_ops.decode_window({"inputs": buf.value, "index": index.value}, u, kernel)
+    buf.value, index.value = state["inputs"], state["index"]
+    return y
+
+
+class DiagSSMOp(nn.Module):
+  """attnzoo.ops.diag_ssm with its decoding state: no parameters; the "cache" collection's
+  "state" [B,C,N,2] float32 (the complex modes as (re, im))."""
+
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    u: jax.Array,
+    log_da: jax.Array,
+    w: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, channels = u.shape
+    op = functools.partial(_ssm_op, u, log_da, w, implementation=self.implementation)
+    step = lambda state: ssm_ops.step(state, u[:, 0], log_da, w)
+    init = functools.partial(ssm_ops.init_state, batch, channels, log_da.shape[1])
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+
+class S4DKernel(nn.Module):
+  """A diagonal SSM per group of channels in S4D's parametrisation (Gu et al. 2022, state-spaces
+  `s4d.py`/`SSKernelDiag`): A = -exp(log_A_real) + i A_imag [G,N/2] from `a_init`, B = 1,
+  C [G,N/2] complex randn (stored as (re, im) pairs), log dt ~ U[ln dt_min, ln dt_max]; ZOH or
+  bilinear discretisation. Maps u [B,T,C] (C a multiple of G) to y (no D term): the
+  convolution form for training, the recurrence for decoding (DiagSSMOp)."""
+
+  groups: int
+  d_state: int = 64
+  a_init: str = "lin"
+  discretization: str = "zoh"
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  implementation: str = "auto"
+
+  def discretized(self) -> tuple[jax.Array, jax.Array]:
+    """(log dA, W = C B̄), [G,N/2] complex."""
+    eig = ssm_ops.s4d_eigenvalues(self.d_state, self.a_init)
+    shape = (self.groups, self.d_state // 2)
+    const = lambda value: lambda *_: jnp.broadcast_to(jnp.asarray(value, F32), shape)
+    lo, hi = math.log(self.dt_min), math.log(self.dt_max)
+    log_dt = self.param("log_dt", lambda key: jax.random.uniform(key, (self.groups,), F32, lo, hi))
+    log_a_real = self.param("log_A_real", const(np.log(-eig.real)))
+    a_imag = self.param("A_imag", const(eig.imag))
+    c = self.param("C", lambda key: jax.random.normal(key, shape + (2,), F32) * math.sqrt(0.5))
+    a = lax_complex(-jnp.exp(log_a_real), a_imag)
+    log_da, b_bar = ssm_ops.discretize(jnp.exp(log_dt), a, self.discretization)
+    return log_da, lax_complex(c[..., 0], c[..., 1]) * b_bar
+
+  @nn.compact
+  def __call__(
+    self, u: jax.Array, *, segment_ids: jax.Array | None = None, decode: bool = False
+  ) -> jax.Array:
+    log_da, w = self.discretized()
+    return DiagSSMOp(self.implementation, name="ssm")(
+      u, log_da, w, segment_ids=segment_ids, decode=decode
+    )
+
+
+def lax_complex(re: jax.Array, im: jax.Array) -> jax.Array:
+  return jax.lax.complex(re.astype(F32), im.astype(F32))
+
+
+class WKV4Op(nn.Module):
+  """attnzoo.ops.wkv4 with its decoding state: no parameters; the "cache" collection's
+  "state" (p, q, o) [B,3,C] float32."""
+
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    k: jax.Array,
+    v: jax.Array,
+    w: jax.Array,
+    u: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, channels = k.shape
+    op = functools.partial(_wkv4_op, k, v, w, u, implementation=self.implementation)
+    step = lambda state: wkv4_ops.step(state, k[:, 0], v[:, 0], w, u)
+    init = functools.partial(wkv4_ops.init_state, batch, channels)
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+
+class ImplicitFilter(nn.Module):
+  """Hyena's implicitly parametrised long filter h [l_max, C] (Poli et al. 2023; Zoology's
+  `ImplicitLongConvolution` / `HyenaFilter`): positional features z [l_max, emb_dim]
+  (attnzoo.ops.long_conv.positional_features; a parameter "z" when train_positions) through
+  Linear(emb_dim, order) -> Sin -> [Linear(order, order) -> Sin] x num_inner_mlps ->
+  Linear(order, C, no bias), Sin(x) = sin(freq ⊙ x) with one trainable freq [order] (init w)
+  shared by every Sin (as the reference code reuses one module), then optionally the
+  exponential modulation h_t *= exp(-t̂ |δ_c|), δ = linspace(ln 1e-2 / 1.5, ln 1e-2 / 0.3, C)
+  (a constant). Linear layers N(0, 0.02) with zero biases (Zoology re-initialises every
+  nn.Linear so)."""
+
+  channels: int
+  l_max: int
+  emb_dim: int = 3
+  order: int = 64
+  num_inner_mlps: int = 2
+  w: float = 1.0
+  modulate: bool = True
+  train_positions: bool = True
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    z = lc_ops.positional_features(self.l_max, self.emb_dim)
+    if self.train_positions:
+      z = self.param("z", lambda *_: z)
+    freq = self.param("freq", lambda *_: jnp.full((self.order,), self.w, F32))
+    init = nn.initializers.normal(0.02)
+    h = z
+    for i in range(1 + self.num_inner_mlps):
+      h = jnp.sin(freq * nn.Dense(self.order, kernel_init=init, name=f"mlp_{i}")(h))
+    h = nn.Dense(self.channels, use_bias=False, kernel_init=init, name="mlp_out")(h)
+    if self.modulate:
+      t_hat = jnp.linspace(0.0, 1.0, self.l_max, dtype=F32)[:, None]
+      deltas = jnp.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, self.channels)
+      h = h * jnp.exp(-t_hat * jnp.abs(deltas))
+    return h
+
+
+# ----------------------------------------------------------------------------- token shift (RWKV)
+
+
+def token_shift(
+  x: jax.Array, segment_ids: jax.Array | None = None, first: jax.Array | None = None
+) -> jax.Array:
+  """x_{t-1} for every t: `first` [B,D] (or zeros) before the first token, and zeros at the
+  first token of every packed segment."""
+  prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+  if first is not None:
+    prev = prev.at[:, 0].set(first.astype(x.dtype))
+  if segment_ids is not None:
+    prev = jnp.where(segment_starts(segment_ids)[..., None], 0, prev)
+  return prev
+
+
+class TokenShift(nn.Module):
+  """token_shift with its decoding state: the previous call's last input, the "cache"
+  collection's "shift" [B,D] float32."""
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, *, segment_ids: jax.Array | None = None, decode: bool = False
+  ) -> jax.Array:
+    if not decode:
+      return token_shift(x, segment_ids)
+    no_decode_segments(segment_ids)
+    initialized = self.has_variable("cache", "shift")
+    shift = self.variable("cache", "shift", jnp.zeros, (x.shape[0], x.shape[2]), F32)
+    x_prev = token_shift(x, first=shift.value)
+    if initialized:
+      shift.value = x[:, -1].astype(F32)
+    return x_prev

@@ -23,24 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, state_bytes
+from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, TokenShift, state_bytes, token_shift
 from attnzoo.mixers.registry import dense_init, head_output, per_head, register
-from attnzoo.ops.segments import segment_starts
 
 MIXES = ("w", "k", "v", "r", "g")
-
-
-def token_shift(
-  x: jax.Array, segment_ids: jax.Array | None = None, first: jax.Array | None = None
-) -> jax.Array:
-  """x_{t-1} for every t: `first` [B,D] (or zeros) before the first token, and zeros at the
-  first token of every packed segment."""
-  prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-  if first is not None:
-    prev = prev.at[:, 0].set(first.astype(x.dtype))
-  if segment_ids is not None:
-    prev = jnp.where(segment_starts(segment_ids)[..., None], 0, prev)
-  return prev
 
 
 def _schedules(layer_idx, num_layers, dim, heads):
@@ -112,6 +98,7 @@ class RWKV6(nn.Module):
     self.group_norm = HeadNorm(kind="layernorm", affine=True, eps=self.norm_eps)
     self.out = head_output(d, self.num_layers, self.dtype)
     self.attn = LinearAttentionOp(scale=1.0, implementation=self.implementation)
+    self.shift = TokenShift()
 
   def _features(self, x, x_prev):
     """(r, k, v, g, log_decay) from the input and its token shift."""
@@ -138,20 +125,10 @@ class RWKV6(nn.Module):
     segment_ids: jax.Array | None = None,
     decode: bool = False,
   ) -> jax.Array:
-    x_prev = self._decode_shift(x) if decode else token_shift(x, segment_ids)
+    x_prev = self.shift(x, segment_ids=segment_ids, decode=decode)
     r, k, v, g, log_decay = self._features(x, x_prev)
     o = self.attn(r, k, v, log_decay, self.bonus, segment_ids=segment_ids, decode=decode)
     return self._output(o, g)
-
-  @nn.compact
-  def _decode_shift(self, x):
-    """token_shift while decoding: the previous call's last input, kept in the cache."""
-    initialized = self.has_variable("cache", "shift")
-    shift = self.variable("cache", "shift", jnp.zeros, (x.shape[0], self.d_model), jnp.float32)
-    x_prev = token_shift(x, first=shift.value)
-    if initialized:
-      shift.value = x[:, -1].astype(jnp.float32)
-    return x_prev
 
   def attention_matrix(
     self, x: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None

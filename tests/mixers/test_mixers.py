@@ -34,6 +34,11 @@ TEST_KWARGS = {
   "lightning": dict(num_heads=2, layer_idx=1, num_layers=3, implementation="xla"),
   "mamba2": dict(d_state=8, head_dim=8, ngroups=2, implementation="xla"),
   "mamba": dict(d_state=4, implementation="xla"),
+  "s4d": dict(d_state=8, a_init="inv", discretization="bilinear"),
+  "dss": dict(d_state=8, l_max=16),
+  "h3": dict(d_state=4, head_dim=2),
+  "hyena": dict(l_max=16, filter_order=8),
+  "rwkv4": dict(layer_idx=1, num_layers=2),
 }
 D, B, T = 16, 2, 13
 

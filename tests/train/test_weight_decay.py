@@ -64,6 +64,27 @@ EXPECTED = {
     "conv/kernel dt_proj/kernel in_proj/kernel out_proj/kernel x_proj/kernel",
     "A_log D conv/bias dt_bias",
   ),
+  # state-spaces S4D/DSS: the SSM parameters (A, C/W, dt) and D are not decayed.
+  "s4d": ("out/kernel", "D kernel/A_imag kernel/C kernel/log_A_real kernel/log_dt out/bias"),
+  "dss": ("out/kernel", "D Lambda_im Lambda_re W log_dt out/bias"),
+  # H3: the shift SSM is a convolution (its taps decay); the diagonal SSM's parameters do not.
+  "h3": (
+    "k/kernel out/kernel q/kernel shift_ssm/kernel v/kernel",
+    "D D_k k/bias out/bias q/bias ssm/A_imag ssm/C ssm/log_A_real ssm/log_dt v/bias",
+  ),
+  # Hyena: the filter MLP's Linear layers decay like every projection (safari's wd-0 hint for
+  # them is an `_optim` attribute Zoology ignores); positions, Sin frequencies, biases do not.
+  "hyena": (
+    "filter_1/mlp_0/kernel filter_1/mlp_1/kernel filter_1/mlp_2/kernel filter_1/mlp_out/kernel "
+    "in_proj/kernel out_proj/kernel short_conv/kernel",
+    "filter_1/freq filter_1/mlp_0/bias filter_1/mlp_1/bias filter_1/mlp_2/bias filter_1/z "
+    "filter_bias_1 in_proj/bias out_proj/bias short_conv/bias",
+  ),
+  # RWKV-LM v4: time_decay, time_first and the token-shift mixes are not decayed.
+  "rwkv4": (
+    "key/kernel output/kernel receptance/kernel value/kernel",
+    "mu_k mu_r mu_v time_decay time_first",
+  ),
 }
 
 
