@@ -84,6 +84,15 @@ CASES = [
     ["train", "--config", f"{MQAR}:seq_len=64"],
     "error: give both seq_len and num_kv_pairs, or neither",
   ),
+  # in-context learning
+  (
+    ["train", "--config", f"{REPO}/configs/icl/icl.py:function=cubic", "--quiet"],
+    "error: unknown function class 'cubic'",
+  ),
+  (
+    ["train", "--config", f"{REPO}/configs/icl/icl.py:format=grid", "--quiet"],
+    "error: unknown prompt format 'grid'",
+  ),
 ]
 
 

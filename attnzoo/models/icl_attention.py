@@ -63,7 +63,8 @@ def linear_transformer(layers: list[dict], tokens: jax.Array) -> jax.Array:
 
 
 def init_attention_heads(key, num_heads: int, dim: int, scale: float = 0.1):
-  """Q, K, V [H, d+1, d+1] and o [H, d+1], N(0, scale²)."""
+  """Q, K, V [H, d+1, d+1] and o [H, d+1], N(0, scale²) (the scale is our choice, not checked
+  against the paper's code)."""
   kq, kk, kv, ko = jax.random.split(key, 4)
   size = (num_heads, dim + 1, dim + 1)
   return {

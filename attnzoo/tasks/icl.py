@@ -95,7 +95,7 @@ class FunctionSpec:
 def error_scale(spec: FunctionSpec, dim: int) -> float:
   """Var(y) under the prior for unit-variance inputs: the error's normaliser."""
   if spec.kind in ("linear", "noisy_linear", "relu2nn"):
-    return dim * spec.w_scale**2 if spec.kind != "relu2nn" else float(dim)
+    return dim * (spec.w_scale**2 if spec.kind != "relu2nn" else 1.0)
   if spec.kind == "sparse_linear":
     return spec.sparsity * spec.w_scale**2
   return 1.0
@@ -183,7 +183,7 @@ def _ar(key, spec: FunctionSpec, batch: int, n_points: int, p: int):
 
 def sample(key, spec: FunctionSpec, batch: int, n_points: int, dim: int, active: int | None = None):
   """{xs [B,N,dim], ys [B,N], clean [B,N], sigma [B]}; only the first `active` coordinates of x
-  are non-zero (curriculum). `clean` is f(x) without observation noise."""
+  are non-zero (curriculum; `active` may be traced). `clean` is f(x) without observation noise."""
   active = dim if active is None else active
   kx, kf, ks, kn = jax.random.split(key, 4)
   if spec.kind == "ar":
@@ -247,7 +247,7 @@ def prompt(data: dict, fmt: str) -> dict:
 def make_batch(key, spec: FunctionSpec, fmt: str, dim: int, batch: int, n_points: int, active=None):
   """A sampled batch in a prompt format with its error scale, as device arrays."""
   out = prompt(sample(key, spec, batch, n_points, dim, active), fmt)
-  out["scale"] = jnp.full((batch,), error_scale(spec, active or dim))
+  out["scale"] = jnp.full((batch,), error_scale(spec, dim if active is None else active))
   return out
 
 

@@ -62,7 +62,8 @@ def attention_maps(model, params, tokens) -> list[jax.Array]:
   inter = state["intermediates"]
   out = []
   for i, mixer in enumerate(model.mixer_modules()):
-    x = inter[f"blocks_{i}"]["LayerNorm_0"]["__call__"][0]  # the normed input of the mixer
+    norm = {"layernorm": "LayerNorm_0", "rmsnorm": "RMSNorm_0"}[model.norm]
+    x = inter[f"blocks_{i}"][norm]["__call__"][0]  # the block's first norm: the mixer's input
     mixer_params = {"params": params[f"blocks_{i}"]["mixer"]}
     out.append(mixer.apply(mixer_params, x, method="attention_matrix"))
   return out

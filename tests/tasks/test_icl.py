@@ -23,26 +23,19 @@ def draw(kind, batch=512, n=8, dim=6, **opts):
 
 
 def test_generator_statistics():
-  for kind in ("linear", "sparse_linear", "dtree"):
-    spec = icl.FunctionSpec(kind=kind)
-    ratio = draw(kind)["ys"].var() / icl.error_scale(spec, 6)
-    assert 0.85 < ratio < 1.15, (kind, ratio)
-  # sparse: the least-squares weights of 8 > 6 noiseless points have exactly 3 non-zeros
-  d = draw("sparse_linear", batch=4)
-  w = np.stack([np.linalg.lstsq(x, y, rcond=None)[0] for x, y in zip(d["xs"], d["ys"])])
+  # sparse: Var(y) = s, and the least-squares weights of 8 > 6 points have exactly 3 non-zeros
+  d = draw("sparse_linear")
+  assert 0.85 < d["ys"].var() / 3 < 1.15
+  w = np.stack([np.linalg.lstsq(x, y, rcond=None)[0] for x, y in zip(d["xs"][:4], d["ys"][:4])])
   assert ((np.abs(w) > 1e-4).sum(1) == 3).all()
   # noisy: the noise is fixed within a sequence at its own sigma ~ U(0, 2)
   d = draw("noisy_linear", batch=256, n=256, noise="uniform", sigma=2.0)
   assert 0 <= d["sigma"].min() and d["sigma"].max() <= 2.0 and d["sigma"].std() > 0.4
   assert np.abs((d["ys"] - d["clean"]).std(1) - d["sigma"]).max() < 0.25
-  # Boolean: inputs and labels in {±1}; parity is balanced; a conjunction is satisfiable
-  for kind, check in (
-    ("sparse_parity", lambda y: abs(y.mean()) < 0.05),
-    ("conjunction", lambda y: (y > 0).mean() > 0.2),
-  ):
-    d = draw(kind, n=16, dim=8)
-    assert set(np.unique(d["xs"])) <= {-1.0, 1.0} and set(np.unique(d["ys"])) <= {-1.0, 1.0}
-    assert check(d["ys"]), kind
+  # Boolean: inputs and labels in {±1}; a conjunction is satisfied by 20-80% of inputs
+  d = draw("conjunction", n=16, dim=8)
+  assert set(np.unique(d["xs"])) <= {-1.0, 1.0} and set(np.unique(d["ys"])) <= {-1.0, 1.0}
+  assert 0.2 < (d["ys"] > 0).mean() < 0.8
   # AR(3): x_t holds the previous p values; the series is stationary (bounded)
   d = draw("ar", batch=64, n=40, dim=3)
   np.testing.assert_allclose(d["xs"][:, 1:, 0], d["ys"][:, :-1], atol=1e-6)
@@ -76,7 +69,10 @@ def problem(n=7, d=3, b=3, seed=1):
 
 @slow
 def test_more_generator_statistics():
-  assert 0.85 < draw("relu2nn")["ys"].var() / 6 < 1.15
+  for kind in ("linear", "relu2nn", "dtree"):
+    ratio = draw(kind)["ys"].var() / icl.error_scale(icl.FunctionSpec(kind=kind), 6)
+    assert 0.85 < ratio < 1.15, (kind, ratio)
+  assert abs(draw("sparse_parity", n=16, dim=8)["ys"].mean()) < 0.05
   d = draw("noisy_linear", batch=64, noise="categorical", sigma_choices=(1.0, 3.0))
   assert set(np.round(d["sigma"], 6)) == {1.0, 3.0}
   for kind in ("disjunction", "majority", "parity"):
@@ -129,9 +125,6 @@ def test_baselines_match_closed_forms():
 
   np.testing.assert_allclose(bl.gd(xs, ys, 0.2, steps=3), gdpp_ref(0.2, 0.0, 3), rtol=1e-4)
   np.testing.assert_allclose(bl.gd_plus_plus(xs, ys, 0.2, 0.1, 2), gdpp_ref(0.2, 0.1, 2), rtol=1e-4)
-  # K GD steps with a small step approach least squares (the gradient-flow limit) on k > d
-  far = bl.gd(xs, ys, 0.5, steps=400)[:, -1]
-  np.testing.assert_allclose(far, expected["least_squares"][:, -1], rtol=1e-3, atol=1e-4)
 
   # AdaRR: σ̂² from the OLS residuals of the prefix (k > d), then ridge
   def ada(x, y, b):

@@ -16,7 +16,7 @@ from tests.conftest import REPO
 SMALL = {
   "icl": (
     f"{REPO}/configs/icl/icl.py:dim=3,n_points=6,d_model=16,num_layers=1,batch_size=8",
-    {"data.eval_points": (6, 9), "data.eval_examples": 16},
+    {"data.eval_examples": 16},
   ),
   "induction": (
     f"{REPO}/configs/icl/induction.py:d_model=16,num_layers=1,span=5,repeats=3,batch_size=8",
