@@ -147,20 +147,26 @@ def f1(args):
   extra = "" if tiny else ",lr=0.0003"
   t0 = time.time()
   exp, params, curve = train_regressor(arg + extra, steps, args.seed, every)
-  curves = f1_curves(exp, params, n, 64 if tiny else 1280, args.seed)
+  examples = 64 if tiny else 1280
+  curves = f1_curves(exp, params, n, examples, args.seed)
   elapsed = time.time() - t0
   err = curves["transformer"]["mean"]
   lines = [
     f"# F1 Garg et al. 2022 Fig. 2: linear regression, d = {d}, {exp.task.n_points} points",
     "",
-    f"Model: Regressor, attention, `{arg}{extra}`, {steps} steps, seed {args.seed}, curriculum"
-    f" on the dimension (from 5, +1 every {every} steps; points fixed); {elapsed:.0f} s on "
-    f"{jax.devices()[0].device_kind}. Error = squared error / d over 1280 prompts (90% bootstrap).",
+    f"Model: Regressor, attention, `{arg}{extra}`, {steps} steps, seed {args.seed}, "
+    + (
+      f"curriculum on the dimension (from 5, +1 every {every} steps; points fixed)"
+      if every
+      else "no curriculum"
+    )
+    + f"; {elapsed:.0f} s on {jax.devices()[0].device_kind}. Error = squared error / d over"
+    f" {examples} prompts (90% bootstrap).",
     "",
     "| estimator | k = d | k = 2d | paper (d = 20, 12L/8H/256, k = d / 2d) |",
     "|---|---|---|---|",
   ]
-  paper = {"transformer": "0.02 / 0.0006", "least squares": "≈ 0.02 / ≈ 0 (tracks)"}
+  paper = {"transformer": "0.02 / 0.0006"}
   for name, c in curves.items():
     lines.append(
       f"| {name} | {c['mean'][d]:.4f} | {c['mean'][2 * d]:.4f} | {paper.get(name, '')} |"
