@@ -8,7 +8,8 @@ positions), `loss_first` (targets in the first repeat), `loss_repeat` (targets i
 and `accuracy_repeat`.
 
 Head scores from attention maps [B, H, T, T] (softmax maps, or the hidden attention of
-recurrent mixers, `attention_maps`):
+recurrent mixers, `attention_maps`; each row is taken as |a| / Σ|a|, so the scores of the two
+compare):
   prefix_matching_score  mean attention from each token of repeat ≥ 2 to the positions right
                          after its earlier occurrences (Olsson's recipe: 25 tokens × 4).
   previous_token_score   mean attention from i to i − 1.
@@ -41,8 +42,16 @@ def earlier_successors(span: int, length: int) -> np.ndarray:
   return (successor & (t >= 1 + span)).astype(np.float32)
 
 
+def _rows(attn: jax.Array) -> jax.Array:
+  """|attention| with each row summing to 1: softmax maps unchanged; the hidden attention of a
+  recurrent mixer (neither positive nor normalised) made comparable."""
+  attn = jnp.abs(attn)
+  return attn / jnp.maximum(attn.sum(-1, keepdims=True), 1e-30)
+
+
 def prefix_matching_score(attn: jax.Array, span: int) -> jax.Array:
   """[B, H, T, T] -> [H]: attention mass on earlier successors, averaged over repeat ≥ 2."""
+  attn = _rows(attn)
   mask = jnp.asarray(earlier_successors(span, attn.shape[-1]))
   rows = mask.sum(-1) > 0
   mass = jnp.einsum("bhts,ts->bht", attn, mask)
@@ -51,7 +60,7 @@ def prefix_matching_score(attn: jax.Array, span: int) -> jax.Array:
 
 def previous_token_score(attn: jax.Array) -> jax.Array:
   """[B, H, T, T] -> [H]: mean attention from position i to i − 1 (i ≥ 1)."""
-  return jnp.diagonal(attn, offset=-1, axis1=2, axis2=3).mean((0, 2))
+  return jnp.diagonal(_rows(attn), offset=-1, axis1=2, axis2=3).mean((0, 2))
 
 
 def attention_maps(model, params, tokens) -> list[jax.Array]:
