@@ -109,3 +109,83 @@ def needs_positions(mixers: str) -> bool:
     if n.strip() in MIXERS and issubclass(MIXERS[n.strip()], MIXERS["attention"])
   ]
   return any(not cls.rope for cls in softmax)
+
+
+def train_section(**changes) -> ml_collections.ConfigDict:
+  """A `train` config section: AdamW with warmup and cosine decay, float32, no early stop;
+  `changes` replace defaults (unknown keys are errors)."""
+  c = dict(
+    num_steps=3_000,
+    lr=1e-3,
+    warmup_steps=100,
+    min_lr_ratio=0.0,
+    weight_decay=0.0,
+    decay_all_params=False,
+    b1=0.9,
+    b2=0.98,
+    grad_clip=1.0,
+    compute_dtype="float32",
+    log_every=50,
+    eval_every=250,
+    checkpoint_every=500,
+    early_stop_at=None,
+    max_checkpoints=2,
+  )
+  unknown = set(changes) - set(c)
+  if unknown:
+    raise ConfigError(f"unknown train option(s) {', '.join(sorted(unknown))}")
+  return ml_collections.ConfigDict({**c, **changes})
+
+
+def apply_knobs(config, knobs: dict, table: dict, mixer: str, where: str, extra=()) -> None:
+  """Sets each `knob=value` of a config file's argument: `table` maps knob -> config path;
+  `extra` names data options set as `data.<knob>`; num_heads and options of a single mixer go
+  to model.mixer_kwargs. Anything else is a ConfigError listing the knobs of `where`."""
+  for key, value in knobs.items():
+    if key in table:
+      set_typed(config, table[key], value)
+    elif key in extra:
+      set_typed(config, f"data.{key}", value)
+    elif key == "num_heads" and "num_heads" in config.model.mixer_kwargs:
+      set_typed(config, "model.mixer_kwargs.num_heads", value)
+    elif "+" not in mixer and key in config.model.mixer_kwargs:
+      set_typed(config, f"model.mixer_kwargs.{key}", value)
+    else:
+      raise ConfigError(
+        f"unknown knob {key!r} in {where} argument; knobs: "
+        f"{', '.join(sorted([*table, *extra]))}, num_heads or an option of the mixer"
+      )
+
+
+def model_section(mixer: str, **changes) -> ml_collections.ConfigDict:
+  """A `model` config section for `mixer` (its options as mixer_kwargs); `changes` replace
+  defaults (unknown keys are errors)."""
+  c = dict(
+    mixer=mixer,
+    mixer_kwargs=mixer_defaults(mixer),
+    d_model=64,
+    num_layers=2,
+    state_mixer="identity",
+    mlp_ratio=4.0,
+    norm="layernorm",
+    position_embedding="learned",
+    max_positions=512,
+    embedding_dropout=0.0,
+    residual_dropout=0.0,
+  )
+  unknown = set(changes) - set(c)
+  if unknown:
+    raise ConfigError(f"unknown model option(s) {', '.join(sorted(unknown))}")
+  return ml_collections.ConfigDict({**c, **changes})
+
+
+# Knobs every config file takes in its argument: knob -> config path.
+COMMON_KNOBS = {
+  "d_model": "model.d_model",
+  "num_layers": "model.num_layers",
+  "state_mixer": "model.state_mixer",
+  "lr": "train.lr",
+  "num_steps": "train.num_steps",
+  "seed": "seed",
+  "dtype": "train.compute_dtype",
+}

@@ -95,6 +95,15 @@ CASES = [
     "error: a sequence of 32 tokens is longer than the 16 positions",
   ),
   (["generate", "--workdir", "w", "--max_new_tokens", "0"], "error: max_new_tokens must be >= 1"),
+  # in-context learning
+  (
+    ["train", "--config", f"{REPO}/configs/icl/icl.py:function=cubic", "--quiet"],
+    "error: unknown function class 'cubic'",
+  ),
+  (
+    ["train", "--config", f"{REPO}/configs/icl/icl.py:format=grid", "--quiet"],
+    "error: unknown prompt format 'grid'",
+  ),
 ]
 
 

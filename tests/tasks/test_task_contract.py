@@ -14,6 +14,14 @@ from tests.conftest import REPO
 
 # A small config of every registered task: (config spec, overrides). A new task adds a row.
 SMALL = {
+  "icl": (
+    f"{REPO}/configs/icl/icl.py:dim=3,n_points=6,d_model=16,num_layers=1,batch_size=8",
+    {"data.eval_examples": 16},
+  ),
+  "induction": (
+    f"{REPO}/configs/icl/induction.py:d_model=16,num_layers=1,span=5,repeats=3,batch_size=8",
+    {"data.vocab_size": 16, "data.eval_examples": 16},
+  ),
   "mqar": (
     f"{REPO}/configs/mqar.py:mixer=attention,d_model=16,num_layers=1,seq_len=32,"
     "num_kv_pairs=4,train_examples=256,batch_size=32",
