@@ -84,6 +84,20 @@ CASES = [
     ["train", "--config", f"{MQAR}:seq_len=64"],
     "error: give both seq_len and num_kv_pairs, or neither",
   ),
+  # LRA data
+  (["data", "prepare", "lra/nope", "--out", "/tmp/x"], "error: unknown dataset 'lra/nope'"),
+  (
+    ["train", "--config", f"{REPO}/configs/lra/listops.py:data_dir=/nonexistent/lo,d_model=16"],
+    "error: no prepared lra/listops data in '/nonexistent/lo'; run: attnzoo data prepare",
+  ),
+  (
+    ["train", "--config", f"{REPO}/configs/lra/pathfinder.py:resolution=64"],
+    "error: Pathfinder resolution must be 32 or 128, got 64",
+  ),
+  (
+    ["train", "--config", f"{REPO}/configs/lra/listops.py:setting=big"],
+    "error: unknown setting 'big' for lra/listops; use lra or s4",
+  ),
 ]
 
 

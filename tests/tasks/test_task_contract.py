@@ -19,6 +19,16 @@ SMALL = {
     "num_kv_pairs=4,train_examples=256,batch_size=32",
     {"data.vocab_size": 128, "data.test_segments": ((32, 4, 48, 32), (16, 2, 32, 32))},
   ),
+  "lra/listops": (
+    f"{REPO}/configs/lra/listops.py:d_model=16,num_layers=1,num_heads=2,batch_size=4,"
+    "num_train=16,num_val=4,num_test=4,min_length=5,max_length=40",
+    {},
+  ),
+  "lra/pathfinder": (
+    f"{REPO}/configs/lra/pathfinder.py:d_model=16,num_layers=1,num_heads=2,batch_size=2,"
+    "num_train=8,num_val=2,num_test=2,difficulty=easy",
+    {},
+  ),
 }
 
 
