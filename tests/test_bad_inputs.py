@@ -98,6 +98,14 @@ CASES = [
     ["train", "--config", f"{REPO}/configs/lra/listops.py:setting=big"],
     "error: unknown setting 'big' for lra/listops; use lra or s4",
   ),
+  (
+    ["train", "--config", f"{REPO}/configs/lra/text.py:d_model=16"],
+    "error: lra/text needs its dataset: download aclImdb_v1.tar.gz",
+  ),
+  (
+    ["data", "prepare", "lra/image", "--out", "/tmp/x", "--config.data.source=/nonexistent"],
+    "error: a CIFAR-10 batch not found at '/nonexistent/data_batch_1'",
+  ),
 ]
 
 

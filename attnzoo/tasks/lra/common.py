@@ -45,15 +45,40 @@ def _shard_name(split: str, index: int) -> str:
   return f"{split}-{index:05d}.npz"
 
 
-def _make_shard(job) -> tuple[str, int]:
-  """Worker: generate one shard with `module.make_shard` and write it atomically."""
-  module, spec, out, split, index, count = job
-  inputs, labels = importlib.import_module(module).make_shard(spec, split, index, count)
+def _write_shard(out, split: str, index: int, inputs: np.ndarray, labels: np.ndarray) -> None:
+  """One shard, written under a temporary name and renamed: never half-written."""
   path = pathlib.Path(out) / _shard_name(split, index)
   tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
   np.savez(tmp, inputs=inputs, labels=labels)
   os.replace(tmp, path)
+
+
+def _make_shard(job) -> tuple[str, int]:
+  """Worker: generate one shard with `module.make_shard` and write it."""
+  module, spec, out, split, index, count = job
+  _write_shard(
+    out, split, index, *importlib.import_module(module).make_shard(spec, split, index, count)
+  )
   return split, count
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _start(out, spec: dict) -> pathlib.Path:
+  """Creates `out` with spec.json, or checks that it holds the same spec."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  spec_path = out / "spec.json"
+  if spec_path.exists():
+    if json.loads(spec_path.read_text()) != spec:
+      raise ValueError(f"{out} holds a dataset prepared with other parameters; use a new --out")
+  else:
+    _write_json(spec_path, spec)
+  return out
 
 
 def prepare(
@@ -66,18 +91,10 @@ def prepare(
   workers: int = 1,
   progress: bool = True,
 ) -> dict:
-  """Writes the shards of every split into `out` (see the module docstring); returns meta."""
-  out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  """Generates the shards of every split into `out` with `module.make_shard` (see the module
+  docstring), in `workers` processes; returns meta."""
   spec = json.loads(json.dumps({**spec, "counts": counts, "shard_size": shard_size}))
-  spec_path = out / "spec.json"
-  if spec_path.exists():
-    if json.loads(spec_path.read_text()) != spec:
-      raise ValueError(f"{out} holds a dataset prepared with other parameters; use a new --out")
-  else:
-    tmp = spec_path.with_name(".spec.json.tmp")
-    tmp.write_text(json.dumps(spec, indent=2, sort_keys=True))
-    os.replace(tmp, spec_path)
+  out = _start(out, spec)
   plan = shard_plan(counts, shard_size)
   todo = [
     (module, spec, str(out), s, i, n) for s, i, n in plan if not (out / _shard_name(s, i)).exists()
@@ -95,9 +112,23 @@ def prepare(
       bar.update()
   bar.close()
   meta = {"task": spec["task"], "examples": {s: counts.get(s, 0) for s in SPLITS}}
-  tmp = out / ".meta.json.tmp"
-  tmp.write_text(json.dumps(meta, indent=2))
-  os.replace(tmp, out / "meta.json")
+  _write_json(out / "meta.json", meta)
+  return meta
+
+
+def write_splits(splits: dict, spec: dict, out, *, shard_size: int, progress: bool = True) -> dict:
+  """Writes loaded splits {split: (inputs, labels)} into `out` as shards; returns meta."""
+  out = _start(out, json.loads(json.dumps({**spec, "shard_size": shard_size})))
+  from tqdm import tqdm
+
+  counts = {s: len(splits[s][0]) for s in SPLITS}
+  plan = shard_plan(counts, shard_size)
+  for split, index, _ in tqdm(plan, unit="shard", disable=not progress):
+    if not (out / _shard_name(split, index)).exists():
+      rows = slice(index * shard_size, (index + 1) * shard_size)
+      _write_shard(out, split, index, splits[split][0][rows], splits[split][1][rows])
+  meta = {"task": spec["task"], "examples": counts}
+  _write_json(out / "meta.json", meta)
   return meta
 
 
@@ -141,22 +172,61 @@ class LRATask(Task):
   def data_spec(data) -> dict:
     """The parameters that define the dataset ("task" and the generator's or loader's)."""
 
+  # loader tasks (real datasets in their original formats) set generated = False, implement
+  # load_source(data) and say in source_hint how to get the files
+  generated: ClassVar[bool] = True
+  source_hint: ClassVar[str] = ""
+
+  @classmethod
+  def load_source(cls, data) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    raise NotImplementedError(f"{cls.name} is generated, it has no source files")
+
+  @classmethod
+  def _source_splits(cls, data) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if not data.source:
+      raise ValueError(
+        f"{cls.name} needs its dataset: {cls.source_hint}; then: attnzoo data prepare "
+        f"{cls.name} --out DIR --config.data.source=PATH (or set data.source)"
+      )
+    return cls.load_source(data)
+
   @classmethod
   def from_config(cls, config) -> LRATask:
-    """Splits from the prepared shards in data.dir, else generated in memory."""
+    """Splits from the prepared shards in data.dir, else generated in memory (generators) or
+    read from data.source (loaders)."""
     d = config.data
     spec = cls.data_spec(d)
     if d.dir:
       splits = {s: read_split(d.dir, s, cls.name) for s in SPLITS}
-    else:
+    elif cls.generated:
       counts = {"train": d.num_train, "val": d.num_val, "test": d.num_test}
       make = importlib.import_module(cls.__module__).make_shard
       splits = generated_splits(make, spec, counts, d.shard_size)
+    else:
+      splits = cls._source_splits(d)
     return cls(
       splits,
       batch_size=d.batch_size,
       eval_batch_size=d.eval_batch_size,
       seed=config.seed,
+    )
+
+  @classmethod
+  def prepare(cls, config, out, *, workers: int = 1, progress: bool = True) -> dict:
+    """Writes the splits of `config.data` as shards into `out` (`attnzoo data prepare`)."""
+    d = config.data
+    if d.shard_size < 1:
+      raise ValueError(f"{cls.name}: shard_size must be >= 1, got {d.shard_size}")
+    spec = cls.data_spec(d)
+    if not cls.generated:
+      return write_splits(
+        cls._source_splits(d), spec, out, shard_size=d.shard_size, progress=progress
+      )
+    counts = {"train": d.num_train, "val": d.num_val, "test": d.num_test}
+    if min(counts.values()) < 1:
+      raise ValueError(f"{cls.name}: num_train, num_val and num_test must be >= 1")
+    return prepare(
+      cls.__module__, spec, counts, out, shard_size=d.shard_size, workers=workers, progress=progress
     )
 
   def __init__(
@@ -180,18 +250,6 @@ class LRATask(Task):
     self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
     self.steps_per_epoch = len(data["train"][0]) // batch_size
     self._order = (None, None)
-
-  @classmethod
-  def prepare(cls, config, out, *, workers: int = 1, progress: bool = True) -> dict:
-    """Writes the splits of `config.data` as shards into `out` (`attnzoo data prepare`)."""
-    d = config.data
-    counts = {"train": d.num_train, "val": d.num_val, "test": d.num_test}
-    if min(counts.values()) < 1 or d.shard_size < 1:
-      raise ValueError(f"{cls.name}: num_train, num_val, num_test and shard_size must be >= 1")
-    spec = cls.data_spec(d)
-    return prepare(
-      cls.__module__, spec, counts, out, shard_size=d.shard_size, workers=workers, progress=progress
-    )
 
   def _batch(self, inputs: np.ndarray, labels: np.ndarray) -> Batch:
     return {"inputs": np.asarray(inputs, np.int32), "labels": np.asarray(labels, np.int32)}

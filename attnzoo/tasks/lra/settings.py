@@ -45,6 +45,42 @@ SETTINGS = {
       dict(batch_size=64),
     ),
   },
+  "text": {
+    "lra": (
+      dict(d_model=256, num_layers=4, num_heads=4, mlp_ratio=4.0, pooling="cls", dropout=0.1),
+      dict(lr=0.05 / 8000**0.5, weight_decay=0.1, warmup_steps=8000, num_steps=20_000),
+      dict(batch_size=32),
+    ),
+    "s4": (
+      dict(d_model=256, num_layers=6, num_heads=4, mlp_ratio=2.0, pooling="mean", dropout=0.0),
+      dict(lr=1e-3, weight_decay=0.05, warmup_steps=2000, num_steps=50_000),
+      dict(batch_size=16),
+    ),
+  },
+  "image": {
+    "lra": (
+      dict(d_model=128, num_layers=1, num_heads=8, mlp_ratio=1.0, pooling="mean", dropout=0.3),
+      dict(lr=5e-4, weight_decay=0.0, warmup_steps=175, num_steps=35_000),
+      dict(batch_size=256),
+    ),
+    "s4": (
+      dict(d_model=512, num_layers=6, num_heads=8, mlp_ratio=2.0, pooling="mean", dropout=0.1),
+      dict(lr=1e-3, weight_decay=0.05, warmup_steps=2000, num_steps=180_000),
+      dict(batch_size=50),
+    ),
+  },
+  "retrieval": {
+    "lra": (  # as released: the 8000-step warm-up never ends within the 5000 steps
+      dict(d_model=128, num_layers=4, num_heads=4, mlp_ratio=4.0, pooling="cls", dropout=0.1),
+      dict(lr=0.05 / 8000**0.5, weight_decay=0.1, warmup_steps=8000, num_steps=5000),
+      dict(batch_size=32),
+    ),
+    "s4": (
+      dict(d_model=256, num_layers=6, num_heads=4, mlp_ratio=2.0, pooling="mean", dropout=0.0),
+      dict(lr=1e-3, weight_decay=0.05, warmup_steps=2000, num_steps=46_000),
+      dict(batch_size=64),
+    ),
+  },
   "pathx": {
     "lra": (
       dict(d_model=32, num_layers=1, num_heads=2, mlp_ratio=1.0, pooling="mean", dropout=0.0),
@@ -70,11 +106,23 @@ DATA = {
     data=dict(resolution=32, difficulty="hard"),
     counts=(160_000, 20_000, 20_000),
   ),
+  "text": dict(task="lra/text", data=dict(source="", max_length=4096), counts=(0, 0, 0)),
+  "image": dict(task="lra/image", data=dict(source=""), counts=(0, 0, 0)),
+  "retrieval": dict(task="lra/retrieval", data=dict(source="", max_length=4000), counts=(0, 0, 0)),
   "pathx": dict(
     task="lra/pathfinder",
     data=dict(resolution=128, difficulty="hard"),
     counts=(160_000, 20_000, 20_000),
   ),
+}
+
+MAX_POSITIONS = {
+  "listops": 2000,
+  "pathfinder": 1024,
+  "pathx": 16384,
+  "text": 4096,
+  "image": 1024,
+  "retrieval": 4000,
 }
 
 KNOBS = {
@@ -88,6 +136,7 @@ KNOBS = {
   "dtype": "train.compute_dtype",
   "batch_size": "data.batch_size",
   "data_dir": "data.dir",
+  "source": "data.source",
   "num_train": "data.num_train",
   "num_val": "data.num_val",
   "num_test": "data.num_test",
@@ -138,7 +187,7 @@ def lra_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
       mlp_ratio=model["mlp_ratio"],
       norm="layernorm",
       position_embedding="learned",
-      max_positions=4096 if task == "listops" else 1024 if task == "pathfinder" else 16384,
+      max_positions=MAX_POSITIONS[task],
       embedding_dropout=model["dropout"],
       residual_dropout=model["dropout"],
       pooling=model["pooling"],
