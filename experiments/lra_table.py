@@ -3,6 +3,7 @@ request), beside the LRA paper's numbers (Tay et al. 2021, Table 1) and S4's.
 
   python experiments/lra_table.py --data-root DATA --workdir W [--tasks listops,pathfinder]
       [--mixers attention,gla,...] [--setting lra|s4] [--steps N] [--seed S] [--tiny]
+  python experiments/lra_table.py --collect ROWS.json ... --out PATH   (merge lanes' rows)
 
 DATA/<task> holds the shards of `attnzoo data prepare lra/<task> --out DATA/<task>`; without
 --data-root the splits are generated in memory (as --tiny does, on CPU in about a minute).
@@ -137,7 +138,8 @@ def main(argv=None):
   parser.add_argument("--mixers", default="", help="comma-separated; default: every bidirectional")
   parser.add_argument("--setting", default="lra", choices=["lra", "s4"])
   parser.add_argument("--data-root", default="")
-  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--workdir", default="")
+  parser.add_argument("--collect", nargs="*", default=None, help="row files to merge")
   parser.add_argument("--steps", type=int, default=0, help="override train.num_steps")
   parser.add_argument("--eval-every", type=int, default=0)
   parser.add_argument("--seed", type=int, default=0)
@@ -151,6 +153,12 @@ def main(argv=None):
   )
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
+  if args.collect is not None:
+    rows = [r for f in args.collect for r in json.loads(pathlib.Path(f).read_text())]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    return write(rows, tasks, pathlib.Path(args.out), args.setting, False, args.seed)
+  if not args.workdir:
+    parser.error("--workdir is required")
   args.override = [(k, parse_value(v)) for k, v in args.override]
   tasks = [t for t in args.tasks.split(",") if t]
   mixers = [m for m in args.mixers.split(",") if m] or bidirectional_mixers()
@@ -164,13 +172,18 @@ def main(argv=None):
       print(json.dumps(row), flush=True)
       rows.append(row)
       out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+  write(rows, tasks, out, args.setting, args.tiny, args.seed)
+
+
+def write(rows, tasks, out: pathlib.Path, setting: str, tiny: bool, seed: int) -> None:
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
   text = table(rows, tasks)
   out.with_suffix(".md").write_text(
-    f"# LRA, setting {args.setting}{' (tiny CPU smoke run, not a result)' if args.tiny else ''}"
+    f"# LRA, setting {setting}{' (tiny CPU smoke run, not a result)' if tiny else ''}"
     f"\n\nTest accuracy % at the best validation accuracy (validation in parentheses); seed "
-    f"{args.seed}; configs and overrides per row in {out.with_suffix('.json').name}.\n\n"
-    + text
-    + "\n"
+    f"{seed}; config, overrides, steps, parameters and wall time per row in "
+    f"{out.with_suffix('.json').name}.\n\n" + text + "\n"
   )
   print(text)
 

@@ -80,11 +80,13 @@ def test_both_scans_weigh_every_pair_once(case):
   [
     ("linear_attention", dict(num_heads=2, feature_dim=4, implementation="xla")),
     ("retnet", dict(num_heads=2, rope=False, implementation="xla")),
+    ("mamba2", dict(d_state=8, head_dim=8, ngroups=2, implementation="xla")),
   ],
 )
 def test_symmetric_weights_reverse_with_the_input(name, kwargs):
-  """Without positions or data-dependent decays the two scans are mirror images: reversing
-  the input reverses the output (a causal form could not)."""
+  """Without positions or data-dependent decays the two scans are mirror images, and Mamba-2's
+  reverse pass is its forward pass on the reversed input: reversing the input reverses the
+  output (a causal form could not)."""
   mixer = build_mixer(name, d_model=16, causal=False, **kwargs)
   x = jax.random.normal(jax.random.key(1), (B, T, 16))
   params = mixer.init(jax.random.key(2), x)
