@@ -10,7 +10,7 @@ import pytest
 
 from attnzoo.mixers import build_mixer
 from attnzoo.mixers.layers import LinearAttentionOp
-from tests.conftest import relative_error
+from tests.conftest import relative_error, slow
 
 B, T, H, K, V = 2, 13, 3, 4, 5
 
@@ -46,16 +46,18 @@ def reference(q, k, v, log_decay, bonus, segment_ids, scale, normalize, eps=1e-6
 
 CASES = {
   "plain_normalized": dict(decay=None, bonus=False, normalize=True),
-  "fixed_decay": dict(decay="H", bonus=False, normalize=False),
   "scalar_decay_segments": dict(decay="BTH", bonus=False, normalize=False, segments=True),
-  "channel_decay": dict(decay="BTHK", bonus=False, normalize=False),
   "channel_decay_bonus": dict(decay="BTHK", bonus=True, normalize=False),
+}
+SLOW_CASES = {  # opt-in (ATTNZOO_SLOW_TESTS=1)
+  "fixed_decay": dict(decay="H", bonus=False, normalize=False),
+  "channel_decay": dict(decay="BTHK", bonus=False, normalize=False),
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, *(pytest.param(c, marks=slow) for c in SLOW_CASES)])
 def test_both_scans_weigh_every_pair_once(case):
-  spec = CASES[case]
+  spec = {**CASES, **SLOW_CASES}[case]
   keys = jax.random.split(jax.random.key(0), 6)
   q, k = (jax.random.normal(keys[i], (B, T, H, K)) for i in (0, 1))
   if spec["normalize"]:
@@ -78,7 +80,9 @@ def test_both_scans_weigh_every_pair_once(case):
 @pytest.mark.parametrize(
   "name,kwargs",
   [
-    ("linear_attention", dict(num_heads=2, feature_dim=4, implementation="xla")),
+    pytest.param(
+      "linear_attention", dict(num_heads=2, feature_dim=4, implementation="xla"), marks=slow
+    ),
     ("retnet", dict(num_heads=2, rope=False, implementation="xla")),
     ("mamba2", dict(d_state=8, head_dim=8, ngroups=2, implementation="xla")),
   ],
