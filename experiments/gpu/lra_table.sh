@@ -11,13 +11,14 @@ OUT=${OUT:-/tmp/out}; DATA=${DATA:-/tmp/lra_data}; mkdir -p $OUT/rows $OUT/logs
 TASKS=${TASKS:-listops,pathfinder}; SETTING=${SETTING:-lra}; LIMIT=${LIMIT:-1800}
 PF_TRAIN=${PF_TRAIN:-160000}; PF_EVAL=$(( PF_TRAIN / 8 ))
 NG=$(nvidia-smi -L | wc -l); CPUS=$(nproc)
-MIXERS=${MIXERS:-$(python3 -c "from attnzoo.mixers.registry import bidirectional_mixers as b; print(','.join(b()))")}
+MIXERS=${MIXERS:-$(python3 -c "import attnzoo.mixers as m; print(','.join(m.registry.bidirectional_mixers()))")}
 start=$(date +%s)
 case ",$TASKS," in *,listops,*)
   python3 -m attnzoo data prepare lra/listops --out $DATA/listops --workers $CPUS --quiet ;; esac
 case ",$TASKS," in *,pathfinder,*)
   python3 -m attnzoo data prepare lra/pathfinder --out $DATA/pathfinder --workers $CPUS --quiet \
-    --config.data.num_train=$PF_TRAIN --config.data.num_val=$PF_EVAL --config.data.num_test=$PF_EVAL ;; esac
+    --config.data.shard_size=500 --config.data.num_train=$PF_TRAIN \
+    --config.data.num_val=$PF_EVAL --config.data.num_test=$PF_EVAL ;; esac
 echo "data prepared in $(( $(date +%s) - start )) s on $CPUS CPUs"
 jobs=()
 for t in ${TASKS//,/ }; do for m in ${MIXERS//,/ }; do jobs+=("$t:$m"); done; done
