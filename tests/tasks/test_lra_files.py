@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 
 from attnzoo.cli import main
+from attnzoo.tasks.lra import listops
 from attnzoo.tasks.lra.common import read_split
 from attnzoo.tasks.lra.files import BYTE0, CLS
 from tests.conftest import REPO
@@ -48,3 +49,13 @@ def test_retrieval_pairs_are_two_documents(tmp_path):
   assert inputs[0, 0] == CLS and inputs[0, 16] == CLS
   text2 = b"A paper on retrieval number 0."
   assert list(inputs[0, 17:32]) == [c + BYTE0 for c in text2[:15]]
+
+
+def test_listops_reads_lra_released_split(tmp_path):
+  source = FIXTURES / "listops-1000"
+  splits = prepare(tmp_path, "lra/listops", source, "--config.data.max_length=16")
+  tokens, labels = splits["test"]
+  assert list(labels) == [9, 8, 3]  # basic_test.tsv
+  max_op, close = listops.OP0 + listops.OPERATORS.index("MAX"), listops.CLOSE
+  digit = listops.DIGIT0
+  assert list(tokens[0]) == [listops.CLS, max_op, digit + 2, digit + 9, close] + [0] * 11

@@ -198,7 +198,7 @@ class LRATask(Task):
     spec = cls.data_spec(d)
     if d.dir:
       splits = {s: read_split(d.dir, s, cls.name) for s in SPLITS}
-    elif cls.generated:
+    elif cls.generated and not d.get("source"):
       counts = {"train": d.num_train, "val": d.num_val, "test": d.num_test}
       make = importlib.import_module(cls.__module__).make_shard
       splits = generated_splits(make, spec, counts, d.shard_size)
@@ -218,7 +218,7 @@ class LRATask(Task):
     if d.shard_size < 1:
       raise ValueError(f"{cls.name}: shard_size must be >= 1, got {d.shard_size}")
     spec = cls.data_spec(d)
-    if not cls.generated:
+    if not cls.generated or d.get("source"):
       return write_splits(
         cls._source_splits(d), spec, out, shard_size=d.shard_size, progress=progress
       )

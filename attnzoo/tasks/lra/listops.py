@@ -18,6 +18,8 @@ Tokens: 0 pad, 1 CLS (prepended, for CLS pooling as in LRA), 2-11 digits, 12-15 
 
 from __future__ import annotations
 
+import csv
+import pathlib
 import random
 
 import numpy as np
@@ -132,6 +134,22 @@ def from_text(text: str, max_length: int) -> np.ndarray:
   return row
 
 
+def read_released(root, max_length: int) -> dict:
+  """LRA's `basic_{train,val,test}.tsv` (header "Source<TAB>Target") -> {split: (tokens,
+  labels)} in this module's token ids."""
+  root = pathlib.Path(root)
+  splits = {}
+  for split in SPLITS:
+    path = root / f"basic_{split}.tsv"
+    if not path.exists():
+      raise ValueError(f"a ListOps file not found at {str(path)!r}")
+    with open(path, encoding="utf-8", newline="") as f:
+      rows = list(csv.reader(f, delimiter="\t"))[1:]
+    tokens = np.stack([from_text(text, max_length) for text, _ in rows])
+    splits[split] = (tokens, np.asarray([int(label) for _, label in rows], np.int32))
+  return splits
+
+
 def make_shard(spec: dict, split: str, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
   """Shard `index` of `split`, from the seed (spec seed, split, index)."""
   return generate(
@@ -152,8 +170,17 @@ class ListOps(LRATask):
   vocab_size = VOCAB_SIZE
   num_classes = 10
 
+  source_hint = "LRA's release (lra_release/listops-1000: basic_{train,val,test}.tsv)"
+
+  @classmethod
+  def load_source(cls, data) -> dict:
+    """LRA's released split (data.source = the listops-1000 folder) instead of generating."""
+    return read_released(data.source, data.max_length)
+
   @staticmethod
   def data_spec(data) -> dict:
+    if data.source:
+      return {"task": "lra/listops", "source": data.source, "max_length": data.max_length}
     return {
       "task": "lra/listops",
       "seed": data.seed,

@@ -98,7 +98,7 @@ SETTINGS = {
 DATA = {
   "listops": dict(
     task="lra/listops",
-    data=dict(min_length=500, max_length=2000, max_depth=10, max_args=10),
+    data=dict(min_length=500, max_length=2000, max_depth=10, max_args=10, source=""),
     counts=(96_000, 2_000, 2_000),
   ),
   "pathfinder": dict(
