@@ -46,11 +46,11 @@ def reference(q, k, v, log_decay, bonus, segment_ids, scale, normalize, eps=1e-6
 
 CASES = {
   "plain_normalized": dict(decay=None, bonus=False, normalize=True),
+  "fixed_decay": dict(decay="H", bonus=False, normalize=False),
   "scalar_decay_segments": dict(decay="BTH", bonus=False, normalize=False, segments=True),
   "channel_decay_bonus": dict(decay="BTHK", bonus=True, normalize=False),
 }
 SLOW_CASES = {  # opt-in (ATTNZOO_SLOW_TESTS=1)
-  "fixed_decay": dict(decay="H", bonus=False, normalize=False),
   "channel_decay": dict(decay="BTHK", bonus=False, normalize=False),
 }
 
@@ -83,7 +83,7 @@ def test_both_scans_weigh_every_pair_once(case):
     pytest.param(
       "linear_attention", dict(num_heads=2, feature_dim=4, implementation="xla"), marks=slow
     ),
-    ("retnet", dict(num_heads=2, rope=False, implementation="xla")),
+    pytest.param("retnet", dict(num_heads=2, rope=False, implementation="xla"), marks=slow),
     ("mamba2", dict(d_state=8, head_dim=8, ngroups=2, implementation="xla")),
   ],
 )
@@ -101,6 +101,7 @@ def test_symmetric_weights_reverse_with_the_input(name, kwargs):
   assert relative_error(causal.apply(params, x), out) > 1e-2
 
 
+@slow  # the op's segments are checked against the reference in scalar_decay_segments
 def test_padding_segment_stays_out_of_real_tokens():
   mixer = build_mixer("gla", d_model=16, causal=False, num_heads=2, implementation="xla")
   x = jax.random.normal(jax.random.key(3), (B, T, 16))
