@@ -4,7 +4,7 @@
       [--config.train.lr=1e-3 ...]
   attnzoo eval --workdir DIR
   attnzoo sweep --config configs/sweeps/mqar_lr.py:mixers=attention --workdir DIR
-  attnzoo bench attention|linear [...]
+  attnzoo bench attention|linear|ssm [...]
   attnzoo demo [--workdir DIR]
   attnzoo data prepare lra/listops --out DIR [--workers N] [--config.data.num_train=...]
 
@@ -185,7 +185,7 @@ def main(argv=None):
   p.add_argument("--quiet", action="store_true")
   p.set_defaults(fn=cmd_sweep)
   p = sub.add_parser("bench", help="kernel benchmarks (run on the accelerator)", add_help=False)
-  p.add_argument("name", help="attention | linear")
+  p.add_argument("name", help="attention | linear | ssm")
   p.set_defaults(fn=cmd_bench)
   p = sub.add_parser("demo", help="train a few mixers on MQAR and print a table")
   p.add_argument("--workdir", default="workdirs/demo")

@@ -8,6 +8,12 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
+# One persistent XLA compilation cache per checkout, shared by the test workers and the training
+# subprocesses they start (set before jax is imported): identical programs — the same tiny model
+# in several tests, a run and its resumption — compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 # Further cases of what the default suite already covers once (more TPU-interpret variants):
 # run with ATTNZOO_SLOW_TESTS=1; skipped otherwise, to keep `make test` inside its budget.
 slow = pytest.mark.skipif(

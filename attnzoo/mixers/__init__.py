@@ -32,6 +32,7 @@ from attnzoo.mixers import (
   lawcat,  # noqa: F401,E402
   lightning,  # noqa: F401,E402
   linear_attention,  # noqa: F401,E402
+  mamba,  # noqa: F401,E402
   mamba2,  # noqa: F401,E402
   retnet,  # noqa: F401,E402
   rwkv6,  # noqa: F401,E402

@@ -23,6 +23,7 @@ import numpy as np
 
 from attnzoo.ops import delta_rule as dr_ops
 from attnzoo.ops import linear_attention as la_ops
+from attnzoo.ops import selective_scan as ss_ops
 from attnzoo.ops import short_conv as conv_ops
 
 F32 = jnp.float32
@@ -96,6 +97,7 @@ def _eager_jit(op: Callable, *static: str) -> Callable:
 _conv_op = _eager_jit(conv_ops.short_conv)
 _la_op = _eager_jit(la_ops.linear_attention, "scale", "normalize", "eps")
 _dr_op = _eager_jit(dr_ops.delta_rule, "scale")
+_ss_op = _eager_jit(ss_ops.selective_scan, "delta_softplus")
 
 
 def _run_or_decode(
@@ -138,6 +140,19 @@ def conv_kernel_init(kernel_size: int) -> Callable:
 
   def init(key, shape, dtype=F32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def dt_bias_init(dt_min: float, dt_max: float, floor: float) -> Callable:
+  """Mamba's step-size bias (mamba_ssm): softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+  and at least `floor`, so that softplus(bias) starts at dt."""
+
+  def init(key, shape, dtype=F32):
+    log_min, log_max = math.log(dt_min), math.log(dt_max)
+    dt = jnp.exp(jax.random.uniform(key, shape, dtype) * (log_max - log_min) + log_min)
+    dt = jnp.maximum(dt, floor)
+    return dt + jnp.log(-jnp.expm1(-dt))  # softplus^-1
 
   return init
 
@@ -331,6 +346,69 @@ class DeltaRuleOp(nn.Module):
     return hidden_attention(
       _dr_op, q, k, beta, scale=self.scale, log_decay=log_decay, segment_ids=segment_ids
     )
+
+
+class SelectiveScanOp(nn.Module):
+  """attnzoo.ops.selective_scan with its decoding state: no parameters; the "cache"
+  collection's "state" [B,D,N] float32. x, delta [B,T,D], A [D,N], B, C [B,T,N], D and
+  delta_bias [D] or None, as in the op (dt = softplus(delta + delta_bias))."""
+
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array | None = None,
+    delta_bias: jax.Array | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, d_inner = x.shape
+    op = functools.partial(
+      _ss_op, x, delta, A, B, C, D, delta_bias=delta_bias, implementation=self.implementation
+    )
+
+    def step(state):
+      return ss_ops.step(state, x[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D, delta_bias=delta_bias)
+
+    init = functools.partial(ss_ops.init_state, batch, d_inner, A.shape[1])
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+  def attention_matrix(
+    self,
+    x: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    delta_bias: jax.Array | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
+    """[B,D,T,T]: the hidden attention of the scan per channel (Ali et al. 2024, "The Hidden
+    Attention of Mamba Models"), y_t[d] = sum_s M[d,t,s] x_s[d] without the D skip. The scan
+    is linear in x, so it runs once on one-hot inputs, one channel per (d, s)."""
+    batch, steps, d_inner = x.shape
+    one_hot = jnp.broadcast_to(jnp.eye(steps, dtype=F32), (batch, d_inner, steps, steps))
+    one_hot = jnp.transpose(one_hot, (0, 2, 1, 3)).reshape(batch, steps, d_inner * steps)
+    rep = lambda z, axis: None if z is None else jnp.repeat(z.astype(F32), steps, axis=axis)
+    rows = _ss_op(
+      one_hot,
+      rep(delta, -1),
+      rep(A, 0),
+      B.astype(F32),
+      C.astype(F32),
+      delta_bias=rep(delta_bias, 0),
+      segment_ids=segment_ids,
+      implementation="xla",
+    )
+    return jnp.transpose(rows.reshape(batch, steps, d_inner, steps), (0, 2, 1, 3))
 
 
 # ----------------------------------------------------------------------------- feature maps

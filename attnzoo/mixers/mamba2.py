@@ -20,14 +20,19 @@ before the gate; unlike Vim the two directions share their parameters (apples-to
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import GatedRMSNorm, LinearAttentionOp, ShortConv, state_bytes
+from attnzoo.mixers.layers import (
+  GatedRMSNorm,
+  LinearAttentionOp,
+  ShortConv,
+  dt_bias_init,
+  state_bytes,
+)
 from attnzoo.mixers.registry import dense_init, output_init, register
 
 
@@ -93,16 +98,8 @@ class Mamba2(nn.Module):
       (heads,),
     )
 
-    def dt_bias_init(key, shape):
-      dt = jnp.exp(
-        jax.random.uniform(key, shape, jnp.float32)
-        * (math.log(self.dt_max) - math.log(self.dt_min))
-        + math.log(self.dt_min)
-      )
-      dt = jnp.maximum(dt, self.dt_init_floor)
-      return dt + jnp.log(-jnp.expm1(-dt))  # softplus^-1
-
-    self.dt_bias = self.param("dt_bias", dt_bias_init, (heads,))
+    dt_init = dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor)
+    self.dt_bias = self.param("dt_bias", dt_init, (heads,))
     self.D = self.param("D", nn.initializers.ones, (heads,))
     self.norm = GatedRMSNorm(
       group_size=d_inner // self.ngroups, norm_before_gate=False, eps=self.norm_eps

@@ -3,6 +3,7 @@ state_size equal to the bytes of the real decoding state, the declared capabilit
 (bidirectional form or a one-line refusal, block_ids)."""
 
 import dataclasses
+import functools
 import inspect
 
 import jax
@@ -32,6 +33,7 @@ TEST_KWARGS = {
   "retnet": dict(num_heads=2, implementation="xla"),
   "lightning": dict(num_heads=2, layer_idx=1, num_layers=3, implementation="xla"),
   "mamba2": dict(d_state=8, head_dim=8, ngroups=2, implementation="xla"),
+  "mamba": dict(d_state=4, implementation="xla"),
 }
 D, B, T = 16, 2, 13
 
@@ -44,14 +46,24 @@ def x_input(seed=0):
   return jax.random.normal(jax.random.key(seed), (B, T, D))
 
 
+def output_and_grad_at(mixer, x, t, seed=1):
+  """The mixer's output and d out[:, t].sum() / d x, compiled (eager op-by-op dispatch of a
+  whole mixer costs seconds per test on the CPU)."""
+
+  @jax.jit
+  def run(x):
+    params = mixer.init(jax.random.key(seed), x)
+    out = mixer.apply(params, x)
+    return out, jax.grad(lambda x: mixer.apply(params, x)[:, t].sum())(x)
+
+  return run(x)
+
+
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_shape_and_causality(name):
-  mixer = make(name)
-  x = x_input()
-  params = mixer.init(jax.random.key(1), x)
-  assert mixer.apply(params, x).shape == (B, T, D)
   t = 6  # d out[:, t] / d x[:, s] must vanish for s > t
-  grad = jax.grad(lambda x: mixer.apply(params, x)[:, t].sum())(x)
+  out, grad = output_and_grad_at(make(name), x_input(), t)
+  assert out.shape == (B, T, D)
   assert np.abs(np.asarray(grad[:, t + 1 :])).max() == 0
   assert np.abs(np.asarray(grad[:, : t + 1])).max() > 0
 
@@ -61,19 +73,14 @@ def test_shape_and_causality(name):
 def test_decode_equals_forward(name, prefill):
   mixer = make(name)
   x = x_input(2)
-  params = mixer.init(jax.random.key(3), x)["params"]
-  full = mixer.apply({"params": params}, x)
-  cache = mixer.init(jax.random.key(3), x, decode=True)["cache"]
+  params = jax.jit(mixer.init)(jax.random.key(3), x)["params"]
+  full = jax.jit(mixer.apply)({"params": params}, x)
+  cache = jax.jit(functools.partial(mixer.init, decode=True))(jax.random.key(3), x)["cache"]
+  step = jax.jit(functools.partial(mixer.apply, decode=True, mutable=["cache"]))
   outs, start = [], 0
   for stop in [prefill, *range(prefill + 1, T + 1)]:
     positions = jnp.broadcast_to(jnp.arange(start, stop), (B, stop - start))
-    out, variables = mixer.apply(
-      {"params": params, "cache": cache},
-      x[:, start:stop],
-      positions=positions,
-      decode=True,
-      mutable=["cache"],
-    )
+    out, variables = step({"params": params, "cache": cache}, x[:, start:stop], positions=positions)
     outs.append(out)
     cache, start = variables["cache"], stop
   assert relative_error(jnp.concatenate(outs, axis=1), full) < 1e-5
@@ -83,7 +90,8 @@ def test_decode_equals_forward(name, prefill):
 def test_state_size_is_the_decoding_state(name):
   """state_size(T) = bytes (at float32) of the floating-point arrays decoding keeps."""
   mixer = make(name)
-  cache = mixer.init(jax.random.key(0), x_input(), decode=True)["cache"]
+  cache = jax.eval_shape(functools.partial(mixer.init, decode=True), jax.random.key(0), x_input())
+  cache = cache["cache"]
   floats = [a for a in jax.tree.leaves(cache) if jnp.issubdtype(a.dtype, jnp.floating)]
   assert mixer.state_size(T) * B == sum(a.size * 4 for a in floats)
 
@@ -237,10 +245,8 @@ BIDIRECTIONAL = sorted(name for name, cls in MIXERS.items() if cls.bidirectional
 @pytest.mark.parametrize("name", BIDIRECTIONAL)
 def test_bidirectional_mixers_see_the_future(name):
   mixer = build_mixer(name, d_model=D, causal=False, **TEST_KWARGS.get(name, {}))
-  x = x_input()
-  params = mixer.init(jax.random.key(1), x)
   t = 6  # with causal=False, d out[:, t] / d x[:, s] is nonzero for some s > t
-  grad = jax.grad(lambda x: mixer.apply(params, x)[:, t].sum())(x)
+  _, grad = output_and_grad_at(mixer, x_input(), t)
   assert np.abs(np.asarray(grad[:, t + 1 :])).max() > 0
 
 

@@ -264,7 +264,7 @@ def test_launch_order_head_groups():
   seg = jnp.asarray(np.repeat([[0, 1], [2, 2]], 50, axis=1).astype(np.int32))
   small = dict(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=16, block_k_dkv=32)
   results = []
-  for group in (1, 4, 6):
+  for group in (1, 4):  # 1 divides H=6, 4 does not
     tuning = Tuning(**small, head_group=group)
     results.append(
       _flash_value_and_grads(q, k, v, causal=True, window=(40, 0), segment_ids=seg, tuning=tuning)

@@ -15,10 +15,14 @@ import pytest
 from attnzoo.ops import linear_attention as la
 from pallas_kernels.linear_attention import Tuning, default_splits
 from pallas_kernels.linear_attention import linear_attention as kernel
+from tests.conftest import slow
 from tests.ops.test_linear_attention import assert_all_close, loss_and_grads, make_inputs, rel
 
 IMPL = os.environ.get("ATTNZOO_KERNEL_IMPL", "interpret")
 INTERPRET = IMPL != "pallas"
+# further cases of paths the default cases already cover: opt-in in interpret mode (minutes on
+# the CPU), always run by the compiled kernel
+slow_here = slow if INTERPRET else ()
 if not INTERPRET and jax.default_backend() != "gpu":
   pytest.skip("ATTNZOO_KERNEL_IMPL=pallas needs a GPU", allow_module_level=True)
 if not INTERPRET:  # float32 references without TF32
@@ -69,11 +73,11 @@ TUNINGS = {
 @pytest.mark.parametrize(
   "variant,tuning",
   [
-    ("none", "c16"),
-    ("scalar", "c16"),
+    pytest.param("none", "c16", marks=slow_here),
+    pytest.param("scalar", "c16", marks=slow_here),
     ("vector", "c32"),
     ("vector", "c32s16"),
-    ("bonus", "c16"),
+    pytest.param("bonus", "c16", marks=slow_here),
     ("bonus", "c32"),
     ("retnet", "c32"),
   ],
@@ -93,7 +97,10 @@ def test_kernel_float32(variant, tuning):
   assert_all_close(got, want, 1e-5, f"{variant} ")
 
 
-@pytest.mark.parametrize("variant", ["none", "scalar", "vector"])
+@pytest.mark.parametrize(
+  "variant",
+  [pytest.param("none", marks=slow_here), pytest.param("scalar", marks=slow_here), "vector"],
+)
 def test_kernel_state_tiles_over_k(variant):
   """K=40 (padded to 64) in 16-wide K tiles of the state kernels and (no decay, vector decay)
   of the gradient kernel, V=20 in 16-wide V tiles."""
@@ -116,7 +123,13 @@ def test_kernel_state_tiles_over_k(variant):
 
 
 @pytest.mark.parametrize(
-  "variant,splits", [("none", 4), ("scalar", 2), ("vector", 4), ("bonus", 2)]
+  "variant,splits",
+  [
+    pytest.param("none", 4, marks=slow_here),
+    ("scalar", 2),
+    ("vector", 4),
+    pytest.param("bonus", 2, marks=slow_here),
+  ],
 )
 def test_kernel_split_sequence(variant, splits):
   """The sequential kernels walking 2 or 4 pieces of the sequence in parallel (chunk 16,
@@ -170,7 +183,7 @@ def _full_decay(kw, q):
   return g
 
 
-@pytest.mark.parametrize("variant", ["scalar", "bonus"])
+@pytest.mark.parametrize("variant", [pytest.param("scalar", marks=slow_here), "bonus"])
 def test_kernel_bf16(variant):
   q, k, v, kw = make_inputs(variant, seed=12)
   bf = lambda x: x.astype(jnp.bfloat16)
@@ -182,7 +195,7 @@ def test_kernel_bf16(variant):
   assert_all_close(got, want, 1e-2, f"bf16 {variant} ")
 
 
-@pytest.mark.parametrize("variant", ["normalized", "vector"])
+@pytest.mark.parametrize("variant", ["normalized", pytest.param("vector", marks=slow_here)])
 def test_op_dispatch_default_tuning(variant):
   """Through linear_attention(implementation=...), default blocks (chunk 64), T=150."""
   q, k, v, kw = make_inputs(variant, seed=13, t=150)

@@ -59,13 +59,19 @@ def test_train_writes_metrics_config_tensorboard_checkpoint(tmp_path):
   assert train(tiny_mqar_config(), tmp_path, quiet=True) == summary
 
 
-def test_sigkill_and_resume_is_bit_exact(tmp_path):
-  steps = 300
-  reference, killed = tmp_path / "reference", tmp_path / "killed"
+def test_sigkill_and_resume_is_bit_exact_and_four_devices_match_one(tmp_path):
+  """A run killed by SIGKILL and resumed equals an uninterrupted run bit for bit; the same
+  config on 4 (fake CPU) devices, batch sharded over `data`, logs the same losses."""
+  steps = 100
+  reference, killed, four = tmp_path / "reference", tmp_path / "killed", tmp_path / "four"
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  log = (tmp_path / "reference.log").open("w")
-  # the uninterrupted reference run goes on beside the killed and resumed ones
-  uninterrupted = subprocess.Popen(cli(reference, steps), env=env, stdout=log, stderr=log)
+  env4 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  logs = {n: (tmp_path / f"{n}.log").open("w") for n in ("reference", "four")}
+  # the uninterrupted runs go on beside the killed and resumed ones
+  uninterrupted = [
+    subprocess.Popen(cli(d, steps), env=e, stdout=logs[n], stderr=logs[n])
+    for n, d, e in (("reference", reference, env), ("four", four, env4))
+  ]
   process = subprocess.Popen(
     cli(killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
@@ -73,16 +79,21 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
   while time.time() < deadline and not any(
     p.name.isdigit() and int(p.name) >= 30 for p in (killed / "checkpoints").glob("*")
   ):
-    time.sleep(0.02)
+    time.sleep(0.01)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
   subprocess.run(cli(killed, steps), check=True, env=env, capture_output=True)
-  assert uninterrupted.wait() == 0, (tmp_path / "reference.log").read_text()[-2000:]
+  for name, run in zip(logs, uninterrupted):
+    assert run.wait() == 0, (tmp_path / f"{name}.log").read_text()[-2000:]
   assert losses(killed) == losses(reference)
   assert len(losses(reference)) == steps // 5
   for a, b in zip(final_params(killed), final_params(reference)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert [s for s, _ in losses(four)] == [s for s, _ in losses(reference)]
+  np.testing.assert_allclose(
+    [l for _, l in losses(four)], [l for _, l in losses(reference)], rtol=1e-4
+  )
 
 
 def test_half_written_checkpoint_is_never_restored(tmp_path):
@@ -133,13 +144,3 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   train(tiny_mqar_config(**{"train.num_steps": 10}), tmp_path, quiet=True)
   with pytest.raises(ValueError, match="different config"):
     train(tiny_mqar_config(**{"train.num_steps": 10, "train.lr": 1e-4}), tmp_path, quiet=True)
-
-
-def test_data_parallel_on_four_devices_matches_one(tmp_path):
-  """The same config on 4 (fake CPU) devices, batch sharded over `data`, logs the same losses."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  subprocess.run(cli(tmp_path / "four", 20), check=True, env=env, capture_output=True)
-  subprocess.run(cli(tmp_path / "one", 20), check=True, capture_output=True)
-  four, one = losses(tmp_path / "four"), losses(tmp_path / "one")
-  assert [s for s, _ in four] == [s for s, _ in one]
-  np.testing.assert_allclose([l for _, l in four], [l for _, l in one], rtol=1e-4)

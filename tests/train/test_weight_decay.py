@@ -59,6 +59,11 @@ EXPECTED = {
   # mamba_ssm: A_log, D and dt_bias are marked _no_weight_decay; biases and norms are not
   # decayed.
   "mamba2": ("conv/kernel in_proj/kernel out_proj/kernel", "A_log D conv/bias dt_bias norm/scale"),
+  # Mamba-1 (mamba_simple.py): the same three, plus x_proj and dt_proj weights decayed.
+  "mamba": (
+    "conv/kernel dt_proj/kernel in_proj/kernel out_proj/kernel x_proj/kernel",
+    "A_log D conv/bias dt_bias",
+  ),
 }
 
 
