@@ -8,6 +8,7 @@
   attnzoo demo [--workdir DIR]
   attnzoo generate --workdir DIR --prompt "ROMEO:" [--max_new_tokens 500 --temperature 0.8
       --top_k 40 --top_p 1.0 --num_samples 1 --seed 0]
+  attnzoo data prepare lra/listops --out DIR [--workers N] [--config.data.num_train=...]
 
 User mistakes (bad config keys or values, impossible shapes, unwritable workdirs, a NaN loss)
 print one line `error: ...` and exit with status 2.
@@ -187,6 +188,24 @@ def cmd_generate(args, extra):
       print(text, end="\n\n" if vocabulary is not None else "\n", flush=True)
 
 
+def cmd_data(args, extra):
+  """Prepares a task's dataset as shards: the task's config file (configs/<name>.py, with
+  --config.data.* overrides) gives the data parameters."""
+  from attnzoo.tasks import TASKS
+
+  spec = _repo_file(f"configs/{args.name}.py")
+  if not pathlib.Path(spec).is_file():
+    raise ConfigError(f"unknown dataset {args.name!r} (no configs/{args.name}.py)")
+  config = _config_with_overrides(spec, extra)
+  task = TASKS.get(config.task)
+  if task is None or not hasattr(task, "prepare"):
+    raise ConfigError(f"task {config.task!r} has no data to prepare")
+  if args.workers < 1:
+    raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+  meta = task.prepare(config, args.out, workers=args.workers, progress=not args.quiet)
+  print(json.dumps(meta))
+
+
 def _repo_file(spec: str) -> str:
   """Resolves a config path relative to the repository when not found from the cwd."""
   path, sep, arg = spec.partition(":")
@@ -231,6 +250,15 @@ def main(argv=None):
   p.add_argument("--num_samples", type=int, default=1, help="samples per prompt (one batch)")
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(fn=cmd_generate)
+  p = sub.add_parser(
+    "data", help="prepare a dataset as shards (data prepare lra/listops --out DIR)"
+  )
+  p.add_argument("action", choices=["prepare"])
+  p.add_argument("name", help="lra/listops | lra/pathfinder | lra/pathx")
+  p.add_argument("--out", required=True)
+  p.add_argument("--workers", type=int, default=1)
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(fn=cmd_data)
   args, extra = parser.parse_known_args(argv)
   if args.command in ("train", "sweep"):
     args.config = _repo_file(args.config)

@@ -104,6 +104,28 @@ CASES = [
     ["train", "--config", f"{REPO}/configs/icl/icl.py:format=grid", "--quiet"],
     "error: unknown prompt format 'grid'",
   ),
+  # LRA data
+  (["data", "prepare", "lra/nope", "--out", "/tmp/x"], "error: unknown dataset 'lra/nope'"),
+  (
+    ["train", "--config", f"{REPO}/configs/lra/listops.py:data_dir=/nonexistent/lo,d_model=16"],
+    "error: no prepared lra/listops data in '/nonexistent/lo'; run: attnzoo data prepare",
+  ),
+  (
+    ["train", "--config", f"{REPO}/configs/lra/pathfinder.py:resolution=64"],
+    "error: Pathfinder resolution must be 32 or 128, got 64",
+  ),
+  (
+    ["train", "--config", f"{REPO}/configs/lra/listops.py:setting=big"],
+    "error: unknown setting 'big' for lra/listops; use lra or s4",
+  ),
+  (
+    ["train", "--config", f"{REPO}/configs/lra/text.py:d_model=16"],
+    "error: lra/text needs its dataset: download aclImdb_v1.tar.gz",
+  ),
+  (
+    ["data", "prepare", "lra/image", "--out", "/tmp/x", "--config.data.source=/nonexistent"],
+    "error: a CIFAR-10 batch not found at '/nonexistent/data_batch_1'",
+  ),
 ]
 
 

@@ -49,9 +49,10 @@ class Based(nn.Module):
   feature_dim: int = 16
   eps: float = 1e-12
   implementation: str = "auto"
+  causal: bool = True
   dtype: Any = jnp.float32
 
-  bidirectional: ClassVar[bool] = False
+  bidirectional: ClassVar[bool] = True  # forward + reverse scans (LinearAttentionOp)
 
   def _head_dim(self):
     return per_head(self.d_model, self.num_heads)
@@ -71,7 +72,11 @@ class Based(nn.Module):
     self.v = dense(head_dim)
     self.out = head_output(self.d_model, self.num_layers, self.dtype)
     self.attn = LinearAttentionOp(
-      scale=1.0, normalize=True, eps=self.eps, implementation=self.implementation
+      causal=self.causal,
+      scale=1.0,
+      normalize=True,
+      eps=self.eps,
+      implementation=self.implementation,
     )
 
   def _features(self, x):

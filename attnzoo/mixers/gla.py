@@ -38,9 +38,10 @@ class GLA(nn.Module):
   output_gate: bool = True
   norm_eps: float = 1e-5
   implementation: str = "auto"
+  causal: bool = True
   dtype: Any = jnp.float32
 
-  bidirectional: ClassVar[bool] = False
+  bidirectional: ClassVar[bool] = True  # forward + reverse scans (LinearAttentionOp)
 
   def _dims(self):
     k_total, v_total = int(self.d_model * self.expand_k), int(self.d_model * self.expand_v)
@@ -70,7 +71,9 @@ class GLA(nn.Module):
     else:
       self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
     self.out = head_output(self.d_model, self.num_layers, self.dtype)
-    self.attn = LinearAttentionOp(scale=k_dim**-0.5, implementation=self.implementation)
+    self.attn = LinearAttentionOp(
+      causal=self.causal, scale=k_dim**-0.5, implementation=self.implementation
+    )
 
   def _features(self, x):
     log_decay = jax.nn.log_sigmoid(self.gate_up(self.gate_down(x)).astype(jnp.float32))

@@ -41,9 +41,10 @@ class HGRN2(nn.Module):
   lower_bound: bool = True
   norm_eps: float = 1e-5
   implementation: str = "auto"
+  causal: bool = True
   dtype: Any = jnp.float32
 
-  bidirectional: ClassVar[bool] = False
+  bidirectional: ClassVar[bool] = True  # forward + reverse scans (LinearAttentionOp)
 
   def _dims(self):
     head_v = per_head(self.d_model, self.num_heads)
@@ -70,7 +71,9 @@ class HGRN2(nn.Module):
       )
     self.norm = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype)
     self.out = head_output(self.d_model, self.num_layers, self.dtype)
-    self.attn = LinearAttentionOp(scale=f_dim**-0.5, implementation=self.implementation)
+    self.attn = LinearAttentionOp(
+      causal=self.causal, scale=f_dim**-0.5, implementation=self.implementation
+    )
 
   def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(log forget gate, key = 1 - forget gate), float32 [B,T,H,F]."""

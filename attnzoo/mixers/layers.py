@@ -203,12 +203,20 @@ class ShortConv(nn.Module):
 class LinearAttentionOp(nn.Module):
   """attnzoo.ops.linear_attention with its decoding state: no parameters; the "cache"
   collection's "state" [B,H,K,V(+1 with normalize)] float32. log_decay: None | [H] | [B,T,H] |
-  [B,T,H,K], bonus: None | [H,K], as in the op."""
+  [B,T,H,K], bonus: None | [H,K], as in the op.
+
+  causal=False: the bidirectional form, a forward scan plus a reverse scan (the op on the
+  time-reversed inputs, reversed back) minus the diagonal they both count, so every pair (t, s)
+  is weighted once: plain linear attention becomes the non-causal form of Katharopoulos et al.
+  (2020, eq. 2), a decay becomes the product of the decays between t and s in either
+  direction (the reverse scan of Vision Mamba, Zhu et al. 2024, with the forward scan's
+  parameters). With `normalize`, numerator and key sum are both bidirectional. No decoding."""
 
   scale: float
   normalize: bool = False
   eps: float = 1e-6
   implementation: str = "auto"
+  causal: bool = True
 
   def _kwargs(self) -> dict:
     return dict(scale=self.scale, normalize=self.normalize, eps=self.eps)
@@ -226,6 +234,10 @@ class LinearAttentionOp(nn.Module):
     decode: bool = False,
   ) -> jax.Array:
     batch, steps, heads, k_dim = q.shape
+    if not self.causal:
+      if decode:
+        raise ValueError("the bidirectional (non-causal) form does not decode")
+      return self._both_directions(q, k, v, log_decay, bonus, segment_ids, self.implementation)
     op = functools.partial(
       _la_op,
       q,
@@ -246,6 +258,29 @@ class LinearAttentionOp(nn.Module):
     )
     return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
 
+  def _both_directions(self, q, k, v, log_decay, bonus, segment_ids, implementation) -> jax.Array:
+    flip = lambda a: a if a is None or a.ndim < 2 else jnp.flip(a, 1)  # [H] decays: no time
+    ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
+    v_aug = jnp.concatenate([v, ones], -1) if self.normalize else v
+    scan = lambda q, k, v, g, seg: _la_op(
+      q,
+      k,
+      v,
+      scale=self.scale,
+      log_decay=g,
+      bonus=bonus,
+      segment_ids=seg,
+      implementation=implementation,
+    )
+    forward = scan(q, k, v_aug, log_decay, segment_ids).astype(F32)
+    reverse = flip(scan(flip(q), flip(k), flip(v_aug), flip(log_decay), flip(segment_ids)))
+    qk = q.astype(F32) * k.astype(F32) * (1.0 if bonus is None else bonus.astype(F32))
+    diagonal = self.scale * qk.sum(-1, keepdims=True) * v_aug.astype(F32)
+    o = forward + reverse.astype(F32) - diagonal
+    if self.normalize:
+      o = o[..., :-1] / (o[..., -1:] + self.eps)
+    return o.astype(v.dtype)
+
   def attention_matrix(
     self,
     q: jax.Array,
@@ -255,7 +290,12 @@ class LinearAttentionOp(nn.Module):
     *,
     segment_ids: jax.Array | None = None,
   ) -> jax.Array:
-    """[B,H,T,T]: the hidden attention of the op as configured."""
+    """[B,H,T,T]: the hidden attention of the op as configured (causal=False: of both scans)."""
+    if not self.causal:
+      both = lambda q, k, v, implementation: self._both_directions(
+        q, k, v, log_decay, bonus, segment_ids, implementation
+      )
+      return hidden_attention(both, q, k)
     return hidden_attention(
       _la_op, q, k, log_decay=log_decay, bonus=bonus, segment_ids=segment_ids, **self._kwargs()
     )

@@ -63,9 +63,10 @@ class Lightning(nn.Module):
   gate_activation: str = "identity"  # on the output gate u (TransNormerLLM: none)
   norm_eps: float = 1e-6
   implementation: str = "auto"
+  causal: bool = True
   dtype: Any = jnp.float32
 
-  bidirectional: ClassVar[bool] = False
+  bidirectional: ClassVar[bool] = True  # forward + reverse scans (LinearAttentionOp)
 
   def _head_dim(self):
     return per_head(self.d_model, self.num_heads)
@@ -89,7 +90,7 @@ class Lightning(nn.Module):
         10000.0 ** (-2.0 / shape[0] * jnp.arange(shape[0], dtype=jnp.float32))
       )
       self.lrpe_theta = self.param("lrpe_theta", init, (heads * head_dim,))
-    self.attn = LinearAttentionOp(scale=1.0, implementation=self.implementation)
+    self.attn = LinearAttentionOp(causal=self.causal, scale=1.0, implementation=self.implementation)
 
   def _log_decay(self):
     return lightning_log_decay(self.num_heads, self.layer_idx, self.num_layers)

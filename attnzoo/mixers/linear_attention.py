@@ -55,9 +55,10 @@ class LinearAttention(nn.Module):
   performer_seed: int = 0
   cosformer_horizon: int = 1024
   implementation: str = "auto"
+  causal: bool = True
   dtype: Any = jnp.float32
 
-  bidirectional: ClassVar[bool] = False
+  bidirectional: ClassVar[bool] = True  # forward + reverse scans (LinearAttentionOp)
 
   def _dims(self):
     head_dim = per_head(self.d_model, self.num_heads)
@@ -89,6 +90,7 @@ class LinearAttention(nn.Module):
     self.q, self.k, self.v = dense(qk_dim), dense(qk_dim), dense(head_dim)
     self.out = head_output(self.d_model, self.num_layers, self.dtype)
     self.attn = LinearAttentionOp(
+      causal=self.causal,
       scale=self._scale(),
       normalize=self.normalize,
       eps=self.eps,

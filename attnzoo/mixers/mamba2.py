@@ -12,6 +12,10 @@ i.e. linear_attention(q=C, k=B, v=x dt, log_decay=-exp(A_log) dt, scale=1). B an
 U[1, 16] (A_log = log A), dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 1e-1] floored
 at 1e-4, D = 1; projections N(0, 0.02) (out: 0.02 / sqrt(2 L)) as in Zoology.
 Decoding keeps the SSM state H x N x P and the conv buffer (d_conv - 1) x (d_inner + 2 G N).
+
+causal=False (encoders): the bidirectional form of Vision Mamba (Zhu et al. 2024): the conv +
+SSM branch also runs on the time-reversed input, reversed back, and the two outputs are summed
+before the gate; unlike Vim the two directions share their parameters (apples-to-apples sizes).
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ class Mamba2(nn.Module):
   dt_init_floor: float = 1e-4
   norm_eps: float = 1e-5
   implementation: str = "auto"
+  causal: bool = True
   dtype: Any = jnp.float32
 
-  bidirectional: ClassVar[bool] = False
+  bidirectional: ClassVar[bool] = True  # forward + reverse conv and SSM (Vim)
 
   def _dims(self):
     d_inner = self.expand * self.d_model
@@ -128,18 +133,34 @@ class Mamba2(nn.Module):
     segment_ids: jax.Array | None = None,
     decode: bool = False,
   ) -> jax.Array:
+    z, y = self._scan(u, segment_ids, decode)
+    if not self.causal:
+      if decode:
+        raise ValueError("the bidirectional (non-causal) form does not decode")
+      flip = lambda a: None if a is None else jnp.flip(a, 1)
+      y = y + flip(self._scan(flip(u), flip(segment_ids), False)[1])
+    return self.out_proj(self.norm(y, z))
+
+  def _scan(self, u, segment_ids, decode):
+    """(gate z, SSM output with the D skip [B, T, d_inner]) of one causal pass."""
     z, x, b, c, dt, log_decay = self._ssm_inputs(u, segment_ids, decode)
     v = (x * dt[..., None]).astype(x.dtype)
     y = self.ssd(c, b, v, log_decay, segment_ids=segment_ids, decode=decode)
     y = y + (self.D[:, None] * x).astype(y.dtype)
-    y = y.reshape(*y.shape[:2], -1)
-    return self.out_proj(self.norm(y, z))
+    return z, y.reshape(*y.shape[:2], -1)
 
   def attention_matrix(
     self, u: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
   ) -> jax.Array:
     """[B,H,T,T]: the hidden attention of the SSM, (C_t . B_s) exp(sum_{s<r<=t} log a_r) dt_s
     (y = A x + D x; the D skip and the gate are not included)."""
+    a = self._causal_matrix(u, segment_ids)
+    if not self.causal:  # the reverse pass's matrix, mapped back to the original order
+      flip = lambda a: None if a is None else jnp.flip(a, 1)
+      a = a + jnp.flip(self._causal_matrix(flip(u), flip(segment_ids)), (-2, -1))
+    return a
+
+  def _causal_matrix(self, u, segment_ids):
     _, _, b, c, dt, log_decay = self._ssm_inputs(u, segment_ids, False)
     a = self.ssd.attention_matrix(c, b, log_decay, segment_ids=segment_ids)
     return a * jnp.transpose(dt, (0, 2, 1))[:, :, None, :]

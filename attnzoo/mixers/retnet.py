@@ -42,9 +42,10 @@ class RetNet(nn.Module):
   norm: str = "layernorm"  # per-head GroupNorm; "rmsnorm" as in later implementations
   norm_eps: float = 1e-5
   implementation: str = "auto"
+  causal: bool = True
   dtype: Any = jnp.float32
 
-  bidirectional: ClassVar[bool] = False
+  bidirectional: ClassVar[bool] = True  # forward + reverse scans (LinearAttentionOp)
 
   def _dims(self):
     key_dim = per_head(self.d_model, self.num_heads)
@@ -65,7 +66,9 @@ class RetNet(nn.Module):
     self.v, self.g = dense(value_dim), dense(value_dim)
     self.out = head_output(self.d_model, self.num_layers, self.dtype)
     self.group_norm = HeadNorm(kind=self.norm, affine=False, eps=self.norm_eps)
-    self.attn = LinearAttentionOp(scale=key_dim**-0.5, implementation=self.implementation)
+    self.attn = LinearAttentionOp(
+      causal=self.causal, scale=key_dim**-0.5, implementation=self.implementation
+    )
 
   def _qk(self, x, positions):
     q, k = self.q(x), self.k(x)

@@ -7,6 +7,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from attnzoo.models.dual_encoder import DualEncoderClassifier
 from attnzoo.models.encoder import EncoderClassifier
 from attnzoo.models.lm import DecoderLM
 from attnzoo.models.regressor import Regressor
@@ -15,6 +16,7 @@ MODELS: dict[str, type[nn.Module]] = {
   "causal_lm": DecoderLM,
   "classifier": EncoderClassifier,
   "regressor": Regressor,
+  "dual_encoder": DualEncoderClassifier,
 }
 
 

@@ -45,6 +45,21 @@ class EncoderClassifier(Backbone):
     segment_ids: jax.Array | None = None,
     block_ids: jax.Array | None = None,
   ) -> jax.Array:
+    features = self.features(
+      tokens, mask=mask, positions=positions, segment_ids=segment_ids, block_ids=block_ids
+    )
+    return self.classifier(features)
+
+  def features(
+    self,
+    tokens: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    block_ids: jax.Array | None = None,
+  ) -> jax.Array:
+    """The pooled encoding [B, d_model] float32 (before the classifier)."""
     positions = self.positions(tokens.shape, positions, False)
     if mask is not None and segment_ids is None:
       segment_ids = mask.astype(jnp.int32)
@@ -54,7 +69,7 @@ class EncoderClassifier(Backbone):
       segment_ids=segment_ids,
       block_ids=block_ids,
     )
-    return self.classifier(pool(x, mask, self.pooling).astype(jnp.float32))
+    return pool(x, mask, self.pooling).astype(jnp.float32)
 
 
 def pool(x: jax.Array, mask: jax.Array | None, pooling: str) -> jax.Array:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 Batch = dict[str, np.ndarray]
-MODEL_KINDS = ("causal_lm", "classifier", "regressor")
+MODEL_KINDS = ("causal_lm", "classifier", "regressor", "dual_encoder")
 
 TASKS: dict[str, type[Task]] = {}
 

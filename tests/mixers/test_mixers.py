@@ -261,7 +261,7 @@ def test_causal_only_mixers_refuse_in_one_line(name):
     build_mixer(name, d_model=D, causal=False, **TEST_KWARGS.get(name, {}))
   message = str(error.value)
   assert "\n" not in message and message.startswith(f"mixer {name!r} is causal-only")
-  assert "bidirectional mixers: attention, gated_attention, sliding_window" in message
+  assert f"bidirectional mixers: {', '.join(BIDIRECTIONAL)}" in message
 
 
 def test_non_causal_sliding_window_is_symmetric():

@@ -59,10 +59,10 @@ def test_encoder_refuses_a_causal_only_mixer():
     num_classes=2,
     d_model=16,
     num_layers=1,
-    mixers=("gla",),
+    mixers=("deltanet",),
     mixer_kwargs={"num_heads": 2},
   )
-  with pytest.raises(ValueError, match="mixer 'gla' is causal-only"):
+  with pytest.raises(ValueError, match="mixer 'deltanet' is causal-only"):
     model.init(jax.random.key(0), tokens())
 
 

@@ -31,6 +31,31 @@ SMALL = {
     f"{REPO}/configs/lm.py:mixer=attention,d_model=16,num_layers=1,seq_len=32,batch_size=8",
     {"data.eval_windows": 16, "data.eval_batch_size": 8},
   ),
+  "lra/listops": (
+    f"{REPO}/configs/lra/listops.py:d_model=16,num_layers=1,num_heads=2,batch_size=4,"
+    "num_train=16,num_val=4,num_test=4,min_length=5,max_length=40",
+    {},
+  ),
+  "lra/pathfinder": (
+    f"{REPO}/configs/lra/pathfinder.py:d_model=16,num_layers=1,num_heads=2,batch_size=2,"
+    "num_train=8,num_val=2,num_test=2,difficulty=easy",
+    {},
+  ),
+  "lra/text": (
+    f"{REPO}/configs/lra/text.py:d_model=16,num_layers=1,num_heads=2,batch_size=3,"
+    f"max_length=48,source={REPO}/tests/fixtures/lra/aclImdb",
+    {"data.eval_batch_size": 2},
+  ),
+  "lra/image": (
+    f"{REPO}/configs/lra/image.py:d_model=16,num_layers=1,num_heads=2,batch_size=2,"
+    f"source={REPO}/tests/fixtures/lra/cifar-10-batches-py",
+    {"data.eval_batch_size": 2},
+  ),
+  "lra/retrieval": (
+    f"{REPO}/configs/lra/retrieval.py:d_model=16,num_layers=1,num_heads=2,batch_size=2,"
+    f"max_length=40,source={REPO}/tests/fixtures/lra/tsv_data",
+    {"data.eval_batch_size": 2},
+  ),
 }
 
 
