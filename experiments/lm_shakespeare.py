@@ -112,14 +112,21 @@ def measure(name: str, mixer: str, num_layers: int | None, root: pathlib.Path, t
   }
 
 
+def best(result: dict) -> tuple[int, float]:
+  """(step, loss) of the lowest validation loss of a run's evaluations."""
+  return min(result["curve"], key=lambda point: point[1])
+
+
 def write_tables(results: dict, path: pathlib.Path, device: str):
   path.with_suffix(".json").write_text(json.dumps(results, indent=2, sort_keys=True))
   header = (
-    "| run | layers | val loss | bits/char | params | state size (B, full context) | "
-    "train tok/s | decode tok/s (B=64) | steps |\n|---|---|---|---|---|---|---|---|---|\n"
+    "| run | layers | best val loss (step) | bits/char at best | final val loss | params | "
+    "state size (B, full context) | train tok/s | decode tok/s (B=64) | steps |\n"
+    "|---|---|---|---|---|---|---|---|---|---|\n"
   )
   row = lambda n, r: (
-    f"| {n} | {r['num_layers']} | {r['val_loss']:.4f} | {r['bits_per_char']:.4f} | "
+    f"| {n} | {r['num_layers']} | {best(r)[1]:.4f} ({best(r)[0]}) | "
+    f"{best(r)[1] / np.log(2):.4f} | {r['val_loss']:.4f} | "
     f"{r['params']:,} | {r['state_size']:,} | {r['train_tokens_per_s']:,.0f} | "
     f"{r['decode_tokens_per_s']:,.0f} | {r['steps']} |\n"
   )
@@ -129,7 +136,9 @@ def write_tables(results: dict, path: pathlib.Path, device: str):
     f"# Tiny Shakespeare, character level, on {device}\n\n",
     "Written by `experiments/lm_shakespeare.py` (configs/lm.py, nanoGPT's shakespeare-char "
     f"recipe, seed 0). nanoGPT reports validation loss {NANOGPT_VAL_LOSS} for its Transformer. "
-    "Decode: greedy, batch 64, 1-token prompt, new tokens up to the full context.\n\n",
+    "Decode: greedy, batch 64, 1-token prompt, new tokens up to the full context. "
+    "Best = the lowest validation loss of the evaluations (every 250 steps), the number nanoGPT "
+    "reports (it keeps the checkpoint of its best evaluation); final = at the last step.\n\n",
   ]
   if any(r["tiny"] for r in results.values()):
     text.append("**Tiny smoke settings (--tiny): not the recipe; numbers are not comparable.**\n\n")

@@ -104,20 +104,22 @@ def backward_kernel(*refs, chunk, n_chunks, softplus, segmented, loop):
   def body(k, dh):
     n = n_chunks - 1 - k
     steps = _chunk_inputs(n, chunk, seq, keep_ref, bias, softplus)
-    dys = [dy_ref[n * chunk + i, :].astype(F32) for i in range(chunk)]
     h = hs_ref[n, :, :]
     states = [h]
     for x, _, dt, b, _, keep in steps:  # recompute the chunk's states (registers)
       h = _decay(dt, a, keep) * h + (dt * x)[None, :] * b[:, None]
       states.append(h)
     da = jnp.zeros_like(a)
-    grads = [None] * chunk
+    # each step's gradients are stored as soon as they are formed: holding the chunk's
+    # gradients for stores at its end (like the forward's outputs) measured slower on an H200
+    # (forward+backward 14.4 ms against 10.5 ms at B=4, T=4096, D=2048, N=16)
     for i in reversed(range(chunk)):
       x, z, dt, b, c, keep = steps[i]
-      dy = dys[i]
+      t = n * chunk + i
+      dy = dy_ref[t, :].astype(F32)
       dh = dh + c[:, None] * dy[None, :]
-      dc = jnp.sum(states[i + 1] * dy[None, :], axis=1)
-      db = jnp.sum(dh * (dt * x)[None, :], axis=1)
+      dct_ref[n, :, i] = jnp.sum(states[i + 1] * dy[None, :], axis=1)
+      dbt_ref[n, :, i] = jnp.sum(dh * (dt * x)[None, :], axis=1)
       du = jnp.sum(dh * b[:, None], axis=0)
       decay = _decay(dt, a, keep)
       g = dh * states[i] * decay
@@ -125,14 +127,9 @@ def backward_kernel(*refs, chunk, n_chunks, softplus, segmented, loop):
       ddt = x * du + jnp.sum(g * a, axis=0)
       if softplus:
         ddt = ddt / (1.0 + jnp.exp(-z))
-      grads[i] = (dskip * dy + dt * du, ddt, db, dc)
-      dh = dh * decay
-    for i, (dx, ddt, db, dc) in enumerate(grads):
-      t = n * chunk + i
-      dx_ref[t, :] = dx.astype(dx_ref.dtype)
+      dx_ref[t, :] = (dskip * dy + dt * du).astype(dx_ref.dtype)
       ddt_ref[t, :] = ddt.astype(ddt_ref.dtype)
-      dbt_ref[n, :, i] = db
-      dct_ref[n, :, i] = dc
+      dh = dh * decay
     da_ref[n, :, :] = da
     return dh
 

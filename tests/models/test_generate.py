@@ -37,9 +37,9 @@ def test_generated_logits_equal_the_full_forward_for_every_mixer():
   cache; the logits of every step equal the full forward's at the same positions."""
   model = every_mixer_lm()
   prompt = jax.random.randint(jax.random.key(0), (2, 5), 0, 23)
-  params = model.init(jax.random.key(1), prompt)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), prompt)["params"]
   out, logits = generate(model, params, prompt, 4, return_logits=True)
-  full = model.apply({"params": params}, out[:, :-1])
+  full = jax.jit(model.apply)({"params": params}, out[:, :-1])
   assert relative_error(logits, full[:, 4:]) < 1e-4
   assert (out[:, 5:] == jnp.argmax(full[:, 4:], -1)).all()
 

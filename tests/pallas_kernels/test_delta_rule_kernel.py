@@ -12,10 +12,14 @@ import pytest
 from attnzoo.ops import delta_rule as dr
 from pallas_kernels import delta_rule as kernels
 from tests.conftest import relative_error as rel
+from tests.conftest import slow
 from tests.ops.test_delta_rule import make_inputs, outputs_and_grads
 
 IMPL = os.environ.get("ATTNZOO_KERNEL_IMPL", "interpret")
 INTERPRET = IMPL != "pallas"
+# further cases of paths the default case already covers: opt-in in interpret mode (minutes on
+# the CPU), always run by the compiled kernel
+slow_here = slow if INTERPRET else ()
 
 
 def check(inputs, fn, tol, scale=0.4):
@@ -38,7 +42,14 @@ def kernel_fn(chunk):
 
 
 # Resets without decay run the gated kernel path with zero log decay, so three cases cover it.
-@pytest.mark.parametrize("gated,segmented", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+  "gated,segmented",
+  [
+    pytest.param(False, False, marks=slow_here),
+    pytest.param(True, False, marks=slow_here),
+    (True, True),
+  ],
+)
 def test_kernel_float32(gated, segmented):
   # T=37 in chunks of 16 (three chunks, the last padded); odd head dims padded to 32 / 64.
   check(make_inputs(2, 37, 3, 24, 40, gated=gated, segmented=segmented), kernel_fn(16), 1e-5)
