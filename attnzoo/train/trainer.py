@@ -78,6 +78,9 @@ def count_params(params) -> int:
 
 
 def _prepare_workdir(workdir, config) -> pathlib.Path:
+  """Creates workdir and refuses one that holds a run of another config. The config itself is
+  written by `train` only once the experiment is built: a config that fails leaves no
+  config.json behind, so the corrected one can use the same workdir."""
   workdir = pathlib.Path(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +96,6 @@ def _prepare_workdir(workdir, config) -> pathlib.Path:
       f"workdir {str(workdir)!r} holds a run with a different config; "
       f"use a new workdir (or the same config to resume)"
     )
-  saved.write_text(text)
   return workdir
 
 
@@ -194,6 +196,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
   tc = config.train
   exp = Experiment(config)
   state = exp.init_state()
+  (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True))
   checkpoints = Checkpoints(workdir / "checkpoints", tc.max_checkpoints)
   if checkpoints.latest_step() is not None:
     state = checkpoints.restore(state)

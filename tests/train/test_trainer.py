@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from attnzoo.config import ConfigError
 from attnzoo.train.checkpoint import Checkpoints
 from attnzoo.train.logging import read_metrics
 from attnzoo.train.trainer import TrainingError, load_run, train
@@ -141,6 +142,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):
+  # a config that fails leaves nothing behind: the corrected one trains in the same workdir
+  with pytest.raises(ConfigError, match="train.lr must be positive"):
+    train(tiny_mqar_config(**{"train.num_steps": 10, "train.lr": -1.0}), tmp_path, quiet=True)
+  assert not (tmp_path / "config.json").exists()
   train(tiny_mqar_config(**{"train.num_steps": 10}), tmp_path, quiet=True)
   with pytest.raises(ValueError, match="different config"):
     train(tiny_mqar_config(**{"train.num_steps": 10, "train.lr": 1e-4}), tmp_path, quiet=True)
