@@ -9,6 +9,7 @@ import pytest
 from attnzoo.ops import delta_rule as dr
 from attnzoo.ops.dispatch import Unsupported
 from tests.conftest import relative_error as rel
+from tests.conftest import slow
 
 
 def make_inputs(b, t, h, dk, dv, *, gated, segmented, dtype=jnp.float32, seed=0):
@@ -73,8 +74,14 @@ def check(inputs, implementation, tol, scale=0.4):
   assert not bad, f"{implementation}: relative errors above {tol}: {bad} (all: {errors})"
 
 
-@pytest.mark.parametrize(
-  "gated,segmented", [(False, False), (True, False), (False, True), (True, True)]
+@pytest.mark.parametrize(  # the general case by default, its special cases opt-in
+  "gated,segmented",
+  [
+    pytest.param(False, False, marks=slow),
+    pytest.param(True, False, marks=slow),
+    pytest.param(False, True, marks=slow),
+    (True, True),
+  ],
 )
 def test_xla_matches_recurrent_float32(gated, segmented):
   # T=150: three chunks of 64, the last one padded; odd head dims.

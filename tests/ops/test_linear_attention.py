@@ -9,6 +9,7 @@ import pytest
 
 from attnzoo.ops import linear_attention as la
 from attnzoo.ops.dispatch import Unsupported
+from tests.conftest import slow
 
 B, T, H, K, V = 2, 37, 3, 12, 20
 SCALE = 0.4
@@ -85,7 +86,12 @@ def assert_all_close(got, want, tol, what=""):
     assert err <= tol, f"{what}{name}: relative error {err:.2e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+# vector decay, the bonus and the normaliser by default; the simpler decays (none, scalar, fixed
+# per head) are further opt-in cases of the same paths
+@pytest.mark.parametrize(
+  "variant",
+  [v if v in ("vector", "bonus", "normalized") else pytest.param(v, marks=slow) for v in VARIANTS],
+)
 def test_recurrent_and_chunked_match_reference(variant):
   q, k, v, kw = make_inputs(variant)
   want = loss_and_grads(la.reference, q, k, v, kw)
