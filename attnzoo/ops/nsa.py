@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.softmax_attention import reference as attention_reference
 from attnzoo.ops.softmax_attention import softmax_attention
-from attnzoo.ops.dispatch import Dispatcher
 
 F32 = jnp.float32
 
