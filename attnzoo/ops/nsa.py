@@ -23,7 +23,8 @@ tuple (cmp, slc, win). The selection takes no gradient (top-k), as in the paper.
 implementation)` runs the compressed and window branches through `softmax_attention` (the
 flash kernel takes the compressed keys at their block-end positions) and the selection branch
 through `selected_attention`, whose "pallas" / "interpret" implementation is the Pallas kernel
-of pallas_kernels.nsa and "xla" a gather of the selected blocks ([B,T,Hkv,n l',D] memory).
+of pallas_kernels.nsa and "xla" its pure-jnp twin (one gathered block per (token, group) at a
+time); the reference gathers all n blocks at once ([B,T,Hkv,n l',D] memory).
 """
 
 from __future__ import annotations
@@ -229,9 +230,10 @@ def _selected_jnp(q, k, v, indices, q_positions, *, scale, block, compute_dtype)
 
 @dispatcher.register("xla")
 def _xla(*, q, k, v, indices, q_positions, scale, block):
-  return _selected_jnp(
-    q, k, v, indices, q_positions, scale=scale, block=block, compute_dtype=q.dtype
-  )
+  """The kernel's algorithm in pure jnp (one selected block per step, online softmax)."""
+  from pallas_kernels.nsa import chunked
+
+  return chunked(q, k, v, indices, q_positions=q_positions, scale=scale, block=block)
 
 
 def _kernel_supports(*, q, k, v, indices, q_positions, scale, block, on_device):

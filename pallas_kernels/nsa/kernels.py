@@ -1,0 +1,260 @@
+"""NSA selected-attention kernels (forward, dq, dk/dv) and their pallas_calls (Triton on GPU,
+interpret mode on CPU).
+
+Layouts (op.py prepares them): the query heads of one kv head ("group", padded to a power of
+two `groups`) are rows: q, o, dO [B, Hkv, Tq*groups, D] with row t*groups + h, lse2 and delta
+[B, Hkv, Tq*groups]; k, v [B, Hkv, Tk, D] (Tk a multiple of `block`); indices [B, Hkv, Tq, n]
+(ascending, -1 unused, so the valid ones come first); query positions [B, Tq]. Logits are base
+2 (s2 = log2(e) * scale * q.k); lse2 = log2 sum 2^s2, +inf on rows that see nothing.
+
+- forward / dq: one program per (token, kv head, batch), group-centric as in the paper: the
+  group's query rows [groups, D] against each selected block of `block` keys in turn (online
+  softmax; dq recomputes p from lse2).
+- dk/dv: one program per (key block, kv head, batch), over the query tiles (block_q_dkv tokens,
+  all their group rows) listed in its schedule row [-, n_tiles, tiles...] (tiles with at least
+  one token that selected the block), masking the other tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import common
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Static description of one call (hashable; a custom_vjp nondiff argument)."""
+
+  scale: float
+  block: int  # keys per selected block
+  groups: int  # query rows per (token, kv head): the padded group size
+  block_q_dkv: int  # query tokens per dk/dv step
+  precise: bool  # float32 inputs: IEEE float32 dots
+  interpret: bool
+  fwd: tuple[int, int]
+  dq: tuple[int, int]
+  dkv: tuple[int, int]
+
+
+def _dot(a, b, cfg, **kw):
+  return common.dot(a, b, precision=lax.Precision.HIGHEST if cfg.precise else None, **kw)
+
+
+def _logits2(q, k, cfg):
+  return _dot(q, k, cfg, trans_b=True) * (cfg.scale * LOG2E)
+
+
+def _key_block(ref, blk, cfg):
+  start = pl.multiple_of(blk * cfg.block, cfg.block)
+  return ref[pl.ds(start, cfg.block), :], start + jnp.arange(cfg.block)[None, :]
+
+
+def fwd_kernel(q_ref, k_ref, v_ref, idx_ref, qpos_ref, o_ref, lse_ref, *, cfg: Static):
+  q = q_ref[...]
+  pos = qpos_ref[pl.program_id(0)]
+  count = jnp.sum((idx_ref[...] >= 0).astype(jnp.int32))
+
+  def body(i, carry):
+    acc, m, l = carry
+    k, kpos = _key_block(k_ref, idx_ref[i], cfg)
+    v, _ = _key_block(v_ref, idx_ref[i], cfg)
+    s = jnp.where(kpos <= pos, _logits2(q, k, cfg), -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp2(s - m_use[:, None])
+    alpha = jnp.exp2(m - m_use)
+    l = l * alpha + p.sum(axis=-1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, cfg)
+    return acc, m_new, l
+
+  rows = q.shape[0]
+  carry = (
+    jnp.zeros((rows, v_ref.shape[-1]), jnp.float32),
+    jnp.full((rows,), -jnp.inf, jnp.float32),
+    jnp.zeros((rows,), jnp.float32),
+  )
+  acc, m, l = lax.fori_loop(0, count, body, carry)
+  empty = l == 0.0
+  l = jnp.where(empty, 1.0, l)
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l))
+
+
+def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, qpos_ref, dq_ref, *, cfg):
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  pos = qpos_ref[pl.program_id(0)]
+  count = jnp.sum((idx_ref[...] >= 0).astype(jnp.int32))
+
+  def body(i, dq):
+    k, kpos = _key_block(k_ref, idx_ref[i], cfg)
+    v, _ = _key_block(v_ref, idx_ref[i], cfg)
+    p = jnp.where(kpos <= pos, jnp.exp2(_logits2(q, k, cfg) - lse[:, None]), 0.0)
+    ds = p * (_dot(do, v, cfg, trans_b=True) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k, cfg)
+
+  dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def dkv_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  idx_ref,
+  qpos_ref,
+  sched_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  cfg,
+):
+  j = pl.program_id(1)
+  k, v = k_ref[...], v_ref[...]
+  kpos = j * cfg.block + jnp.arange(cfg.block)[:, None]  # [block, 1]
+  rows = cfg.block_q_dkv * cfg.groups
+
+  def body(i, carry):
+    dk, dv = carry
+    r0 = pl.multiple_of(sched_ref[2 + i] * rows, rows)
+    span = pl.ds(r0, rows)
+    q, do = q_ref[span, :], do_ref[span, :]
+    lse, delta, qpos = lse_ref[span], delta_ref[span], qpos_ref[span]
+    member = jnp.sum((idx_ref[span, :] == j).astype(jnp.int32), axis=1) > 0
+    mask = member[None, :] & (kpos <= qpos[None, :])  # [block, rows]
+    p = jnp.where(mask, jnp.exp2(_logits2(k, q, cfg) - lse[None, :]), 0.0)
+    dv = dv + _dot(p.astype(do.dtype), do, cfg)
+    ds = p * (_dot(v, do, cfg, trans_b=True) - delta[None, :])
+    return dk + _dot(ds.astype(q.dtype), q, cfg), dv
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, sched_ref[1], body, (zeros(k), zeros(v)))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- pallas_calls
+
+
+def _call(kernel, cfg, launch, name, grid, in_specs, out_specs, out_shape, args):
+  kwargs = {"interpret": True} if cfg.interpret else {}
+  if not cfg.interpret:
+    kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=launch[0], num_stages=launch[1])
+  return pl.pallas_call(
+    functools.partial(kernel, cfg=cfg),
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    name=name,
+    **kwargs,
+  )(*args)
+
+
+def _per_token_specs(cfg, q, k, v, idx, qpos, extra=()):
+  """Specs of a per-token program (t, g, b): the token's group rows of q (and of `extra` row
+  arrays: dO [.., D] or per-row statistics), the whole k, v of its kv head, its indices and
+  the query positions."""
+  g_rows = cfg.groups
+  row_spec = lambda a: (
+    pl.BlockSpec((None, None, g_rows, a.shape[-1]), lambda t, g, b: (b, g, t, 0))
+    if a.ndim == 4
+    else pl.BlockSpec((None, None, g_rows), lambda t, g, b: (b, g, t))
+  )
+  whole = lambda a: pl.BlockSpec((None, None) + a.shape[2:], lambda t, g, b: (b, g, 0, 0))
+  return [
+    row_spec(q),
+    whole(k),
+    whole(v),
+    *(row_spec(a) for a in extra),
+    pl.BlockSpec((None, None, None, idx.shape[-1]), lambda t, g, b: (b, g, t, 0)),
+    pl.BlockSpec((None, qpos.shape[1]), lambda t, g, b: (b, 0)),
+  ]
+
+
+def forward(q, k, v, idx, qpos, cfg: Static):
+  """-> o [B, Hkv, Tq*groups, Dv] (q's dtype), lse2 [B, Hkv, Tq*groups] float32."""
+  batch, kv_heads, n_rows, _ = q.shape
+  tq = idx.shape[2]
+  dv = v.shape[-1]
+  out_specs = [
+    pl.BlockSpec((None, None, cfg.groups, dv), lambda t, g, b: (b, g, t, 0)),
+    pl.BlockSpec((None, None, cfg.groups), lambda t, g, b: (b, g, t)),
+  ]
+  out_shape = [
+    jax.ShapeDtypeStruct((batch, kv_heads, n_rows, dv), q.dtype),
+    jax.ShapeDtypeStruct((batch, kv_heads, n_rows), jnp.float32),
+  ]
+  return _call(
+    fwd_kernel,
+    cfg,
+    cfg.fwd,
+    "nsa_selected_fwd",
+    (tq, kv_heads, batch),
+    _per_token_specs(cfg, q, k, v, idx, qpos),
+    out_specs,
+    out_shape,
+    (q, k, v, idx, qpos),
+  )
+
+
+def backward_dq(q, k, v, do, lse2, delta, idx, qpos, cfg: Static):
+  batch, kv_heads, _, d = q.shape
+  tq = idx.shape[2]
+  return _call(
+    dq_kernel,
+    cfg,
+    cfg.dq,
+    "nsa_selected_dq",
+    (tq, kv_heads, batch),
+    _per_token_specs(cfg, q, k, v, idx, qpos, extra=(do, lse2, delta)),
+    pl.BlockSpec((None, None, cfg.groups, d), lambda t, g, b: (b, g, t, 0)),
+    jax.ShapeDtypeStruct(q.shape, q.dtype),
+    (q, k, v, do, lse2, delta, idx, qpos),
+  )
+
+
+def backward_dkv(q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched, cfg: Static):
+  """idx_rows [B, Hkv, Tq*groups, n] and qpos_rows [B, Tq*groups]: indices and positions per
+  query row; sched [B, Hkv, n_blocks, 2 + n_tiles]."""
+  batch, kv_heads, tk, _ = k.shape
+  whole = lambda a: pl.BlockSpec(
+    (None, None) + a.shape[2:], lambda g, j, b: (b, g) + (0,) * (a.ndim - 2)
+  )
+  own = lambda a: pl.BlockSpec((None, None, cfg.block, a.shape[-1]), lambda g, j, b: (b, g, j, 0))
+  in_specs = [
+    whole(q),
+    own(k),
+    own(v),
+    whole(do),
+    whole(lse2),
+    whole(delta),
+    whole(idx_rows),
+    pl.BlockSpec((None, qpos_rows.shape[1]), lambda g, j, b: (b, 0)),
+    pl.BlockSpec((None, None, None, sched.shape[-1]), lambda g, j, b: (b, g, j, 0)),
+  ]
+  return _call(
+    dkv_kernel,
+    cfg,
+    cfg.dkv,
+    "nsa_selected_dkv",
+    (kv_heads, tk // cfg.block, batch),  # kv heads fastest: every head's first block early
+    in_specs,
+    [own(k), own(v)],
+    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    (q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched),
+  )

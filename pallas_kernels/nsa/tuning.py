@@ -1,0 +1,29 @@
+"""Tuning of the NSA selected-attention kernels: Triton launch knobs and the query tile of the
+dk/dv kernel (`Tuning`), and `default_tuning`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """`fwd`, `dq`, `dkv`: Triton (num_warps, num_stages) of each kernel. `block_q_dkv`: query
+  tokens per step of the dk/dv kernel (a power of two); each step takes their rows of all the
+  group's query heads, block_q_dkv * padded group size rows, and masks the tokens that did not
+  select the program's block. Not tuned on a GPU yet: chosen for 16 heads per group, head dim
+  128, blocks of 64 keys (the paper's configuration)."""
+
+  fwd: tuple[int, int] = (4, 2)
+  dq: tuple[int, int] = (4, 2)
+  dkv: tuple[int, int] = (4, 2)
+  block_q_dkv: int = 8
+
+  def __post_init__(self):
+    b = self.block_q_dkv
+    if b < 1 or b & (b - 1):
+      raise ValueError(f"Tuning.block_q_dkv must be a power of two, got {b}")
+
+
+def default_tuning() -> Tuning:
+  return Tuning()
