@@ -36,6 +36,7 @@ from attnzoo.mixers import (
   linear_attention,  # noqa: F401,E402
   mamba,  # noqa: F401,E402
   mamba2,  # noqa: F401,E402
+  nsa,  # noqa: F401,E402
   retnet,  # noqa: F401,E402
   rwkv4,  # noqa: F401,E402
   rwkv6,  # noqa: F401,E402

@@ -1,6 +1,7 @@
 """NSA op (attnzoo.ops.nsa): the selection budget, the reference against a brute-force
 masked-softmax form of each branch written with numpy loops, the fast path ("xla") against the
-reference (forward and gradients), causality by gradients."""
+reference (forward and gradients). Causality by gradients: tests/mixers/test_mixers.py runs it
+on the mixer (the same op path)."""
 
 import functools
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from attnzoo.ops import nsa as ops
-from tests.conftest import relative_error
+from tests.conftest import relative_error, slow
 
 # Small blocks so that T=37 has several of each (T not a multiple of any block).
 CFG = ops.Config(block_cmp=8, stride=4, block_slc=8, num_selected=3, window=6)
@@ -39,7 +40,7 @@ def test_selection_respects_its_budget():
   t, ns = 45, 12
   scores = jax.random.uniform(jax.random.key(0), (B, t, HKV, ns))
   positions = jnp.broadcast_to(jnp.arange(t), (B, t))
-  idx = np.asarray(ops.select_blocks(scores, positions, cfg))
+  idx = np.asarray(jax.jit(ops.select_blocks, static_argnums=2)(scores, positions, cfg))
   assert idx.shape == (B, t, HKV, 5) and idx.dtype == np.int32
   s = np.asarray(scores)
   for b in range(B):
@@ -130,58 +131,44 @@ def brute_force(q, k, v, gates, ck, cv, cfg, scale):
   return out, chosen
 
 
-def test_reference_equals_brute_force():
-  q, k, v, gates, ck, cv = make_inputs()
-  scale = D**-0.5
-  out, idx = jax.jit(
-    functools.partial(ops.reference, scale=scale, config=CFG, return_indices=True)
-  )(q, k, v, gates, compress_k=ck, compress_v=cv)
-  want, want_idx = brute_force(q, k, v, gates, ck, cv, CFG, scale)
-  np.testing.assert_array_equal(np.asarray(idx), want_idx)
-  assert relative_error(out, want) < 1e-5
-
-
 def _nsa(implementation, cfg=CFG):
   return functools.partial(ops.nsa, implementation=implementation, config=cfg, scale=D**-0.5)
 
 
-def test_fast_path_equals_reference_with_gradients():
-  q, k, v, gates, ck, cv = make_inputs(1)
+def outputs_and_grads(fn, q, k, v, gates, ck, cv):
+  """(o, indices), and the gradients of sum(o * do) with respect to every input, compiled."""
   do = jax.random.normal(jax.random.key(9), q.shape)
-  ref = functools.partial(ops.reference, config=CFG, scale=D**-0.5)
 
-  def loss(fn, q, k, v, gates, ck, cv):
-    return jnp.sum(fn(q, k, v, gates, compress_k=ck, compress_v=cv) * do)
+  def loss(*args):
+    o, idx = fn(*args[:4], compress_k=args[4], compress_v=args[5], return_indices=True)
+    return jnp.sum(o * do), (o, idx)
 
-  args = (q, k, v, gates, ck, cv)
-  got = jax.jit(jax.value_and_grad(functools.partial(loss, _nsa("xla")), argnums=range(6)))(*args)
-  want = jax.jit(jax.value_and_grad(functools.partial(loss, ref), argnums=range(6)))(*args)
-  assert relative_error(got[0], want[0]) < 1e-5
-  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+  (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))(
+    q, k, v, gates, ck, cv
+  )
+  return outs, grads
+
+
+def test_reference_equals_brute_force_and_fast_path():
+  """The reference against the brute-force form (outputs and selected blocks), and the fast
+  path ("xla": lse-reusing chunked scores, the kernel's jnp twin) against the reference,
+  forward and gradients."""
+  args = make_inputs()
+  (out, idx), grads = outputs_and_grads(
+    functools.partial(ops.reference, scale=D**-0.5, config=CFG), *args
+  )
+  want, want_idx = brute_force(*args, CFG, D**-0.5)
+  np.testing.assert_array_equal(np.asarray(idx), want_idx)
+  assert relative_error(out, want) < 1e-5
+  (fast, fast_idx), fast_grads = outputs_and_grads(_nsa("xla"), *args)
+  np.testing.assert_array_equal(np.asarray(fast_idx), want_idx)
+  assert relative_error(fast, out) < 1e-5
+  for g, w in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(grads)):
     # the keys' output bias b2 shifts every compressed logit of a row alike: gradient ~0
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
-  _, idx = jax.jit(_nsa("xla"), static_argnames="return_indices")(
-    q, k, v, gates, compress_k=ck, compress_v=cv, return_indices=True
-  )
-  _, ridx = jax.jit(ref, static_argnames="return_indices")(
-    q, k, v, gates, compress_k=ck, compress_v=cv, return_indices=True
-  )
-  np.testing.assert_array_equal(np.asarray(idx), np.asarray(ridx))
 
 
-def test_causality_by_gradients():
-  q, k, v, gates, ck, cv = make_inputs(2)
-  t = 21
-
-  def out_t(q, k, v, gates):
-    return _nsa("xla")(q, k, v, gates, compress_k=ck, compress_v=cv)[:, t].sum()
-
-  grads = jax.jit(jax.grad(out_t, argnums=(0, 1, 2, 3)))(q, k, v, gates)
-  for g in jax.tree.leaves(grads):
-    g = np.abs(np.asarray(g))
-    assert g[:, t + 1 :].max() == 0 and g[:, : t + 1].max() > 0
-
-
+@slow
 def test_short_sequences_and_bad_configs():
   """Fewer tokens than one compressed block: the compressed branch is empty (output 0)."""
   q, k, v, gates, ck, cv = make_inputs(3, t=5)
@@ -189,5 +176,8 @@ def test_short_sequences_and_bad_configs():
   ref = jax.jit(functools.partial(ops.reference, scale=D**-0.5, config=CFG))
   want = ref(q, k, v, gates, compress_k=ck, compress_v=cv)
   assert np.isfinite(np.asarray(got)).all() and relative_error(got, want) < 1e-5
+
+
+def test_bad_configs():
   with pytest.raises(ValueError, match="stride"):
     ops.Config(block_cmp=8, stride=3)
