@@ -10,9 +10,10 @@ two `groups`) are rows: q, o, dO [B, Hkv, Tq*groups, D] with row t*groups + h, l
 - forward / dq: one program per (token, kv head, batch), group-centric as in the paper: the
   group's query rows [groups, D] against each selected block of `block` keys in turn (online
   softmax; dq recomputes p from lse2).
-- dk/dv: one program per (key block, kv head, batch), over the query tiles (block_q_dkv tokens,
-  all their group rows) listed in its schedule row [-, n_tiles, tiles...] (tiles with at least
-  one token that selected the block), masking the other tokens.
+- dk/dv: `dkv_splits` programs per (key block, kv head, batch), each over its share of the query
+  tiles (block_q_dkv tokens, all their group rows) listed in the block's schedule row [-,
+  n_tiles, tiles...] (tiles with at least one token that selected the block), masking the
+  other tokens; float32 partial sums, added up by op.py.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Static:
   block: int  # keys per selected block
   groups: int  # query rows per (token, kv head): the padded group size
   block_q_dkv: int  # query tokens per dk/dv step
+  dkv_splits: int  # dk/dv programs per key block
   precise: bool  # float32 inputs: IEEE float32 dots
   interpret: bool
   fwd: tuple[int, int]
@@ -123,7 +125,8 @@ def dkv_kernel(
   *,
   cfg,
 ):
-  j = pl.program_id(1)
+  j = pl.program_id(1) // cfg.dkv_splits
+  split = pl.program_id(1) % cfg.dkv_splits
   k, v = k_ref[...], v_ref[...]
   kpos = j * cfg.block + jnp.arange(cfg.block)[:, None]  # [block, 1]
   rows = cfg.block_q_dkv * cfg.groups
@@ -141,10 +144,15 @@ def dkv_kernel(
     ds = p * (_dot(v, do, cfg, trans_b=True) - delta[None, :])
     return dk + _dot(ds.astype(q.dtype), q, cfg), dv
 
+  # this program's share of the block's query tiles
+  n = sched_ref[1]
+  share = (n + cfg.dkv_splits - 1) // cfg.dkv_splits
+  lo = jnp.minimum(split * share, n)
+  hi = jnp.minimum(lo + share, n)
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, sched_ref[1], body, (zeros(k), zeros(v)))
-  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dk, dv = lax.fori_loop(lo, hi, body, (zeros(k), zeros(v)))
+  dk_ref[...] = dk * cfg.scale
+  dv_ref[...] = dv
 
 
 # ----------------------------------------------------------------------------- pallas_calls
@@ -230,12 +238,20 @@ def backward_dq(q, k, v, do, lse2, delta, idx, qpos, cfg: Static):
 
 def backward_dkv(q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched, cfg: Static):
   """idx_rows [B, Hkv, Tq*groups, n] and qpos_rows [B, Tq*groups]: indices and positions per
-  query row; sched [B, Hkv, n_blocks, 2 + n_tiles]."""
+  query row; sched [B, Hkv, n_blocks, 2 + n_tiles]. Returns float32 partial dk, dv [splits, B,
+  Hkv, Tk, D] (their sum over the first axis is the gradient)."""
   batch, kv_heads, tk, _ = k.shape
+  splits = cfg.dkv_splits
   whole = lambda a: pl.BlockSpec(
-    (None, None) + a.shape[2:], lambda g, j, b: (b, g) + (0,) * (a.ndim - 2)
+    (None, None) + a.shape[2:], lambda g, js, b: (b, g) + (0,) * (a.ndim - 2)
   )
-  own = lambda a: pl.BlockSpec((None, None, cfg.block, a.shape[-1]), lambda g, j, b: (b, g, j, 0))
+  own = lambda a: pl.BlockSpec(
+    (None, None, cfg.block, a.shape[-1]), lambda g, js, b: (b, g, js // splits, 0)
+  )
+  part = lambda a: pl.BlockSpec(
+    (None, None, None, cfg.block, a.shape[-1]),
+    lambda g, js, b: (js % splits, b, g, js // splits, 0),
+  )
   in_specs = [
     whole(q),
     own(k),
@@ -244,17 +260,18 @@ def backward_dkv(q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched, cfg: Stat
     whole(lse2),
     whole(delta),
     whole(idx_rows),
-    pl.BlockSpec((None, qpos_rows.shape[1]), lambda g, j, b: (b, 0)),
-    pl.BlockSpec((None, None, None, sched.shape[-1]), lambda g, j, b: (b, g, j, 0)),
+    pl.BlockSpec((None, qpos_rows.shape[1]), lambda g, js, b: (b, 0)),
+    pl.BlockSpec((None, None, None, sched.shape[-1]), lambda g, js, b: (b, g, js // splits, 0)),
   ]
+  shape = lambda a: jax.ShapeDtypeStruct((splits,) + a.shape, jnp.float32)
   return _call(
     dkv_kernel,
     cfg,
     cfg.dkv,
     "nsa_selected_dkv",
-    (kv_heads, tk // cfg.block, batch),  # kv heads fastest: every head's first block early
+    (kv_heads, (tk // cfg.block) * splits, batch),  # kv heads fastest
     in_specs,
-    [own(k), own(v)],
-    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    [part(k), part(v)],
+    [shape(k), shape(v)],
     (q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched),
   )

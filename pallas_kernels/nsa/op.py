@@ -80,6 +80,7 @@ def selected_attention(
     block=block,
     groups=gp,
     block_q_dkv=tuning.block_q_dkv,
+    dkv_splits=tuning.dkv_splits,
     precise=q.dtype == jnp.float32,
     interpret=bool(interpret),
     fwd=tuning.fwd,
@@ -143,6 +144,7 @@ def _selected_bwd(cfg, res, cts):
   idx_rows = idx_rows.reshape(batch, kv_heads, tq * gp, n)
   qpos_rows = jnp.repeat(qpos, gp, axis=1)
   dk, dv = kernels.backward_dkv(q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched, cfg)
+  dk, dv = dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
   zero_aux = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), aux)
   return dq, dk, dv, zero_aux
 
