@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.bench.attention import device_name
-from attnzoo.bench.timing import median_seconds
+from attnzoo.bench.timing import median_seconds, write_results
 from attnzoo.ops import nsa as ops
 from attnzoo.ops.softmax_attention import softmax_attention
 
@@ -249,11 +249,9 @@ def main(argv=None):
   stem = os.path.join(args.out_dir, f"sparse_{device_name()}")
   rows = []
 
-  def save():  # after every measurement, so an interrupted run still leaves its rows
-    with open(stem + ".json", "w") as f:
-      json.dump(dict(device=device, jax=jax.__version__, rows=rows), f, indent=1)
-    with open(stem + ".md", "w") as f:
-      f.write(to_markdown(rows, device))
+  def save():
+    payload = dict(device=device, jax=jax.__version__, rows=rows)
+    write_results(stem, payload, to_markdown(rows, device))
 
   run(args, rows, save)
   save()
