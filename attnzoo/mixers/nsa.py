@@ -296,6 +296,14 @@ class NSA(nn.Module):
     )
     ns = -(-caches["slc"][0].value.shape[1] // cfg.block_slc)
     scores = nsa_ops.selection_scores(
-      q, cmp_k.value, lse, positions, ends, scale=scale, ns=ns, config=cfg
+      q,
+      cmp_k.value,
+      lse,
+      positions,
+      ends,
+      scale=scale,
+      ns=ns,
+      config=cfg,
+      implementation=self.implementation,
     )
     return o, scores

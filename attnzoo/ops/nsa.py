@@ -134,6 +134,11 @@ def block_importance(probs: jax.Array, kv_heads: int, ns: int, config: Config) -
   return jnp.einsum("btgc,cs->btgs", grouped, jnp.asarray(overlap(nc, ns, config)))
 
 
+scores_dispatcher = Dispatcher(
+  "nsa_selection_scores", auto_order={"gpu": ("pallas", "xla"), "default": ("xla",)}
+)
+
+
 def selection_scores(
   q: jax.Array,
   k_cmp: jax.Array,
@@ -144,16 +149,32 @@ def selection_scores(
   scale,
   ns: int,
   config: Config,
-  chunk: int = 512,
+  implementation: str = "auto",
 ) -> jax.Array:
-  """Selection scores [B,T,Hkv,ns] float32 from the compressed branch's logits and its lse
-  [B,T,H] (p = exp(s - lse): no second normalisation pass), in chunks of `chunk` queries (no
-  [T, nc] buffer beyond one chunk). No gradient flows through it."""
-  q, k_cmp, lse_cmp = (lax.stop_gradient(a) for a in (q, k_cmp, lse_cmp))
+  """Selection scores [B,T,Hkv,ns] float32 from the compressed branch: its keys k_cmp
+  [B,nc,Hkv,D] (block i at slot i, visible from cmp_positions [B,nc], its last position) and
+  its lse [B,T,H] (p = exp(s - lse): no second normalisation pass). No gradient flows through
+  it. implementation: "auto" | "xla" (chunks of queries, no [T, nc] buffer beyond one chunk)
+  | "pallas" | "interpret" (the kernel of pallas_kernels.nsa)."""
+  args = dict(
+    q=lax.stop_gradient(q),
+    k_cmp=lax.stop_gradient(k_cmp),
+    lse_cmp=lax.stop_gradient(lse_cmp),
+    q_positions=q_positions,
+    cmp_positions=cmp_positions,
+    scale=scale,
+    ns=ns,
+    config=config,
+  )
+  if k_cmp.shape[1] == 0:
+    return jnp.zeros((q.shape[0], q.shape[1], k_cmp.shape[2], ns), F32)
+  return scores_dispatcher(implementation, **args)
+
+
+@scores_dispatcher.register("xla")
+def _scores_xla(*, q, k_cmp, lse_cmp, q_positions, cmp_positions, scale, ns, config, chunk=512):
   batch, t, heads, d = q.shape
-  kv_heads, nc = k_cmp.shape[2], k_cmp.shape[1]
-  if nc == 0:
-    return jnp.zeros((batch, t, kv_heads, ns), F32)
+  kv_heads = k_cmp.shape[2]
   c = min(chunk, t)
   n = -(-t // c)
   pad = lambda a: jnp.pad(a, ((0, 0), (0, n * c - t)) + ((0, 0),) * (a.ndim - 2))
@@ -169,6 +190,42 @@ def selection_scores(
 
   out = lax.map(one, (split(q), split(lse_cmp), split(q_positions)))
   return jnp.moveaxis(out, 0, 1).reshape(batch, n * c, kv_heads, ns)[:, :t]
+
+
+def _scores_kernel_supports(*, config, on_device, **_):
+  backend = jax.default_backend()
+  if on_device and backend != "gpu":
+    return f"the NSA kernels lower for GPU only (backend {backend!r}); use 'interpret' on CPU"
+  per = config.block_slc // config.stride
+  if per & (per - 1):
+    return f"the scores kernel needs block_slc / stride a power of two, got {per}"
+  return None
+
+
+def _scores_kernel(*, q, k_cmp, lse_cmp, q_positions, cmp_positions, scale, ns, config, interpret):
+  from pallas_kernels.nsa import selection_scores as kernel
+
+  del cmp_positions  # the kernel computes them from the block sizes (block i at slot i)
+  return kernel(
+    q,
+    k_cmp.astype(q.dtype),
+    lse_cmp,
+    q_positions,
+    scale=scale,
+    block_cmp=config.block_cmp,
+    stride=config.stride,
+    block_slc=config.block_slc,
+    ns=ns,
+    interpret=interpret,
+  )
+
+
+scores_dispatcher.register(
+  "pallas", supports=lambda **a: _scores_kernel_supports(**a, on_device=True)
+)(lambda **a: _scores_kernel(**a, interpret=False))
+scores_dispatcher.register(
+  "interpret", supports=lambda **a: _scores_kernel_supports(**a, on_device=False)
+)(lambda **a: _scores_kernel(**a, interpret=True))
 
 
 def select_blocks(scores: jax.Array, q_positions: jax.Array, config: Config) -> jax.Array:
@@ -357,7 +414,9 @@ def nsa(
       return_lse=True,
       implementation=attn,
     )
-    scores = selection_scores(q, kc, lse_cmp, positions, ends, scale=scale, ns=ns, config=config)
+    scores = selection_scores(
+      q, kc, lse_cmp, positions, ends, scale=scale, ns=ns, config=config, implementation=attn
+    )
   else:
     o_cmp = jnp.zeros(q.shape[:3] + (v_cmp.shape[-1],), v_cmp.dtype)
     scores = jnp.zeros((batch, t, k_slc.shape[2], ns), F32)

@@ -155,6 +155,39 @@ def dkv_kernel(
   dv_ref[...] = dv
 
 
+def scores_kernel(q_ref, kc_ref, lse_ref, qpos_ref, w_ref, spill_ref, out_ref, *, cfg, sc):
+  """Selection scores of one tile of sc.block_q tokens and one kv head: the compressed
+  attention probabilities p = 2^(s2 - lse2) of the group's query rows, summed per token (a dot
+  with a 0/1 token-of-row matrix), mapped onto selection blocks (dots with the overlap weights
+  of one tile of compressed blocks: `w` into the tile's own selection blocks, `spill` into the
+  next tile's, carried), tile by tile over the compressed blocks that any token sees."""
+  q, lse, qpos = q_ref[...], lse_ref[...], qpos_ref[...]
+  rows = q.shape[0]
+  tokens = jnp.arange(sc.block_q)[:, None]
+  row_pos = jnp.arange(rows)[None, :] // cfg.groups
+  to_tokens = (row_pos == tokens).astype(jnp.float32)  # [block_q, rows]
+  # the position of each row's token, as a column: to_tokens^T @ qpos
+  qpos_rows = jnp.sum(jnp.where(row_pos == tokens, qpos[:, None], 0), axis=0)  # [rows]
+  visible = jnp.maximum(0, (jnp.max(qpos) - sc.block_cmp + 1) // sc.stride + 1)
+  n_tiles = jnp.minimum((visible + sc.tile - 1) // sc.tile, kc_ref.shape[0] // sc.tile)
+  w, spill = w_ref[...], spill_ref[...]
+  out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+
+  def body(i, carry):
+    start = pl.multiple_of(i * sc.tile, sc.tile)
+    kc = kc_ref[pl.ds(start, sc.tile), :]
+    ends = (start + jnp.arange(sc.tile)[None, :]) * sc.stride + sc.block_cmp - 1
+    p = jnp.where(ends <= qpos_rows[:, None], jnp.exp2(_logits2(q, kc, cfg) - lse[:, None]), 0.0)
+    per_token = common.dot(to_tokens, p)  # [block_q, tile]
+    width = w.shape[1]
+    out_ref[:, pl.ds(pl.multiple_of(i * width, width), width)] = common.dot(per_token, w) + carry
+    return common.dot(per_token, spill)
+
+  carry = lax.fori_loop(0, n_tiles, body, jnp.zeros((sc.block_q, w.shape[1]), jnp.float32))
+  width = w.shape[1]
+  out_ref[:, pl.ds(pl.multiple_of(n_tiles * width, width), width)] = carry
+
+
 # ----------------------------------------------------------------------------- pallas_calls
 
 
@@ -274,4 +307,45 @@ def backward_dkv(q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched, cfg: Stat
     [part(k), part(v)],
     [shape(k), shape(v)],
     (q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+  """Static description of a selection-scores call (beside `Static`)."""
+
+  block_q: int  # query tokens per program
+  tile: int  # compressed blocks per step
+  block_cmp: int
+  stride: int
+  launch: tuple[int, int]
+
+
+def selection_scores(q, kc, lse2, qpos, w, spill, cfg: Static, sc: Scores):
+  """q rows [B, Hkv, Tq*groups, D], kc [B, Hkv, Nc, D] (Nc a multiple of sc.tile), lse2 rows
+  (+inf where a row sees nothing), qpos [B, Tq], overlap weights w, spill [tile, width] ->
+  scores [B, Hkv, Tq, (Nc / tile + 1) * width] float32."""
+  batch, kv_heads, _, d = q.shape
+  tq = qpos.shape[1]
+  rows = sc.block_q * cfg.groups
+  width = w.shape[1]
+  n_out = (kc.shape[2] // sc.tile + 1) * width
+  in_specs = [
+    pl.BlockSpec((None, None, rows, d), lambda t, g, b: (b, g, t, 0)),
+    pl.BlockSpec((None, None) + kc.shape[2:], lambda t, g, b: (b, g, 0, 0)),
+    pl.BlockSpec((None, None, rows), lambda t, g, b: (b, g, t)),
+    pl.BlockSpec((None, sc.block_q), lambda t, g, b: (b, t)),
+    pl.BlockSpec(w.shape, lambda t, g, b: (0, 0)),
+    pl.BlockSpec(spill.shape, lambda t, g, b: (0, 0)),
+  ]
+  return _call(
+    functools.partial(scores_kernel, sc=sc),
+    cfg,
+    sc.launch,
+    "nsa_selection_scores",
+    (tq // sc.block_q, kv_heads, batch),
+    in_specs,
+    pl.BlockSpec((None, None, sc.block_q, n_out), lambda t, g, b: (b, g, t, 0)),
+    jax.ShapeDtypeStruct((batch, kv_heads, tq, n_out), jnp.float32),
+    (q, kc, lse2, qpos, w, spill),
   )

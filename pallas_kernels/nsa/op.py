@@ -41,6 +41,21 @@ def reason(
   return None
 
 
+def _static(q, scale, block, groups, interpret, tuning) -> kernels.Static:
+  return kernels.Static(
+    scale=float(scale),
+    block=block,
+    groups=groups,
+    block_q_dkv=tuning.block_q_dkv,
+    dkv_splits=tuning.dkv_splits,
+    precise=q.dtype == jnp.float32,
+    interpret=bool(interpret),
+    fwd=tuning.fwd,
+    dq=tuning.dq,
+    dkv=tuning.dkv,
+  )
+
+
 def _pad_to(x, axis, size, value=0):
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, size - x.shape[axis])
@@ -75,20 +90,8 @@ def selected_attention(
   n = common.next_pow2(indices.shape[-1])
   tp = common.round_up(t, tuning.block_q_dkv)
   tkp = common.round_up(tk, block)
-  cfg = kernels.Static(
-    scale=float(scale),
-    block=block,
-    groups=gp,
-    block_q_dkv=tuning.block_q_dkv,
-    dkv_splits=tuning.dkv_splits,
-    precise=q.dtype == jnp.float32,
-    interpret=bool(interpret),
-    fwd=tuning.fwd,
-    dq=tuning.dq,
-    dkv=tuning.dkv,
-  )
-  qg = _pad_to(_pad_to(_pad_to(q.reshape(batch, t, kv_heads, groups, d), 1, tp), 3, gp), 4, dp)
-  qg = jnp.transpose(qg, (0, 2, 1, 3, 4)).reshape(batch, kv_heads, tp * gp, dp)
+  cfg = _static(q, scale, block, gp, interpret, tuning)
+  qg = _group_rows(q, kv_heads, tp, gp, dp)
   bhtd = lambda x, width: jnp.transpose(_pad_to(_pad_to(x, 1, tkp), 3, width), (0, 2, 1, 3))
   idx = _pad_to(_pad_to(indices.astype(jnp.int32), 3, n, -1), 1, tp, -1)
   idx = jnp.transpose(idx, (0, 2, 1, 3))
@@ -99,6 +102,81 @@ def selected_attention(
   lse2 = lse2.reshape(batch, kv_heads, tp, gp)[:, :, :t, :groups]
   lse2 = jnp.transpose(lse2, (0, 2, 1, 3)).reshape(batch, t, heads)
   return o, jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * kernels.LN2)
+
+
+def _group_rows(x, kv_heads, tp, gp, width, value=0):
+  """[B, T, H, ...] -> [B, Hkv, tp * gp, ...]: the query heads of each kv head as rows (row
+  t * gp + h), T padded to tp and the group to gp with `value`, a last axis (if any) to width."""
+  batch, t, heads = x.shape[:3]
+  x = x.reshape(batch, t, kv_heads, heads // kv_heads, *x.shape[3:])
+  x = _pad_to(_pad_to(x, 1, tp, value), 3, gp, value)
+  if x.ndim == 5:
+    x = _pad_to(x, 4, width)
+  x = jnp.moveaxis(x, 2, 1)
+  return x.reshape(batch, kv_heads, tp * gp, *x.shape[4:])
+
+
+def _overlap_tile(tile, width, block_cmp, stride, block_slc):
+  """float32 [tile, width] x 2: the stride units compressed block c of a tile shares with the
+  tile's selection block j (`own`) and with the next tile's (`spill`)."""
+  own = np.zeros((tile, 2 * width), np.float32)
+  for c in range(tile):
+    for u in range(block_cmp // stride):
+      own[c, ((c + u) * stride) // block_slc] += 1.0
+  return own[:, :width], own[:, width:]
+
+
+def selection_scores(
+  q: jax.Array,
+  k_cmp: jax.Array,
+  lse: jax.Array,
+  q_positions: jax.Array,
+  *,
+  scale: float,
+  block_cmp: int,
+  stride: int,
+  block_slc: int,
+  ns: int,
+  interpret: bool = False,
+  tuning: Tuning | None = None,
+) -> jax.Array:
+  """NSA's block importance as one kernel: q [B,T,H,D], compressed keys k_cmp [B,Nc,Hkv,D]
+  (block i ends at position i * stride + block_cmp - 1), the compressed branch's lse [B,T,H]
+  (natural log, -inf where nothing is visible), q_positions [B,T] -> scores [B,T,Hkv,ns]
+  float32: per token and kv head, the compressed attention probabilities of the group's heads,
+  summed, each compressed block counted for the selection blocks of block_slc it overlaps, by
+  the stride units they share (attnzoo.ops.nsa.block_importance)."""
+  tuning = tuning or default_tuning()
+  batch, t, heads, d = q.shape
+  nc, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
+  floor = 1 if interpret else 16
+  gp, dp = common.next_pow2(heads // kv_heads, floor), common.next_pow2(d, floor)
+  width = 16
+  tile = width * block_slc // stride
+  if tile & (tile - 1) or block_cmp - stride > width * block_slc:
+    raise NotImplementedError(
+      f"selection scores kernel: block_slc / stride must be a power of two, got {block_slc} / "
+      f"{stride}"
+    )
+  bq = tuning.block_q_scores
+  tp = common.round_up(t, bq)
+  cfg = _static(q, scale, block_slc, gp, interpret, tuning)
+  sc = kernels.Scores(bq, tile, block_cmp, stride, tuning.scores)
+  own, spill = _overlap_tile(tile, width, block_cmp, stride, block_slc)
+  kc = jnp.moveaxis(_pad_to(_pad_to(k_cmp, 1, common.round_up(max(nc, 1), tile)), 3, dp), 2, 1)
+  lse2 = jnp.where(jnp.isfinite(lse), lse / kernels.LN2, jnp.inf)
+  qpos = _pad_to(jnp.broadcast_to(q_positions, (batch, t)).astype(jnp.int32), 1, tp)
+  out = kernels.selection_scores(
+    _group_rows(q, kv_heads, tp, gp, dp),
+    kc.astype(q.dtype),
+    _group_rows(lse2, kv_heads, tp, gp, None, value=jnp.inf),  # padded rows see nothing
+    qpos,
+    jnp.asarray(own),
+    jnp.asarray(spill),
+    cfg,
+    sc,
+  )
+  return jnp.moveaxis(out, 1, 2)[:, :t, :, :ns]
 
 
 def dkv_schedule(idx: jax.Array, n_blocks: int, block_q: int) -> jax.Array:

@@ -14,14 +14,17 @@ class Tuning:
   select the program's block. `dkv_splits`: programs per key block, each taking an equal share
   of its query tiles and writing a float32 partial dk/dv (summed after): the initial block is
   selected by every token, so one program per block would leave it a long serial tail.
-  Not tuned on a GPU yet: chosen for 16 heads per group, head dim 128, blocks of 64 keys (the
-  paper's configuration)."""
+  `scores`, `block_q_scores`: launch knobs and query tokens per program of the selection-scores
+  kernel (>= 16 on GPU). Not tuned on a GPU yet: chosen for 16 heads per group, head dim 128,
+  blocks of 64 keys (the paper's configuration)."""
 
   fwd: tuple[int, int] = (4, 2)
   dq: tuple[int, int] = (4, 2)
   dkv: tuple[int, int] = (4, 2)
   block_q_dkv: int = 8
   dkv_splits: int = 8
+  scores: tuple[int, int] = (8, 2)
+  block_q_scores: int = 16
 
   def __post_init__(self):
     b = self.block_q_dkv

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from attnzoo.ops import nsa as ops
+from attnzoo.ops import softmax_attention
 from pallas_kernels.nsa import dkv_schedule
 from tests.conftest import relative_error, slow
 
@@ -94,3 +95,29 @@ def test_dkv_schedule_lists_the_selecting_tiles():
   rows = np.asarray(dkv_schedule(idx, 4, 2))[0, 0]  # tiles of 2 tokens
   assert rows[:, 1].tolist() == [1, 1, 2, 0]  # tiles per block
   assert rows[0, 2] == 0 and rows[1, 2] == 0 and rows[2, 2:4].tolist() == [0, 1]
+
+
+def test_selection_scores_kernel_matches_xla():
+  """Block importance, the forward-only kernel against the chunked jnp form: several tiles of
+  compressed blocks (their overlap spilling into the next tile's selection blocks), padded
+  group rows and tokens, rows that see no compressed block."""
+  cfg = ops.Config(block_cmp=2 * BLOCK, stride=BLOCK // 2, block_slc=BLOCK, num_selected=3)
+  batch, t, heads, kv_heads, d = 1, 200 if IMPL == "interpret" else 1100, 6, 2, 12
+  ks = jax.random.split(jax.random.key(3), 3)
+  nc = ops.num_compressed(t, cfg)
+  q = jax.random.normal(ks[0], (batch, t, heads, d))
+  kc = jax.random.normal(ks[1], (batch, nc, kv_heads, d))
+  pos = jnp.broadcast_to(jnp.arange(t), (batch, t))
+  ends = jnp.broadcast_to(jnp.asarray(ops.compressed_ends(nc, cfg)), (batch, nc))
+  _, lse = softmax_attention(
+    q, kc, kc, scale=0.3, causal=True, q_positions=pos, kv_positions=ends, return_lse=True
+  )
+  ns = -(-t // cfg.block_slc)
+  scores = lambda impl: jax.jit(
+    lambda q, kc, lse: ops.selection_scores(
+      q, kc, lse, pos, ends, scale=0.3, ns=ns, config=cfg, implementation=impl
+    )
+  )(q, kc, lse)
+  want = scores("xla")
+  assert float(want[:, : cfg.block_cmp - 1].max()) == 0.0  # nothing compressed yet
+  assert relative_error(scores(IMPL), want) <= F32_TOL
