@@ -220,7 +220,9 @@ def to_markdown(rows, device):
 def main(argv=None):
   p = argparse.ArgumentParser(prog="attnzoo bench sparse", description=__doc__)
   p.add_argument("--out-dir", default=os.path.join("experiments", "results", "kernels"))
-  p.add_argument("--lengths", default="8192,32768,65536", help="comma-separated T values")
+  p.add_argument(
+    "--lengths", default="65536,32768,8192", help="comma-separated T values (64k first: the bar)"
+  )
   p.add_argument(
     "--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS)
   )

@@ -171,7 +171,8 @@ def scores_kernel(q_ref, kc_ref, lse_ref, qpos_ref, w_ref, spill_ref, out_ref, *
   visible = jnp.maximum(0, (jnp.max(qpos) - sc.block_cmp + 1) // sc.stride + 1)
   n_tiles = jnp.minimum((visible + sc.tile - 1) // sc.tile, kc_ref.shape[0] // sc.tile)
   w, spill = w_ref[...], spill_ref[...]
-  out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+  width = w.shape[1]
+  columns = lambda i: (slice(None), pl.ds(pl.multiple_of(i * width, width), width))
 
   def body(i, carry):
     start = pl.multiple_of(i * sc.tile, sc.tile)
@@ -179,13 +180,17 @@ def scores_kernel(q_ref, kc_ref, lse_ref, qpos_ref, w_ref, spill_ref, out_ref, *
     ends = (start + jnp.arange(sc.tile)[None, :]) * sc.stride + sc.block_cmp - 1
     p = jnp.where(ends <= qpos_rows[:, None], jnp.exp2(_logits2(q, kc, cfg) - lse[:, None]), 0.0)
     per_token = common.dot(to_tokens, p)  # [block_q, tile]
-    width = w.shape[1]
-    out_ref[:, pl.ds(pl.multiple_of(i * width, width), width)] = common.dot(per_token, w) + carry
+    out_ref[columns(i)] = common.dot(per_token, w) + carry
     return common.dot(per_token, spill)
 
-  carry = lax.fori_loop(0, n_tiles, body, jnp.zeros((sc.block_q, w.shape[1]), jnp.float32))
-  width = w.shape[1]
-  out_ref[:, pl.ds(pl.multiple_of(n_tiles * width, width), width)] = carry
+  zeros = jnp.zeros((sc.block_q, width), jnp.float32)
+  out_ref[columns(n_tiles)] = lax.fori_loop(0, n_tiles, body, zeros)
+
+  def clear(i, _):  # selection blocks no token of the tile can see yet
+    out_ref[columns(i)] = zeros
+    return 0
+
+  lax.fori_loop(n_tiles + 1, out_ref.shape[1] // width, clear, 0)
 
 
 # ----------------------------------------------------------------------------- pallas_calls

@@ -20,7 +20,7 @@ class Tuning:
 
   fwd: tuple[int, int] = (4, 2)
   dq: tuple[int, int] = (4, 2)
-  dkv: tuple[int, int] = (4, 2)
+  dkv: tuple[int, int] = (8, 2)
   block_q_dkv: int = 8
   dkv_splits: int = 8
   scores: tuple[int, int] = (8, 2)
