@@ -12,7 +12,7 @@ import numpy as np
 from pallas_kernels import common
 from pallas_kernels.flash_attention.schedule import schedule_rows
 
-from . import kernels
+from . import calls, kernels
 from .tuning import Tuning, default_tuning
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -166,7 +166,7 @@ def selection_scores(
   kc = jnp.moveaxis(_pad_to(_pad_to(k_cmp, 1, common.round_up(max(nc, 1), tile)), 3, dp), 2, 1)
   lse2 = jnp.where(jnp.isfinite(lse), lse / kernels.LN2, jnp.inf)
   qpos = _pad_to(jnp.broadcast_to(q_positions, (batch, t)).astype(jnp.int32), 1, tp)
-  out = kernels.selection_scores(
+  out = calls.selection_scores(
     _group_rows(q, kv_heads, tp, gp, dp),
     kc.astype(q.dtype),
     _group_rows(lse2, kv_heads, tp, gp, None, value=jnp.inf),  # padded rows see nothing
@@ -202,7 +202,7 @@ def _selected(q, k, v, aux, cfg):
 
 def _selected_fwd(q, k, v, aux, cfg):
   idx, qpos = aux
-  o, lse2 = kernels.forward(q, k, v, idx, qpos, cfg)
+  o, lse2 = calls.forward(q, k, v, idx, qpos, cfg)
   return (o, lse2), (q, k, v, aux, o, lse2)
 
 
@@ -214,14 +214,14 @@ def _selected_bwd(cfg, res, cts):
   # delta_r = sum_d o*do; an lse cotangent enters as dlogits += p * dlse (natural units)
   delta = jnp.einsum("bgrd,bgrd->bgr", o.astype(jnp.float32), do.astype(jnp.float32))
   delta = delta - dlse2.astype(jnp.float32) / kernels.LN2
-  dq = kernels.backward_dq(q, k, v, do, lse2, delta, idx, qpos, cfg)
+  dq = calls.backward_dq(q, k, v, do, lse2, delta, idx, qpos, cfg)
   batch, kv_heads, tq, n = idx.shape
   gp = cfg.groups
   sched = dkv_schedule(idx, k.shape[2] // cfg.block, cfg.block_q_dkv)
   idx_rows = jnp.broadcast_to(idx[:, :, :, None], (batch, kv_heads, tq, gp, n))
   idx_rows = idx_rows.reshape(batch, kv_heads, tq * gp, n)
   qpos_rows = jnp.repeat(qpos, gp, axis=1)
-  dk, dv = kernels.backward_dkv(q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched, cfg)
+  dk, dv = calls.backward_dkv(q, k, v, do, lse2, delta, idx_rows, qpos_rows, sched, cfg)
   dk, dv = dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
   zero_aux = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), aux)
   return dq, dk, dv, zero_aux
