@@ -8,6 +8,8 @@ blocks of 64 with 16 selected, a window of 512; T = 8k, 32k, 64k. Rows, each for
 forward+backward (gradients of q, k, v, gates and the compression MLPs):
 - nsa: the whole op (compression, scoring and top-n in XLA, the compressed branch and the
   window through softmax_attention "auto", the selection branch through the NSA kernel);
+- indices (forward only): the part of nsa that picks the blocks: compression, the compressed
+  branch, block importance (the scores kernel) and top-n;
 - selection: the selection branch alone on the op's indices (the Pallas kernel);
 - selection_blockmask: the same selection through softmax_attention's block_mask (the flash
   kernel; each GQA group a batch row, the union of the selections of each 64-token query tile,
@@ -37,7 +39,7 @@ from attnzoo.ops.softmax_attention import softmax_attention
 
 HEADS, KV_HEADS, DIM = 64, 4, 128
 CONFIG = ops.Config()  # the paper's blocks
-ROWS = ("nsa", "selection", "selection_blockmask", "full_pallas", "full_cudnn")
+ROWS = ("nsa", "indices", "selection", "selection_blockmask", "full_pallas", "full_cudnn")
 
 
 def _inputs(t, seed=0):
@@ -90,6 +92,22 @@ def _fn(row, inp, indices, mask, kernel):
       q, k, v, g, compress_k=ck, compress_v=cv, scale=scale, config=CONFIG, implementation=impl
     )
     return args, f
+  if row == "indices":
+    args = (inp["q"], inp["k"], inp["v"], inp["gates"], inp["ck"], inp["cv"])
+    impl = "auto" if kernel == "pallas" else kernel
+    f = lambda q, k, v, g, ck, cv: ops.nsa(
+      q,
+      k,
+      v,
+      g,
+      compress_k=ck,
+      compress_v=cv,
+      scale=scale,
+      config=CONFIG,
+      implementation=impl,
+      return_indices=True,
+    )[1]
+    return args, f
   q, k, v = inp["q"], inp["k"][1], inp["v"][1]
   if row == "selection":
     f = lambda q, k, v: ops.selected_attention(
@@ -138,20 +156,8 @@ def _check(inp, indices, kernel):
 def run(args, rows, save):
   for t in args.lengths:
     inp = _inputs(t)
-    nsa_indices = jax.jit(
-      lambda q, k, v, g, ck, cv: ops.nsa(
-        q,
-        k,
-        v,
-        g,
-        compress_k=ck,
-        compress_v=cv,
-        scale=DIM**-0.5,
-        config=CONFIG,
-        return_indices=True,
-      )[1]
-    )
-    indices = nsa_indices(inp["q"], inp["k"], inp["v"], inp["gates"], inp["ck"], inp["cv"])
+    fn_args, f = _fn("indices", inp, None, None, args.kernel)
+    indices = jax.jit(f)(*fn_args)
     mask = _blockmask(indices, t)
     density = float(mask.sum()) / (mask.shape[0] * mask.shape[1] * (mask.shape[1] + 1) / 2)
     if t <= args.check_max_t:
@@ -160,6 +166,8 @@ def run(args, rows, save):
       print(json.dumps(rows[-1]), flush=True)
     for mode in ("fwd", "fwdbwd"):
       for row in args.rows:
+        if row == "indices" and mode == "fwdbwd":
+          continue  # no gradient flows through the selection
         r = dict(T=t, mode=mode, row=row, B=1, H=HEADS, Hkv=KV_HEADS, D=DIM, dtype="bfloat16")
         if row == "selection_blockmask":
           r["tile_density"] = density

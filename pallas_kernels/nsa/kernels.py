@@ -178,9 +178,9 @@ def scores_kernel(q_ref, kc_ref, lse_ref, qpos_ref, w_ref, spill_ref, out_ref, *
     kc = kc_ref[pl.ds(start, sc.tile), :]
     ends = (start + jnp.arange(sc.tile)[None, :]) * sc.stride + sc.block_cmp - 1
     p = jnp.where(ends <= qpos_rows[:, None], jnp.exp2(_logits2(q, kc, cfg) - lse[:, None]), 0.0)
-    per_token = common.dot(to_tokens, p)  # [block_q, tile]
-    out_ref[columns(i)] = common.dot(per_token, w) + carry
-    return common.dot(per_token, spill)
+    per_token = _dot(to_tokens, p, cfg)  # [block_q, tile]
+    out_ref[columns(i)] = _dot(per_token, w, cfg) + carry
+    return _dot(per_token, spill, cfg)
 
   zeros = jnp.zeros((sc.block_q, width), jnp.float32)
   out_ref[columns(n_tiles)] = lax.fori_loop(0, n_tiles, body, zeros)
