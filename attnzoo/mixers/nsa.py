@@ -29,7 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo.mixers.layers import default_positions, no_decode_segments, state_bytes
+from attnzoo.mixers.layers import (
+  default_positions,
+  gather_by_position,
+  no_decode_segments,
+  ring_write,
+  state_bytes,
+)
 from attnzoo.mixers.registry import dense_init, head_output, per_head, register
 from attnzoo.ops import nsa as nsa_ops
 from attnzoo.ops import softmax_attention
@@ -224,18 +230,6 @@ class NSA(nn.Module):
     )
     return nsa_ops.combine(gates, o_cmp, o_slc, o_win)
 
-  @staticmethod
-  def _ring_write(ring, k, v, positions):
-    """Writes the newest tokens into a ring cache (slot = position mod its length)."""
-    ring_k, ring_v, ring_pos = ring
-    n = ring_k.value.shape[1]
-    kept = min(k.shape[1], n)
-    slots = positions[:, -kept:] % n
-    rows = jnp.arange(k.shape[0])[:, None]
-    ring_k.value = ring_k.value.at[rows, slots].set(k[:, -kept:].astype(ring_k.value.dtype))
-    ring_v.value = ring_v.value.at[rows, slots].set(v[:, -kept:].astype(ring_v.value.dtype))
-    ring_pos.value = ring_pos.value.at[rows, slots].set(positions[:, -kept:])
-
   def _ring_attention(self, ring, k, v, q, positions, scale, window):
     ring_k, ring_v, ring_pos = ring
     cat = lambda a, b: jnp.concatenate([a.value, b.astype(a.value.dtype)], axis=1)
@@ -250,7 +244,7 @@ class NSA(nn.Module):
       kv_positions=jnp.concatenate([ring_pos.value, positions], axis=1),
       implementation=self.implementation,
     )
-    self._ring_write(ring, k, v, positions)
+    ring_write(ring, (k, v), positions)
     return o
 
   def _compressed(self, caches, q, k_cmp, v_cmp, positions, ck, cv, scale, cfg):
@@ -260,7 +254,7 @@ class NSA(nn.Module):
     batch, steps = positions.shape
     nc = cmp_k.value.shape[1]
     if nc == 0:
-      self._ring_write(raw, k_cmp, v_cmp, positions)
+      ring_write(raw, (k_cmp, v_cmp), positions)
       return jnp.zeros(q.shape[:3] + (v_cmp.shape[-1],), v_cmp.dtype), None
     l, d = cfg.block_cmp, cfg.stride
     # candidate blocks: those whose last position falls among the new tokens
@@ -269,19 +263,18 @@ class NSA(nn.Module):
     valid = (cand * d + l - 1 <= positions[:, -1:]) & (cand < nc)
     # each candidate's l tokens from the raw ring and the new tokens, matched by position
     raw_k, raw_v, raw_pos = raw
-    pool_pos = jnp.concatenate([raw_pos.value, positions], axis=1)  # [B, P]
-    want = cand[..., None] * d + np.arange(l)  # [B, M, l]
-    match = want[..., None] == pool_pos[:, None, None, :]  # [B, M, l, P]
-    take = jnp.argmax(match, axis=-1)  # [B, M, l]
-    gather = lambda pool: jax.vmap(lambda p, i: p[i])(pool, take)  # [B, M, l, Hkv, D]
     pool = lambda ring, new: jnp.concatenate([ring.value, new.astype(ring.value.dtype)], axis=1)
-    new_k = nsa_ops.compress_windows(gather(pool(raw_k, k_cmp)), ck)
-    new_v = nsa_ops.compress_windows(gather(pool(raw_v, v_cmp)), cv)
+    want = cand[..., None] * d + np.arange(l)  # [B, M, l]
+    (win_k, win_v), _ = gather_by_position(
+      [pool(raw_k, k_cmp), pool(raw_v, v_cmp)], pool(raw_pos, positions), want
+    )
+    new_k = nsa_ops.compress_windows(win_k, ck)  # [B, M, Hkv, D]
+    new_v = nsa_ops.compress_windows(win_v, cv)
     rows = jnp.arange(batch)[:, None]
     target = jnp.where(valid, cand, nc)  # invalid candidates are dropped
     cmp_k.value = cmp_k.value.at[rows, target].set(new_k.astype(cmp_k.value.dtype), mode="drop")
     cmp_v.value = cmp_v.value.at[rows, target].set(new_v.astype(cmp_v.value.dtype), mode="drop")
-    self._ring_write(raw, k_cmp, v_cmp, positions)
+    ring_write(raw, (k_cmp, v_cmp), positions)
     ends = jnp.broadcast_to(jnp.asarray(nsa_ops.compressed_ends(nc, cfg)), (batch, nc))
     o, lse = softmax_attention(
       q,
