@@ -13,8 +13,9 @@ every token is written as it leaves the window (compressed long-term memory).
   o_mem    = S_t^T q_t / sqrt(d) (q L2-normalised)
   y        = W_o [o_win + W_m (RMSNorm(o_mem) * swish(W_g x_t))]
 
-W_m is zero-initialised, so training starts at exactly sliding-window attention, as in AHN
-(whose memory output is added to the attention output before o_proj). AHN trains by
+W_m is zero-initialised (zero_memory_out=True), so training starts at exactly sliding-window
+attention, as in AHN (whose memory output is added to the attention output before o_proj);
+zero_memory_out=False draws it like the other projections. AHN trains by
 self-distillation from a frozen full-attention model with a random window and attention sinks;
 here the mixer trains end to end like any other, without sinks. Decoding keeps a ring of the
 last `window` tokens' k, v, beta and decay, and the [H, K, V] state.
@@ -70,6 +71,7 @@ class AHN(nn.Module):
   window: int = 512
   rope: bool = True
   rope_base: float = 10000.0
+  zero_memory_out: bool = True
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
@@ -105,7 +107,7 @@ class AHN(nn.Module):
       axis=(-2, -1),
       dtype=self.dtype,
       use_bias=False,
-      kernel_init=nn.initializers.zeros,
+      kernel_init=nn.initializers.zeros if self.zero_memory_out else dense_init,
     )
     self.out = head_output(self.d_model, self.num_layers, self.dtype)
 
