@@ -21,10 +21,12 @@ tuple (cmp, slc, win). The selection takes no gradient (top-k), as in the paper.
 
 `reference` is the float32 ground truth (every branch materialised); `nsa(...,
 implementation)` runs the compressed and window branches through `softmax_attention` (the
-flash kernel takes the compressed keys at their block-end positions) and the selection branch
-through `selected_attention`, whose "pallas" / "interpret" implementation is the Pallas kernel
-of pallas_kernels.nsa and "xla" its pure-jnp twin (one gathered block per (token, group) at a
-time); the reference gathers all n blocks at once ([B,T,Hkv,n l',D] memory).
+flash kernel takes the compressed keys at their block-end positions), the block importance
+through `selection_scores` (reusing the compressed branch's lse; "xla": query chunks, "pallas"
+/ "interpret": a forward-only kernel) and the selection branch through `selected_attention`,
+whose "pallas" / "interpret" implementation is the Pallas kernel of pallas_kernels.nsa and
+"xla" its pure-jnp twin (one gathered block per (token, group) at a time); the reference
+gathers all n blocks at once ([B,T,Hkv,n l',D] memory).
 """
 
 from __future__ import annotations
