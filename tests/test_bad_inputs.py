@@ -30,6 +30,7 @@ CASES = [
   (train("d_model=0"), "error: d_model must be a positive integer, got 0"),
   (train("num_layers=0"), "error: num_layers must be a positive integer, got 0"),
   (train("num_heads=3"), "error: d_model (64) must be divisible by num_heads (3)"),
+  (train("mixer=nsa,stride=3"), "error: nsa: stride (3) must divide block_cmp (32)"),
   (train("mixer=nope"), "error: unknown mixer 'nope'"),
   (train("", "--config.model.state_mixer=moe"), "error: unknown state_mixer 'moe'"),
   (train("", "--config.model.norm=batchnorm"), "error: unknown norm 'batchnorm'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -25,3 +26,12 @@ def median_seconds(fn, *args, min_rep_s: float = 0.02, reps: int = 7) -> float:
     jax.block_until_ready(out)
     times.append((time.perf_counter() - start) / iters)
   return float(np.median(times))
+
+
+def write_results(stem: str, payload: dict, markdown: str) -> None:
+  """Writes stem.json (payload) and stem.md (markdown): called after every measurement, so a
+  run cut short keeps what it measured."""
+  with open(stem + ".json", "w") as f:
+    json.dump(payload, f, indent=1)
+  with open(stem + ".md", "w") as f:
+    f.write(markdown)

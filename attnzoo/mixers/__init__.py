@@ -23,6 +23,7 @@ never another mixer module (tests/test_imports.py checks it).
 
 # Importing the family modules registers them.
 from attnzoo.mixers import (
+  ahn,  # noqa: F401,E402
   attention,  # noqa: F401,E402
   base_conv,  # noqa: F401,E402
   based,  # noqa: F401,E402
@@ -36,6 +37,7 @@ from attnzoo.mixers import (
   linear_attention,  # noqa: F401,E402
   mamba,  # noqa: F401,E402
   mamba2,  # noqa: F401,E402
+  nsa,  # noqa: F401,E402
   retnet,  # noqa: F401,E402
   rwkv4,  # noqa: F401,E402
   rwkv6,  # noqa: F401,E402

@@ -813,3 +813,33 @@ class TokenShift(nn.Module):
     if initialized:
       shift.value = x[:, -1].astype(F32)
     return x_prev
+
+
+# ----------------------------------------------------------------------------- ring caches (NSA,
+# AHN): the newest tokens of a stream, looked up by position
+
+
+def ring_write(ring: Sequence[Any], values: Sequence[jax.Array], positions: jax.Array) -> None:
+  """Writes the newest tokens of `values` (arrays [B, T, ...]) into the cache variables `ring`
+  (the same order, [B, n, ...]; the last one takes `positions` [B, T]) at slot = position mod
+  n, keeping the last n."""
+  n = ring[0].value.shape[1]
+  kept = min(positions.shape[1], n)
+  slots = positions[:, -kept:] % n
+  rows = jnp.arange(positions.shape[0])[:, None]
+  for var, x in zip(ring, (*values, positions)):
+    var.value = var.value.at[rows, slots].set(x[:, -kept:].astype(var.value.dtype))
+
+
+def gather_by_position(
+  pool: Sequence[jax.Array], pool_positions: jax.Array, want: jax.Array
+) -> tuple[list[jax.Array], jax.Array]:
+  """The tokens of `pool` (arrays [B, P, ...] at positions [B, P]) at positions `want` [B, ...]
+  -> (arrays [B, *want.shape[1:], ...], found: bool [B, *want.shape[1:]]); tokens not found
+  come back as the pool's first."""
+  match = want[..., None] == pool_positions.reshape(
+    pool_positions.shape[:1] + (1,) * (want.ndim - 1) + pool_positions.shape[1:]
+  )
+  take = jnp.argmax(match, axis=-1)
+  gather = lambda a: jax.vmap(lambda p, i: p[i])(a, take)
+  return [gather(a) for a in pool], match.any(-1)

@@ -39,6 +39,18 @@ TEST_KWARGS = {
   "h3": dict(d_state=4, head_dim=2),
   "hyena": dict(l_max=16, filter_order=8),
   "rwkv4": dict(layer_idx=1, num_layers=2),
+  "ahn": dict(num_heads=2, window=3, zero_memory_out=False, implementation="xla"),
+  "nsa": dict(
+    num_heads=4,
+    num_kv_heads=2,
+    block_cmp=4,
+    stride=2,
+    block_slc=4,
+    num_selected=2,
+    window=3,
+    compress_hidden=8,
+    implementation="xla",
+  ),
 }
 D, B, T = 16, 2, 13
 

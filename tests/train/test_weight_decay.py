@@ -80,6 +80,19 @@ EXPECTED = {
     "filter_1/freq filter_1/mlp_0/bias filter_1/mlp_1/bias filter_1/mlp_2/bias filter_1/z "
     "filter_bias_1 in_proj/bias out_proj/bias short_conv/bias",
   ),
+  # AHN (Gated DeltaNet memory): A_log and dt_bias are not decayed, as in fla's GDN.
+  "ahn": (
+    "a/kernel b/kernel g/kernel k/kernel memory_out/kernel out/kernel q/kernel v/kernel",
+    "A_log dt_bias k/bias norm/scale q/bias v/bias",
+  ),
+  # NSA: the compression MLPs' weights decay like projections; their biases and intra-block
+  # position embeddings do not.
+  "nsa": (
+    "compress_k/fc1/kernel compress_k/fc2/kernel compress_v/fc1/kernel compress_v/fc2/kernel "
+    "gate/kernel k/kernel out/kernel q/kernel v/kernel",
+    "compress_k/fc1/bias compress_k/fc2/bias compress_k/pos_embedding compress_v/fc1/bias "
+    "compress_v/fc2/bias compress_v/pos_embedding",
+  ),
   # RWKV-LM v4: time_decay, time_first and the token-shift mixes are not decayed.
   "rwkv4": (
     "key/kernel output/kernel receptance/kernel value/kernel",
