@@ -39,6 +39,7 @@ from attnzoo.mixers import (
   retnet,  # noqa: F401,E402
   rwkv4,  # noqa: F401,E402
   rwkv6,  # noqa: F401,E402
+  rwkv7,  # noqa: F401,E402
   s4d,  # noqa: F401,E402
 )
 from attnzoo.mixers.registry import MIXERS, build_mixer, register

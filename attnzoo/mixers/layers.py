@@ -6,7 +6,8 @@
   Zoology does), `hidden_attention` (the [B,H,T,T] matrix of any op linear in v);
 - decode caches, one per op, each running its op (whole sequence) or continuing from its state
   in the "cache" collection (`decode=True`): `ShortConv`, `LinearAttentionOp`, `DeltaRuleOp`,
-  `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's parametrisation), `WKV4Op`, `TokenShift`;
+  `DPLRDeltaOp`, `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's parametrisation), `WKV4Op`,
+  `TokenShift`;
 - Hyena's implicit long filter (`ImplicitFilter`);
 - feature maps of linear attention, and the normalisations of mixer outputs.
 """
@@ -23,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnzoo.mixers.registry import per_head
 from attnzoo.ops import delta_rule as dr_ops
 from attnzoo.ops import diag_ssm as ssm_ops
+from attnzoo.ops import dplr_delta as dplr_ops
 from attnzoo.ops import linear_attention as la_ops
 from attnzoo.ops import long_conv as lc_ops
 from attnzoo.ops import selective_scan as ss_ops
@@ -103,6 +106,7 @@ def _eager_jit(op: Callable, *static: str) -> Callable:
 _conv_op = _eager_jit(conv_ops.short_conv)
 _la_op = _eager_jit(la_ops.linear_attention, "scale", "normalize", "eps")
 _dr_op = _eager_jit(dr_ops.delta_rule, "scale")
+_dplr_op = _eager_jit(dplr_ops.dplr_delta, "scale")
 _ss_op = _eager_jit(ss_ops.selective_scan, "delta_softplus")
 
 
@@ -351,6 +355,50 @@ class DeltaRuleOp(nn.Module):
     """[B,H,T,T]: the hidden attention of the delta rule (it is linear in v)."""
     return hidden_attention(
       _dr_op, q, k, beta, scale=self.scale, log_decay=log_decay, segment_ids=segment_ids
+    )
+
+
+class DPLRDeltaOp(nn.Module):
+  """attnzoo.ops.dplr_delta (RWKV-7's generalised delta rule) with its decoding state: no
+  parameters; the "cache" collection's "state" [B,H,K,V] float32. r, k, log_decay, a, b
+  [B,T,H,K] and v [B,T,H,V] as in the op."""
+
+  scale: float
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    r: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, heads, k_dim = r.shape
+    inputs = (r, k, v, log_decay, a, b)
+    op = functools.partial(_dplr_op, *inputs, scale=self.scale, implementation=self.implementation)
+    step = lambda state: dplr_ops.step(state, *(x[:, 0] for x in inputs), scale=self.scale)
+    init = functools.partial(dplr_ops.init_state, batch, heads, k_dim, v.shape[-1])
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+  def attention_matrix(
+    self,
+    r: jax.Array,
+    k: jax.Array,
+    log_decay: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
+    """[B,H,T,T]: the hidden attention of the generalised delta rule (it is linear in v)."""
+    return hidden_attention(
+      _dplr_op, r, k, log_decay, a, b, scale=self.scale, segment_ids=segment_ids
     )
 
 
@@ -746,6 +794,19 @@ class ImplicitFilter(nn.Module):
 
 
 # ----------------------------------------------------------------------------- token shift (RWKV)
+
+
+def rwkv_heads(d_model: int, num_heads: int | None) -> tuple[int, int]:
+  """(heads, head_dim) of RWKV-6/7: num_heads, or heads of size 64 (at least one)."""
+  heads = num_heads or max(1, d_model // 64)
+  return heads, per_head(d_model, heads)
+
+
+def rwkv_state_size(d_model: int, num_heads: int | None) -> int:
+  """Bytes at float32 RWKV-6/7 decoding keeps: the matrix state [H,K,K] and the token-shift
+  buffer [D]."""
+  heads, head_dim = rwkv_heads(d_model, num_heads)
+  return state_bytes((heads, head_dim, head_dim), (d_model,))
 
 
 def token_shift(

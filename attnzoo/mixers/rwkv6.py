@@ -23,8 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, TokenShift, state_bytes, token_shift
-from attnzoo.mixers.registry import dense_init, head_output, per_head, register
+from attnzoo.mixers.layers import (
+  HeadNorm,
+  LinearAttentionOp,
+  TokenShift,
+  rwkv_heads,
+  rwkv_state_size,
+  token_shift,
+)
+from attnzoo.mixers.registry import dense_init, head_output, register
 
 MIXES = ("w", "k", "v", "r", "g")
 
@@ -67,13 +74,11 @@ class RWKV6(nn.Module):
   bidirectional: ClassVar[bool] = False
 
   def _dims(self):
-    heads = self.num_heads or max(1, self.d_model // 64)
-    return heads, per_head(self.d_model, heads)
+    return rwkv_heads(self.d_model, self.num_heads)
 
   def state_size(self, seq_len: int) -> int:
     """Bytes at float32: the WKV state [H,K,V] plus the token-shift buffer [D]."""
-    heads, head_dim = self._dims()
-    return state_bytes((heads, head_dim, head_dim), (self.d_model,))
+    return rwkv_state_size(self.d_model, self.num_heads)
 
   def setup(self):
     heads, head_dim = self._dims()

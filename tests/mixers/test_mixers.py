@@ -39,6 +39,15 @@ TEST_KWARGS = {
   "h3": dict(d_state=4, head_dim=2),
   "hyena": dict(l_max=16, filter_order=8),
   "rwkv4": dict(layer_idx=1, num_layers=2),
+  "rwkv7": dict(
+    num_heads=2,
+    decay_lora_dim=4,
+    a_lora_dim=4,
+    gate_lora_dim=4,
+    layer_idx=1,
+    num_layers=2,
+    implementation="xla",
+  ),
 }
 D, B, T = 16, 2, 13
 

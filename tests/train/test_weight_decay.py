@@ -85,6 +85,12 @@ EXPECTED = {
     "key/kernel output/kernel receptance/kernel value/kernel",
     "mu_k mu_r mu_v time_decay time_first",
   ),
+  # RWKV-LM v7 (configure_optimizers): only the 2-D ".weight"s decay (receptance, key, value,
+  # output); the LoRAs, lerps, decay/a biases, k_k, k_a, r_k and the GroupNorm do not.
+  "rwkv7": (
+    "k/kernel out/kernel r/kernel v/kernel",
+    "a0 a1 a2 g1 g2 group_norm/bias group_norm/scale k_a k_k mu r_k w0 w1 w2",
+  ),
 }
 
 
