@@ -91,6 +91,9 @@ EXPECTED = {
     "k/kernel out/kernel r/kernel v/kernel",
     "a0 a1 a2 g1 g2 group_norm/bias group_norm/scale k_a k_k mu r_k w0 w1 w2",
   ),
+  "fnet": ("", ""),  # no parameters
+  # FFTNet: the context MLP's Linear weights decay; the spectral filter and modReLU bias not.
+  "fftnet": ("mlp_in/kernel mlp_out/kernel", "base_filter mlp_in/bias mlp_out/bias modrelu_bias"),
 }
 
 
@@ -103,8 +106,10 @@ def split_by_mask(params, decay_all=False):
 
 
 def mixer_params(name):
-  mixer = build_mixer(name, d_model=16, **TEST_KWARGS.get(name, {}))
-  return jax.eval_shape(lambda: mixer.init(jax.random.key(0), jnp.zeros((1, 5, 16))))["params"]
+  causal = MIXERS[name].has_causal_form
+  mixer = build_mixer(name, d_model=16, causal=causal, **TEST_KWARGS.get(name, {}))
+  variables = jax.eval_shape(lambda: mixer.init(jax.random.key(0), jnp.zeros((1, 5, 16))))
+  return variables.get("params", {})
 
 
 def test_every_mixer_has_an_entry():
