@@ -33,6 +33,7 @@ from attnzoo.mixers import (
   hgrn2,  # noqa: F401,E402
   hyena,  # noqa: F401,E402
   lawcat,  # noqa: F401,E402
+  lightconv,  # noqa: F401,E402
   lightning,  # noqa: F401,E402
   linear_attention,  # noqa: F401,E402
   mamba,  # noqa: F401,E402

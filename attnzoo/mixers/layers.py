@@ -5,9 +5,9 @@
   continues one sequence per batch row), `state_bytes` (what decoding keeps, float32 counted as
   Zoology does), `hidden_attention` (the [B,H,T,T] matrix of any op linear in v);
 - decode caches, one per op, each running its op (whole sequence) or continuing from its state
-  in the "cache" collection (`decode=True`): `ShortConv`, `LinearAttentionOp`, `DeltaRuleOp`,
-  `DPLRDeltaOp`, `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's parametrisation), `WKV4Op`,
-  `TokenShift`;
+  in the "cache" collection (`decode=True`): `ShortConv`, `DepthwiseConvOp`, `LinearAttentionOp`,
+  `DeltaRuleOp`, `DPLRDeltaOp`, `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's
+  parametrisation), `WKV4Op`, `TokenShift`;
 - Hyena's implicit long filter (`ImplicitFilter`);
 - feature maps of linear attention, and the normalisations of mixer outputs.
 """
@@ -202,6 +202,32 @@ class ShortConv(nn.Module):
       self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode, name="conv_state"
     )
     return get_activation(self.activation)(y)
+
+
+class DepthwiseConvOp(nn.Module):
+  """attnzoo.ops.short_conv with weights given (not owned): static [K,C] or per-position
+  [B,T,K,C] (dynamic convolutions), no bias; decoding state: the last K-1 inputs, the "cache"
+  collection's "conv_state" [B,K-1,C] float32 (a window cache)."""
+
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    weight: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, channels = x.shape
+    op = functools.partial(_conv_op, x, weight, None, implementation=self.implementation)
+    w0 = weight if weight.ndim == 2 else weight[:, 0]
+    step = lambda state: conv_ops.step(state, x[:, 0], w0)
+    init = functools.partial(conv_ops.init_state, batch, weight.shape[-2], channels)
+    return _run_or_decode(
+      self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode, name="conv_state"
+    )
 
 
 class LinearAttentionOp(nn.Module):

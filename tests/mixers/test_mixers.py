@@ -41,6 +41,8 @@ TEST_KWARGS = {
   "hyena": dict(l_max=16, filter_order=8),
   "rwkv4": dict(layer_idx=1, num_layers=2),
   "fftnet": dict(l_max=16, num_heads=2),
+  "lightweight_conv": dict(num_heads=4, kernel_size=4),
+  "dynamic_conv": dict(num_heads=4, kernel_size=4),
   "rwkv7": dict(
     num_heads=2,
     decay_lora_dim=4,

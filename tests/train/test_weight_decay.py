@@ -92,6 +92,12 @@ EXPECTED = {
     "a0 a1 a2 g1 g2 group_norm/bias group_norm/scale k_a k_k mu r_k w0 w1 w2",
   ),
   "fnet": ("", ""),  # no parameters
+  # fairseq's LightConv: the conv weights and the Linear weights decay, biases not.
+  "lightweight_conv": ("in_proj/kernel kernel out_proj/kernel", "in_proj/bias out_proj/bias"),
+  "dynamic_conv": (
+    "in_proj/kernel out_proj/kernel weight_linear/kernel",
+    "in_proj/bias out_proj/bias",
+  ),
   # FFTNet: the context MLP's Linear weights decay; the spectral filter and modReLU bias not.
   "fftnet": ("mlp_in/kernel mlp_out/kernel", "base_filter mlp_in/bias mlp_out/bias modrelu_bias"),
 }
