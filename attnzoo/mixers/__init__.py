@@ -43,6 +43,7 @@ from attnzoo.mixers import (
   rwkv6,  # noqa: F401,E402
   rwkv7,  # noqa: F401,E402
   s4d,  # noqa: F401,E402
+  smlp,  # noqa: F401,E402
 )
 from attnzoo.mixers.registry import MIXERS, build_mixer, register
 

@@ -7,7 +7,7 @@
 - decode caches, one per op, each running its op (whole sequence) or continuing from its state
   in the "cache" collection (`decode=True`): `ShortConv`, `DepthwiseConvOp`, `LinearAttentionOp`,
   `DeltaRuleOp`, `DPLRDeltaOp`, `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's
-  parametrisation), `WKV4Op`, `TokenShift`;
+  parametrisation), `WKV4Op`, `SpatialMixOp`, `TokenShift`;
 - Hyena's implicit long filter (`ImplicitFilter`);
 - feature maps of linear attention, and the normalisations of mixer outputs.
 """
@@ -32,6 +32,7 @@ from attnzoo.ops import linear_attention as la_ops
 from attnzoo.ops import long_conv as lc_ops
 from attnzoo.ops import selective_scan as ss_ops
 from attnzoo.ops import short_conv as conv_ops
+from attnzoo.ops import spatial_mix as sm_ops
 from attnzoo.ops import wkv4 as wkv4_ops
 from attnzoo.ops.segments import segment_starts
 
@@ -661,9 +662,30 @@ _ssm_op = _eager_jit(ssm_ops.diag_ssm)
 _wkv4_op = _eager_jit(wkv4_ops.wkv4)
 
 
+def _history_decode(
+  module: nn.Module,
+  u: jax.Array,
+  segment_ids: jax.Array | None,
+  run: Callable[[], jax.Array],
+  window: Callable[[dict], tuple[dict, jax.Array]],
+) -> jax.Array:
+  """Decoding through the naive cache of every past input in `module`'s "cache" collection
+  ("inputs" [B,S,C] float32, S the length `init(..., decode=True)` saw, and "index" int32): the
+  first call creates it and returns run(); later ones window(state) -> (state, y)."""
+  no_decode_segments(segment_ids)
+  initialized = module.has_variable("cache", "inputs")
+  init = lc_ops.init_state(*u.shape)
+  buf = module.variable("cache", "inputs", lambda: init["inputs"])
+  index = module.variable("cache", "index", lambda: init["index"])
+  if not initialized:
+    return run()
+  state, y = window({"inputs": buf.value, "index": index.value})
+  buf.value, index.value = state["inputs"], state["index"]
+  return y
+
+
 class LongConvOp(nn.Module):
-  """attnzoo.ops.long_conv with the naive decoding cache: every past input, "inputs" [B,S,C]
-  float32 (S = the length of the input `init(..., decode=True)` saw) and "index" (int32)."""
+  """attnzoo.ops.long_conv with the naive decoding cache (`_history_decode`)."""
 
   implementation: str = "auto"
 
@@ -676,19 +698,32 @@ class LongConvOp(nn.Module):
     segment_ids: jax.Array | None = None,
     decode: bool = False,
   ) -> jax.Array:
+    run = functools.partial(_lc_op, u, kernel, implementation=self.implementation)
     if not decode:
-      return _lc_op(u, kernel, segment_ids=segment_ids, implementation=self.implementation)
-    no_decode_segments(segment_ids)
-    initialized = self.has_variable("cache", "inputs")
-    batch, steps, channels = u.shape
-    init = lc_ops.init_state(batch, steps, channels)
-    buf = self.variable("cache", "inputs", lambda: init["inputs"])
-    index = self.variable("cache", "index", lambda: init["index"])
-    if not initialized:
-      return _lc_op(u, kernel, implementation=self.implementation)
-    state, y = lc_ops.decode_window({"inputs": buf.value, "index": index.value}, u, kernel)
-    buf.value, index.value = state["inputs"], state["index"]
-    return y
+      return run(segment_ids=segment_ids)
+    window = lambda state: lc_ops.decode_window(state, u, kernel)
+    return _history_decode(self, u, segment_ids, run, window)
+
+
+class SpatialMixOp(nn.Module):
+  """attnzoo.ops.spatial_mix (causal position-by-position mixing) with the naive decoding cache
+  of every past input (`_history_decode`)."""
+
+  @nn.compact
+  def __call__(
+    self,
+    v: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    run = functools.partial(sm_ops.spatial_mix, v, weight, bias)
+    if not decode:
+      return run(segment_ids=segment_ids)
+    window = lambda state: sm_ops.decode_window(state, v, weight, bias)
+    return _history_decode(self, v, segment_ids, run, window)
 
 
 class DiagSSMOp(nn.Module):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.ops.dispatch import Dispatcher
-from attnzoo.ops.segments import canonical_segments
+from attnzoo.ops.segments import canonical_segments, position_in_segment
 
 F32 = jnp.float32
 _HI = jax.lax.Precision.HIGHEST
@@ -46,8 +46,7 @@ def _fourier_reference(*, x, segment_ids):
   seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else canonical_segments(segment_ids)
   same = seg[:, :, None] == seg[:, None, :]  # [B,T,T]
   size = jnp.sum(same, axis=-1)  # the length of each token's segment
-  first = jnp.argmax(same, axis=-1)  # the first index of each token's segment
-  pos = jnp.arange(t)[None] - first
+  pos = position_in_segment(seg)
   cos_t, sin_t = _angles(pos[:, :, None], pos[:, None, :], size[:, :, None])
   cos_t, sin_t = jnp.where(same, cos_t, 0.0), jnp.where(same, sin_t, 0.0)
   xf = x.astype(F32)

@@ -43,6 +43,7 @@ TEST_KWARGS = {
   "fftnet": dict(l_max=16, num_heads=2),
   "lightweight_conv": dict(num_heads=4, kernel_size=4),
   "dynamic_conv": dict(num_heads=4, kernel_size=4),
+  "smlp": dict(l_max=16, num_experts=2),
   "rwkv7": dict(
     num_heads=2,
     decay_lora_dim=4,

@@ -92,6 +92,12 @@ EXPECTED = {
     "a0 a1 a2 g1 g2 group_norm/bias group_norm/scale k_a k_k mu r_k w0 w1 w2",
   ),
   "fnet": ("", ""),  # no parameters
+  # sMLP (gMLP's spatial projections): the Linear weights decay; the spatial experts, like
+  # every per-position mixing table here, biases and the norm do not.
+  "smlp": (
+    "in_proj/kernel out_proj/kernel",
+    "in_proj/bias norm/bias norm/scale out_proj/bias spatial_bias spatial_weight",
+  ),
   # fairseq's LightConv: the conv weights and the Linear weights decay, biases not.
   "lightweight_conv": ("in_proj/kernel kernel out_proj/kernel", "in_proj/bias out_proj/bias"),
   "dynamic_conv": (
