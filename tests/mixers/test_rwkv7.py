@@ -1,11 +1,13 @@
 """RWKV-7: the whole time-mixing layer (token-shift lerps, LoRA decay / in-context learning
 rate / gate, the generalised delta rule in the paper's V x K layout, GroupNorm, bonus) equals a
-naive float64 loop written from the paper's equations."""
+naive float64 loop written from the paper's equations; its hidden attention reproduces the op's
+output."""
 
 import jax
 import numpy as np
 
 from attnzoo.mixers import build_mixer
+from attnzoo.mixers.layers import token_shift
 from tests.conftest import relative_error
 
 B, T, D, H = 2, 9, 16, 2
@@ -66,5 +68,17 @@ def test_rwkv7_equals_naive_loop():
   shapes = jax.eval_shape(mixer.init, jax.random.key(1), x)["params"]
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape).astype(np.float32), shapes)
-  out = jax.jit(mixer.apply)({"params": params}, x)
+
+  def internals(m, x):
+    """The op's output o, v and the hidden attention A (o = A v before GroupNorm)."""
+    r, k, v, log_decay, a, b, _ = m._features(x, token_shift(x))
+    return m.op(r, k, v, log_decay, a, b), v, m.attention_matrix(x)
+
+  @jax.jit
+  def run(params, x):
+    variables = {"params": params}
+    return mixer.apply(variables, x), mixer.apply(variables, x, method=internals)
+
+  out, (o, v, weights) = run(params, x)
   assert relative_error(out, naive_rwkv7(params, x, H)) < 1e-5
+  assert relative_error(np.einsum("bhts,bshd->bthd", weights, v), o) < 1e-5
