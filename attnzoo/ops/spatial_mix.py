@@ -39,17 +39,16 @@ def _check(v, weight, bias):
     raise ValueError(f"spatial_mix: the sequence ({v.shape[1]}) is longer than L ({length})")
 
 
-def _mix(v, weight, bias, rows, cols, visible):
-  """y[b,t,c] = bias[g,rows[b,t]] + sum_s visible[b,t,s] W[g, rows[b,t], cols[b,s]] v[b,s,c]."""
+def _mix(v, w, bias):
+  """y[b,t,c] = bias[g,t] + sum_s w[g,t,s] v[b,s,c] with g = c // (C/G); w [G,T,S] or, per
+  example, [G,B,T,S] (masked already), bias [G,T] or [G,B,T]."""
   b, _, c = v.shape
-  t = rows.shape[1]
-  groups = weight.shape[0]
-  w = weight.astype(F32)[:, rows[:, :, None], cols[:, None, :]]  # [G,B,T,S]
-  w = jnp.where(visible[None], w, 0.0)
+  groups = w.shape[0]
   vg = v.astype(F32).reshape(b, v.shape[1], groups, c // groups)
-  y = jnp.einsum("gbts,bsgc->btgc", w, vg, precision=_HI)
-  y = y + jnp.moveaxis(bias.astype(F32)[:, rows], 0, -1)[..., None]
-  return y.reshape(b, t, c)
+  spec = "gts,bsgc->btgc" if w.ndim == 3 else "gbts,bsgc->btgc"
+  y = jnp.einsum(spec, w.astype(F32), vg, precision=_HI)
+  bias = jnp.moveaxis(bias.astype(F32), 0, -1)  # [T,G] or [B,T,G]
+  return (y + bias[..., None]).reshape(b, y.shape[1], c)
 
 
 def reference(
@@ -57,15 +56,15 @@ def reference(
 ) -> jax.Array:
   """The masked mixing of the module docstring, float32 inside; returns v's dtype."""
   _check(v, weight, bias)
-  b, t, _ = v.shape
-  causal = jnp.tril(jnp.ones((t, t), bool))[None]
+  t = v.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
   if segment_ids is None:
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    visible = causal
-  else:
-    pos = position_in_segment(segment_ids)
-    visible = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  return _mix(v, weight, bias, pos, pos, visible).astype(v.dtype)
+    w = jnp.where(causal, weight[:, :t, :t], 0.0)
+    return _mix(v, w, bias[:, :t]).astype(v.dtype)
+  pos = position_in_segment(segment_ids)  # rows and columns at positions inside the segment
+  visible = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  w = jnp.where(visible, weight[:, pos[:, :, None], pos[:, None, :]], 0.0)
+  return _mix(v, w, bias[:, pos]).astype(v.dtype)
 
 
 spatial_mix = reference
@@ -79,8 +78,7 @@ def decode_window(
   buf, index = state["inputs"], state["index"]
   n, length = v.shape[1], buf.shape[1]
   buf = jax.lax.dynamic_update_slice_in_dim(buf, v.astype(F32), index, axis=1)
-  rows = jnp.broadcast_to(index + jnp.arange(n), (v.shape[0], n))
-  cols = jnp.broadcast_to(jnp.arange(length), (v.shape[0], length))
-  visible = (cols[:, None, :] <= rows[:, :, None]) & (cols[:, None, :] < length)
-  y = _mix(buf, weight, bias, jnp.minimum(rows, length - 1), cols, visible)
+  rows = jax.lax.dynamic_slice_in_dim(weight[:, :, :length], index, n, axis=1)  # [G,n,S]
+  visible = jnp.arange(length)[None, :] <= index + jnp.arange(n)[:, None]
+  y = _mix(buf, jnp.where(visible, rows, 0.0), jax.lax.dynamic_slice_in_dim(bias, index, n, 1))
   return {"inputs": buf, "index": index + n}, y.astype(v.dtype)
