@@ -51,7 +51,6 @@ TEST_KWARGS = {
     gate_lora_dim=4,
     layer_idx=1,
     num_layers=2,
-    implementation="xla",
   ),
 }
 D, B, T = 16, 2, 13
