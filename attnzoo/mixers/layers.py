@@ -857,17 +857,19 @@ class ImplicitFilter(nn.Module):
 # ----------------------------------------------------------------------------- token shift (RWKV)
 
 
-def rwkv_heads(d_model: int, num_heads: int | None) -> tuple[int, int]:
-  """(heads, head_dim) of RWKV-6/7: num_heads, or heads of size 64 (at least one)."""
-  heads = num_heads or max(1, d_model // 64)
-  return heads, per_head(d_model, heads)
+class RWKVHeads:
+  """What RWKV-6 and RWKV-7 share (a mixin of their modules, which have d_model and num_heads):
+  num_heads heads, or heads of size 64 (at least one), and the decoding state, the matrix
+  state [H,K,K] plus the token-shift buffer [D]."""
 
+  def _dims(self) -> tuple[int, int]:
+    heads = self.num_heads or max(1, self.d_model // 64)
+    return heads, per_head(self.d_model, heads)
 
-def rwkv_state_size(d_model: int, num_heads: int | None) -> int:
-  """Bytes at float32 RWKV-6/7 decoding keeps: the matrix state [H,K,K] and the token-shift
-  buffer [D]."""
-  heads, head_dim = rwkv_heads(d_model, num_heads)
-  return state_bytes((heads, head_dim, head_dim), (d_model,))
+  def state_size(self, seq_len: int) -> int:
+    """Bytes at float32: the matrix state [H,K,K] plus the token-shift buffer [D]."""
+    heads, head_dim = self._dims()
+    return state_bytes((heads, head_dim, head_dim), (self.d_model,))
 
 
 def token_shift(

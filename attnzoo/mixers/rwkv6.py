@@ -23,14 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo.mixers.layers import (
-  HeadNorm,
-  LinearAttentionOp,
-  TokenShift,
-  rwkv_heads,
-  rwkv_state_size,
-  token_shift,
-)
+from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, RWKVHeads, TokenShift, token_shift
 from attnzoo.mixers.registry import dense_init, head_output, register
 
 MIXES = ("w", "k", "v", "r", "g")
@@ -58,7 +51,7 @@ def _schedules(layer_idx, num_layers, dim, heads):
 
 
 @register("rwkv6")
-class RWKV6(nn.Module):
+class RWKV6(RWKVHeads, nn.Module):
   """RWKV-6 time mixing with num_heads heads (default: heads of size 64, at least one)."""
 
   d_model: int
@@ -72,13 +65,6 @@ class RWKV6(nn.Module):
   dtype: Any = jnp.float32
 
   bidirectional: ClassVar[bool] = False
-
-  def _dims(self):
-    return rwkv_heads(self.d_model, self.num_heads)
-
-  def state_size(self, seq_len: int) -> int:
-    """Bytes at float32: the WKV state [H,K,V] plus the token-shift buffer [D]."""
-    return rwkv_state_size(self.d_model, self.num_heads)
 
   def setup(self):
     heads, head_dim = self._dims()

@@ -37,14 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo.mixers.layers import (
-  DPLRDeltaOp,
-  HeadNorm,
-  TokenShift,
-  rwkv_heads,
-  rwkv_state_size,
-  token_shift,
-)
+from attnzoo.mixers.layers import DPLRDeltaOp, HeadNorm, RWKVHeads, TokenShift, token_shift
 from attnzoo.mixers.registry import head_output, register
 
 F32 = jnp.float32
@@ -93,7 +86,7 @@ def _symmetric_uniform(bound: float):
 
 
 @register("rwkv7")
-class RWKV7(nn.Module):
+class RWKV7(RWKVHeads, nn.Module):
   """RWKV-7 time mixing with num_heads heads (default: heads of size 64, at least one); LoRA
   ranks default to the official suggestion for d_model."""
 
@@ -109,13 +102,6 @@ class RWKV7(nn.Module):
   dtype: Any = jnp.float32
 
   bidirectional: ClassVar[bool] = False
-
-  def _dims(self):
-    return rwkv_heads(self.d_model, self.num_heads)
-
-  def state_size(self, seq_len: int) -> int:
-    """Bytes at float32: the state [H,K,K] plus the token-shift buffer [D]."""
-    return rwkv_state_size(self.d_model, self.num_heads)
 
   def setup(self):
     heads, head_dim = self._dims()
