@@ -32,6 +32,7 @@ CASES = [
   (train("num_heads=3"), "error: d_model (64) must be divisible by num_heads (3)"),
   (train("mixer=nsa,stride=3"), "error: nsa: stride (3) must divide block_cmp (32)"),
   (train("mixer=nope"), "error: unknown mixer 'nope'"),
+  (train("mixer=fnet"), "error: mixer 'fnet' is bidirectional-only (no causal form)"),
   (train("", "--config.model.state_mixer=moe"), "error: unknown state_mixer 'moe'"),
   (train("", "--config.model.norm=batchnorm"), "error: unknown norm 'batchnorm'"),
   (train("", "--config.model.position_embedding=rope"), "error: unknown position_embedding 'rope'"),

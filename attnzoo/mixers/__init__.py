@@ -28,11 +28,13 @@ from attnzoo.mixers import (
   base_conv,  # noqa: F401,E402
   based,  # noqa: F401,E402
   delta_net,  # noqa: F401,E402
+  fourier,  # noqa: F401,E402
   gla,  # noqa: F401,E402
   h3,  # noqa: F401,E402
   hgrn2,  # noqa: F401,E402
   hyena,  # noqa: F401,E402
   lawcat,  # noqa: F401,E402
+  lightconv,  # noqa: F401,E402
   lightning,  # noqa: F401,E402
   linear_attention,  # noqa: F401,E402
   mamba,  # noqa: F401,E402
@@ -41,7 +43,9 @@ from attnzoo.mixers import (
   retnet,  # noqa: F401,E402
   rwkv4,  # noqa: F401,E402
   rwkv6,  # noqa: F401,E402
+  rwkv7,  # noqa: F401,E402
   s4d,  # noqa: F401,E402
+  smlp,  # noqa: F401,E402
 )
 from attnzoo.mixers.registry import MIXERS, build_mixer, register
 

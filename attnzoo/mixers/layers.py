@@ -5,8 +5,9 @@
   continues one sequence per batch row), `state_bytes` (what decoding keeps, float32 counted as
   Zoology does), `hidden_attention` (the [B,H,T,T] matrix of any op linear in v);
 - decode caches, one per op, each running its op (whole sequence) or continuing from its state
-  in the "cache" collection (`decode=True`): `ShortConv`, `LinearAttentionOp`, `DeltaRuleOp`,
-  `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's parametrisation), `WKV4Op`, `TokenShift`;
+  in the "cache" collection (`decode=True`): `ShortConv`, `DepthwiseConvOp`, `LinearAttentionOp`,
+  `DeltaRuleOp`, `DPLRDeltaOp`, `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's
+  parametrisation), `WKV4Op`, `SpatialMixOp`, `TokenShift`;
 - Hyena's implicit long filter (`ImplicitFilter`);
 - feature maps of linear attention, and the normalisations of mixer outputs.
 """
@@ -23,12 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnzoo.mixers.registry import per_head
 from attnzoo.ops import delta_rule as dr_ops
 from attnzoo.ops import diag_ssm as ssm_ops
+from attnzoo.ops import dplr_delta as dplr_ops
 from attnzoo.ops import linear_attention as la_ops
 from attnzoo.ops import long_conv as lc_ops
 from attnzoo.ops import selective_scan as ss_ops
 from attnzoo.ops import short_conv as conv_ops
+from attnzoo.ops import spatial_mix as sm_ops
 from attnzoo.ops import wkv4 as wkv4_ops
 from attnzoo.ops.segments import segment_starts
 
@@ -138,6 +142,7 @@ def _eager_jit(op: Callable, *static: str) -> Callable:
 _conv_op = _eager_jit(conv_ops.short_conv)
 _la_op = _eager_jit(la_ops.linear_attention, "scale", "normalize", "eps")
 _dr_op = _eager_jit(dr_ops.delta_rule, "scale")
+_dplr_op = _eager_jit(dplr_ops.dplr_delta, "scale")
 _ss_op = _eager_jit(ss_ops.selective_scan, "delta_softplus")
 
 
@@ -233,6 +238,32 @@ class ShortConv(nn.Module):
       self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode, name="conv_state"
     )
     return get_activation(self.activation)(y)
+
+
+class DepthwiseConvOp(nn.Module):
+  """attnzoo.ops.short_conv with weights given (not owned): static [K,C] or per-position
+  [B,T,K,C] (dynamic convolutions), no bias; decoding state: the last K-1 inputs, the "cache"
+  collection's "conv_state" [B,K-1,C] float32 (a window cache)."""
+
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    weight: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, channels = x.shape
+    op = functools.partial(_conv_op, x, weight, None, implementation=self.implementation)
+    w0 = weight if weight.ndim == 2 else weight[:, 0]
+    step = lambda state: conv_ops.step(state, x[:, 0], w0)
+    init = functools.partial(conv_ops.init_state, batch, weight.shape[-2], channels)
+    return _run_or_decode(
+      self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode, name="conv_state"
+    )
 
 
 class LinearAttentionOp(nn.Module):
@@ -386,6 +417,50 @@ class DeltaRuleOp(nn.Module):
     """[B,H,T,T]: the hidden attention of the delta rule (it is linear in v)."""
     return hidden_attention(
       _dr_op, q, k, beta, scale=self.scale, log_decay=log_decay, segment_ids=segment_ids
+    )
+
+
+class DPLRDeltaOp(nn.Module):
+  """attnzoo.ops.dplr_delta (RWKV-7's generalised delta rule) with its decoding state: no
+  parameters; the "cache" collection's "state" [B,H,K,V] float32. r, k, log_decay, a, b
+  [B,T,H,K] and v [B,T,H,V] as in the op."""
+
+  scale: float
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    r: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, heads, k_dim = r.shape
+    inputs = (r, k, v, log_decay, a, b)
+    op = functools.partial(_dplr_op, *inputs, scale=self.scale, implementation=self.implementation)
+    step = lambda state: dplr_ops.step(state, *(x[:, 0] for x in inputs), scale=self.scale)
+    init = functools.partial(dplr_ops.init_state, batch, heads, k_dim, v.shape[-1])
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+  def attention_matrix(
+    self,
+    r: jax.Array,
+    k: jax.Array,
+    log_decay: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
+    """[B,H,T,T]: the hidden attention of the generalised delta rule (it is linear in v)."""
+    return hidden_attention(
+      _dplr_op, r, k, log_decay, a, b, scale=self.scale, segment_ids=segment_ids
     )
 
 
@@ -622,9 +697,30 @@ _ssm_op = _eager_jit(ssm_ops.diag_ssm)
 _wkv4_op = _eager_jit(wkv4_ops.wkv4)
 
 
+def _history_decode(
+  module: nn.Module,
+  u: jax.Array,
+  segment_ids: jax.Array | None,
+  run: Callable[[], jax.Array],
+  window: Callable[[dict], tuple[dict, jax.Array]],
+) -> jax.Array:
+  """Decoding through the naive cache of every past input in `module`'s "cache" collection
+  ("inputs" [B,S,C] float32, S the length `init(..., decode=True)` saw, and "index" int32): the
+  first call creates it and returns run(); later ones window(state) -> (state, y)."""
+  no_decode_segments(segment_ids)
+  initialized = module.has_variable("cache", "inputs")
+  init = lc_ops.init_state(*u.shape)
+  buf = module.variable("cache", "inputs", lambda: init["inputs"])
+  index = module.variable("cache", "index", lambda: init["index"])
+  if not initialized:
+    return run()
+  state, y = window({"inputs": buf.value, "index": index.value})
+  buf.value, index.value = state["inputs"], state["index"]
+  return y
+
+
 class LongConvOp(nn.Module):
-  """attnzoo.ops.long_conv with the naive decoding cache: every past input, "inputs" [B,S,C]
-  float32 (S = the length of the input `init(..., decode=True)` saw) and "index" (int32)."""
+  """attnzoo.ops.long_conv with the naive decoding cache (`_history_decode`)."""
 
   implementation: str = "auto"
 
@@ -637,19 +733,32 @@ class LongConvOp(nn.Module):
     segment_ids: jax.Array | None = None,
     decode: bool = False,
   ) -> jax.Array:
+    run = functools.partial(_lc_op, u, kernel, implementation=self.implementation)
     if not decode:
-      return _lc_op(u, kernel, segment_ids=segment_ids, implementation=self.implementation)
-    no_decode_segments(segment_ids)
-    initialized = self.has_variable("cache", "inputs")
-    batch, steps, channels = u.shape
-    init = lc_ops.init_state(batch, steps, channels)
-    buf = self.variable("cache", "inputs", lambda: init["inputs"])
-    index = self.variable("cache", "index", lambda: init["index"])
-    if not initialized:
-      return _lc_op(u, kernel, implementation=self.implementation)
-    state, y = lc_ops.decode_window({"inputs": buf.value, "index": index.value}, u, kernel)
-    buf.value, index.value = state["inputs"], state["index"]
-    return y
+      return run(segment_ids=segment_ids)
+    window = lambda state: lc_ops.decode_window(state, u, kernel)
+    return _history_decode(self, u, segment_ids, run, window)
+
+
+class SpatialMixOp(nn.Module):
+  """attnzoo.ops.spatial_mix (causal position-by-position mixing) with the naive decoding cache
+  of every past input (`_history_decode`)."""
+
+  @nn.compact
+  def __call__(
+    self,
+    v: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    run = functools.partial(sm_ops.spatial_mix, v, weight, bias)
+    if not decode:
+      return run(segment_ids=segment_ids)
+    window = lambda state: sm_ops.decode_window(state, v, weight, bias)
+    return _history_decode(self, v, segment_ids, run, window)
 
 
 class DiagSSMOp(nn.Module):
@@ -781,6 +890,21 @@ class ImplicitFilter(nn.Module):
 
 
 # ----------------------------------------------------------------------------- token shift (RWKV)
+
+
+class RWKVHeads:
+  """What RWKV-6 and RWKV-7 share (a mixin of their modules, which have d_model and num_heads):
+  num_heads heads, or heads of size 64 (at least one), and the decoding state, the matrix
+  state [H,K,K] plus the token-shift buffer [D]."""
+
+  def _dims(self) -> tuple[int, int]:
+    heads = self.num_heads or max(1, self.d_model // 64)
+    return heads, per_head(self.d_model, heads)
+
+  def state_size(self, seq_len: int) -> int:
+    """Bytes at float32: the matrix state [H,K,K] plus the token-shift buffer [D]."""
+    heads, head_dim = self._dims()
+    return state_bytes((heads, head_dim, head_dim), (self.d_model,))
 
 
 def token_shift(

@@ -2,8 +2,10 @@
 initialisers every mixer shares.
 
 Capabilities (class attributes): `bidirectional` (declared by every mixer: True when the family
-has a non-causal form, selected by its dataclass field `causal`) and `uses_block_ids` (True for
-a mixer whose `__call__` and `attention_matrix` take `block_ids`; False unless declared).
+has a non-causal form, selected by its dataclass field `causal`), `has_causal_form` (False for
+a bidirectional-only mixer such as FNet, which refuses causal=True; True unless declared) and
+`uses_block_ids` (True for a mixer whose `__call__` and `attention_matrix` take `block_ids`;
+False unless declared).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def register(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
       raise ValueError(f"mixer {name!r} is registered twice")
     if not isinstance(getattr(cls, "bidirectional", None), bool):
       raise TypeError(f"mixer {name!r} must declare bidirectional: ClassVar[bool]")
+    cls.has_causal_form = getattr(cls, "has_causal_form", True)
+    if not (cls.bidirectional or cls.has_causal_form):
+      raise TypeError(f"mixer {name!r} has neither a causal nor a bidirectional form")
     MIXERS[name] = cls
     cls.mixer_name = name
     cls.uses_block_ids = getattr(cls, "uses_block_ids", False)
@@ -64,11 +69,17 @@ def bidirectional_mixers() -> list[str]:
   return sorted(name for name, cls in MIXERS.items() if cls.bidirectional)
 
 
+def causal_mixers() -> list[str]:
+  """Names of the registered mixers that have a causal form (all but the bidirectional-only)."""
+  return sorted(name for name, cls in MIXERS.items() if cls.has_causal_form)
+
+
 def build_mixer(mixer_name: str, /, *, causal: bool = True, **kwargs) -> nn.Module:
   """Builds a registered mixer; unknown names and unknown keyword arguments are errors.
 
   causal comes from the model (a decoder is causal, an encoder not): a bidirectional mixer
-  gets it as its `causal` field; a causal-only one refuses causal=False.
+  gets it as its `causal` field; a causal-only one refuses causal=False, a bidirectional-only
+  one causal=True.
   """
   if mixer_name not in MIXERS:
     raise ValueError(f"unknown mixer {mixer_name!r}; registered: {', '.join(sorted(MIXERS))}")
@@ -79,6 +90,11 @@ def build_mixer(mixer_name: str, /, *, causal: bool = True, **kwargs) -> nn.Modu
     raise ValueError(
       f"mixer {mixer_name!r} has no option(s) {', '.join(unknown)}; "
       f"options: {', '.join(sorted(fields))}"
+    )
+  if causal and not cls.has_causal_form:
+    raise ValueError(
+      f"mixer {mixer_name!r} is bidirectional-only (no causal form): use it in an encoder "
+      f"(causal=False); causal mixers: {', '.join(causal_mixers())}"
     )
   if cls.bidirectional:
     return cls(causal=causal, **kwargs)

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, TokenShift, state_bytes, token_shift
-from attnzoo.mixers.registry import dense_init, head_output, per_head, register
+from attnzoo.mixers.layers import HeadNorm, LinearAttentionOp, RWKVHeads, TokenShift, token_shift
+from attnzoo.mixers.registry import dense_init, head_output, register
 
 MIXES = ("w", "k", "v", "r", "g")
 
@@ -51,7 +51,7 @@ def _schedules(layer_idx, num_layers, dim, heads):
 
 
 @register("rwkv6")
-class RWKV6(nn.Module):
+class RWKV6(RWKVHeads, nn.Module):
   """RWKV-6 time mixing with num_heads heads (default: heads of size 64, at least one)."""
 
   d_model: int
@@ -65,15 +65,6 @@ class RWKV6(nn.Module):
   dtype: Any = jnp.float32
 
   bidirectional: ClassVar[bool] = False
-
-  def _dims(self):
-    heads = self.num_heads or max(1, self.d_model // 64)
-    return heads, per_head(self.d_model, heads)
-
-  def state_size(self, seq_len: int) -> int:
-    """Bytes at float32: the WKV state [H,K,V] plus the token-shift buffer [D]."""
-    heads, head_dim = self._dims()
-    return state_bytes((heads, head_dim, head_dim), (self.d_model,))
 
   def setup(self):
     heads, head_dim = self._dims()

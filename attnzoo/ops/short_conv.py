@@ -3,7 +3,8 @@
   y_t[c] = bias[c] + sum_{i=0}^{K-1} weight[i, c] * x_{t-(K-1)+i}[c]
 
 Layout: x [B,T,C] (channels last), weight [K,C] with weight[K-1] multiplying the current
-input, bias [C] or None. The recurrent state is the buffer of the last K-1 inputs, oldest
+input, or per-position weights [B,T,K,C] (the dynamic convolutions of Wu et al. 2019: y_t uses
+weight[:, t]), bias [C] or None. The recurrent state is the buffer of the last K-1 inputs, oldest
 first: state [B,K-1,C] (float32 in `step`/`init_state`). Inputs before the first token are
 taken from `initial_state` (zeros by default).
 
@@ -31,12 +32,15 @@ dispatcher = Dispatcher("short_conv", auto_order={"default": ("xla",)})
 
 
 def _canonical(x, weight, bias, initial_state, segment_ids):
-  if x.ndim != 3 or weight.ndim != 2 or weight.shape[1] != x.shape[2]:
+  static = weight.ndim == 2 and weight.shape[1] == x.shape[-1]
+  dynamic = weight.ndim == 4 and weight.shape[:2] + weight.shape[3:] == x.shape
+  if x.ndim != 3 or not (static or dynamic):
     raise ValueError(
-      f"short_conv wants x [B,T,C] and weight [K,C]; got x{x.shape} weight{weight.shape}"
+      "short_conv wants x [B,T,C] and weight [K,C] or [B,T,K,C]; "
+      f"got x{x.shape} weight{weight.shape}"
     )
   b, t, c = x.shape
-  k = weight.shape[0]
+  k = weight.shape[-2]
   if bias is not None and bias.shape != (c,):
     raise ValueError(f"short_conv: bias must be [C]=({c},); got {bias.shape}")
   if initial_state is not None and initial_state.shape != (b, k - 1, c):
@@ -66,7 +70,7 @@ def reference(
   """Sum of K shifted, masked copies of x; accumulates in float32, returns x's dtype."""
   _canonical(x, weight, bias, initial_state, segment_ids)
   b, t, c = x.shape
-  k = weight.shape[0]
+  k = weight.shape[-2]
   xf = x.astype(F32)
   prefix = jnp.zeros((b, k - 1, c), F32) if initial_state is None else initial_state.astype(F32)
   xp = jnp.concatenate([prefix, xf], axis=1)  # [B, K-1+T, C]
@@ -81,7 +85,7 @@ def reference(
   for i in range(k):  # i = K-1 is the current x
     xi = lax.slice_in_dim(xp, i, i + t, axis=1)
     same = lax.slice_in_dim(segp, i, i + t, axis=1) == seg
-    y = y + jnp.where(same[..., None], xi, 0.0) * wf[i]
+    y = y + jnp.where(same[..., None], xi, 0.0) * (wf[i] if wf.ndim == 2 else wf[:, :, i])
   if bias is not None:
     y = y + bias.astype(F32)
   y = y.astype(x.dtype)
@@ -102,13 +106,13 @@ def step(
   *,
   reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """One decoding step: state [B,K-1,C], x [B,C]; reset [B] bool zeroes the buffer first.
-  Returns (new state float32, y [B,C] in x's dtype)."""
+  """One decoding step: state [B,K-1,C], x [B,C], weight [K,C] or this step's [B,K,C]; reset
+  [B] bool zeroes the buffer first. Returns (new state float32, y [B,C] in x's dtype)."""
   state = state.astype(F32)
   if reset is not None:
     state = jnp.where(reset[:, None, None], 0.0, state)
   window = jnp.concatenate([state, x.astype(F32)[:, None]], axis=1)  # [B,K,C]
-  y = jnp.einsum("bkc,kc->bc", window, weight.astype(F32))
+  y = jnp.sum(window * weight.astype(F32), axis=1)
   if bias is not None:
     y = y + bias.astype(F32)
   return window[:, 1:], y.astype(x.dtype)
@@ -126,15 +130,19 @@ def recurrent(
   """lax.scan of `step` over time."""
   _canonical(x, weight, bias, initial_state, segment_ids)
   b, t, c = x.shape
-  k = weight.shape[0]
+  k = weight.shape[-2]
   s0 = init_state(b, k, c) if initial_state is None else initial_state.astype(F32)
   reset = jnp.zeros((b, t), bool) if segment_ids is None else segment_starts(segment_ids)
+  # static weights are a constant of the scan; per-position ones are scanned over with x
+  weights = (
+    jnp.broadcast_to(weight, (t,) + weight.shape) if weight.ndim == 2 else weight.swapaxes(0, 1)
+  )
 
   def body(state, inp):
-    xt, rt = inp
-    return step(state, xt, weight, bias, reset=rt)
+    xt, wt, rt = inp
+    return step(state, xt, wt, bias, reset=rt)
 
-  final, y = lax.scan(body, s0, (x.swapaxes(0, 1), reset.swapaxes(0, 1)))
+  final, y = lax.scan(body, s0, (x.swapaxes(0, 1), weights, reset.swapaxes(0, 1)))
   y = y.swapaxes(0, 1)
   return (y, final) if return_final_state else y
 

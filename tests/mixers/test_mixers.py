@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from attnzoo.mixers import MIXERS, build_mixer
+from attnzoo.mixers.registry import causal_mixers
 from tests.conftest import relative_error
 
 # Options that exercise each mixer's interesting paths at small sizes.
@@ -51,6 +52,18 @@ TEST_KWARGS = {
     compress_hidden=8,
     implementation="xla",
   ),
+  "fftnet": dict(l_max=16, num_heads=2),
+  "lightweight_conv": dict(num_heads=4, kernel_size=4),
+  "dynamic_conv": dict(num_heads=4, kernel_size=4),
+  "smlp": dict(l_max=16, num_experts=2),
+  "rwkv7": dict(
+    num_heads=2,
+    decay_lora_dim=4,
+    a_lora_dim=4,
+    gate_lora_dim=4,
+    layer_idx=1,
+    num_layers=2,
+  ),
 }
 D, B, T = 16, 2, 13
 
@@ -76,7 +89,7 @@ def output_and_grad_at(mixer, x, t, seed=1):
   return run(x)
 
 
-@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("name", causal_mixers())
 def test_shape_and_causality(name):
   t = 6  # d out[:, t] / d x[:, s] must vanish for s > t
   out, grad = output_and_grad_at(make(name), x_input(), t)
@@ -85,7 +98,7 @@ def test_shape_and_causality(name):
   assert np.abs(np.asarray(grad[:, : t + 1])).max() > 0
 
 
-@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("name", causal_mixers())
 def test_decode_equals_forward(name):
   """Token by token from an empty cache; a multi-token prefill followed by single steps is
   tested for every mixer by tests/models/test_generate.py."""
@@ -104,7 +117,7 @@ def test_decode_equals_forward(name):
   assert relative_error(jnp.concatenate(outs, axis=1), full) < 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("name", causal_mixers())
 def test_state_size_is_the_decoding_state(name):
   """state_size(T) = bytes (at float32) of the floating-point arrays decoding keeps."""
   mixer = make(name)
@@ -266,6 +279,14 @@ def test_bidirectional_mixers_see_the_future(name):
   t = 6  # with causal=False, d out[:, t] / d x[:, s] is nonzero for some s > t
   _, grad = output_and_grad_at(mixer, x_input(), t)
   assert np.abs(np.asarray(grad[:, t + 1 :])).max() > 0
+
+
+@pytest.mark.parametrize("name", sorted(set(MIXERS) - set(causal_mixers())))
+def test_bidirectional_only_mixers_refuse_causal_in_one_line(name):
+  with pytest.raises(ValueError) as error:
+    build_mixer(name, d_model=D, causal=True, **TEST_KWARGS.get(name, {}))
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(f"mixer {name!r} is bidirectional-only")
 
 
 @pytest.mark.parametrize("name", sorted(set(MIXERS) - set(BIDIRECTIONAL)))

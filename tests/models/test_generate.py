@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnzoo.mixers import MIXERS
+from attnzoo.mixers.registry import causal_mixers
 from attnzoo.models import DecoderLM, generate
 from attnzoo.models.generate import _compiled, sample_logits
 from tests.conftest import relative_error
@@ -17,7 +17,7 @@ MODEL_GIVEN = ("layer_idx", "num_layers")
 
 def every_mixer_lm():
   """One layer of every registered (causal) mixer, in one model."""
-  names = tuple(sorted(MIXERS))
+  names = tuple(causal_mixers())
   kwargs = {
     n: {k: v for k, v in TEST_KWARGS.get(n, {}).items() if k not in MODEL_GIVEN} for n in names
   }

@@ -98,6 +98,27 @@ EXPECTED = {
     "key/kernel output/kernel receptance/kernel value/kernel",
     "mu_k mu_r mu_v time_decay time_first",
   ),
+  # RWKV-LM v7 (configure_optimizers): only the 2-D ".weight"s decay (receptance, key, value,
+  # output); the LoRAs, lerps, decay/a biases, k_k, k_a, r_k and the GroupNorm do not.
+  "rwkv7": (
+    "k/kernel out/kernel r/kernel v/kernel",
+    "a0 a1 a2 g1 g2 group_norm/bias group_norm/scale k_a k_k mu r_k w0 w1 w2",
+  ),
+  "fnet": ("", ""),  # no parameters
+  # sMLP (gMLP's spatial projections): the Linear weights decay; the spatial experts, like
+  # every per-position mixing table here, biases and the norm do not.
+  "smlp": (
+    "in_proj/kernel out_proj/kernel",
+    "in_proj/bias norm/bias norm/scale out_proj/bias spatial_bias spatial_weight",
+  ),
+  # fairseq's LightConv: the conv weights and the Linear weights decay, biases not.
+  "lightweight_conv": ("in_proj/kernel kernel out_proj/kernel", "in_proj/bias out_proj/bias"),
+  "dynamic_conv": (
+    "in_proj/kernel out_proj/kernel weight_linear/kernel",
+    "in_proj/bias out_proj/bias",
+  ),
+  # FFTNet: the context MLP's Linear weights decay; the spectral filter and modReLU bias not.
+  "fftnet": ("mlp_in/kernel mlp_out/kernel", "base_filter mlp_in/bias mlp_out/bias modrelu_bias"),
 }
 
 
@@ -110,8 +131,10 @@ def split_by_mask(params, decay_all=False):
 
 
 def mixer_params(name):
-  mixer = build_mixer(name, d_model=16, **TEST_KWARGS.get(name, {}))
-  return jax.eval_shape(lambda: mixer.init(jax.random.key(0), jnp.zeros((1, 5, 16))))["params"]
+  causal = MIXERS[name].has_causal_form
+  mixer = build_mixer(name, d_model=16, causal=causal, **TEST_KWARGS.get(name, {}))
+  variables = jax.eval_shape(lambda: mixer.init(jax.random.key(0), jnp.zeros((1, 5, 16))))
+  return variables.get("params", {})
 
 
 def test_every_mixer_has_an_entry():
