@@ -10,7 +10,15 @@ longer contexts.
 
 import ml_collections
 
-from attnzoo.config import ConfigError, mixer_defaults, needs_positions, parse_arg, set_typed
+from attnzoo.config import (
+  COMMON_KNOBS,
+  ConfigError,
+  apply_knobs,
+  model_section,
+  needs_positions,
+  parse_arg,
+  train_section,
+)
 
 # (seq_len, num_kv_pairs, num_examples, batch_size)
 DEFAULT_TRAIN = ((64, 4, 100_000, 64), (128, 8, 20_000, 64), (256, 16, 20_000, 64))
@@ -21,16 +29,8 @@ DEFAULT_TEST = (
   (512, 64, 1_000, 125),
 )
 
-KNOBS = {
-  "mixer": "model.mixer",
-  "d_model": "model.d_model",
-  "num_layers": "model.num_layers",
-  "state_mixer": "model.state_mixer",
-  "lr": "train.lr",
-  "num_steps": "train.num_steps",
-  "seed": "seed",
-  "dtype": "train.compute_dtype",
-}
+KNOBS = {"mixer": "model.mixer", **COMMON_KNOBS}
+SEGMENT_KNOBS = ("seq_len", "num_kv_pairs", "batch_size", "train_examples")
 
 
 def get_config(arg=None):
@@ -63,21 +63,10 @@ def get_config(arg=None):
       test_segments=test,
     )
   )
-
-  c.model = ml_collections.ConfigDict(
-    dict(
-      mixer=mixer,
-      mixer_kwargs=mixer_defaults(mixer),
-      d_model=64,
-      num_layers=2,
-      state_mixer="identity",
-      mlp_ratio=4.0,
-      norm="layernorm",
-      position_embedding="learned" if needs_positions(mixer) else "none",
-      max_positions=max(L for L, *_ in train + test),
-      embedding_dropout=0.0,
-      residual_dropout=0.0,
-    )
+  c.model = model_section(
+    mixer,
+    position_embedding="learned" if needs_positions(mixer) else "none",
+    max_positions=max(L for L, *_ in train + test),
   )
 
   # Long-convolution mixers (hyena, dss, long base_conv) size their filters to the longest
@@ -87,37 +76,15 @@ def get_config(arg=None):
     if "l_max" in kwargs:
       kwargs.l_max = c.model.max_positions
 
-  c.train = ml_collections.ConfigDict(
-    dict(
-      num_steps=6_000,
-      lr=3e-3,
-      warmup_steps=300,
-      min_lr_ratio=0.0,
-      weight_decay=0.1,
-      decay_all_params=False,
-      b1=0.9,
-      b2=0.98,
-      grad_clip=1.0,
-      compute_dtype="auto",
-      log_every=50,
-      eval_every=250,
-      checkpoint_every=500,
-      early_stop_at=0.99,
-      max_checkpoints=2,
-    )
+  c.train = train_section(
+    num_steps=6_000,
+    lr=3e-3,
+    warmup_steps=300,
+    weight_decay=0.1,
+    compute_dtype="auto",
+    eval_every=250,
+    checkpoint_every=500,
+    early_stop_at=0.99,
   )
-
-  for key, value in knobs.items():
-    if key in KNOBS:
-      set_typed(c, KNOBS[key], value)
-    elif key == "num_heads" and "num_heads" in c.model.mixer_kwargs:
-      set_typed(c, "model.mixer_kwargs.num_heads", value)
-    elif "+" not in mixer and key in c.model.mixer_kwargs:
-      set_typed(c, f"model.mixer_kwargs.{key}", value)
-    else:
-      knobs = sorted([*KNOBS, "seq_len", "num_kv_pairs", "batch_size", "train_examples"])
-      raise ConfigError(
-        f"unknown knob {key!r} in configs/mqar.py argument; knobs: {', '.join(knobs)}, "
-        "num_heads or an option of the mixer"
-      )
+  apply_knobs(c, knobs, KNOBS, mixer, "configs/mqar.py", listed=SEGMENT_KNOBS)
   return c
