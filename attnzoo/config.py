@@ -118,6 +118,7 @@ def train_section(**changes) -> ml_collections.ConfigDict:
     num_steps=3_000,
     lr=1e-3,
     warmup_steps=100,
+    lr_step_every=1,
     min_lr_ratio=0.0,
     weight_decay=0.0,
     decay_all_params=False,

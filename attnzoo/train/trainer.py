@@ -53,6 +53,7 @@ def check_train_config(tc) -> None:
   for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "max_checkpoints"):
     need(isinstance(tc[key], int) and tc[key] >= 1, key, "a positive integer")
   need(tc.lr > 0, "lr", "positive")
+  need(tc.get("lr_step_every", 1) >= 1, "lr_step_every", ">= 1")
   need(tc.warmup_steps >= 0, "warmup_steps", ">= 0")
   need(0 <= tc.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
   need(tc.weight_decay >= 0, "weight_decay", ">= 0")
