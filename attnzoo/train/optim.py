@@ -14,14 +14,14 @@ def learning_rate_schedule(cfg, num_steps: int):
   every = getattr(cfg, "lr_step_every", 1)
   units = -(-num_steps // every)
   warmup = min(cfg.warmup_steps, max(units - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
+  unit = optax.warmup_cosine_decay_schedule(  # peak 1: lr may be a traced per-run value
     init_value=0.0,
-    peak_value=cfg.lr,
+    peak_value=1.0,
     warmup_steps=warmup,
     decay_steps=max(units, warmup + 1),
-    end_value=cfg.lr * cfg.min_lr_ratio,
+    end_value=cfg.min_lr_ratio,
   )
-  return schedule if every == 1 else lambda step: schedule(step // every)
+  return lambda step: cfg.lr * unit(step // every)
 
 
 def decay_mask(params, decay_all: bool):

@@ -149,13 +149,18 @@ class Experiment:
     return self.task.loss(self._outputs(params, batch, dropout_rng), batch)
 
   def _train_step(self, state, batch):
+    return self.step_with(state, batch, self.config.seed, self.optimizer)
+
+  def step_with(self, state, batch, seed, optimizer):
+    """The train step of a run with this `seed` (an int or a traced scalar) and `optimizer`;
+    packed sweeps (attnzoo.train.packed) vmap it over runs."""
     # Dropout masks are a function of (seed, step), like the batches: resuming stays exact.
-    dropout_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)  # not init's stream
+    dropout_key = jax.random.fold_in(jax.random.key(seed), 1)  # not init's stream
     dropout_rng = jax.random.fold_in(dropout_key, state["step"])
     (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(
       state["params"], batch, dropout_rng
     )
-    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {
       "train/loss": loss,
@@ -249,6 +254,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
   finally:
     checkpoints.close()
     logger.close()
+  return write_summary(workdir, exp, state, status, eval_metrics, started)
+
+
+def write_summary(workdir, exp, state, status: str, eval_metrics: dict, started: float) -> dict:
+  """The run's summary (status, step, sizes, wall time, final evaluation) -> summary.json."""
   if not eval_metrics:
     eval_metrics = exp.evaluate(state["params"])
   summary = {
@@ -259,7 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
     "wall_time_s": time.time() - started,
     **eval_metrics,
   }
-  summary_path.write_text(json.dumps(summary, indent=2))
+  (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
 
