@@ -14,14 +14,20 @@ def learning_rate_schedule(cfg, num_steps: int):
   every = getattr(cfg, "lr_step_every", 1)
   units = -(-num_steps // every)
   warmup = min(cfg.warmup_steps, max(units - 1, 0))
-  unit = optax.warmup_cosine_decay_schedule(  # peak 1: lr may be a traced per-run value
-    init_value=0.0,
-    peak_value=1.0,
-    warmup_steps=warmup,
-    decay_steps=max(units, warmup + 1),
-    end_value=cfg.min_lr_ratio,
+  # optax.warmup_cosine_decay_schedule's pieces, joined here so that lr may be a traced
+  # per-run value (packed sweeps); the same float operations as that function.
+  lr = cfg.lr
+  alpha = (lr * cfg.min_lr_ratio) / lr if isinstance(lr, (int, float)) else cfg.min_lr_ratio
+  schedule = optax.join_schedules(
+    [
+      optax.linear_schedule(init_value=0.0, end_value=lr, transition_steps=warmup),
+      optax.cosine_decay_schedule(
+        init_value=lr, decay_steps=max(units, warmup + 1) - warmup, alpha=alpha
+      ),
+    ],
+    [warmup],
   )
-  return lambda step: cfg.lr * unit(step // every)
+  return schedule if every == 1 else lambda step: schedule(step // every)
 
 
 def decay_mask(params, decay_all: bool):

@@ -57,6 +57,19 @@ def pack_groups(configs) -> list[list]:
   return list(groups.values())
 
 
+def packed_step(exp: Experiment, train_config, num_steps: int, shared_batch: bool):
+  """exp's train step vmapped over runs: (states, batch(es), seeds, lrs, active) ->
+  (states, metrics); a run with active False keeps its state. shared_batch: one batch for all
+  runs (else one per run)."""
+
+  def one_run(state, batch, seed, lr, active):
+    optimizer = make_optimizer(_WithLR(train_config, lr), num_steps)
+    new, metrics = exp.step_with(state, batch, seed, optimizer)
+    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), metrics
+
+  return jax.vmap(one_run, in_axes=(0, None if shared_batch else 0, 0, 0, 0))
+
+
 class _WithLR:
   """A train section whose lr is a (traced) per-run value."""
 
@@ -75,9 +88,11 @@ def _run(tree, r: int):
   return jax.tree.map(lambda x: x[r], tree)
 
 
-def train_packed(configs, workdirs, *, quiet: bool = True) -> list[dict]:
+def train_packed(configs, workdirs, *, quiet: bool = True, max_chunk: int = 1024) -> list[dict]:
   """Trains the runs `configs` (one per workdir) packed; returns their summaries in order.
-  Runs whose workdir holds a summary.json are not re-run."""
+  Runs whose workdir holds a summary.json are not re-run. The steps between two logs or
+  evaluations (at most max_chunk) run as one `lax.scan` over batches stacked on the host, so
+  a small model is not bound by one launch per step."""
   if not configs or len(configs) != len(workdirs):
     raise ConfigError("train_packed needs one workdir per config")
   if not packable(configs):
@@ -102,12 +117,25 @@ def train_packed(configs, workdirs, *, quiet: bool = True) -> list[dict]:
   for c, w in zip(configs, workdirs):
     (w / "config.json").write_text(c.to_json(indent=2, sort_keys=True))
 
-  def one_run(state, batch, seed, lr, active):
-    optimizer = make_optimizer(_WithLR(tc, lr), num_steps)
-    new, metrics = base.step_with(state, batch, seed, optimizer)
-    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), metrics
+  shared = len(experiments) == 1  # one seed: every run sees the same batches
+  one_step = packed_step(base, tc, num_steps, shared)
 
-  step_fn = jax.jit(jax.vmap(one_run), donate_argnums=0)
+  def steps(state, batches, seeds, lrs, active):
+    return jax.lax.scan(lambda s, batch: one_step(s, batch, seeds, lrs, active), state, batches)
+
+  steps_fn = jax.jit(steps, donate_argnums=0)
+
+  def host_batches(start, stop):
+    """The batches of steps [start, stop): [steps, (runs,) batch, ...]."""
+    per_step = []
+    for step in range(start, stop):
+      by_seed = {seed: exp.task.train_batch(step) for seed, exp in experiments.items()}
+      if shared:
+        per_step.append(by_seed[configs[0].seed])
+      else:
+        per_step.append(jax.tree.map(lambda *xs: np.stack(xs), *[by_seed[c.seed] for c in configs]))
+    return jax.tree.map(lambda *xs: np.stack(xs), *per_step)
+
   state = _stack([exp.init_state() for exp in exps])
   seeds = jnp.array([c.seed for c in configs], jnp.int32)
   lrs = jnp.array([c.train.lr for c in configs], jnp.float32)
@@ -126,7 +154,7 @@ def train_packed(configs, workdirs, *, quiet: bool = True) -> list[dict]:
       return
     values = jax.device_get(window)
     for r in np.flatnonzero(active):
-      mean = {k: float(np.mean([v[k][r] for v in values])) for k in values[0]}
+      mean = {k: float(np.concatenate([v[k][:, r] for v in values]).mean()) for k in values[0]}
       if not all(math.isfinite(v) for v in mean.values()):
         active[r], status[r] = False, "not_finite"
       mean["throughput/tokens_per_s"] = tokens[r] / max(time.time() - window_start, 1e-9)
@@ -134,25 +162,28 @@ def train_packed(configs, workdirs, *, quiet: bool = True) -> list[dict]:
     window, window_start = [], time.time()
     tokens[:] = 0
 
+  def next_boundary(step):
+    every = [tc.log_every, tc.eval_every]
+    return min([num_steps, step + max_chunk] + [(step // e + 1) * e for e in every])
+
   try:
-    for step in range(num_steps):
-      batches = {seed: exp.task.train_batch(step) for seed, exp in experiments.items()}
-      batch = _stack([batches[c.seed] for c in configs])
-      state, metrics = step_fn(state, batch, seeds, lrs, jnp.asarray(active))
+    step = 0
+    while step < num_steps and active.any():
+      stop = next_boundary(step)
+      batches = host_batches(step, stop)
+      state, metrics = steps_fn(state, batches, seeds, lrs, jnp.asarray(active))
       window.append(metrics)
-      tokens[active] += base.task.num_tokens(batches[configs[0].seed])
-      done = step + 1
-      if done % tc.log_every == 0:
-        flush(done)
-      if done % tc.eval_every == 0 or done == num_steps:
-        flush(done)
+      tokens[active] += (stop - step) * base.task.num_tokens(base.task.train_batch(step))
+      step = stop
+      if step % tc.log_every == 0:
+        flush(step)
+      if step % tc.eval_every == 0 or step == num_steps:
+        flush(step)
         for r in np.flatnonzero(active):
           final_eval[r] = exps[r].evaluate(_run(state["params"], r))
-          loggers[r].write(done, final_eval[r])
+          loggers[r].write(step, final_eval[r])
           if exps[r].should_stop(final_eval[r]):
             active[r], status[r] = False, "early_stopped"
-      if not active.any():
-        break
     flush(num_steps)
   finally:
     for logger in loggers:
