@@ -24,6 +24,15 @@ in Zoology's MambaBlock (RMSNorm, no dropout, no state mixer). Extra knobs: epoc
 test_examples. Deviations: the last partial batch of an epoch is dropped (195 steps of 512,
 not 196); mamba's final norm is RMSNorm like its blocks (Zoology: LayerNorm); the lr when not
 given is Zoology's TrainConfig default 1e-3.
+
+`preset=based` is the same training protocol on the Based paper's Figure 2 data (Arora et al.
+2024, "Simple linear attention language models balance the recall-throughput tradeoff";
+`arxiv24_based_figure2/configs.py`): train on (64, 4) x train_examples (100k) and (128, 8),
+(256, 16), (256, 32), (256, 64) x train_examples / 5, batch 256; test 1,000 (test_examples) of
+each of (64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256) at batch 32;
+random filler tokens; 32 epochs; mixers at Zoology's defaults except H3 (d_state = d_model / 4,
+head_dim 2). Models there are [base_conv, X] hybrids for attention-like X: give
+mixer=base_conv+X.
 """
 
 import ml_collections
@@ -53,6 +62,10 @@ SEGMENT_KNOBS = ("seq_len", "num_kv_pairs", "batch_size", "train_examples", "tes
 
 # Zoology Figure 2: seq_len -> num_kv_pairs
 ZOOLOGY_KV = {64: 4, 128: 8, 256: 16, 512: 64}
+# Based Figure 2 (HazyResearch/zoology arxiv24_based_figure2/configs.py): (L, K, share of
+# train_examples) trained with batch 256; every test segment has test_examples at batch 32.
+BASED_TRAIN = ((64, 4, 1.0), (128, 8, 0.2), (256, 16, 0.2), (256, 32, 0.2), (256, 64, 0.2))
+BASED_TEST = ((64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256))
 
 
 def zoology_batch_size(seq_len: int) -> int:
@@ -69,11 +82,12 @@ def _set_mixer_option(c, mixer: str, name: str, option: str, value):
       kwargs[option] = value
 
 
-def zoology_preset(c, mixer: str, epochs: int) -> None:
-  """Zoology Figure 2's protocol on a one-segment config (see the module docstring)."""
+def zoology_preset(c, mixer: str, epochs: int, figure2: bool = True) -> None:
+  """Zoology's training protocol (see the module docstring); figure2: Figure 2's data and
+  mixer options (else the Based paper's Figure 2: random filler, Zoology's default mixers)."""
   L = c.data.train_segments[0][0]
-  steps_per_epoch = c.data.train_segments[0][2] // c.data.train_segments[0][3]
-  c.data.random_non_queries = False
+  steps_per_epoch = sum(n // b for _, _, n, b in c.data.train_segments)
+  c.data.random_non_queries = not figure2
   c.data.shuffle = False
   mamba = mixer == "mamba"
   c.model.state_mixer = "identity" if mamba else "identity_norm"
@@ -81,9 +95,10 @@ def zoology_preset(c, mixer: str, epochs: int) -> None:
   c.model.embedding_dropout = 0.0 if mamba else 0.1
   _set_mixer_option(c, mixer, "attention", "num_heads", 1)
   _set_mixer_option(c, mixer, "attention", "attention_dropout", 0.1)
-  if mixer == "base_conv":
+  if mixer == "base_conv" and figure2:
     _set_mixer_option(c, mixer, "base_conv", "layer_kernel_sizes", (3, -1))
-  _set_mixer_option(c, mixer, "h3", "d_state", L)
+  if figure2:
+    _set_mixer_option(c, mixer, "h3", "d_state", L)
   _set_mixer_option(c, mixer, "h3", "head_dim", 2)
   _set_mixer_option(c, mixer, "based", "feature_dim", 8)
   _set_mixer_option(c, mixer, "based", "num_heads", 1)
@@ -114,8 +129,8 @@ def get_config(arg=None):
   c.seed = 0
 
   preset = knobs.pop("preset", None)
-  if preset not in (None, "zoology"):
-    raise ConfigError(f"unknown preset {preset!r} in configs/mqar.py; the one preset is zoology")
+  if preset not in (None, "zoology", "based"):
+    raise ConfigError(f"unknown preset {preset!r} in configs/mqar.py; use zoology or based")
   seq_len = knobs.pop("seq_len", None)
   num_kv_pairs = knobs.pop("num_kv_pairs", None)
   if preset == "zoology":
@@ -125,13 +140,20 @@ def get_config(arg=None):
       raise ConfigError(f"preset=zoology has no num_kv_pairs for seq_len={seq_len}; give it")
     num_kv_pairs = num_kv_pairs or ZOOLOGY_KV[seq_len]
   zoology = preset == "zoology"
-  batch_size = knobs.pop("batch_size", zoology_batch_size(seq_len) if zoology else 64)
+  default_batch = zoology_batch_size(seq_len) if zoology else 256 if preset == "based" else 64
+  batch_size = knobs.pop("batch_size", default_batch)
   train_examples = knobs.pop("train_examples", 100_000)
   test_examples = knobs.pop("test_examples", 3_000 if zoology else 1_000)
   epochs = knobs.pop("epochs", 64) if zoology else None
   if (seq_len is None) != (num_kv_pairs is None):
     raise ConfigError("give both seq_len and num_kv_pairs, or neither")
-  if seq_len is None:
+  if preset == "based":
+    if seq_len is not None:
+      raise ConfigError("preset=based trains on its mix of lengths; leave out seq_len")
+    epochs = knobs.pop("epochs", 32)
+    train = tuple((L, K, int(share * train_examples), batch_size) for L, K, share in BASED_TRAIN)
+    test = tuple((L, K, test_examples, min(32, test_examples)) for L, K in BASED_TEST)
+  elif seq_len is None:
     train = tuple(
       (L, K, n if L != 64 else train_examples, batch_size) for L, K, n, _ in DEFAULT_TRAIN
     )
@@ -173,7 +195,10 @@ def get_config(arg=None):
     checkpoint_every=500,
     early_stop_at=0.99,
   )
-  if zoology:
-    zoology_preset(c, mixer, epochs)
+  if preset is not None:
+    zoology_preset(c, mixer, epochs, figure2=zoology)
+  given = dict(knobs)  # before apply_knobs
   apply_knobs(c, knobs, KNOBS, mixer, "configs/mqar.py", listed=(*SEGMENT_KNOBS, "preset"))
+  if preset == "based" and "d_state" not in given:  # Based Fig. 2: H3 with d_state = d / 4
+    _set_mixer_option(c, mixer, "h3", "d_state", c.model.d_model // 4)
   return c
