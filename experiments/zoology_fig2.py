@@ -139,30 +139,31 @@ def protocol(args) -> dict:
   }
 
 
-def run_cell(L: int, d: int, mixer: str, args) -> dict:
+def train_lrs(configs, root: pathlib.Path) -> dict:
+  """Trains the configs (one per learning rate) as one pack under root; the record of the
+  best learning rate (Zoology reports the maximum over learning rates)."""
   from attnzoo.train.packed import train_packed
 
-  configs = cell_configs(L, d, mixer, args)
-  root = pathlib.Path(args.workdir) / cell_key(L, d, mixer)
   started = time.time()
   summaries = train_packed(configs, [root / c.name for c in configs])
-  per_lr = {c.name: s["eval/accuracy"] for c, s in zip(configs, summaries)}
   best = max(range(len(configs)), key=lambda i: summaries[i]["eval/accuracy"])
   return {
-    "L": L,
-    "d": d,
-    "mixer": mixer,
     "accuracy": summaries[best]["eval/accuracy"],
     "best_lr": configs[best].train.lr,
-    "per_lr": per_lr,
+    "per_lr": {c.name: s["eval/accuracy"] for c, s in zip(configs, summaries)},
     "steps": {c.name: s["step"] for c, s in zip(configs, summaries)},
     "status": {c.name: s["status"] for c, s in zip(configs, summaries)},
     "state_size": summaries[best]["state_size"],
     "params": summaries[best]["params"],
     "wall_s": time.time() - started,
-    "protocol": protocol(args),
     "device": _device(),
   }
+
+
+def run_cell(L: int, d: int, mixer: str, args) -> dict:
+  configs = cell_configs(L, d, mixer, args)
+  record = train_lrs(configs, pathlib.Path(args.workdir) / cell_key(L, d, mixer))
+  return {"L": L, "d": d, "mixer": mixer, **record, "protocol": protocol(args)}
 
 
 def _device() -> str:
@@ -171,15 +172,37 @@ def _device() -> str:
   return str(jax.devices()[0].device_kind)
 
 
-def load_cells(out: pathlib.Path) -> dict:
-  path = out / "cells.json"
+def load_cells(out: pathlib.Path, name: str = "cells.json") -> dict:
+  path = out / name
   return json.loads(path.read_text()) if path.exists() else {}
 
 
-def save_cells(out: pathlib.Path, cells: dict) -> None:
-  tmp = out / "cells.json.tmp"
+def save_cells(out: pathlib.Path, cells: dict, name: str = "cells.json") -> None:
+  """Write then rename: a killed process never leaves a half-written file."""
+  tmp = out / f"{name}.tmp"
   tmp.write_text(json.dumps(cells, indent=1, sort_keys=True))
-  os.replace(tmp, out / "cells.json")
+  os.replace(tmp, out / name)
+
+
+def run_pending(
+  out: pathlib.Path, cells: dict, jobs, time_budget_s: float = 0, name: str = "cells.json"
+) -> bool:
+  """Runs each (key, group, fn) job whose key is not in cells, recording fn()'s record (with
+  its group) in <out>/<name> as soon as it finishes. With a time budget, no job starts
+  when the elapsed time plus the longest recorded job of its group would pass it. Returns
+  whether every job is recorded."""
+  started = time.time()
+  for key, group, fn in jobs:
+    if key in cells:
+      continue
+    expected = max((c["wall_s"] for c in cells.values() if c.get("group") == group), default=0)
+    if time_budget_s and time.time() - started + expected > time_budget_s:
+      print(f"time budget reached before {key}; run the same command again to go on")
+      return False
+    cells[key] = {**fn(), "group": group}
+    save_cells(out, cells, name)
+    print(f"{key}: {cells[key]['accuracy']:.3f} ({cells[key]['wall_s']:.0f} s)", flush=True)
+  return True
 
 
 def agreement(cells: dict) -> list[str]:
@@ -362,22 +385,14 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   cells = load_cells(out)
-  started = time.time()
-  for L in args.L:
-    for d in args.d:
-      for mixer in args.mixers:
-        key = cell_key(L, d, mixer)
-        if args.report_only or key in cells:
-          continue
-        similar = [c["wall_s"] for c in cells.values() if c["L"] == L and c["d"] == d]
-        expected = max(similar, default=0.0)
-        if args.time_budget_s and time.time() - started + expected > args.time_budget_s:
-          print(f"time budget reached before {key}; run the same command again to go on")
-          write_report(out, cells)
-          return 0
-        cells[key] = run_cell(L, d, mixer, args)
-        save_cells(out, cells)
-        print(f"{key}: {cells[key]['accuracy']:.3f} ({cells[key]['wall_s']:.0f} s)", flush=True)
+  jobs = [
+    (cell_key(L, d, m), f"L{L}_d{d}", lambda L=L, d=d, m=m: run_cell(L, d, m, args))
+    for L in args.L
+    for d in args.d
+    for m in args.mixers
+  ]
+  if not args.report_only:
+    run_pending(out, cells, jobs, args.time_budget_s)
   write_report(out, cells)
   return 0
 

@@ -141,3 +141,19 @@ def test_defaults_stay_and_bad_preset_arguments_are_errors():
   ]:
     with pytest.raises(ConfigError, match=message):
       load_config_file(f"{MQAR_FILE}:{arg}")
+
+
+def test_based_preset_is_the_based_papers_mixed_lengths():
+  c = load_config_file(f"{MQAR_FILE}:preset=based,mixer=h3,d_model=128")
+  assert c.data.train_segments[0] == (64, 4, 100_000, 256)
+  assert [s[:3] for s in c.data.train_segments[1:]] == [
+    (128, 8, 20_000),
+    (256, 16, 20_000),
+    (256, 32, 20_000),
+    (256, 64, 20_000),
+  ]
+  assert [s[:2] for s in c.data.test_segments][-1] == (1024, 256)
+  assert {s[2:] for s in c.data.test_segments} == {(1_000, 32)}
+  assert c.data.random_non_queries is True and c.data.shuffle is False
+  assert c.train.num_steps == 32 * (100_000 // 256 + 4 * (20_000 // 256))
+  assert c.model.mixer_kwargs.d_state == 32 and c.model.max_positions == 1024

@@ -91,8 +91,10 @@ def _run(tree, r: int):
 def train_packed(configs, workdirs, *, quiet: bool = True, max_chunk: int = 1024) -> list[dict]:
   """Trains the runs `configs` (one per workdir) packed; returns their summaries in order.
   Runs whose workdir holds a summary.json are not re-run. The steps between two logs or
-  evaluations (at most max_chunk) run as one `lax.scan` over batches stacked on the host, so
-  a small model is not bound by one launch per step."""
+  evaluations (at most max_chunk, and no further than a change of batch shape) run as one
+  `lax.scan` over batches stacked on the host, so a small model is not bound by one launch
+  per step. Each length of scan and batch shape compiles once: fixed-order data (Zoology's)
+  repeats the same few every epoch; shuffled multi-length data compiles more."""
   if not configs or len(configs) != len(workdirs):
     raise ConfigError("train_packed needs one workdir per config")
   if not packable(configs):
@@ -126,15 +128,20 @@ def train_packed(configs, workdirs, *, quiet: bool = True, max_chunk: int = 1024
   steps_fn = jax.jit(steps, donate_argnums=0)
 
   def host_batches(start, stop):
-    """The batches of steps [start, stop): [steps, (runs,) batch, ...]."""
-    per_step = []
+    """The batches of steps [start, end) stacked ([steps, (runs,) batch, ...]) and end: the
+    first step at or after which the batch shapes change (multi-length tasks), else stop."""
+    per_step, shapes = [], None
     for step in range(start, stop):
       by_seed = {seed: exp.task.train_batch(step) for seed, exp in experiments.items()}
+      step_shapes = {k: v.shape for b in by_seed.values() for k, v in b.items()}
+      if shapes is not None and step_shapes != shapes:
+        return jax.tree.map(lambda *xs: np.stack(xs), *per_step), step
+      shapes = step_shapes
       if shared:
         per_step.append(by_seed[configs[0].seed])
       else:
         per_step.append(jax.tree.map(lambda *xs: np.stack(xs), *[by_seed[c.seed] for c in configs]))
-    return jax.tree.map(lambda *xs: np.stack(xs), *per_step)
+    return jax.tree.map(lambda *xs: np.stack(xs), *per_step), stop
 
   state = _stack([exp.init_state() for exp in exps])
   seeds = jnp.array([c.seed for c in configs], jnp.int32)
@@ -169,8 +176,7 @@ def train_packed(configs, workdirs, *, quiet: bool = True, max_chunk: int = 1024
   try:
     step = 0
     while step < num_steps and active.any():
-      stop = next_boundary(step)
-      batches = host_batches(step, stop)
+      batches, stop = host_batches(step, next_boundary(step))
       state, metrics = steps_fn(state, batches, seeds, lrs, jnp.asarray(active))
       window.append(metrics)
       tokens[active] += (stop - step) * base.task.num_tokens(base.task.train_batch(step))
