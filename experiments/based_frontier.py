@@ -109,6 +109,7 @@ def setting_configs(model: str, d: int, options: dict, args) -> list:
       set_typed(c, "data.vocab_size", args.vocab_size)
     if args.max_steps:
       set_typed(c, "train.num_steps", min(c.train.num_steps, args.max_steps))
+    fig2.set_implementation(c, args.implementation)
     c.name = f"lr{lr:.3g}"
     configs.append(c)
   return configs
@@ -183,6 +184,7 @@ def main(argv=None) -> int:
   p.add_argument("--test_examples", type=int, default=0, help="0: the paper's 1000")
   p.add_argument("--batch_size", type=int, default=0, help="0: the paper's 256")
   p.add_argument("--vocab_size", type=int, default=0)
+  p.add_argument("--implementation", default="", help="e.g. xla: every mixer's (default auto)")
   p.add_argument("--time_budget_s", type=float, default=0)
   p.add_argument("--out", default=str(REPO / "experiments/results/zoology"))
   p.add_argument("--workdir", default=str(REPO / "workdirs/based_frontier"))

@@ -117,15 +117,27 @@ def cell_configs(L: int, d: int, mixer: str, args) -> list:
       set_typed(c, "data.vocab_size", args.vocab_size)
     if args.max_steps:
       set_typed(c, "train.num_steps", min(c.train.num_steps, args.max_steps))
+    set_implementation(c, getattr(args, "implementation", ""))
     c.name = f"lr{lr:.3g}"
     configs.append(c)
   return configs
 
 
+def set_implementation(c, implementation: str) -> None:
+  """Every mixer of the config's spec (that has the option) uses this implementation."""
+  if not implementation:
+    return
+  names = c.model.mixer.split("+")
+  for name in names:
+    kwargs = c.model.mixer_kwargs[name] if len(names) > 1 else c.model.mixer_kwargs
+    if "implementation" in kwargs:
+      kwargs.implementation = implementation
+
+
 def protocol(args) -> dict:
   """The options that change the protocol from the paper's, recorded with each cell."""
   return {
-    k: getattr(args, k)
+    k: getattr(args, k, None)
     for k in (
       "epochs",
       "max_steps",
@@ -135,17 +147,19 @@ def protocol(args) -> dict:
       "num_kv_pairs",
       "batch_size",
       "seed",
+      "implementation",
     )
   }
 
 
 def train_lrs(configs, root: pathlib.Path) -> dict:
-  """Trains the configs (one per learning rate) as one pack under root; the record of the
-  best learning rate (Zoology reports the maximum over learning rates)."""
+  """Trains the configs (one per learning rate) as one pack under root (summaries and logs,
+  no checkpoints); the record of the best learning rate (Zoology reports the maximum over
+  learning rates)."""
   from attnzoo.train.packed import train_packed
 
   started = time.time()
-  summaries = train_packed(configs, [root / c.name for c in configs])
+  summaries = train_packed(configs, [root / c.name for c in configs], checkpoint=False)
   best = max(range(len(configs)), key=lambda i: summaries[i]["eval/accuracy"])
   return {
     "accuracy": summaries[best]["eval/accuracy"],
@@ -366,6 +380,7 @@ def main(argv=None) -> int:
   p.add_argument("--num_kv_pairs", type=int, default=0, help="0: Figure 2's K for each L")
   p.add_argument("--batch_size", type=int, default=0, help="0: Figure 2's batch for each L")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--implementation", default="", help="e.g. xla: every mixer's (default auto)")
   p.add_argument("--time_budget_s", type=float, default=0, help="start no cell after this")
   p.add_argument("--out", default=str(REPO / "experiments/results/zoology"))
   p.add_argument("--workdir", default=str(REPO / "workdirs/zoology_fig2"))

@@ -88,9 +88,12 @@ def _run(tree, r: int):
   return jax.tree.map(lambda x: x[r], tree)
 
 
-def train_packed(configs, workdirs, *, quiet: bool = True, max_chunk: int = 1024) -> list[dict]:
+def train_packed(
+  configs, workdirs, *, quiet: bool = True, max_chunk: int = 1024, checkpoint: bool = True
+) -> list[dict]:
   """Trains the runs `configs` (one per workdir) packed; returns their summaries in order.
-  Runs whose workdir holds a summary.json are not re-run. The steps between two logs or
+  Runs whose workdir holds a summary.json are not re-run; checkpoint=False keeps no final
+  checkpoint (large sweeps that need only the summaries). The steps between two logs or
   evaluations (at most max_chunk, and no further than a change of batch shape) run as one
   `lax.scan` over batches stacked on the host, so a small model is not bound by one launch
   per step. Each length of scan and batch shape compiles once: fixed-order data (Zoology's)
@@ -196,9 +199,10 @@ def train_packed(configs, workdirs, *, quiet: bool = True, max_chunk: int = 1024
       logger.close()
   for r in range(R):
     run_state = _run(state, r)
-    checkpoints = Checkpoints(workdirs[r] / "checkpoints", tc.max_checkpoints)
-    checkpoints.save(int(run_state["step"]), run_state)
-    checkpoints.close()
+    if checkpoint:
+      checkpoints = Checkpoints(workdirs[r] / "checkpoints", tc.max_checkpoints)
+      checkpoints.save(int(run_state["step"]), run_state)
+      checkpoints.close()
     summaries[todo[r]] = write_summary(
       workdirs[r], exps[r], run_state, status[r], final_eval[r], started
     )
