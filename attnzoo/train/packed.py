@@ -89,15 +89,22 @@ def _run(tree, r: int):
 
 
 def train_packed(
-  configs, workdirs, *, quiet: bool = True, max_chunk: int = 1024, checkpoint: bool = True
+  configs,
+  workdirs,
+  *,
+  quiet: bool = True,
+  max_chunk: int | None = None,
+  checkpoint: bool = True,
 ) -> list[dict]:
   """Trains the runs `configs` (one per workdir) packed; returns their summaries in order.
   Runs whose workdir holds a summary.json are not re-run; checkpoint=False keeps no final
   checkpoint (large sweeps that need only the summaries). The steps between two logs or
   evaluations (at most max_chunk, and no further than a change of batch shape) run as one
   `lax.scan` over batches stacked on the host, so a small model is not bound by one launch
-  per step. Each length of scan and batch shape compiles once: fixed-order data (Zoology's)
-  repeats the same few every epoch; shuffled multi-length data compiles more."""
+  per step. max_chunk defaults to 1024 on accelerators and 1 on the CPU (no launch cost to
+  save there, and a scanned step compiles several times slower). Each length of scan and
+  batch shape compiles once: fixed-order data (Zoology's) repeats the same few every epoch;
+  shuffled multi-length data compiles more."""
   if not configs or len(configs) != len(workdirs):
     raise ConfigError("train_packed needs one workdir per config")
   if not packable(configs):
@@ -129,6 +136,8 @@ def train_packed(
     return jax.lax.scan(lambda s, batch: one_step(s, batch, seeds, lrs, active), state, batches)
 
   steps_fn = jax.jit(steps, donate_argnums=0)
+  if max_chunk is None:
+    max_chunk = 1 if jax.default_backend() == "cpu" else 1024
 
   def host_batches(start, stop):
     """The batches of steps [start, end) stacked ([steps, (runs,) batch, ...]) and end: the
@@ -153,7 +162,7 @@ def train_packed(
   active = np.ones(R, bool)
   status = ["completed"] * R
   final_eval = [{} for _ in range(R)]
-  loggers = [MetricsLogger(w, num_steps, 0, True) for w in workdirs]
+  loggers = [MetricsLogger(w, num_steps, 0, quiet or r > 0) for r, w in enumerate(workdirs)]
   started = time.time()
   window, window_start = [], time.time()
   tokens = np.zeros(R)
@@ -182,6 +191,7 @@ def train_packed(
       batches, stop = host_batches(step, next_boundary(step))
       state, metrics = steps_fn(state, batches, seeds, lrs, jnp.asarray(active))
       window.append(metrics)
+      loggers[0].advance(stop - step)  # the pack's progress bar (unless quiet)
       tokens[active] += (stop - step) * base.task.num_tokens(base.task.train_batch(step))
       step = stop
       if step % tc.log_every == 0:
