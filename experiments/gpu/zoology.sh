@@ -2,7 +2,7 @@
 # inside one <= 9-minute command and resumes from experiments/results/zoology/cells.json, so
 # copy $OUT/zoology/*.json back into experiments/results/zoology/ before the next call.
 #
-#   bash experiments/gpu/zoology.sh calibrate     # ~3-5 min: s/step of small and wide cells
+#   bash experiments/gpu/zoology.sh calibrate     # 8 cells, 2 epochs: tokens/s per epoch
 #   ZOOLOGY_EPOCHS=4 bash experiments/gpu/zoology.sh grid    # repeat until "all cells recorded"
 #   ZOOLOGY_EPOCHS=4 bash experiments/gpu/zoology.sh grid --L 64,128   # or a subset per call
 #   bash experiments/gpu/zoology.sh frontier --models based,mamba,h3,hyena --epochs 4
@@ -17,8 +17,8 @@ start=$SECONDS
 case "$what" in
   calibrate)
     timeout 530 python3 experiments/zoology_fig2.py --L 64,512 --d 64,512 \
-      --mixers attention,base_conv,rwkv4,mamba --epochs 1 --time_budget_s "$budget" \
-      --out experiments/results/zoology/calibration --workdir /tmp/zoology_calibration "$@" \
+      --mixers attention,mamba --epochs 2 --time_budget_s "$budget" \
+      --out experiments/results/zoology/calibration --workdir "$OUT/zoology/calibration_runs" "$@" \
       2>&1 | tail -40 | tee "$OUT/zoology/calibrate.log"
     cp -r experiments/results/zoology/calibration "$OUT/zoology/" ;;
   grid)
