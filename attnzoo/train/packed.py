@@ -8,15 +8,19 @@ early-stop mask: once a run stops (or its loss stops being finite), the step lea
 unchanged. Every run gets the workdir files a lone run writes (config.json, metrics.jsonl,
 TensorBoard, summary.json) with the same values, up to float reassociation in the vmapped
 matmuls, and a checkpoint of its final state (so `attnzoo eval` and `load_run` read it).
-Differences from `trainer.train`: no intermediate checkpoints (a killed pack restarts; a
-finished run is not re-run), and a run whose loss is not finite ends with status "not_finite"
+The pack checkpoints its stacked state every train.checkpoint_every steps beside the runs'
+workdirs, so a killed pack resumes there (then removes it). Differences from
+`trainer.train`: a run whose loss is not finite ends with status "not_finite"
 while the others go on (a lone run raises TrainingError).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import pathlib
+import shutil
 import time
 
 import jax
@@ -162,7 +166,15 @@ def train_packed(
   active = np.ones(R, bool)
   status = ["completed"] * R
   final_eval = [{} for _ in range(R)]
-  loggers = [MetricsLogger(w, num_steps, 0, quiet or r > 0) for r, w in enumerate(workdirs)]
+  # The pack's own checkpoints (every train.checkpoint_every steps): a killed pack resumes.
+  pack_dir = _pack_dir(workdirs)
+  pack_checkpoints = Checkpoints(pack_dir / "state", 1)
+  start = pack_checkpoints.latest_step() or 0
+  if start:
+    state = pack_checkpoints.restore(state)
+    meta = json.loads((pack_dir / f"meta_{start}.json").read_text())
+    active[:], status, final_eval = meta["active"], meta["status"], meta["final_eval"]
+  loggers = [MetricsLogger(w, num_steps, start, quiet or r > 0) for r, w in enumerate(workdirs)]
   started = time.time()
   window, window_start = [], time.time()
   tokens = np.zeros(R)
@@ -186,7 +198,7 @@ def train_packed(
     return min([num_steps, step + max_chunk] + [(step // e + 1) * e for e in every])
 
   try:
-    step = 0
+    step = start
     while step < num_steps and active.any():
       batches, stop = host_batches(step, next_boundary(step))
       state, metrics = steps_fn(state, batches, seeds, lrs, jnp.asarray(active))
@@ -203,10 +215,15 @@ def train_packed(
           loggers[r].write(step, final_eval[r])
           if exps[r].should_stop(final_eval[r]):
             active[r], status[r] = False, "early_stopped"
+      if step % tc.checkpoint_every == 0 and step < num_steps and active.any():
+        meta = {"active": active.tolist(), "status": status, "final_eval": final_eval}
+        (pack_dir / f"meta_{step}.json").write_text(json.dumps(meta))  # before the state
+        pack_checkpoints.save(step, state)
     flush(num_steps)
   finally:
     for logger in loggers:
       logger.close()
+    pack_checkpoints.close()
   for r in range(R):
     run_state = _run(state, r)
     if checkpoint:
@@ -216,4 +233,11 @@ def train_packed(
     summaries[todo[r]] = write_summary(
       workdirs[r], exps[r], run_state, status[r], final_eval[r], started
     )
+  shutil.rmtree(pack_dir)
   return summaries
+
+
+def _pack_dir(workdirs) -> pathlib.Path:
+  """Where a pack keeps its own checkpoints: beside its runs' workdirs, named by them."""
+  names = "\n".join(str(w.resolve()) for w in workdirs)
+  return workdirs[0].parent / f".pack_{hashlib.sha1(names.encode()).hexdigest()[:12]}"

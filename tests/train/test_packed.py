@@ -7,7 +7,7 @@ import pytest
 from attnzoo.config import ConfigError
 from attnzoo.train.logging import read_metrics
 from attnzoo.train.packed import packable, train_packed
-from attnzoo.train.trainer import load_run, train
+from attnzoo.train.trainer import Experiment, load_run, train
 from tests.conftest import relative_error, tiny_mqar_config
 
 
@@ -26,7 +26,7 @@ def run_config(lr, seed):
       "data.test_segments": ((16, 2, 64, 64),),
       "train.num_steps": 20,
       "train.eval_every": 10,
-      "train.checkpoint_every": 20,
+      "train.checkpoint_every": 10,
       "train.warmup_steps": 0,
       "train.early_stop_at": 0.02,  # the lr 1e-2 run passes it by step 10, the other does not
     }
@@ -60,7 +60,33 @@ def test_packed_equals_one_by_one_with_per_run_early_stop(tmp_path):
     # a shift shared by all keys), so it holds only float noise, different in each program.
     flat = lambda leaves: np.concatenate([np.ravel(x) for _, x in leaves])
     assert relative_error(flat(got), flat(want)) < 1e-5
+  # A pack killed after its step-10 checkpoint resumes there and ends as the whole one did.
+  calls = []
+
+  def evaluate_then_die(self, params):
+    calls.append(1)
+    if len(calls) == 3:  # the step-20 evaluation
+      raise KeyboardInterrupt
+    return real_evaluate(self, params)
+
+  real_evaluate = Experiment.evaluate
+  resumed = [tmp_path / f"resumed{i}" for i in range(2)]
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(Experiment, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+      train_packed(configs, resumed, max_chunk=5)
+  again = train_packed(configs, resumed, max_chunk=5)
+  drop = ("wall_time_s",)
+  assert [{k: v for k, v in s.items() if k not in drop} for s in again] == [
+    {k: v for k, v in s.items() if k not in drop} for s in packed
+  ]
+  assert logged_losses(resumed[0]) == logged_losses(tmp_path / "packed0")
+  assert not list(tmp_path.glob(".pack_*"))  # removed once the pack is done
   # A finished pack is not re-run; mixing model shapes is refused.
   assert train_packed(configs, [tmp_path / f"packed{i}" for i in range(2)]) == packed
   with pytest.raises(ConfigError, match="differ only in train.lr and seed"):
     train_packed([configs[0], tiny_mqar_config()], [tmp_path / "x", tmp_path / "y"])
+
+
+def logged_losses(workdir):
+  return [(m["step"], m["train/loss"]) for m in read_metrics(workdir) if "train/loss" in m]
