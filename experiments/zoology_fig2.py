@@ -256,6 +256,10 @@ def agreement(cells: dict) -> list[str]:
 
 
 def write_report(out: pathlib.Path, cells: dict) -> None:
+  if not cells:
+    (out / "figure2.md").write_text("# Zoology Figure 2\n\nNo cell recorded yet.\n")
+    draw(out / "figure2.png", cells)
+    return
   Ls = sorted({c["L"] for c in cells.values()})
   ds = sorted({c["d"] for c in cells.values()})
   mixers = [m for m in MIXERS if any(c["mixer"] == m for c in cells.values())]
