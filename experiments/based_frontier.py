@@ -110,6 +110,7 @@ def setting_configs(model: str, d: int, options: dict, args) -> list:
     if args.max_steps:
       set_typed(c, "train.num_steps", min(c.train.num_steps, args.max_steps))
     fig2.set_implementation(c, args.implementation)
+    fig2.set_checkpoint_epochs(c, args.checkpoint_epochs)
     c.name = f"lr{lr:.3g}"
     configs.append(c)
   return configs
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
   p.add_argument("--batch_size", type=int, default=0, help="0: the paper's 256")
   p.add_argument("--vocab_size", type=int, default=0)
   p.add_argument("--implementation", default="", help="e.g. xla: every mixer's (default auto)")
+  p.add_argument("--checkpoint_epochs", type=int, default=0, help="0: every 8 epochs")
   p.add_argument("--time_budget_s", type=float, default=0)
   p.add_argument("--out", default=str(REPO / "experiments/results/zoology"))
   p.add_argument("--workdir", default=str(REPO / "workdirs/based_frontier"))
@@ -206,8 +208,10 @@ def main(argv=None) -> int:
     for d, o in MODELS[m][1]
     if args.d is None or d in args.d
   ]
-  if not args.report_only:
-    fig2.run_pending(out, cells, jobs, args.time_budget_s, "frontier.json")
+  if not args.report_only and fig2.run_pending(
+    out, cells, jobs, args.time_budget_s, "frontier.json"
+  ):
+    print("all settings recorded")
   if cells:
     write_report(out, cells)
   return 0

@@ -118,9 +118,17 @@ def cell_configs(L: int, d: int, mixer: str, args) -> list:
     if args.max_steps:
       set_typed(c, "train.num_steps", min(c.train.num_steps, args.max_steps))
     set_implementation(c, getattr(args, "implementation", ""))
+    set_checkpoint_epochs(c, getattr(args, "checkpoint_epochs", 0))
     c.name = f"lr{lr:.3g}"
     configs.append(c)
   return configs
+
+
+def set_checkpoint_epochs(c, epochs: int) -> None:
+  """A pack checkpoints every `epochs` epochs (0: the preset's 8), so a cell longer than one
+  call resumes in the next (on a machine that kept the workdir)."""
+  if epochs:
+    set_typed(c, "train.checkpoint_every", epochs * c.train.lr_step_every)
 
 
 def set_implementation(c, implementation: str) -> None:
@@ -385,6 +393,7 @@ def main(argv=None) -> int:
   p.add_argument("--batch_size", type=int, default=0, help="0: Figure 2's batch for each L")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--implementation", default="", help="e.g. xla: every mixer's (default auto)")
+  p.add_argument("--checkpoint_epochs", type=int, default=0, help="0: every 8 epochs")
   p.add_argument("--time_budget_s", type=float, default=0, help="start no cell after this")
   p.add_argument("--out", default=str(REPO / "experiments/results/zoology"))
   p.add_argument("--workdir", default=str(REPO / "workdirs/zoology_fig2"))
@@ -410,8 +419,8 @@ def main(argv=None) -> int:
     for d in args.d
     for m in args.mixers
   ]
-  if not args.report_only:
-    run_pending(out, cells, jobs, args.time_budget_s)
+  if not args.report_only and run_pending(out, cells, jobs, args.time_budget_s):
+    print("all cells recorded")
   write_report(out, cells)
   return 0
 

@@ -7,7 +7,10 @@
 #   ZOOLOGY_EPOCHS=4 bash experiments/gpu/zoology.sh grid --L 64,128   # or a subset per call
 #   bash experiments/gpu/zoology.sh frontier --models based,mamba,h3,hyena --epochs 4
 #
-# Results (cells.json, figure2.md/png, frontier.*, logs) are copied to $OUT/zoology.
+# Results (cells.json, figure2.md/png, frontier.*, logs) are copied to $OUT/zoology. Runs and
+# the packs' checkpoints (every 2 epochs) stay in workdirs/ (ignored, kept on a warm machine):
+# there a cell cut by the timeout resumes from its last checkpoint, and finished runs are not
+# re-run even if cells.json was not copied back.
 set -o pipefail; export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/zoology_out}; mkdir -p "$OUT/zoology"
 nvidia-smi -L
@@ -23,11 +26,11 @@ case "$what" in
     cp -r experiments/results/zoology/calibration "$OUT/zoology/" ;;
   grid)
     timeout 530 python3 experiments/zoology_fig2.py --epochs "${ZOOLOGY_EPOCHS:-64}" \
-      --time_budget_s "$budget" --workdir /tmp/zoology_fig2 "$@" \
+      --time_budget_s "$budget" --checkpoint_epochs 2 "$@" \
       2>&1 | tail -60 | tee "$OUT/zoology/grid.log" ;;
   frontier)
     timeout 530 python3 experiments/based_frontier.py --time_budget_s "$budget" \
-      --workdir /tmp/based_frontier "$@" 2>&1 | tail -60 | tee "$OUT/zoology/frontier.log" ;;
+      --checkpoint_epochs 2 "$@" 2>&1 | tail -60 | tee "$OUT/zoology/frontier.log" ;;
   *) echo "usage: $0 calibrate|grid|frontier [script options]"; exit 2 ;;
 esac
 echo "$what: $((SECONDS - start)) s" | tee -a "$OUT/zoology/times.log"
