@@ -78,15 +78,27 @@ def cmd_eval(args, extra):
 
 
 def cmd_sweep(args, extra):
+  """Runs that differ only in learning rate and seed train packed (attnzoo.train.packed: one
+  vmapped program per pack); any other run trains alone."""
+  from attnzoo.train.packed import pack_groups, train_packed
   from attnzoo.train.trainer import train
 
   configs = load_config_file(args.config)
   if not isinstance(configs, (list, tuple)):
     raise ConfigError(f"a sweep config must return a list of configs, got {type(configs).__name__}")
-  best, rows = {}, []
   for config in configs:
     _apply_overrides(config, extra)
-    summary = train(config, pathlib.Path(args.workdir) / config.name, quiet=args.quiet)
+  root = pathlib.Path(args.workdir)
+  summaries = {}
+  for group in pack_groups(configs):
+    if len(group) == 1:
+      summaries[group[0].name] = train(group[0], root / group[0].name, quiet=args.quiet)
+    else:
+      done = train_packed(group, [root / c.name for c in group], quiet=args.quiet)
+      summaries.update({c.name: s for c, s in zip(group, done)})
+  best, rows = {}, []
+  for config in configs:
+    summary = summaries[config.name]
     rows.append(_summary_row(config.name, summary))
     if (
       config.group not in best or summary["eval/accuracy"] > best[config.group][1]["eval/accuracy"]

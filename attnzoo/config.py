@@ -118,6 +118,7 @@ def train_section(**changes) -> ml_collections.ConfigDict:
     num_steps=3_000,
     lr=1e-3,
     warmup_steps=100,
+    lr_step_every=1,
     min_lr_ratio=0.0,
     weight_decay=0.0,
     decay_all_params=False,
@@ -137,10 +138,13 @@ def train_section(**changes) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**c, **changes})
 
 
-def apply_knobs(config, knobs: dict, table: dict, mixer: str, where: str, extra=()) -> None:
+def apply_knobs(
+  config, knobs: dict, table: dict, mixer: str, where: str, extra=(), listed=()
+) -> None:
   """Sets each `knob=value` of a config file's argument: `table` maps knob -> config path;
   `extra` names data options set as `data.<knob>`; num_heads and options of a single mixer go
-  to model.mixer_kwargs. Anything else is a ConfigError listing the knobs of `where`."""
+  to model.mixer_kwargs. Anything else is a ConfigError listing the knobs of `where` (with
+  `listed`: knobs the file consumed itself)."""
   for key, value in knobs.items():
     if key in table:
       set_typed(config, table[key], value)
@@ -153,7 +157,7 @@ def apply_knobs(config, knobs: dict, table: dict, mixer: str, where: str, extra=
     else:
       raise ConfigError(
         f"unknown knob {key!r} in {where} argument; knobs: "
-        f"{', '.join(sorted([*table, *extra]))}, num_heads or an option of the mixer"
+        f"{', '.join(sorted([*table, *extra, *listed]))}, num_heads or an option of the mixer"
       )
 
 

@@ -18,21 +18,23 @@ import dataclasses
 
 import ml_collections
 
-from attnzoo.config import ConfigError, mixer_defaults, needs_positions, parse_arg, set_typed
+from attnzoo.config import (
+  COMMON_KNOBS,
+  apply_knobs,
+  model_section,
+  needs_positions,
+  parse_arg,
+  set_typed,
+  train_section,
+)
 from attnzoo.mixers import MIXERS
 
 KNOBS = {
-  "d_model": "model.d_model",
-  "num_layers": "model.num_layers",
-  "state_mixer": "model.state_mixer",
+  **COMMON_KNOBS,
   "seq_len": "data.seq_len",
   "batch_size": "data.batch_size",
   "source": "data.source",
   "tokenizer": "data.tokenizer",
-  "lr": "train.lr",
-  "num_steps": "train.num_steps",
-  "seed": "seed",
-  "dtype": "train.compute_dtype",
 }
 
 
@@ -74,52 +76,29 @@ def get_config(arg=None):
       eval_batch_size=64,
     )
   )
-  c.model = ml_collections.ConfigDict(
-    dict(
-      mixer=mixer,
-      mixer_kwargs=mixer_defaults(mixer),
-      d_model=384,
-      num_layers=6,
-      state_mixer="mlp",
-      mlp_ratio=4.0,
-      norm="layernorm",
-      position_embedding="learned" if needs_positions(mixer) else "none",
-      max_positions=256,
-      embedding_dropout=dropout,
-      residual_dropout=dropout,
-    )
+  c.model = model_section(
+    mixer,
+    d_model=384,
+    num_layers=6,
+    state_mixer="mlp",
+    position_embedding="learned" if needs_positions(mixer) else "none",
+    max_positions=256,
+    embedding_dropout=dropout,
+    residual_dropout=dropout,
   )
-  c.train = ml_collections.ConfigDict(
-    dict(
-      num_steps=5_000,
-      lr=1e-3,
-      warmup_steps=100,
-      min_lr_ratio=0.1,
-      weight_decay=0.1,
-      decay_all_params=False,
-      b1=0.9,
-      b2=0.99,
-      grad_clip=1.0,
-      compute_dtype="auto",
-      log_every=50,
-      eval_every=250,
-      checkpoint_every=500,
-      early_stop_at=None,
-      max_checkpoints=2,
-    )
+  c.train = train_section(
+    num_steps=5_000,
+    lr=1e-3,
+    warmup_steps=100,
+    min_lr_ratio=0.1,
+    weight_decay=0.1,
+    b2=0.99,
+    compute_dtype="auto",
+    eval_every=250,
+    checkpoint_every=500,
   )
   _set_per_mixer(c, mixer, "attention_dropout", dropout)
-  for key, value in knobs.items():
-    if key in KNOBS:
-      set_typed(c, KNOBS[key], value)
-    elif "+" not in mixer and key in c.model.mixer_kwargs:
-      set_typed(c, f"model.mixer_kwargs.{key}", value)
-    else:
-      names = sorted([*KNOBS, "mixer", "num_heads", "dropout"])
-      raise ConfigError(
-        f"unknown knob {key!r} in configs/lm.py argument; knobs: {', '.join(names)} "
-        "or an option of the mixer"
-      )
+  apply_knobs(c, knobs, KNOBS, mixer, "configs/lm.py", listed=("mixer", "dropout"))
   if num_heads is None and c.model.d_model % 6 == 0:
     num_heads = 6  # the recipe's; other widths keep each mixer's default unless given
   if num_heads is not None:

@@ -56,6 +56,12 @@ CASES = [
   (train("", "--config.train.weight_decay=-0.1"), "error: train.weight_decay must be >= 0"),
   (train("", "--config.train.b2=1.0"), "error: train.b2 must be in [0, 1)"),
   (train("dtype=float8"), "error: train.compute_dtype must be auto, float32, bfloat16"),
+  (train("", "--config.train.lr_step_every=0"), "error: train.lr_step_every must be >= 1"),
+  (
+    ["train", "--config", f"{MQAR}:preset=zoology", "--quiet"],
+    "error: preset=zoology trains one length per run: give seq_len",
+  ),
+  (["train", "--config", f"{MQAR}:preset=big"], "error: unknown preset 'big'"),
   # config keys, values and arguments
   (train("foo=1"), "error: unknown knob 'foo'"),
   (train("lr"), "error: config argument 'lr' is not of the form key=value"),

@@ -1,9 +1,11 @@
 """The one Block every model is built from, and the stack of blocks the models share.
 
 Block: x + mixer(norm(x)), then x + state_mixer(norm(x)) with state_mixer in {identity, mlp,
-swiglu}; optional dropout on each residual branch. Hybrids cycle a list of mixer names over
-layers (Zoology's `Hybrid`). Initialisation follows Zoology: N(0, 0.02) everywhere, projections
-into the residual N(0, 0.02/sqrt(2L)).
+swiglu}; optional dropout on each residual branch. "identity_norm" is Zoology's
+`torch.nn.Identity` state mixer as its block runs it: the identity of the normed stream is still
+added back, so each layer computes x <- y + norm2(y) with y = x + mixer(norm1(x)). Hybrids
+cycle a list of mixer names over layers (Zoology's `Hybrid`). Initialisation follows Zoology:
+N(0, 0.02) everywhere, projections into the residual N(0, 0.02/sqrt(2L)).
 
 `Backbone` holds the options every model shares (mixers, width, depth, norms, positions,
 dropout) and runs the stack; the models (`DecoderLM`, `EncoderClassifier`, `Regressor`) add
@@ -72,7 +74,7 @@ class StateMixer(nn.Module):
     elif self.kind == "swiglu":
       h = nn.silu(dense(self.hidden, dense_init)(x)) * dense(self.hidden, dense_init)(x)
     else:
-      raise ValueError(f"unknown state_mixer {self.kind!r}; use identity, mlp or swiglu")
+      raise ValueError(f"unknown state_mixer {self.kind!r}; use mlp or swiglu")
     return dense(self.d_model, output_init(self.num_layers))(h)
 
 
@@ -121,7 +123,9 @@ class Block(nn.Module):
       **extra,
     )
     x = x + dropout(self, y, self.residual_dropout)
-    if self.state_mixer != "identity":
+    if self.state_mixer == "identity_norm":
+      x = x + dropout(self, norm(dtype=self.dtype)(x), self.residual_dropout)
+    elif self.state_mixer != "identity":
       y = StateMixer(self.state_mixer, self.d_model, self.mlp_hidden, self.num_layers, self.dtype)(
         norm(dtype=self.dtype)(x)
       )
@@ -173,11 +177,11 @@ class Backbone(nn.Module):
       f"unknown position_embedding {self.position_embedding!r}; use learned or none",
     )
     need(
-      self.state_mixer in ("identity", "mlp", "swiglu"),
-      f"unknown state_mixer {self.state_mixer!r}; use identity, mlp or swiglu",
+      self.state_mixer in ("identity", "identity_norm", "mlp", "swiglu"),
+      f"unknown state_mixer {self.state_mixer!r}; use identity, identity_norm, mlp or swiglu",
     )
     need(
-      self.state_mixer == "identity" or int(self.mlp_ratio * self.d_model) >= 1,
+      self.state_mixer in ("identity", "identity_norm") or int(self.mlp_ratio * self.d_model) >= 1,
       f"mlp_ratio must give the state mixer a hidden width >= 1, got {self.mlp_ratio!r}",
     )
     for key in ("embedding_dropout", "residual_dropout"):

@@ -122,7 +122,9 @@ class MQAR(Task):
   """Multi-segment MQAR train and test sets; the batch at a step depends on (seed, step) only.
 
   Every batch holds one segment. Each epoch visits all train batches in an order and with
-  example groupings drawn from (seed, epoch). The model is a causal LM whose logits are taken
+  example groupings drawn from (seed, epoch); with `shuffle=False`, as Zoology's loader
+  (`shuffle=False`), every epoch visits the same batches of consecutive examples in the same
+  order (segment by segment). The model is a causal LM whose logits are taken
   at the query positions only; the loss is the cross-entropy there and an example counts as
   scored by the fraction of its queries answered correctly (Zoology's per-example accuracy,
   averaged over examples).
@@ -141,6 +143,7 @@ class MQAR(Task):
     seed: int,
     power_a: float = 0.01,
     random_non_queries: bool = True,
+    shuffle: bool = True,
   ):
     for segment in (*train_segments, *test_segments):
       check_segment(segment, vocab_size)
@@ -149,7 +152,7 @@ class MQAR(Task):
           f"MQAR segment {segment.name}: batch_size {segment.batch_size} > "
           f"num_examples {segment.num_examples}"
         )
-    self.vocab_size, self.seed = vocab_size, seed
+    self.vocab_size, self.seed, self.shuffle = vocab_size, seed, shuffle
     self.train_segments, self.test_segments = tuple(train_segments), tuple(test_segments)
     make = lambda s, i, salt: generate(
       vocab_size,
@@ -187,6 +190,7 @@ class MQAR(Task):
       seed=config.seed,
       power_a=d.power_a,
       random_non_queries=d.random_non_queries,
+      shuffle=d.get("shuffle", True),
     )
 
   @property
@@ -201,8 +205,12 @@ class MQAR(Task):
     if self._epoch_cache[0] != epoch:
       rng = np.random.default_rng([self.seed, 2, epoch])
       batches = [(i, b) for i, n in enumerate(self.batches_per_epoch) for b in range(n)]
-      order = rng.permutation(len(batches))
-      examples = [rng.permutation(s.num_examples) for s in self.train_segments]
+      if self.shuffle:
+        order = rng.permutation(len(batches))
+        examples = [rng.permutation(s.num_examples) for s in self.train_segments]
+      else:
+        order = np.arange(len(batches))
+        examples = [np.arange(s.num_examples) for s in self.train_segments]
       self._epoch_cache = (epoch, ([batches[j] for j in order], examples))
     return self._epoch_cache[1]
 

@@ -1,4 +1,5 @@
-"""AdamW with a weight-decay mask, linear warm-up + cosine decay, global-norm clipping."""
+"""AdamW with a weight-decay mask, linear warm-up + cosine decay (per step or per epoch),
+global-norm clipping."""
 
 from __future__ import annotations
 
@@ -7,14 +8,26 @@ import optax
 
 
 def learning_rate_schedule(cfg, num_steps: int):
-  warmup = min(cfg.warmup_steps, max(num_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=cfg.lr,
-    warmup_steps=warmup,
-    decay_steps=max(num_steps, warmup + 1),
-    end_value=cfg.lr * cfg.min_lr_ratio,
+  """Linear warm-up then cosine to lr * min_lr_ratio. With lr_step_every = E > 1 the schedule
+  moves once every E steps (E = the steps of an epoch: PyTorch's CosineAnnealingLR stepped per
+  epoch, as Zoology does), over ceil(num_steps / E) such units, warm-up counted in units."""
+  every = getattr(cfg, "lr_step_every", 1)
+  units = -(-num_steps // every)
+  warmup = min(cfg.warmup_steps, max(units - 1, 0))
+  # optax.warmup_cosine_decay_schedule's pieces, joined here so that lr may be a traced
+  # per-run value (packed sweeps); the same float operations as that function.
+  lr = cfg.lr
+  alpha = (lr * cfg.min_lr_ratio) / lr if isinstance(lr, (int, float)) else cfg.min_lr_ratio
+  schedule = optax.join_schedules(
+    [
+      optax.linear_schedule(init_value=0.0, end_value=lr, transition_steps=warmup),
+      optax.cosine_decay_schedule(
+        init_value=lr, decay_steps=max(units, warmup + 1) - warmup, alpha=alpha
+      ),
+    ],
+    [warmup],
   )
+  return schedule if every == 1 else lambda step: schedule(step // every)
 
 
 def decay_mask(params, decay_all: bool):

@@ -53,6 +53,7 @@ def check_train_config(tc) -> None:
   for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "max_checkpoints"):
     need(isinstance(tc[key], int) and tc[key] >= 1, key, "a positive integer")
   need(tc.lr > 0, "lr", "positive")
+  need(tc.get("lr_step_every", 1) >= 1, "lr_step_every", ">= 1")
   need(tc.warmup_steps >= 0, "warmup_steps", ">= 0")
   need(0 <= tc.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
   need(tc.weight_decay >= 0, "weight_decay", ">= 0")
@@ -148,13 +149,18 @@ class Experiment:
     return self.task.loss(self._outputs(params, batch, dropout_rng), batch)
 
   def _train_step(self, state, batch):
+    return self.step_with(state, batch, self.config.seed, self.optimizer)
+
+  def step_with(self, state, batch, seed, optimizer):
+    """The train step of a run with this `seed` (an int or a traced scalar) and `optimizer`;
+    packed sweeps (attnzoo.train.packed) vmap it over runs."""
     # Dropout masks are a function of (seed, step), like the batches: resuming stays exact.
-    dropout_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)  # not init's stream
+    dropout_key = jax.random.fold_in(jax.random.key(seed), 1)  # not init's stream
     dropout_rng = jax.random.fold_in(dropout_key, state["step"])
     (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(
       state["params"], batch, dropout_rng
     )
-    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {
       "train/loss": loss,
@@ -248,6 +254,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
   finally:
     checkpoints.close()
     logger.close()
+  return write_summary(workdir, exp, state, status, eval_metrics, started)
+
+
+def write_summary(workdir, exp, state, status: str, eval_metrics: dict, started: float) -> dict:
+  """The run's summary (status, step, sizes, wall time, final evaluation) -> summary.json."""
   if not eval_metrics:
     eval_metrics = exp.evaluate(state["params"])
   summary = {
@@ -258,7 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
     "wall_time_s": time.time() - started,
     **eval_metrics,
   }
-  summary_path.write_text(json.dumps(summary, indent=2))
+  (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from attnzoo.config import ConfigError, mixer_defaults, parse_arg, set_typed
+from attnzoo.config import ConfigError, apply_knobs, model_section, parse_arg, train_section
 
 # task -> setting -> (model, train, data) overrides of the common defaults below
 SETTINGS = {
@@ -173,59 +173,33 @@ def lra_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
       **spec["data"],
     )
   )
-  mixer_kwargs = mixer_defaults(mixer)
+  c.model = model_section(
+    mixer,
+    d_model=model["d_model"],
+    num_layers=model["num_layers"],
+    state_mixer="mlp",
+    mlp_ratio=model["mlp_ratio"],
+    max_positions=MAX_POSITIONS[task],
+    embedding_dropout=model["dropout"],
+    residual_dropout=model["dropout"],
+  )
+  c.model.pooling = model["pooling"]
+  mixer_kwargs = c.model.mixer_kwargs
   if "num_heads" in mixer_kwargs:
     mixer_kwargs.num_heads = model["num_heads"]
   for key in ("dropout", "attention_dropout"):
     if "+" not in mixer and key in mixer_kwargs:
       mixer_kwargs[key] = model["dropout"]
-  c.model = ml_collections.ConfigDict(
-    dict(
-      mixer=mixer,
-      mixer_kwargs=mixer_kwargs,
-      d_model=model["d_model"],
-      num_layers=model["num_layers"],
-      state_mixer="mlp",
-      mlp_ratio=model["mlp_ratio"],
-      norm="layernorm",
-      position_embedding="learned",
-      max_positions=MAX_POSITIONS[task],
-      embedding_dropout=model["dropout"],
-      residual_dropout=model["dropout"],
-      pooling=model["pooling"],
-    )
+  c.train = train_section(
+    num_steps=train["num_steps"],
+    lr=train["lr"],
+    warmup_steps=train["warmup_steps"],
+    weight_decay=train["weight_decay"],
+    grad_clip=1.0 if task == "pathx" else 0.0,
+    compute_dtype="auto",
+    eval_every=500,
+    checkpoint_every=500,
   )
-  c.train = ml_collections.ConfigDict(
-    dict(
-      num_steps=train["num_steps"],
-      lr=train["lr"],
-      warmup_steps=train["warmup_steps"],
-      min_lr_ratio=0.0,
-      weight_decay=train["weight_decay"],
-      decay_all_params=False,
-      b1=0.9,
-      b2=0.98,
-      grad_clip=1.0 if task == "pathx" else 0.0,
-      compute_dtype="auto",
-      log_every=50,
-      eval_every=500,
-      checkpoint_every=500,
-      early_stop_at=None,
-      max_checkpoints=2,
-    )
-  )
-  for key, value in knobs.items():
-    if key in KNOBS:
-      set_typed(c, KNOBS[key], value)
-    elif key == "num_heads" and "num_heads" in c.model.mixer_kwargs:
-      set_typed(c, "model.mixer_kwargs.num_heads", value)
-    elif key in c.data:
-      set_typed(c, f"data.{key}", value)
-    elif "+" not in mixer and key in c.model.mixer_kwargs:
-      set_typed(c, f"model.mixer_kwargs.{key}", value)
-    else:
-      raise ConfigError(
-        f"unknown knob {key!r} in configs/lra/{task}.py argument; knobs: setting, "
-        f"{', '.join(sorted(KNOBS))}, num_heads, a data option or an option of the mixer"
-      )
+  data_options = [key for key in c.data if key not in KNOBS]
+  apply_knobs(c, knobs, KNOBS, mixer, f"configs/lra/{task}.py", data_options, listed=["setting"])
   return c
