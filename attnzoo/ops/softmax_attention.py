@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import EMPTY
 
@@ -134,7 +135,9 @@ def _attention_jnp(
   out = out.reshape(batch, tq, heads, v.shape[-1]).astype(v.dtype)
   if not return_lse:
     return out
-  lse = (jnp.log(denominator) + row_max)[..., 0]  # [B, H, Tq]; -inf on empty rows
+  # [B, H, Tq]; -inf on empty rows, whose gradient stays finite (0, not 0/0)
+  seen = denominator > 0
+  lse = jnp.where(seen, jnp.log(jnp.where(seen, denominator, 1.0)) + row_max, -jnp.inf)[..., 0]
   return out, jnp.transpose(lse, (0, 2, 1))
 
 
@@ -487,6 +490,17 @@ def softmax_attention(
     block_mask=block_mask,
     block_mask_size=block_mask_size,
   )
+  plan = context_parallel.active()
+  if plan is not None:
+    from attnzoo.ops import sequence_parallel
+
+    return sequence_parallel.softmax_attention(
+      plan,
+      **args,
+      explicit_positions=explicit_positions,
+      dropout=bool(dropout),
+      implementation=implementation,
+    )
   name = dispatcher.choose(
     implementation, **args, explicit_positions=explicit_positions, dropout=bool(dropout)
   )

@@ -1,0 +1,201 @@
+"""Context (sequence) parallelism: the plan, and the collectives every family's exact
+sequence-parallel form is built from (attnzoo.ops.sequence_parallel).
+
+A `Plan` names the mesh, its sequence axis ("context") and the strategies. While a plan is in
+use (`with use(plan):`, what the trainer does around its train step), the ops
+(softmax_attention, linear_attention, delta_rule, selective_scan, short_conv, long_conv) route
+a call on global [B,T,...] arrays through `jax.shard_map` over that axis; everything else stays
+automatic (GSPMD). A plan whose axis has size 1, or a call already inside the shard_map, runs
+the op as before. This is scoped, like `jax.set_mesh`: nothing changes outside the `with`.
+
+Collectives here:
+- `exclusive_prefix`: the state each shard starts from, for a recurrence whose shard summary is
+  an affine map x -> A(x) + S (diagonal decay: A a vector; delta rule: A a K x K matrix).
+  "allgather" is LASP-2 (Sun et al. 2025, "LASP-2: Rethinking Sequence Parallelism for Linear
+  Attention and Its Hybrid"): one all-gather of the W summaries, then a local fold; unlike the
+  released LASP-2 code it carries the decay/transition, so gated and delta-rule families are
+  exact. "logscan" is a Hillis-Steele scan over ranks with log2(W) ppermute rounds (the
+  ZeCO idea, Chou et al. 2025, "ZeCO: Zero Communication Overhead Sequence Parallelism for
+  Linear Attention": each rank receives only what it needs, no W-fold gathered memory; ZeCO's
+  All-Scan pipelines a chain instead). LASP (Sun et al. 2024, "Linear Attention Sequence
+  Parallelism") passes the state along a chain of W-1 hops; not implemented here.
+- `previous_rows`: a halo of the last rows of the previous shard (convolutions, windows).
+Gradients are JAX's transposes of these collectives (all-gather -> reduce-scatter, ppermute ->
+the reverse ppermute), so forward and backward are exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+ATTENTION_STRATEGIES = ("ring", "allgather_kv")
+STATE_STRATEGIES = ("allgather", "logscan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """mesh: the device mesh; axis: its sequence axis. attention: "ring" (KV blocks rotate by
+  ppermute, online-softmax merge) or "allgather_kv"; zigzag: causal load balance (shard r
+  holds chunks r and 2W-1-r of 2W); state: "allgather" (LASP-2) or "logscan" for the
+  linear-attention, delta-rule and selective-scan families."""
+
+  mesh: Mesh
+  axis: str = "context"
+  attention: str = "ring"
+  zigzag: bool = True
+  state: str = "allgather"
+
+  def __post_init__(self):
+    if self.axis not in self.mesh.axis_names:
+      raise ValueError(f"context parallelism: the mesh has no axis {self.axis!r}")
+    if self.attention not in ATTENTION_STRATEGIES:
+      raise ValueError(
+        f"context parallelism: attention strategy must be one of {ATTENTION_STRATEGIES}, "
+        f"got {self.attention!r}"
+      )
+    if self.state not in STATE_STRATEGIES:
+      raise ValueError(
+        f"context parallelism: state strategy must be one of {STATE_STRATEGIES}, got {self.state!r}"
+      )
+
+  @property
+  def size(self) -> int:
+    return self.mesh.shape[self.axis]
+
+
+_ACTIVE: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("attnzoo_cp", default=None)
+
+
+@contextlib.contextmanager
+def use(plan: Plan | None):
+  """Ops called (traced) inside route through `plan`; None turns routing off."""
+  token = _ACTIVE.set(plan)
+  try:
+    yield plan
+  finally:
+    _ACTIVE.reset(token)
+
+
+def active() -> Plan | None:
+  """The plan an op called now must follow, or None (no plan, axis of size 1, or already
+  inside the shard_map over the axis)."""
+  plan = _ACTIVE.get()
+  if plan is None or plan.size == 1:
+    return None
+  if plan.axis in jax.sharding.get_abstract_mesh().manual_axes:
+    return None
+  return plan
+
+
+def shard_sequence(plan: Plan, body: Callable, sequence: tuple, replicated: tuple, out_specs):
+  """body(*sequence, *replicated) in a shard_map over plan.axis: the `sequence` arrays
+  [B,T,...] are split along T, `replicated` ones (or None) are whole on every shard. Other
+  mesh axes stay automatic. Ops called inside run locally (routing is off there)."""
+  t = sequence[0].shape[1]
+  if t % plan.size:
+    raise ValueError(
+      f"context parallelism: sequence length {t} does not split over the {plan.size} shards "
+      f"of mesh axis {plan.axis!r}"
+    )
+
+  def local(*args):
+    with use(None):
+      return body(*args)
+
+  specs = tuple(P(None, plan.axis) for _ in sequence) + tuple(P() for _ in replicated)
+  return jax.shard_map(
+    local,
+    mesh=plan.mesh,
+    in_specs=specs,
+    out_specs=out_specs,
+    axis_names={plan.axis},
+    check_vma=False,  # Pallas (interpret) bodies and scans with zero-initialised carries
+  )(*sequence, *replicated)
+
+
+def sequence_spec(plan: Plan) -> P:
+  return P(None, plan.axis)
+
+
+def rank(plan: Plan) -> jax.Array:
+  return lax.axis_index(plan.axis)
+
+
+def _shift(x, plan: Plan, distance: int):
+  """x of rank r - distance on rank r; zeros on ranks < distance."""
+  perm = [(i, i + distance) for i in range(plan.size - distance)]
+  return lax.ppermute(x, plan.axis, perm)
+
+
+def previous_rows(x: jax.Array, width: int, plan: Plan, fill=0) -> jax.Array:
+  """The last `width` rows (axis 1) of the previous shard; `fill` on the first shard (a
+  scalar or an array [B,width,...]). `width` may not exceed the local length."""
+  if width > x.shape[1]:
+    raise ValueError(
+      f"context parallelism: a halo of {width} rows exceeds the {x.shape[1]} rows per shard"
+    )
+  if width == 0:
+    return x[:, :0]
+  got = _shift(x[:, x.shape[1] - width :], plan, 1)
+  fill = jnp.broadcast_to(jnp.asarray(fill, x.dtype), got.shape)
+  return jnp.where(rank(plan) == 0, fill, got)
+
+
+def last_shard(x: jax.Array, plan: Plan) -> jax.Array:
+  """x of the last shard, on every shard (one all-reduce)."""
+  return lax.psum(jnp.where(rank(plan) == plan.size - 1, x, jnp.zeros_like(x)), plan.axis)
+
+
+def exclusive_prefix(
+  A: jax.Array,
+  S: jax.Array,
+  initial: jax.Array | None,
+  plan: Plan,
+  *,
+  apply: Callable[[jax.Array, jax.Array], jax.Array],
+  compose: Callable[[jax.Array, jax.Array], jax.Array],
+  total: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+  """The state entering this shard when shard j maps an incoming state x to apply(A_j, x) + S_j
+  and shard 0 starts from `initial` (zeros when None); with total=True also the state after
+  the last shard (on every shard). compose(a, b) is the map "b, then a"."""
+  x0 = jnp.zeros_like(S) if initial is None else initial.astype(S.dtype)
+  r = rank(plan)
+  if plan.state == "allgather":
+    As = lax.all_gather(A, plan.axis)
+    Ss = lax.all_gather(S, plan.axis)
+    x, entering = x0, []
+    for j in range(plan.size):
+      entering.append(x)
+      x = apply(As[j], x) + Ss[j]
+    return jnp.stack(entering)[r], (x if total else None)
+  # logscan: inclusive scan of the affine maps over ranks, log2(W) ppermute rounds
+  a, s = A, jnp.where(r == 0, apply(A, x0) + S, S)
+  distance = 1
+  while distance < plan.size:
+    pa, ps = _shift(a, plan, distance), _shift(s, plan, distance)
+    has = r >= distance
+    a, s = jnp.where(has, compose(a, pa), a), jnp.where(has, apply(a, ps) + s, s)
+    distance *= 2
+  entering = jnp.where(r == 0, x0, _shift(s, plan, 1))
+  return entering, (last_shard(s, plan) if total else None)
+
+
+def zigzag_order(length: int, shards: int) -> jax.Array:
+  """Token order that gives shard r chunks r and 2W-1-r of 2W equal chunks (causal load
+  balance); needs length % (2 shards) == 0."""
+  chunk = length // (2 * shards)
+  chunks = []
+  for r in range(shards):
+    chunks += [jnp.arange(r * chunk, (r + 1) * chunk)]
+    chunks += [jnp.arange((2 * shards - 1 - r) * chunk, (2 * shards - r) * chunk)]
+  return jnp.concatenate(chunks)

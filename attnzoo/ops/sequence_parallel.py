@@ -1,0 +1,270 @@
+"""Exact sequence-parallel forms of the ops, one function per family, on the collectives of
+attnzoo.ops.context_parallel. The ops route here while a `context_parallel.Plan` is in use; the
+arguments are the op's own (global [B,T,...] arrays), already validated by the op.
+
+- softmax attention: "ring" (Liu et al. 2023, Ring Attention: K/V blocks rotate by ppermute,
+  each step's (o, lse) merged by online softmax) or "allgather_kv" (LASP-2H's softmax layers:
+  one all-gather of K and V); `zigzag` permutes the tokens so shard r holds chunks r and
+  2W-1-r (causal load balance, applied around the op); a causal left window no wider than a
+  shard sends only its halo of K/V (one ppermute), whatever the strategy.
+- linear attention (every decay form, bonus, normaliser), delta rule (plain and gated) and the
+  selective scan: each shard summarises its tokens as an affine map of the incoming state
+  (A, S), `exclusive_prefix` ("allgather" = LASP-2, "logscan" = log2(W) ppermutes) gives the
+  state entering the shard, and the op runs locally from it. The delta rule's transition M
+  (K x K) comes from the same op call as its outputs: v is widened by K zero columns whose
+  initial state is the identity, so those columns carry M_t and their outputs M_t^T q_t.
+- short and long convolutions: a halo of the previous shard's last taps (ppermute); a long
+  filter wider than a shard all-gathers the inputs.
+Not served (a ValueError says so): packed `segment_ids` of the recurrent families and convs,
+explicit positions, additive bias, block masks and dropout in attention.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from attnzoo.ops import context_parallel as cp
+from attnzoo.ops import delta_rule as dr_ops
+from attnzoo.ops import linear_attention as la_ops
+from attnzoo.ops import long_conv as lc_ops
+from attnzoo.ops import selective_scan as ss_ops
+from attnzoo.ops import short_conv as sc_ops
+from attnzoo.ops.segments import EMPTY
+
+# the package exports the function under the module's name
+sa_ops = importlib.import_module("attnzoo.ops.softmax_attention")
+
+F32 = jnp.float32
+
+
+def _refuse(op: str, **unsupported) -> None:
+  given = [name for name, value in unsupported.items() if value]
+  if given:
+    raise ValueError(
+      f"{op} under context parallelism does not take {', '.join(given)}; run it with mesh.context=1"
+    )
+
+
+def _diag_apply(a, x):
+  return a[..., None] * x if a.ndim < x.ndim else a * x
+
+
+def _maybe_final(out, final, return_final_state):
+  return (out, final) if return_final_state else out
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def _merge(o1, l1, o2, l2):
+  """Online-softmax merge of two partial attentions (o [B,T,H,D] float32, lse [B,T,H]); rows
+  that see nothing have lse -inf and contribute nothing (gradients stay finite)."""
+  m = jnp.maximum(l1, l2)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w1, w2 = jnp.exp(l1 - m), jnp.exp(l2 - m)
+  den = w1 + w2
+  safe = jnp.where(den > 0, den, 1.0)
+  o = (o1 * w1[..., None] + o2 * w2[..., None]) / safe[..., None]
+  return o, jnp.where(den > 0, m + jnp.log(safe), -jnp.inf)
+
+
+def softmax_attention(
+  plan, q, k, v, *, scale, causal, window, segment_ids, kv_segment_ids, softcap, return_lse,
+  implementation, explicit_positions=False, bias=None, block_mask=None, dropout=False, **_
+):  # fmt: skip
+  """Softmax attention over sequence shards (module docstring)."""
+  _refuse(
+    "softmax_attention",
+    explicit_positions=explicit_positions,
+    bias=bias is not None,
+    block_mask=block_mask is not None,
+    dropout=dropout,
+    **{"Tq != Tk": q.shape[1] != k.shape[1]},
+  )
+  b, t = q.shape[:2]
+  w = plan.size
+  local = t // w
+  halo = window is not None and causal and window[1] == 0 and window[0] <= local
+  zigzag = plan.zigzag and causal and not halo and t % (2 * w) == 0
+  order = cp.zigzag_order(t, w) if zigzag else jnp.arange(t)
+  positions = jnp.broadcast_to(order.astype(jnp.int32), (b, t))
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+  kv_seg = seg if kv_segment_ids is None else kv_segment_ids
+  if zigzag:
+    q, k, v, seg, kv_seg = (jnp.take(x, order, axis=1) for x in (q, k, v, seg, kv_seg))
+
+  def attend(qs, pos, qseg, ks, vs, kpos, kseg):
+    o, lse = sa_ops.softmax_attention(
+      qs, ks, vs, scale=scale, causal=causal, window=window, segment_ids=qseg,
+      kv_segment_ids=kseg, q_positions=pos, kv_positions=kpos, softcap=softcap,
+      return_lse=True, implementation=implementation,
+    )  # fmt: skip
+    return o.astype(F32), lse
+
+  def body(qs, ks, vs, pos, qseg, kseg):
+    if halo:
+      width = window[0]
+      ks = jnp.concatenate([cp.previous_rows(ks, width, plan), ks], axis=1)
+      vs = jnp.concatenate([cp.previous_rows(vs, width, plan), vs], axis=1)
+      kpos = jnp.concatenate([cp.previous_rows(pos, width, plan, EMPTY), pos], axis=1)
+      kseg = jnp.concatenate([cp.previous_rows(kseg, width, plan), kseg], axis=1)
+      o, lse = attend(qs, pos, qseg, ks, vs, kpos, kseg)
+    elif plan.attention == "allgather_kv":
+      gather = lambda x: lax.all_gather(x, plan.axis, axis=1, tiled=True)
+      o, lse = attend(qs, pos, qseg, gather(ks), gather(vs), gather(pos), gather(kseg))
+    else:  # ring: block j arrives at step (r - j) mod W
+      o, lse = attend(qs, pos, qseg, ks, vs, pos, kseg)
+      perm = [(i, (i + 1) % w) for i in range(w)]
+
+      def step(carry, _):
+        o, lse, blocks = carry
+        blocks = lax.ppermute(blocks, plan.axis, perm)
+        o, lse = _merge(o, lse, *attend(qs, pos, qseg, *blocks))
+        return (o, lse, blocks), None
+
+      (o, lse, _), _ = lax.scan(step, (o, lse, (ks, vs, pos, kseg)), None, length=w - 1)
+    return o.astype(qs.dtype), lse
+
+  spec = cp.sequence_spec(plan)
+  o, lse = cp.shard_sequence(plan, body, (q, k, v, positions, seg, kv_seg), (), (spec, spec))
+  if zigzag:
+    inverse = jnp.argsort(order)
+    o, lse = jnp.take(o, inverse, axis=1), jnp.take(lse, inverse, axis=1)
+  return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------- state passing
+
+
+def linear_attention(
+  plan, *, q, k, v, scale, log_decay, bonus, normalize, initial_state, return_final_state,
+  segment_ids, eps, implementation
+):  # fmt: skip
+  """Decayed linear attention over sequence shards: the shard's (decay, state) summary, the
+  exclusive prefix, then the op from the entering state."""
+  _refuse("linear_attention", segment_ids=segment_ids is not None)
+
+  def body(q, k, v, g, bonus, h0):
+    decay, state = la_ops.state_summary(k, v, g, normalize=normalize)
+    entering, final = cp.exclusive_prefix(
+      decay, state, h0, plan, apply=_diag_apply, compose=jnp.multiply, total=return_final_state
+    )
+    o = la_ops.linear_attention(
+      q, k, v, scale=scale, log_decay=g, bonus=bonus, normalize=normalize,
+      initial_state=entering, eps=eps, implementation=implementation,
+    )  # fmt: skip
+    return o, final
+
+  out_specs = (cp.sequence_spec(plan), P() if return_final_state else None)
+  o, final = cp.shard_sequence(plan, body, (q, k, v, log_decay), (bonus, initial_state), out_specs)
+  return _maybe_final(o, final, return_final_state)
+
+
+def delta_rule(
+  plan, *, q, k, v, beta, scale, log_decay, initial_state, segment_ids, implementation,
+  return_final_state
+):  # fmt: skip
+  """Delta rule over sequence shards; the shard's map is S -> M S + S_local (module
+  docstring for how M comes out of the same op call)."""
+  _refuse("delta_rule", segment_ids=segment_ids is not None)
+  vd, kd = v.shape[-1], k.shape[-1]
+
+  def body(q, k, v, beta, g, h0):
+    b, t, h = beta.shape
+    eye = jnp.broadcast_to(jnp.eye(kd, dtype=F32), (b, h, kd, kd))
+    widened = jnp.concatenate([v, jnp.zeros((b, t, h, kd), v.dtype)], axis=-1)
+    start = jnp.concatenate([jnp.zeros((b, h, kd, vd), F32), eye], axis=-1)
+    o, last = dr_ops.delta_rule(
+      q, k, widened, beta, scale=scale, log_decay=g, initial_state=start,
+      return_final_state=True, implementation=implementation,
+    )  # fmt: skip
+    state, transition = last[..., :vd], last[..., vd:]
+    apply = lambda m, x: jnp.einsum("bhij,bhjv->bhiv", m, x, precision=lax.Precision.HIGHEST)
+    compose = lambda m2, m1: jnp.einsum("bhij,bhjk->bhik", m2, m1, precision=lax.Precision.HIGHEST)
+    entering, final = cp.exclusive_prefix(
+      transition, state, h0, plan, apply=apply, compose=compose, total=return_final_state
+    )
+    carried = jnp.einsum(
+      "bthj,bhjv->bthv", o[..., vd:].astype(F32), entering, precision=lax.Precision.HIGHEST
+    )
+    return (o[..., :vd].astype(F32) + carried).astype(v.dtype), final
+
+  out_specs = (cp.sequence_spec(plan), P() if return_final_state else None)
+  o, final = cp.shard_sequence(plan, body, (q, k, v, beta, log_decay), (initial_state,), out_specs)
+  return _maybe_final(o, final, return_final_state)
+
+
+def selective_scan(
+  plan, *, x, delta, A, B, C, D, delta_bias, delta_softplus, initial_state, return_final_state,
+  segment_ids, implementation
+):  # fmt: skip
+  """Selective scan over sequence shards: the shard's (exp(sum dt A), final state from zero)
+  summary, the exclusive prefix, then the scan from the entering state."""
+  _refuse("selective_scan", segment_ids=segment_ids is not None)
+
+  def body(x, delta, B, C, A, D, delta_bias, h0):
+    run = lambda D, h: ss_ops.selective_scan(
+      x, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus,
+      initial_state=h, return_final_state=True, implementation=implementation,
+    )  # fmt: skip
+    _, state = run(None, None)
+    dt = ss_ops.kernels.discretize(delta, delta_bias, delta_softplus)
+    decay = jnp.exp(jnp.einsum("btd,dn->bdn", dt, A.astype(F32)))
+    entering, final = cp.exclusive_prefix(
+      decay, state, h0, plan, apply=jnp.multiply, compose=jnp.multiply, total=return_final_state
+    )
+    return run(D, entering)[0], final
+
+  out_specs = (cp.sequence_spec(plan), P() if return_final_state else None)
+  sequence, replicated = (x, delta, B, C), (A, D, delta_bias, initial_state)
+  y, final = cp.shard_sequence(plan, body, sequence, replicated, out_specs)
+  return _maybe_final(y, final, return_final_state)
+
+
+# ----------------------------------------------------------------------------- convolutions
+
+
+def short_conv(
+  plan, *, x, weight, bias, initial_state, return_final_state, segment_ids, implementation
+):
+  """Short causal convolution over sequence shards: a halo of K-1 inputs from the previous
+  shard (the first shard takes initial_state)."""
+  _refuse("short_conv", segment_ids=segment_ids is not None)
+  width = weight.shape[0] - 1
+
+  def body(x, weight, bias, h0):
+    first = 0 if h0 is None else h0
+    halo = cp.previous_rows(x, width, plan, first)
+    y = sc_ops.short_conv(x, weight, bias, initial_state=halo, implementation=implementation)
+    final = None
+    if return_final_state:
+      tail = jnp.concatenate([halo, x], axis=1)[:, x.shape[1] :].astype(F32)
+      final = cp.last_shard(tail, plan)
+    return y, final
+
+  out_specs = (cp.sequence_spec(plan), P() if return_final_state else None)
+  y, final = cp.shard_sequence(plan, body, (x,), (weight, bias, initial_state), out_specs)
+  return _maybe_final(y, final, return_final_state)
+
+
+def long_conv(plan, *, u, kernel, segment_ids, implementation):
+  """Causal long convolution over sequence shards: a halo of L-1 inputs when the filter fits
+  in a shard, else an all-gather of the inputs before the shard."""
+  _refuse("long_conv", segment_ids=segment_ids is not None)
+  t = u.shape[1]
+  local = t // plan.size
+  width = min(kernel.shape[0], t) - 1
+
+  def body(u, kernel):
+    if width <= local:
+      ext = jnp.concatenate([cp.previous_rows(u, width, plan), u], axis=1)
+      return lc_ops.long_conv(ext, kernel, implementation=implementation)[:, width:]
+    whole = lax.all_gather(u, plan.axis, axis=1, tiled=True)
+    y = lc_ops.long_conv(whole, kernel, implementation=implementation)
+    return lax.dynamic_slice_in_dim(y, cp.rank(plan) * local, local, axis=1)
+
+  return cp.shard_sequence(plan, body, (u,), (kernel,), cp.sequence_spec(plan))

@@ -1,0 +1,163 @@
+"""Context parallelism on 8 forced CPU devices: run by tests/parallel/test_parallel.py in a
+subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set before jax starts).
+
+Every family x strategy equals the single-device float32 reference, forward and gradients
+(mesh data=2 x context=4, 3 heads, T=32: 8 tokens per shard)."""
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from attnzoo.ops import context_parallel as cp
+from attnzoo.ops import delta_rule as dr
+from attnzoo.ops import linear_attention as la
+from attnzoo.ops import long_conv as lc
+from attnzoo.ops import selective_scan as ss
+from attnzoo.ops import short_conv as sc
+from tests.conftest import relative_error, slow
+
+sa = importlib.import_module("attnzoo.ops.softmax_attention")
+
+pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 (forced) devices")
+
+B, T, H = 2, 32, 3
+TOL = 2e-5
+
+
+def make_mesh(data=2, context=4):
+  devices = np.array(jax.devices()).reshape(data, 1, context, 1)
+  return Mesh(devices, ("data", "fsdp", "context", "tensor"))
+
+
+def place(mesh, x):
+  """Batch over data, time over context (the trainer's layout of a batch)."""
+  spec = P("data", "context") if x.ndim >= 2 and x.shape[:2] == (B, T) else P()
+  return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def check(plan, call, op, reference, *args):
+  """call(op, *args) under the plan == call(reference, *args) on one device: the outputs and
+  the gradients of a fixed projection of them with respect to every float argument."""
+  floats = [i for i, a in enumerate(args) if a is not None and a.dtype == jnp.float32]
+
+  def grads(fn, *a):
+    def loss(*chosen):
+      full = list(a)
+      for i, x in zip(floats, chosen):
+        full[i] = x
+      outs = jax.tree.leaves(call(fn, *full))
+      weights = [jnp.cos(jnp.arange(o.size).reshape(o.shape)) for o in outs]
+      return sum(jnp.sum(o * w) for o, w in zip(outs, weights)), outs
+
+    argnums = tuple(range(len(floats)))
+    return jax.value_and_grad(loss, argnums=argnums, has_aux=True)(*[a[i] for i in floats])
+
+  def both(*a):
+    with cp.use(plan):
+      got = grads(op, *a)
+    return got, grads(reference, *a)
+
+  placed = [None if a is None else place(plan.mesh, a) for a in args]
+  ((_, got), g_got), ((_, want), g_want) = jax.jit(both)(*placed)
+  for x, y in zip(got, want):
+    assert relative_error(x, y) < TOL
+  for i, (x, y) in enumerate(zip(g_got, g_want)):
+    assert relative_error(x, y) < TOL, f"gradient of argument {floats[i]}"
+
+
+def normal(rng, *shape, scale=1.0):
+  return jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+
+
+SOFTMAX = [
+  ("ring", True, True, None, 1),  # causal, zig-zag, multi-query
+  ("allgather_kv", False, False, None, 3),  # bidirectional
+  ("ring", False, True, 5, 3),  # a causal window: only the halo moves
+  pytest.param("ring", False, True, None, 3, marks=slow),
+  pytest.param("allgather_kv", True, True, None, 1, marks=slow),
+]
+
+
+@pytest.mark.parametrize("attention,zigzag,causal,window,kv_heads", SOFTMAX)
+def test_softmax_attention(rng, attention, zigzag, causal, window, kv_heads):
+  plan = cp.Plan(make_mesh(), attention=attention, zigzag=zigzag)
+  q = normal(rng, B, T, H, 8)
+  k, v = normal(rng, B, T, kv_heads, 8), normal(rng, B, T, kv_heads, 8)
+  call = lambda op, *a: op(*a, scale=8**-0.5, causal=causal, window=window)
+  check(plan, call, sa.softmax_attention, sa.reference, q, k, v)
+
+
+LINEAR = [
+  ("gla", "allgather"),  # per-key-channel decay
+  ("normalized", "logscan"),  # per-head decay, normaliser
+  ("rwkv6", "logscan"),  # bonus readout
+  pytest.param("gla", "logscan", marks=slow),
+  pytest.param("rwkv6", "allgather", marks=slow),
+]
+
+
+@pytest.mark.parametrize("form,state", LINEAR)
+def test_linear_attention(rng, form, state):
+  plan = cp.Plan(make_mesh(), state=state)
+  q, k, v = normal(rng, B, T, H, 4), normal(rng, B, T, H, 4), normal(rng, B, T, H, 5)
+  g = -jnp.abs(normal(rng, B, T, H, 4, scale=0.3))
+  h0 = normal(rng, B, H, 4, 5)
+  kw = dict(scale=0.5, return_final_state=True)
+  if form == "normalized":
+    q, k = jnp.abs(q), jnp.abs(k)
+    g, h0 = g[..., 0], jnp.abs(normal(rng, B, H, 4, 6))
+    kw["normalize"] = True
+  if form == "rwkv6":
+    kw["bonus"] = normal(rng, H, 4)
+  call = lambda op, q, k, v, g, h0: op(q, k, v, log_decay=g, initial_state=h0, **kw)
+  check(plan, call, la.linear_attention, la.reference, q, k, v, g, h0)
+
+
+@pytest.mark.parametrize("state", ["logscan", pytest.param("allgather", marks=slow)])
+def test_gated_delta_rule(rng, state):
+  plan = cp.Plan(make_mesh(), state=state)
+  q, k, v = normal(rng, B, T, H, 4), normal(rng, B, T, H, 4), normal(rng, B, T, H, 5)
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  beta = jax.nn.sigmoid(normal(rng, B, T, H))
+  g = -jnp.abs(normal(rng, B, T, H, scale=0.2))
+  h0 = normal(rng, B, H, 4, 5)
+  call = lambda op, q, k, v, beta, g, h0: op(
+    q, k, v, beta, scale=0.5, log_decay=g, initial_state=h0, return_final_state=True
+  )
+  check(plan, call, dr.delta_rule, dr.reference, q, k, v, beta, g, h0)
+
+
+@pytest.mark.parametrize("state", ["allgather", pytest.param("logscan", marks=slow)])
+def test_selective_scan(rng, state):
+  plan = cp.Plan(make_mesh(), state=state)
+  d, n = 6, 4
+  x, delta = normal(rng, B, T, d), normal(rng, B, T, d)
+  A = -jnp.exp(normal(rng, d, n, scale=0.5))
+  Bm, Cm = normal(rng, B, T, n), normal(rng, B, T, n)
+  D, bias, h0 = normal(rng, d), normal(rng, d), normal(rng, B, d, n)
+  op = functools.partial(ss.selective_scan, implementation="scan")  # CPU: the quick compile
+
+  def call(op, x, delta, A, Bm, Cm, D, bias, h0):
+    return op(x, delta, A, Bm, Cm, D, delta_bias=bias, initial_state=h0, return_final_state=True)
+
+  check(plan, call, op, ss.recurrent, x, delta, A, Bm, Cm, D, bias, h0)
+
+
+def test_short_conv(rng):
+  plan = cp.Plan(make_mesh())
+  x, w, b, h0 = normal(rng, B, T, 6), normal(rng, 4, 6), normal(rng, 6), normal(rng, B, 3, 6)
+  call = lambda op, x, w, b, h0: op(x, w, b, initial_state=h0, return_final_state=True)
+  check(plan, call, sc.short_conv, sc.reference, x, w, b, h0)
+
+
+@pytest.mark.parametrize("taps", [32, pytest.param(5, marks=slow)])  # all-gather; halo
+def test_long_conv(rng, taps):
+  plan = cp.Plan(make_mesh())
+  u, kernel = normal(rng, B, T, 6), normal(rng, taps, 6)
+  check(plan, lambda op, *a: op(*a), lc.long_conv, lc.reference, u, kernel)
