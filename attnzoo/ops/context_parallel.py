@@ -46,13 +46,16 @@ class Plan:
   """mesh: the device mesh; axis: its sequence axis. attention: "ring" (KV blocks rotate by
   ppermute, online-softmax merge) or "allgather_kv"; zigzag: causal load balance (shard r
   holds chunks r and 2W-1-r of 2W); state: "allgather" (LASP-2) or "logscan" for the
-  linear-attention, delta-rule and selective-scan families."""
+  linear-attention, delta-rule and selective-scan families. batch_axes: mesh axes the batch
+  is split over; the shard_map splits it over them too (when they divide it), so each device
+  computes only its examples."""
 
   mesh: Mesh
   axis: str = "context"
   attention: str = "ring"
   zigzag: bool = True
   state: str = "allgather"
+  batch_axes: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.axis not in self.mesh.axis_names:
@@ -96,11 +99,20 @@ def active() -> Plan | None:
   return plan
 
 
-def shard_sequence(plan: Plan, body: Callable, sequence: tuple, replicated: tuple, out_specs):
-  """body(*sequence, *replicated) in a shard_map over plan.axis: the `sequence` arrays
-  [B,T,...] are split along T, `replicated` ones (or None) are whole on every shard. Other
+def shard_sequence(
+  plan: Plan,
+  body: Callable,
+  sequence: tuple,
+  examples: tuple,
+  replicated: tuple,
+  out_specs: Callable,
+):
+  """body(*sequence, *examples, *replicated) in a shard_map over plan.axis (and
+  plan.batch_axes): the `sequence` arrays [B,T,...] are split along T (and B), `examples`
+  [B,...] along B only, `replicated` ones are whole on every shard (None passes through).
+  out_specs(tokens, examples) gives the output specs from the specs of those two kinds. Other
   mesh axes stay automatic. Ops called inside run locally (routing is off there)."""
-  t = sequence[0].shape[1]
+  b, t = sequence[0].shape[:2]
   if t % plan.size:
     raise ValueError(
       f"context parallelism: sequence length {t} does not split over the {plan.size} shards "
@@ -111,19 +123,28 @@ def shard_sequence(plan: Plan, body: Callable, sequence: tuple, replicated: tupl
     with use(None):
       return body(*args)
 
-  specs = tuple(P(None, plan.axis) for _ in sequence) + tuple(P() for _ in replicated)
+  ways = 1
+  for axis in plan.batch_axes:
+    ways *= plan.mesh.shape[axis]
+  batch = (
+    (plan.batch_axes if len(plan.batch_axes) > 1 else plan.batch_axes[0])
+    if (plan.batch_axes and b % ways == 0)
+    else None
+  )
+  tokens = P(batch, plan.axis)
+  specs = (
+    tuple(tokens for _ in sequence)
+    + tuple(P(batch) for _ in examples)
+    + tuple(P() for _ in replicated)
+  )
   return jax.shard_map(
     local,
     mesh=plan.mesh,
     in_specs=specs,
-    out_specs=out_specs,
-    axis_names={plan.axis},
+    out_specs=out_specs(tokens, P(batch)),
+    axis_names={plan.axis, *plan.batch_axes},
     check_vma=False,  # Pallas (interpret) bodies and scans with zero-initialised carries
-  )(*sequence, *replicated)
-
-
-def sequence_spec(plan: Plan) -> P:
-  return P(None, plan.axis)
+  )(*sequence, *examples, *replicated)
 
 
 def rank(plan: Plan) -> jax.Array:

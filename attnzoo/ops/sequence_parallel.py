@@ -25,7 +25,6 @@ import importlib
 
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from attnzoo.ops import context_parallel as cp
 from attnzoo.ops import delta_rule as dr_ops
@@ -51,6 +50,11 @@ def _refuse(op: str, **unsupported) -> None:
 
 def _diag_apply(a, x):
   return a[..., None] * x if a.ndim < x.ndim else a * x
+
+
+def _specs(return_final_state):
+  """Outputs [B,T,...] and, when asked for, a final state [B,...]."""
+  return lambda tokens, examples: (tokens, examples if return_final_state else None)
 
 
 def _maybe_final(out, final, return_final_state):
@@ -129,8 +133,8 @@ def softmax_attention(
       (o, lse, _), _ = lax.scan(step, (o, lse, (ks, vs, pos, kseg)), None, length=w - 1)
     return o.astype(qs.dtype), lse
 
-  spec = cp.sequence_spec(plan)
-  o, lse = cp.shard_sequence(plan, body, (q, k, v, positions, seg, kv_seg), (), (spec, spec))
+  out_specs = lambda tokens, _: (tokens, tokens)
+  o, lse = cp.shard_sequence(plan, body, (q, k, v, positions, seg, kv_seg), (), (), out_specs)
   if zigzag:
     inverse = jnp.argsort(order)
     o, lse = jnp.take(o, inverse, axis=1), jnp.take(lse, inverse, axis=1)
@@ -148,7 +152,7 @@ def linear_attention(
   exclusive prefix, then the op from the entering state."""
   _refuse("linear_attention", segment_ids=segment_ids is not None)
 
-  def body(q, k, v, g, bonus, h0):
+  def body(q, k, v, g, h0, bonus):
     decay, state = la_ops.state_summary(k, v, g, normalize=normalize)
     entering, final = cp.exclusive_prefix(
       decay, state, h0, plan, apply=_diag_apply, compose=jnp.multiply, total=return_final_state
@@ -159,8 +163,10 @@ def linear_attention(
     )  # fmt: skip
     return o, final
 
-  out_specs = (cp.sequence_spec(plan), P() if return_final_state else None)
-  o, final = cp.shard_sequence(plan, body, (q, k, v, log_decay), (bonus, initial_state), out_specs)
+  out_specs = _specs(return_final_state)
+  o, final = cp.shard_sequence(
+    plan, body, (q, k, v, log_decay), (initial_state,), (bonus,), out_specs
+  )
   return _maybe_final(o, final, return_final_state)
 
 
@@ -193,8 +199,10 @@ def delta_rule(
     )
     return (o[..., :vd].astype(F32) + carried).astype(v.dtype), final
 
-  out_specs = (cp.sequence_spec(plan), P() if return_final_state else None)
-  o, final = cp.shard_sequence(plan, body, (q, k, v, beta, log_decay), (initial_state,), out_specs)
+  out_specs = _specs(return_final_state)
+  o, final = cp.shard_sequence(
+    plan, body, (q, k, v, beta, log_decay), (initial_state,), (), out_specs
+  )
   return _maybe_final(o, final, return_final_state)
 
 
@@ -206,7 +214,7 @@ def selective_scan(
   summary, the exclusive prefix, then the scan from the entering state."""
   _refuse("selective_scan", segment_ids=segment_ids is not None)
 
-  def body(x, delta, B, C, A, D, delta_bias, h0):
+  def body(x, delta, B, C, h0, A, D, delta_bias):
     run = lambda D, h: ss_ops.selective_scan(
       x, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus,
       initial_state=h, return_final_state=True, implementation=implementation,
@@ -219,9 +227,9 @@ def selective_scan(
     )
     return run(D, entering)[0], final
 
-  out_specs = (cp.sequence_spec(plan), P() if return_final_state else None)
-  sequence, replicated = (x, delta, B, C), (A, D, delta_bias, initial_state)
-  y, final = cp.shard_sequence(plan, body, sequence, replicated, out_specs)
+  out_specs = _specs(return_final_state)
+  sequence, replicated = (x, delta, B, C), (A, D, delta_bias)
+  y, final = cp.shard_sequence(plan, body, sequence, (initial_state,), replicated, out_specs)
   return _maybe_final(y, final, return_final_state)
 
 
@@ -236,7 +244,7 @@ def short_conv(
   _refuse("short_conv", segment_ids=segment_ids is not None)
   width = weight.shape[0] - 1
 
-  def body(x, weight, bias, h0):
+  def body(x, h0, weight, bias):
     first = 0 if h0 is None else h0
     halo = cp.previous_rows(x, width, plan, first)
     y = sc_ops.short_conv(x, weight, bias, initial_state=halo, implementation=implementation)
@@ -246,8 +254,8 @@ def short_conv(
       final = cp.last_shard(tail, plan)
     return y, final
 
-  out_specs = (cp.sequence_spec(plan), P() if return_final_state else None)
-  y, final = cp.shard_sequence(plan, body, (x,), (weight, bias, initial_state), out_specs)
+  out_specs = _specs(return_final_state)
+  y, final = cp.shard_sequence(plan, body, (x,), (initial_state,), (weight, bias), out_specs)
   return _maybe_final(y, final, return_final_state)
 
 
@@ -267,4 +275,4 @@ def long_conv(plan, *, u, kernel, segment_ids, implementation):
     y = lc_ops.long_conv(whole, kernel, implementation=implementation)
     return lax.dynamic_slice_in_dim(y, cp.rank(plan) * local, local, axis=1)
 
-  return cp.shard_sequence(plan, body, (u,), (kernel,), cp.sequence_spec(plan))
+  return cp.shard_sequence(plan, body, (u,), (), (kernel,), lambda tokens, _: tokens)

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 (forced
 
 B, T, H = 2, 32, 3
 TOL = 2e-5
+BATCH = ("data",)  # the batch is split over data inside the shard_map too
 
 
 def make_mesh(data=2, context=4):
@@ -86,7 +87,7 @@ SOFTMAX = [
 
 @pytest.mark.parametrize("attention,zigzag,causal,window,kv_heads", SOFTMAX)
 def test_softmax_attention(rng, attention, zigzag, causal, window, kv_heads):
-  plan = cp.Plan(make_mesh(), attention=attention, zigzag=zigzag)
+  plan = cp.Plan(make_mesh(), batch_axes=BATCH, attention=attention, zigzag=zigzag)
   q = normal(rng, B, T, H, 8)
   k, v = normal(rng, B, T, kv_heads, 8), normal(rng, B, T, kv_heads, 8)
   call = lambda op, *a: op(*a, scale=8**-0.5, causal=causal, window=window)
@@ -104,7 +105,7 @@ LINEAR = [
 
 @pytest.mark.parametrize("form,state", LINEAR)
 def test_linear_attention(rng, form, state):
-  plan = cp.Plan(make_mesh(), state=state)
+  plan = cp.Plan(make_mesh(), batch_axes=BATCH, state=state)
   q, k, v = normal(rng, B, T, H, 4), normal(rng, B, T, H, 4), normal(rng, B, T, H, 5)
   g = -jnp.abs(normal(rng, B, T, H, 4, scale=0.3))
   h0 = normal(rng, B, H, 4, 5)
@@ -121,7 +122,7 @@ def test_linear_attention(rng, form, state):
 
 @pytest.mark.parametrize("state", ["logscan", pytest.param("allgather", marks=slow)])
 def test_gated_delta_rule(rng, state):
-  plan = cp.Plan(make_mesh(), state=state)
+  plan = cp.Plan(make_mesh(), batch_axes=BATCH, state=state)
   q, k, v = normal(rng, B, T, H, 4), normal(rng, B, T, H, 4), normal(rng, B, T, H, 5)
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
   beta = jax.nn.sigmoid(normal(rng, B, T, H))
@@ -135,7 +136,7 @@ def test_gated_delta_rule(rng, state):
 
 @pytest.mark.parametrize("state", ["allgather", pytest.param("logscan", marks=slow)])
 def test_selective_scan(rng, state):
-  plan = cp.Plan(make_mesh(), state=state)
+  plan = cp.Plan(make_mesh(), batch_axes=BATCH, state=state)
   d, n = 6, 4
   x, delta = normal(rng, B, T, d), normal(rng, B, T, d)
   A = -jnp.exp(normal(rng, d, n, scale=0.5))
@@ -150,7 +151,7 @@ def test_selective_scan(rng, state):
 
 
 def test_short_conv(rng):
-  plan = cp.Plan(make_mesh())
+  plan = cp.Plan(make_mesh(), batch_axes=BATCH)
   x, w, b, h0 = normal(rng, B, T, 6), normal(rng, 4, 6), normal(rng, 6), normal(rng, B, 3, 6)
   call = lambda op, x, w, b, h0: op(x, w, b, initial_state=h0, return_final_state=True)
   check(plan, call, sc.short_conv, sc.reference, x, w, b, h0)
@@ -158,6 +159,46 @@ def test_short_conv(rng):
 
 @pytest.mark.parametrize("taps", [32, pytest.param(5, marks=slow)])  # all-gather; halo
 def test_long_conv(rng, taps):
-  plan = cp.Plan(make_mesh())
+  plan = cp.Plan(make_mesh(), batch_axes=BATCH)
   u, kernel = normal(rng, B, T, 6), normal(rng, taps, 6)
   check(plan, lambda op, *a: op(*a), lc.long_conv, lc.reference, u, kernel)
+
+
+def collectives(fn, *args) -> dict:
+  """Collective ops in the compiled HLO of fn(*args) (per kind)."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  kinds = ("all-gather", "collective-permute", "all-reduce", "reduce-scatter", "all-to-all")
+  return {k: text.count(f" {k}(") + text.count(f" {k}-start(") for k in kinds}
+
+
+def test_compiled_collectives(rng):
+  """The forward of each strategy holds the collectives it should, at W=4: ring: one ppermute
+  per rotated array (k, v, positions, segment ids) in the scan body; all-gather KV: one
+  all-gather of k, of v and of the positions (constant segment ids fold away); LASP-2: one
+  all-gather of the decays and one of the states; log-step scan: log2(4) = 2 rounds of
+  ppermutes of (decay, state) — the last round's decay is unused and removed — then one for the
+  exclusive shift; a short conv's halo: one ppermute."""
+  mesh = make_mesh()
+  q, k, v = (place(mesh, normal(rng, B, T, H, 8)) for _ in range(3))
+  x = place(mesh, normal(rng, B, T, 6))
+  w = normal(rng, 4, 6)
+  counts = {}
+  for strategy in ("ring", "allgather_kv"):
+    plan = cp.Plan(mesh, batch_axes=BATCH, attention=strategy, zigzag=False)
+    with cp.use(plan):
+      counts[strategy] = collectives(
+        lambda q, k, v: sa.softmax_attention(q, k, v, scale=0.3, causal=True), q, k, v
+      )
+  for strategy in ("allgather", "logscan"):
+    with cp.use(cp.Plan(mesh, batch_axes=BATCH, state=strategy)):
+      counts[strategy] = collectives(
+        lambda q, k, v: la.linear_attention(q, k, v, scale=0.3, log_decay=-jnp.abs(q)), q, k, v
+      )
+  with cp.use(cp.Plan(mesh, batch_axes=BATCH)):
+    counts["short_conv"] = collectives(lambda x: sc.short_conv(x, w), x)
+  only = lambda kind, n: {k: (n if k == kind else 0) for k in counts["ring"]}
+  assert counts["ring"] == only("collective-permute", 4), counts
+  assert counts["allgather_kv"] == only("all-gather", 3), counts
+  assert counts["allgather"] == only("all-gather", 2), counts
+  assert counts["logscan"] == only("collective-permute", 4), counts
+  assert counts["short_conv"] == only("collective-permute", 1), counts
