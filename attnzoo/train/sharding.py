@@ -176,11 +176,16 @@ def check_batch(batch: dict, mesh: Mesh) -> None:
 
 
 def context_plan(mesh: Mesh, mesh_config) -> context_parallel.Plan | None:
+  """The context-parallel plan of config.mesh.context_parallel (None without a context axis);
+  inside its shard_maps the batch is split over the mesh axes of the "batch" rule."""
   if mesh.shape["context"] == 1:
     return None
   cfg = mesh_config.context_parallel
+  batch_axes = tuple(a for a in rules(mesh_config).get("batch", ()) if mesh.shape[a] > 1)
   try:
-    return context_parallel.Plan(mesh, attention=cfg.attention, zigzag=cfg.zigzag, state=cfg.state)
+    return context_parallel.Plan(
+      mesh, attention=cfg.attention, zigzag=cfg.zigzag, state=cfg.state, batch_axes=batch_axes
+    )
   except ValueError as e:
     raise ConfigError(f"mesh.context_parallel: {e}") from None
 
