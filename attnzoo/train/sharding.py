@@ -178,16 +178,20 @@ def check_batch(batch: dict, mesh: Mesh) -> None:
 def context_plan(mesh: Mesh, mesh_config) -> context_parallel.Plan | None:
   """The context-parallel plan of config.mesh.context_parallel (None without a context axis);
   inside its shard_maps the batch is split over the mesh axes of the "batch" rule."""
+  cfg = mesh_config.context_parallel
+  for key, allowed in (
+    ("attention", context_parallel.ATTENTION_STRATEGIES),
+    ("state", context_parallel.STATE_STRATEGIES),
+    ("zigzag", (True, False)),
+  ):
+    if cfg[key] not in allowed:
+      raise ConfigError(f"mesh.context_parallel.{key} must be one of {allowed}, got {cfg[key]!r}")
   if mesh.shape["context"] == 1:
     return None
-  cfg = mesh_config.context_parallel
   batch_axes = tuple(a for a in rules(mesh_config).get("batch", ()) if mesh.shape[a] > 1)
-  try:
-    return context_parallel.Plan(
-      mesh, attention=cfg.attention, zigzag=cfg.zigzag, state=cfg.state, batch_axes=batch_axes
-    )
-  except ValueError as e:
-    raise ConfigError(f"mesh.context_parallel: {e}") from None
+  return context_parallel.Plan(
+    mesh, attention=cfg.attention, zigzag=cfg.zigzag, state=cfg.state, batch_axes=batch_axes
+  )
 
 
 def _constrain_residual(mesh: Mesh, table: dict):

@@ -128,7 +128,11 @@ class Experiment:
       out_shardings=(self.state_shardings, replicated),
       donate_argnums=0,
     )
-    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings["params"], None))
+    self.eval_step = jax.jit(
+      self._eval_step,
+      in_shardings=(self.state_shardings["params"], None),
+      out_shardings=replicated,  # every host reads the metrics
+    )
 
   def shardable(self, batch) -> dict:
     """The batch as global arrays: examples over data x fsdp (checked to split evenly),
