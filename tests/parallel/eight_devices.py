@@ -227,3 +227,28 @@ def test_per_device_memory_scales_as_one_over_w():
     base = one["linear" if fn is linear else "softmax"]
     assert arguments * 4 == base[0]
     assert temp * 4 <= 1.25 * base[1], (strategy, temp, base)
+
+
+@slow
+@pytest.mark.parametrize("family", ["softmax", "linear", "delta_rule"])
+def test_pallas_kernels_inside_the_shard_map(rng, family):
+  """The Pallas kernels (interpret mode) as the local op: the flash kernel in the ring (its
+  lse cotangent included), the linear-attention kernel from an entering state, the delta-rule
+  kernel on values widened by the transition's K columns."""
+  plan = cp.Plan(make_mesh(), batch_axes=BATCH, state="logscan")
+  q, k, v = normal(rng, B, T, H, 16), normal(rng, B, T, H, 16), normal(rng, B, T, H, 16)
+  if family == "softmax":
+    call = lambda op, *a: op(*a, scale=0.25, causal=True)
+    op = functools.partial(sa.softmax_attention, implementation="interpret")
+    check(plan, call, op, sa.reference, q, k[:, :, :1], v[:, :, :1])
+  elif family == "linear":
+    g = -jnp.abs(normal(rng, B, T, H, 16, scale=0.3))
+    call = lambda op, q, k, v, g: op(q, k, v, log_decay=g, scale=0.25)
+    op = functools.partial(la.linear_attention, implementation="interpret")
+    check(plan, call, op, la.reference, q, k, v, g)
+  else:
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jax.nn.sigmoid(normal(rng, B, T, H))
+    call = lambda op, q, k, v, beta: op(q, k, v, beta, scale=0.25)
+    op = functools.partial(dr.delta_rule, implementation="interpret")
+    check(plan, call, op, dr.reference, q, k, v, beta)
