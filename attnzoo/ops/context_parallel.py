@@ -171,6 +171,22 @@ def previous_rows(x: jax.Array, width: int, plan: Plan, fill=0) -> jax.Array:
   return jnp.where(rank(plan) == 0, fill, got)
 
 
+def continues(segment_ids: jax.Array | None, plan: Plan) -> jax.Array | None:
+  """[B] bool: the shard's first token is in the segment the previous shard ends with (always
+  on the first shard, whose first segment takes the initial state); None without segments."""
+  if segment_ids is None:
+    return None
+  before = previous_rows(segment_ids, 1, plan, segment_ids[:, :1])
+  return before[:, 0] == segment_ids[:, 0]
+
+
+def only_if(keep: jax.Array | None, x: jax.Array) -> jax.Array:
+  """x where keep [B] (x's leading axis), else 0; x itself when keep is None."""
+  if keep is None:
+    return x
+  return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
+
+
 def last_shard(x: jax.Array, plan: Plan) -> jax.Array:
   """x of the last shard, on every shard (one all-reduce)."""
   return lax.psum(jnp.where(rank(plan) == plan.size - 1, x, jnp.zeros_like(x)), plan.axis)

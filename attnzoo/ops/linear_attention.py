@@ -134,11 +134,17 @@ def _finish(o, final_state, *, v, normalize, eps, return_final_state, den=None):
 
 
 def state_summary(
-  k: jax.Array, v: jax.Array, log_decay: jax.Array | None, *, normalize: bool = False
+  k: jax.Array,
+  v: jax.Array,
+  log_decay: jax.Array | None,
+  *,
+  normalize: bool = False,
+  segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The span k, v as an affine map of the state entering it, S_T = decay * S_0 + state:
   (decay [B,H,K] float32, state [B,H,K,V(+1)] float32); log_decay None | [B,T,H] | [B,T,H,K].
-  O(T K V), no T x T term (what sequence parallelism exchanges)."""
+  With segment_ids only the last segment adds to the state, and a reset inside the span makes
+  the decay 0. O(T K V), no T x T term (what sequence parallelism exchanges)."""
   kf = k.astype(F32)
   if log_decay is None:
     g = jnp.zeros(k.shape, F32)
@@ -147,10 +153,15 @@ def state_summary(
     g = jnp.broadcast_to(g[..., None], k.shape) if g.ndim == 3 else g
   G = jnp.cumsum(g, axis=1)
   GT = G[:, -1]
+  decay = jnp.exp(GT)
+  if segment_ids is not None:
+    seg = canonical_segments(segment_ids)
+    kf = jnp.where((seg == seg[:, -1:])[..., None, None], kf, 0.0)
+    decay = jnp.where((seg[:, -1] == 0)[:, None, None], decay, 0.0)
   state = jnp.einsum(
     "bthk,bthv->bhkv", kf * jnp.exp(GT[:, None] - G), _augment(v.astype(F32), normalize)
   )
-  return jnp.exp(GT), state
+  return decay, state
 
 
 # ----------------------------------------------------------------------------- reference

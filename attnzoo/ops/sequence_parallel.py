@@ -15,8 +15,10 @@ arguments are the op's own (global [B,T,...] arrays), already validated by the o
   initial state is the identity, so those columns carry M_t and their outputs M_t^T q_t.
 - short and long convolutions: a halo of the previous shard's last taps (ppermute); a long
   filter wider than a shard all-gathers the inputs.
-Not served (a ValueError says so): packed `segment_ids` of the recurrent families and convs,
-explicit positions, additive bias, block masks and dropout in attention.
+Packed `segment_ids` are served everywhere: a shard whose first token starts a new segment
+drops the state it is handed (and a reset inside a shard zeroes its map's transition); halos
+keep only rows of the same segment. Not served (a ValueError says so): explicit positions,
+additive bias, block masks and dropout in attention.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from attnzoo.ops import linear_attention as la_ops
 from attnzoo.ops import long_conv as lc_ops
 from attnzoo.ops import selective_scan as ss_ops
 from attnzoo.ops import short_conv as sc_ops
-from attnzoo.ops.segments import EMPTY
+from attnzoo.ops.segments import EMPTY, canonical_segments
 
 # the package exports the function under the module's name
 sa_ops = importlib.import_module("attnzoo.ops.softmax_attention")
@@ -55,6 +57,15 @@ def _diag_apply(a, x):
 def _specs(return_final_state):
   """Outputs [B,T,...] and, when asked for, a final state [B,...]."""
   return lambda tokens, examples: (tokens, examples if return_final_state else None)
+
+
+def _halo_segments(seg, width, plan):
+  """Segment ids of the previous shard's last `width` tokens (the first shard: its own first
+  id, so an initial state belongs to its first segment); None without segments."""
+  if seg is None:
+    return None
+  first = jnp.broadcast_to(seg[:, :1], (seg.shape[0], width))
+  return cp.previous_rows(seg, width, plan, first)
 
 
 def _maybe_final(out, final, return_final_state):
@@ -150,22 +161,24 @@ def linear_attention(
 ):  # fmt: skip
   """Decayed linear attention over sequence shards: the shard's (decay, state) summary, the
   exclusive prefix, then the op from the entering state."""
-  _refuse("linear_attention", segment_ids=segment_ids is not None)
 
-  def body(q, k, v, g, h0, bonus):
-    decay, state = la_ops.state_summary(k, v, g, normalize=normalize)
+  def body(q, k, v, g, seg, h0, bonus):
+    carried = cp.continues(seg, plan)
+    decay, state = la_ops.state_summary(k, v, g, normalize=normalize, segment_ids=seg)
     entering, final = cp.exclusive_prefix(
-      decay, state, h0, plan, apply=_diag_apply, compose=jnp.multiply, total=return_final_state
-    )
+      cp.only_if(carried, decay), state, h0, plan, apply=_diag_apply, compose=jnp.multiply,
+      total=return_final_state,
+    )  # fmt: skip
     o = la_ops.linear_attention(
       q, k, v, scale=scale, log_decay=g, bonus=bonus, normalize=normalize,
-      initial_state=entering, eps=eps, implementation=implementation,
+      initial_state=cp.only_if(carried, entering), segment_ids=seg, eps=eps,
+      implementation=implementation,
     )  # fmt: skip
     return o, final
 
   out_specs = _specs(return_final_state)
   o, final = cp.shard_sequence(
-    plan, body, (q, k, v, log_decay), (initial_state,), (bonus,), out_specs
+    plan, body, (q, k, v, log_decay, segment_ids), (initial_state,), (bonus,), out_specs
   )
   return _maybe_final(o, final, return_final_state)
 
@@ -176,32 +189,33 @@ def delta_rule(
 ):  # fmt: skip
   """Delta rule over sequence shards; the shard's map is S -> M S + S_local (module
   docstring for how M comes out of the same op call)."""
-  _refuse("delta_rule", segment_ids=segment_ids is not None)
   vd, kd = v.shape[-1], k.shape[-1]
 
-  def body(q, k, v, beta, g, h0):
+  def body(q, k, v, beta, g, seg, h0):
     b, t, h = beta.shape
     eye = jnp.broadcast_to(jnp.eye(kd, dtype=F32), (b, h, kd, kd))
     widened = jnp.concatenate([v, jnp.zeros((b, t, h, kd), v.dtype)], axis=-1)
     start = jnp.concatenate([jnp.zeros((b, h, kd, vd), F32), eye], axis=-1)
     o, last = dr_ops.delta_rule(
       q, k, widened, beta, scale=scale, log_decay=g, initial_state=start,
-      return_final_state=True, implementation=implementation,
+      return_final_state=True, segment_ids=seg, implementation=implementation,
     )  # fmt: skip
-    state, transition = last[..., :vd], last[..., vd:]
+    carried = cp.continues(seg, plan)
+    state, transition = last[..., :vd], cp.only_if(carried, last[..., vd:])
     apply = lambda m, x: jnp.einsum("bhij,bhjv->bhiv", m, x, precision=lax.Precision.HIGHEST)
     compose = lambda m2, m1: jnp.einsum("bhij,bhjk->bhik", m2, m1, precision=lax.Precision.HIGHEST)
     entering, final = cp.exclusive_prefix(
       transition, state, h0, plan, apply=apply, compose=compose, total=return_final_state
     )
-    carried = jnp.einsum(
+    entering = cp.only_if(carried, entering)
+    from_before = jnp.einsum(
       "bthj,bhjv->bthv", o[..., vd:].astype(F32), entering, precision=lax.Precision.HIGHEST
     )
-    return (o[..., :vd].astype(F32) + carried).astype(v.dtype), final
+    return (o[..., :vd].astype(F32) + from_before).astype(v.dtype), final
 
   out_specs = _specs(return_final_state)
   o, final = cp.shard_sequence(
-    plan, body, (q, k, v, beta, log_decay), (initial_state,), (), out_specs
+    plan, body, (q, k, v, beta, log_decay, segment_ids), (initial_state,), (), out_specs
   )
   return _maybe_final(o, final, return_final_state)
 
@@ -212,23 +226,26 @@ def selective_scan(
 ):  # fmt: skip
   """Selective scan over sequence shards: the shard's (exp(sum dt A), final state from zero)
   summary, the exclusive prefix, then the scan from the entering state."""
-  _refuse("selective_scan", segment_ids=segment_ids is not None)
 
-  def body(x, delta, B, C, h0, A, D, delta_bias):
+  def body(x, delta, B, C, seg, h0, A, D, delta_bias):
     run = lambda D, h: ss_ops.selective_scan(
       x, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus,
-      initial_state=h, return_final_state=True, implementation=implementation,
+      initial_state=h, return_final_state=True, segment_ids=seg, implementation=implementation,
     )  # fmt: skip
     _, state = run(None, None)
     dt = ss_ops.kernels.discretize(delta, delta_bias, delta_softplus)
     decay = jnp.exp(jnp.einsum("btd,dn->bdn", dt, A.astype(F32)))
+    carried = cp.continues(seg, plan)
+    if seg is not None:  # a reset inside the shard forgets what came before it
+      carried = carried & (canonical_segments(seg)[:, -1] == 0)
     entering, final = cp.exclusive_prefix(
-      decay, state, h0, plan, apply=jnp.multiply, compose=jnp.multiply, total=return_final_state
-    )
-    return run(D, entering)[0], final
+      cp.only_if(carried, decay), state, h0, plan, apply=jnp.multiply, compose=jnp.multiply,
+      total=return_final_state,
+    )  # fmt: skip
+    return run(D, cp.only_if(cp.continues(seg, plan), entering))[0], final
 
   out_specs = _specs(return_final_state)
-  sequence, replicated = (x, delta, B, C), (A, D, delta_bias)
+  sequence, replicated = (x, delta, B, C, segment_ids), (A, D, delta_bias)
   y, final = cp.shard_sequence(plan, body, sequence, (initial_state,), replicated, out_specs)
   return _maybe_final(y, final, return_final_state)
 
@@ -241,38 +258,50 @@ def short_conv(
 ):
   """Short causal convolution over sequence shards: a halo of K-1 inputs from the previous
   shard (the first shard takes initial_state)."""
-  _refuse("short_conv", segment_ids=segment_ids is not None)
   width = weight.shape[0] - 1
 
-  def body(x, h0, weight, bias):
+  def body(x, seg, h0, weight, bias):
     first = 0 if h0 is None else h0
     halo = cp.previous_rows(x, width, plan, first)
-    y = sc_ops.short_conv(x, weight, bias, initial_state=halo, implementation=implementation)
+    halo_seg = _halo_segments(seg, width, plan)
+    if seg is not None:  # rows of the previous shard from another segment are not seen
+      halo = jnp.where((halo_seg == seg[:, :1])[..., None], halo, 0)
+    y = sc_ops.short_conv(
+      x, weight, bias, initial_state=halo, segment_ids=seg, implementation=implementation
+    )
     final = None
     if return_final_state:
-      tail = jnp.concatenate([halo, x], axis=1)[:, x.shape[1] :].astype(F32)
+      t = x.shape[1]
+      tail = jnp.concatenate([halo, x], axis=1)[:, t:].astype(F32)
+      if seg is not None:
+        tail_seg = jnp.concatenate([halo_seg, seg], axis=1)[:, t:]
+        tail = jnp.where((tail_seg == seg[:, -1:])[..., None], tail, 0.0)
       final = cp.last_shard(tail, plan)
     return y, final
 
   out_specs = _specs(return_final_state)
-  y, final = cp.shard_sequence(plan, body, (x,), (initial_state,), (weight, bias), out_specs)
+  y, final = cp.shard_sequence(
+    plan, body, (x, segment_ids), (initial_state,), (weight, bias), out_specs
+  )
   return _maybe_final(y, final, return_final_state)
 
 
 def long_conv(plan, *, u, kernel, segment_ids, implementation):
   """Causal long convolution over sequence shards: a halo of L-1 inputs when the filter fits
   in a shard, else an all-gather of the inputs before the shard."""
-  _refuse("long_conv", segment_ids=segment_ids is not None)
   t = u.shape[1]
   local = t // plan.size
   width = min(kernel.shape[0], t) - 1
 
-  def body(u, kernel):
+  def body(u, seg, kernel):
     if width <= local:
       ext = jnp.concatenate([cp.previous_rows(u, width, plan), u], axis=1)
-      return lc_ops.long_conv(ext, kernel, implementation=implementation)[:, width:]
-    whole = lax.all_gather(u, plan.axis, axis=1, tiled=True)
-    y = lc_ops.long_conv(whole, kernel, implementation=implementation)
+      ext_seg = None if seg is None else jnp.concatenate([_halo_segments(seg, width, plan), seg], 1)
+      y = lc_ops.long_conv(ext, kernel, segment_ids=ext_seg, implementation=implementation)
+      return y[:, width:]
+    gather = lambda x: None if x is None else lax.all_gather(x, plan.axis, axis=1, tiled=True)
+    y = lc_ops.long_conv(gather(u), kernel, segment_ids=gather(seg), implementation=implementation)
     return lax.dynamic_slice_in_dim(y, cp.rank(plan) * local, local, axis=1)
 
-  return cp.shard_sequence(plan, body, (u,), (), (kernel,), lambda tokens, _: tokens)
+  out_specs = lambda tokens, _: tokens
+  return cp.shard_sequence(plan, body, (u, segment_ids), (), (kernel,), out_specs)

@@ -72,6 +72,10 @@ def check(plan, call, op, reference, *args):
     assert relative_error(x, y) < TOL, f"gradient of argument {floats[i]}"
 
 
+# packed documents: boundaries inside shards (5, 20, 25) and on a shard boundary (16)
+SEGMENTS = jnp.array([[0] * 5 + [1] * 11 + [2] * 9 + [3] * 7, [4] * 20 + [5] * 12], jnp.int32)
+
+
 def normal(rng, *shape, scale=1.0):
   return jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
 
@@ -87,15 +91,19 @@ SOFTMAX = [
 
 @pytest.mark.parametrize("attention,zigzag,causal,window,kv_heads", SOFTMAX)
 def test_softmax_attention(rng, attention, zigzag, causal, window, kv_heads):
+  """(The zig-zag cases with packed documents.)"""
   plan = cp.Plan(make_mesh(), batch_axes=BATCH, attention=attention, zigzag=zigzag)
   q = normal(rng, B, T, H, 8)
   k, v = normal(rng, B, T, kv_heads, 8), normal(rng, B, T, kv_heads, 8)
-  call = lambda op, *a: op(*a, scale=8**-0.5, causal=causal, window=window)
-  check(plan, call, sa.softmax_attention, sa.reference, q, k, v)
+  seg = SEGMENTS if zigzag else None
+  call = lambda op, q, k, v, seg: op(
+    q, k, v, scale=8**-0.5, causal=causal, window=window, segment_ids=seg
+  )
+  check(plan, call, sa.softmax_attention, sa.reference, q, k, v, seg)
 
 
 LINEAR = [
-  ("gla", "allgather"),  # per-key-channel decay
+  ("gla", "allgather"),  # per-key-channel decay, packed documents
   ("rwkv6_normalized", "logscan"),  # per-head decay, bonus readout, normaliser
   pytest.param("gla", "logscan", marks=slow),
   pytest.param("normalized", "allgather", marks=slow),
@@ -116,8 +124,11 @@ def test_linear_attention(rng, form, state):
     kw["normalize"] = True
   if form.startswith("rwkv6"):
     kw["bonus"] = normal(rng, H, 4)
-  call = lambda op, q, k, v, g, h0: op(q, k, v, log_decay=g, initial_state=h0, **kw)
-  check(plan, call, la.linear_attention, la.reference, q, k, v, g, h0)
+  seg = SEGMENTS if form == "gla" else None
+  call = lambda op, q, k, v, g, h0, seg: op(
+    q, k, v, log_decay=g, initial_state=h0, segment_ids=seg, **kw
+  )
+  check(plan, call, la.linear_attention, la.reference, q, k, v, g, h0, seg)
 
 
 @pytest.mark.parametrize("state", ["logscan", pytest.param("allgather", marks=slow)])
@@ -128,10 +139,11 @@ def test_gated_delta_rule(rng, state):
   beta = jax.nn.sigmoid(normal(rng, B, T, H))
   g = -jnp.abs(normal(rng, B, T, H, scale=0.2))
   h0 = normal(rng, B, H, 4, 5)
-  call = lambda op, q, k, v, beta, g, h0: op(
-    q, k, v, beta, scale=0.5, log_decay=g, initial_state=h0, return_final_state=True
-  )
-  check(plan, call, dr.delta_rule, dr.reference, q, k, v, beta, g, h0)
+  call = lambda op, q, k, v, beta, g, h0, seg: op(
+    q, k, v, beta, scale=0.5, log_decay=g, initial_state=h0, return_final_state=True,
+    segment_ids=seg,
+  )  # fmt: skip
+  check(plan, call, dr.delta_rule, dr.reference, q, k, v, beta, g, h0, SEGMENTS)
 
 
 @pytest.mark.parametrize("state", ["allgather", pytest.param("logscan", marks=slow)])
@@ -144,24 +156,30 @@ def test_selective_scan(rng, state):
   D, bias, h0 = normal(rng, d), normal(rng, d), normal(rng, B, d, n)
   op = functools.partial(ss.selective_scan, implementation="scan")  # CPU: the quick compile
 
-  def call(op, x, delta, A, Bm, Cm, D, bias, h0):
-    return op(x, delta, A, Bm, Cm, D, delta_bias=bias, initial_state=h0, return_final_state=True)
+  def call(op, x, delta, A, Bm, Cm, D, bias, h0, seg):
+    return op(
+      x, delta, A, Bm, Cm, D, delta_bias=bias, initial_state=h0, return_final_state=True,
+      segment_ids=seg,
+    )  # fmt: skip
 
-  check(plan, call, op, ss.recurrent, x, delta, A, Bm, Cm, D, bias, h0)
+  check(plan, call, op, ss.recurrent, x, delta, A, Bm, Cm, D, bias, h0, SEGMENTS)
 
 
 def test_short_conv(rng):
   plan = cp.Plan(make_mesh(), batch_axes=BATCH)
   x, w, b, h0 = normal(rng, B, T, 6), normal(rng, 4, 6), normal(rng, 6), normal(rng, B, 3, 6)
-  call = lambda op, x, w, b, h0: op(x, w, b, initial_state=h0, return_final_state=True)
-  check(plan, call, sc.short_conv, sc.reference, x, w, b, h0)
+  call = lambda op, x, w, b, h0, seg: op(
+    x, w, b, initial_state=h0, return_final_state=True, segment_ids=seg
+  )
+  check(plan, call, sc.short_conv, sc.reference, x, w, b, h0, SEGMENTS)
 
 
 @pytest.mark.parametrize("taps", [32, pytest.param(5, marks=slow)])  # all-gather; halo
 def test_long_conv(rng, taps):
   plan = cp.Plan(make_mesh(), batch_axes=BATCH)
   u, kernel = normal(rng, B, T, 6), normal(rng, taps, 6)
-  check(plan, lambda op, *a: op(*a), lc.long_conv, lc.reference, u, kernel)
+  call = lambda op, u, kernel, seg: op(u, kernel, segment_ids=seg)
+  check(plan, call, lc.long_conv, lc.reference, u, kernel, SEGMENTS)
 
 
 def collectives(fn, *args) -> dict:
