@@ -19,7 +19,8 @@ Collectives here:
   Linear Attention": each rank receives only what it needs, no W-fold gathered memory; ZeCO's
   All-Scan pipelines a chain instead). LASP (Sun et al. 2024, "Linear Attention Sequence
   Parallelism") passes the state along a chain of W-1 hops; not implemented here.
-- `previous_rows`: a halo of the last rows of the previous shard (convolutions, windows).
+- `previous_rows`: the halo of rows before a shard (convolutions, windows): a ppermute, or an
+  all-gather when it is wider than a shard.
 Gradients are JAX's transposes of these collectives (all-gather -> reduce-scatter, ppermute ->
 the reverse ppermute), so forward and backward are exact.
 """
@@ -158,16 +159,18 @@ def _shift(x, plan: Plan, distance: int):
 
 
 def previous_rows(x: jax.Array, width: int, plan: Plan, fill=0) -> jax.Array:
-  """The last `width` rows (axis 1) of the previous shard; `fill` on the first shard (a
-  scalar or an array [B,width,...]). `width` may not exceed the local length."""
-  if width > x.shape[1]:
-    raise ValueError(
-      f"context parallelism: a halo of {width} rows exceeds the {x.shape[1]} rows per shard"
-    )
+  """The `width` rows (axis 1) before this shard's first one; `fill` (a scalar or an array
+  [B,width,...]) stands for rows before the sequence. One ppermute when width fits in a shard,
+  else an all-gather of x."""
   if width == 0:
     return x[:, :0]
-  got = _shift(x[:, x.shape[1] - width :], plan, 1)
-  fill = jnp.broadcast_to(jnp.asarray(fill, x.dtype), got.shape)
+  shape = (x.shape[0], width, *x.shape[2:])
+  fill = jnp.broadcast_to(jnp.asarray(fill, x.dtype), shape)
+  local = x.shape[1]
+  if width > local:
+    whole = jnp.concatenate([fill, lax.all_gather(x, plan.axis, axis=1, tiled=True)], axis=1)
+    return lax.dynamic_slice_in_dim(whole, rank(plan) * local, width, axis=1)
+  got = _shift(x[:, local - width :], plan, 1)
   return jnp.where(rank(plan) == 0, fill, got)
 
 

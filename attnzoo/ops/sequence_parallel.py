@@ -13,8 +13,8 @@ arguments are the op's own (global [B,T,...] arrays), already validated by the o
   state entering the shard, and the op runs locally from it. The delta rule's transition M
   (K x K) comes from the same op call as its outputs: v is widened by K zero columns whose
   initial state is the identity, so those columns carry M_t and their outputs M_t^T q_t.
-- short and long convolutions: a halo of the previous shard's last taps (ppermute); a long
-  filter wider than a shard all-gathers the inputs.
+- short and long convolutions: the K-1 inputs before the shard (a ppermute halo; a filter
+  wider than a shard takes them from an all-gather).
 Packed `segment_ids` are served everywhere: a shard whose first token starts a new segment
 drops the state it is handed (and a reset inside a shard zeroes its map's transition); halos
 keep only rows of the same segment. Not served (a ValueError says so): explicit positions,
@@ -60,12 +60,15 @@ def _specs(return_final_state):
 
 
 def _halo_segments(seg, width, plan):
-  """Segment ids of the previous shard's last `width` tokens (the first shard: its own first
-  id, so an initial state belongs to its first segment); None without segments."""
+  """Segment ids of the `width` tokens before the shard; rows before the sequence take the
+  sequence's first id (an initial state belongs to the first segment). None without
+  segments."""
   if seg is None:
     return None
-  first = jnp.broadcast_to(seg[:, :1], (seg.shape[0], width))
-  return cp.previous_rows(seg, width, plan, first)
+  first = seg[:, :1]
+  if width > seg.shape[1]:  # rows before the sequence reach past the first shard
+    first = lax.all_gather(first, plan.axis)[0]
+  return cp.previous_rows(seg, width, plan, jnp.broadcast_to(first, (seg.shape[0], width)))
 
 
 def _maybe_final(out, final, return_final_state):
@@ -287,21 +290,15 @@ def short_conv(
 
 
 def long_conv(plan, *, u, kernel, segment_ids, implementation):
-  """Causal long convolution over sequence shards: a halo of L-1 inputs when the filter fits
-  in a shard, else an all-gather of the inputs before the shard."""
-  t = u.shape[1]
-  local = t // plan.size
-  width = min(kernel.shape[0], t) - 1
+  """Causal long convolution over sequence shards: the L-1 inputs before the shard (a halo by
+  ppermute when the filter fits in a shard, else from an all-gather) prepended to its own."""
+  width = min(kernel.shape[0], u.shape[1]) - 1
 
   def body(u, seg, kernel):
-    if width <= local:
-      ext = jnp.concatenate([cp.previous_rows(u, width, plan), u], axis=1)
-      ext_seg = None if seg is None else jnp.concatenate([_halo_segments(seg, width, plan), seg], 1)
-      y = lc_ops.long_conv(ext, kernel, segment_ids=ext_seg, implementation=implementation)
-      return y[:, width:]
-    gather = lambda x: None if x is None else lax.all_gather(x, plan.axis, axis=1, tiled=True)
-    y = lc_ops.long_conv(gather(u), kernel, segment_ids=gather(seg), implementation=implementation)
-    return lax.dynamic_slice_in_dim(y, cp.rank(plan) * local, local, axis=1)
+    ext = jnp.concatenate([cp.previous_rows(u, width, plan), u], axis=1)
+    ext_seg = None if seg is None else jnp.concatenate([_halo_segments(seg, width, plan), seg], 1)
+    y = lc_ops.long_conv(ext, kernel, segment_ids=ext_seg, implementation=implementation)
+    return y[:, width:]
 
   out_specs = lambda tokens, _: tokens
   return cp.shard_sequence(plan, body, (u, segment_ids), (), (kernel,), out_specs)

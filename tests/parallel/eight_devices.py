@@ -165,9 +165,11 @@ def test_selective_scan(rng, state):
   check(plan, call, op, ss.recurrent, x, delta, A, Bm, Cm, D, bias, h0, SEGMENTS)
 
 
-def test_short_conv(rng):
+@pytest.mark.parametrize("taps", [4, pytest.param(12, marks=slow)])  # halo; all-gather
+def test_short_conv(rng, taps):
   plan = cp.Plan(make_mesh(), batch_axes=BATCH)
-  x, w, b, h0 = normal(rng, B, T, 6), normal(rng, 4, 6), normal(rng, 6), normal(rng, B, 3, 6)
+  x, w, b = normal(rng, B, T, 6), normal(rng, taps, 6), normal(rng, 6)
+  h0 = normal(rng, B, taps - 1, 6)
   call = lambda op, x, w, b, h0, seg: op(
     x, w, b, initial_state=h0, return_final_state=True, segment_ids=seg
   )
