@@ -54,6 +54,8 @@ def maybe_initialize_distributed(mesh_config) -> bool:
     "process_id": os.environ.get("JAX_PROCESS_ID"),
   }
   kwargs = {k: (v if k == "coordinator_address" else int(v)) for k, v in env.items() if v}
+  # CPU processes need a collectives backend of their own (GPUs and TPUs bring theirs)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   return True
 
