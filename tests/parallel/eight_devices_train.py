@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 
 from attnzoo.config import load_config_file, set_typed
+from attnzoo.mixers import MIXERS
 from attnzoo.train.checkpoint import Checkpoints
 from attnzoo.train.trainer import Experiment
-from tests.conftest import REPO
+from tests.conftest import REPO, slow
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 (forced) devices")
 
 
-def config(**settings):
+def config(mixer="attention", **settings):
   c = load_config_file(
-    f"{REPO}/configs/mqar.py:mixer=attention,d_model=16,num_layers=1,seq_len=32,"
+    f"{REPO}/configs/mqar.py:mixer={mixer},d_model=16,num_layers=1,seq_len=32,"
     "num_kv_pairs=4,train_examples=64,batch_size=8,num_steps=2"
   )
   set_typed(c, "data.vocab_size", 64)
@@ -97,3 +98,13 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(runs, tmp_path):
   for a, b, s in zip(jax.tree.leaves(restored), jax.tree.leaves(state), shardings):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.sharding == s
+
+
+@slow
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_every_mixer_trains_on_context_shards_as_on_one_device(mixer):
+  """Each registered mixer, 2 steps on (2 data, 4 context): its ops run their sequence-parallel
+  forms (the rest of the mixer is partitioned by XLA) and the losses equal one device's."""
+  _, one = run(Experiment(config(mixer), devices=jax.devices()[:1]))
+  _, eight = run(Experiment(config(mixer, **{"mesh.data": 2, "mesh.context": 4})))
+  np.testing.assert_allclose(eight, one, rtol=1e-5)
