@@ -3,8 +3,10 @@ checkpoints; resuming from the last complete checkpoint of a workdir.
 
 Task-agnostic: the registered task (attnzoo.tasks) gives the data, the model head, the loss and
 the metrics. The mesh, the shardings of the state and the batch, and context parallelism come
-from config.mesh (attnzoo.train.sharding); train.grad_accum splits each batch into micro-batches. The batch at step s is a function of (seed, s) and the step is deterministic, so a
-run killed at any point and restarted finishes with the same parameters and logged losses.
+from config.mesh (attnzoo.train.sharding); train.grad_accum splits each batch into
+micro-batches. The batch at step s is a function of (seed, s) and the step is deterministic,
+so a run killed at any point and restarted finishes with the same parameters and logged
+losses.
 """
 
 from __future__ import annotations
