@@ -64,6 +64,8 @@ def get_config(arg=None):
       source="shakespeare",
       tokenizer="char",
       token_dtype="uint16",
+      tfds_data_dir="",  # for source="tfds:<name>": where it was prepared ("": TFDS default)
+      max_documents=0,  # TFDS sources: the first examples of each split (0: all)
       vocab_size=0,  # 0: from the data (text) or the largest token + 1 (token files)
       seq_len=256,
       batch_size=64,

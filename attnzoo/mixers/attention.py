@@ -26,6 +26,7 @@ from attnzoo.mixers.registry import dense_init, output_init, register
 from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
 from attnzoo.ops.segments import EMPTY, segment_starts
+from attnzoo.ops.softmax_attention import decode_splits, split_kv_attention
 
 
 @register("attention")
@@ -166,29 +167,42 @@ class Attention(nn.Module):
     cache_pos = self.variable("cache", "positions", jnp.full, (batch, cache_len), EMPTY)
     if not initialized:
       return self._attend(q, k, v, implementation=self.implementation)
-    keys = jnp.concatenate([cache_k.value, k.astype(cache_k.value.dtype)], axis=1)
-    values = jnp.concatenate([cache_v.value, v.astype(cache_v.value.dtype)], axis=1)
-    kv_positions = jnp.concatenate([cache_pos.value, positions], axis=1)
-    o = softmax_attention(
-      q,
-      keys,
-      values,
-      scale=self._dims()[2] ** -0.5,
-      causal=True,
-      window=self._window(),
-      q_positions=positions,
-      kv_positions=kv_positions,
-      softcap=self.softcap,
-      implementation=self.implementation,
-    )
-    # Keep the newest tokens: slot = position mod cache_len.
     cache_len = cache_k.value.shape[1]
     kept = min(steps, cache_len)
     slots = positions[:, -kept:] % cache_len
     rows = jnp.arange(batch)[:, None]
-    cache_k.value = cache_k.value.at[rows, slots].set(k[:, -kept:])
-    cache_v.value = cache_v.value.at[rows, slots].set(v[:, -kept:])
-    cache_pos.value = cache_pos.value.at[rows, slots].set(positions[:, -kept:])
+    store = lambda cache, new: cache.at[rows, slots].set(new[:, -kept:].astype(cache.dtype))
+    attend = dict(
+      scale=self._dims()[2] ** -0.5,
+      causal=True,
+      window=self._window(),
+      softcap=self.softcap,
+      implementation=self.implementation,
+    )
+    if steps == 1:
+      # One new token: write it first (its slot held a token outside its window), then attend
+      # over the cache alone, split along the keys so the step has enough parallel work.
+      cache_k.value, cache_v.value = store(cache_k.value, k), store(cache_v.value, v)
+      cache_pos.value = store(cache_pos.value, positions)
+      return split_kv_attention(
+        q,
+        cache_k.value,
+        cache_v.value,
+        q_positions=positions,
+        kv_positions=cache_pos.value,
+        num_splits=decode_splits(cache_len),
+        **attend,
+      )
+    # A prompt chunk: attend over cache + chunk (a ring cache may be shorter than the chunk).
+    keys = jnp.concatenate([cache_k.value, k.astype(cache_k.value.dtype)], axis=1)
+    values = jnp.concatenate([cache_v.value, v.astype(cache_v.value.dtype)], axis=1)
+    kv_positions = jnp.concatenate([cache_pos.value, positions], axis=1)
+    o = softmax_attention(
+      q, keys, values, q_positions=positions, kv_positions=kv_positions, **attend
+    )
+    # Keep the newest tokens: slot = position mod cache_len.
+    cache_k.value, cache_v.value = store(cache_k.value, k), store(cache_v.value, v)
+    cache_pos.value = store(cache_pos.value, positions)
     return o
 
 

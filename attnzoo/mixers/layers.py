@@ -95,6 +95,41 @@ def hidden_attention(
 # ----------------------------------------------------------------------------- decode caches
 
 
+def reversed_pass(
+  run: Callable[[jax.Array, jax.Array | None], jax.Array],
+  u: jax.Array,
+  segment_ids: jax.Array | None,
+  *,
+  strictly_future: bool = False,
+) -> jax.Array:
+  """The backward half of a bidirectional layer: `run(u, segment_ids)` (a causal pass) over the
+  time-reversed sequence, returned in the original order, so out[t] sees u[s] for s >= t in
+  t's segment. strictly_future: out[t] is that at t + 1 (zero where t + 1 starts another
+  segment), so it sees s > t only: the backward half of S4's bidirectional kernel (Gu et al.
+  2022), which leaves the present token to the forward half."""
+  flip = lambda a: None if a is None else jnp.flip(a, axis=1)
+  out = flip(run(flip(u), flip(segment_ids)))
+  if not strictly_future:
+    return out
+  pad = ((0, 0), (0, 1)) + ((0, 0),) * (out.ndim - 2)
+  out = jnp.pad(out[:, 1:], pad)
+  if segment_ids is not None:
+    same = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (0, 1)))
+    out = jnp.where(same.reshape(same.shape + (1,) * (out.ndim - 2)), out, 0)
+  return out
+
+
+def reversed_matrix(
+  matrix: Callable[[jax.Array, jax.Array | None], jax.Array],
+  u: jax.Array,
+  segment_ids: jax.Array | None,
+) -> jax.Array:
+  """The [..., T, T] hidden-attention matrix of `reversed_pass` (without strictly_future):
+  matrix(u, segment_ids) of the time-reversed sequence, rows and columns put back in order."""
+  flip = lambda a: None if a is None else jnp.flip(a, axis=1)
+  return jnp.flip(matrix(flip(u), flip(segment_ids)), (-2, -1))
+
+
 def _eager_jit(op: Callable, *static: str) -> Callable:
   """One compiled program per call when not already under jit (eager use: tests, notebooks)."""
   return jax.jit(op, static_argnames=("implementation", "return_final_state") + static)

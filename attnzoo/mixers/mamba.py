@@ -14,6 +14,11 @@ and out_proj use the project's Zoology initialisation (N(0, 0.02); out N(0, 0.02
 as every other mixer does, not PyTorch's kaiming-uniform default. A_log, D and dt_bias are
 not weight-decayed (their names are not "kernel"), as mamba_ssm marks them _no_weight_decay.
 Decoding keeps the SSM state [d_inner, N] and the conv buffer [d_conv - 1, d_inner].
+
+causal=False (encoders): the bidirectional form of Vision Mamba (Zhu et al. 2024, "bimamba
+v2"): the conv + SSM branch also runs on the time-reversed input, reversed back; the two
+outputs are averaged before the gate (Vim's if_devide_out). Unlike Vim the two directions share
+their parameters, as `mamba2`'s bidirectional form does (apples-to-apples sizes).
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnzoo.mixers.layers import SelectiveScanOp, ShortConv, dt_bias_init, state_bytes
+from attnzoo.mixers.layers import (
+  SelectiveScanOp,
+  ShortConv,
+  dt_bias_init,
+  reversed_matrix,
+  reversed_pass,
+  state_bytes,
+)
 from attnzoo.mixers.registry import dense_init, output_init, register
 
 F32 = jnp.float32
@@ -45,10 +57,11 @@ class Mamba(nn.Module):
   dt_init_floor: float = 1e-4
   dt_scale: float = 1.0
   conv_bias: bool = True
+  causal: bool = True
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
-  bidirectional: ClassVar[bool] = False
+  bidirectional: ClassVar[bool] = True
 
   def _dims(self) -> tuple[int, int]:
     rank = self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
@@ -110,14 +123,29 @@ class Mamba(nn.Module):
     segment_ids: jax.Array | None = None,
     decode: bool = False,
   ) -> jax.Array:
+    z, y = self._scan(u, segment_ids, decode)
+    if not self.causal:
+      if decode:
+        raise ValueError("mamba: the bidirectional (non-causal) form does not decode")
+      y = (y + reversed_pass(lambda v, s: self._scan(v, s, False)[1], u, segment_ids)) / 2
+    return self.out_proj(y * nn.silu(z))
+
+  def _scan(self, u, segment_ids, decode):
+    """(gate z, scan output with the D skip) of one causal pass."""
     z, x, delta, a, b, c = self._scan_inputs(u, segment_ids, decode)
     y = self.ssm(x, delta, a, b, c, self.D, self.dt_bias, segment_ids=segment_ids, decode=decode)
-    return self.out_proj(y * nn.silu(z))
+    return z, y
 
   def attention_matrix(
     self, u: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
   ) -> jax.Array:
     """[B,d_inner,T,T]: the hidden attention of the selective scan per channel (Ali et al.
-    2024; without the D skip and the gate)."""
+    2024; without the D skip and the gate); causal=False: the mean of both directions'."""
+    a = self._causal_matrix(u, segment_ids)
+    if not self.causal:
+      a = (a + reversed_matrix(self._causal_matrix, u, segment_ids)) / 2
+    return a
+
+  def _causal_matrix(self, u, segment_ids):
     _, x, delta, a, b, c = self._scan_inputs(u, segment_ids, False)
     return self.ssm.attention_matrix(x, delta, a, b, c, self.dt_bias, segment_ids=segment_ids)

@@ -31,6 +31,8 @@ from attnzoo.mixers.layers import (
   LinearAttentionOp,
   ShortConv,
   dt_bias_init,
+  reversed_matrix,
+  reversed_pass,
   state_bytes,
 )
 from attnzoo.mixers.registry import dense_init, output_init, register
@@ -137,8 +139,7 @@ class Mamba2(nn.Module):
     if not self.causal:
       if decode:
         raise ValueError("the bidirectional (non-causal) form does not decode")
-      flip = lambda a: None if a is None else jnp.flip(a, 1)
-      y = y + flip(self._scan(flip(u), flip(segment_ids), False)[1])
+      y = y + reversed_pass(lambda v, s: self._scan(v, s, False)[1], u, segment_ids)
     return self.out_proj(self.norm(y, z))
 
   def _scan(self, u, segment_ids, decode):
@@ -156,8 +157,7 @@ class Mamba2(nn.Module):
     (y = A x + D x; the D skip and the gate are not included)."""
     a = self._causal_matrix(u, segment_ids)
     if not self.causal:  # the reverse pass's matrix, mapped back to the original order
-      flip = lambda a: None if a is None else jnp.flip(a, 1)
-      a = a + jnp.flip(self._causal_matrix(flip(u), flip(segment_ids)), (-2, -1))
+      a = a + reversed_matrix(self._causal_matrix, u, segment_ids)
     return a
 
   def _causal_matrix(self, u, segment_ids):

@@ -25,7 +25,6 @@ from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import segment_starts
 from pallas_kernels import delta_rule as kernels
-from pallas_kernels.common import device_reason
 
 dispatcher = Dispatcher(
   "delta_rule",
@@ -173,22 +172,11 @@ def _xla(*, q, k, v, beta, scale, log_decay, initial_state, segment_ids):
   return o[:, :t], final
 
 
-def _interpret_supports(*, q, k, v, scale, **_):
-  return kernels.reason(q, k, v, scale=scale, interpret=True)
+def _kernel_reason(*, q, k, v, scale, interpret, **_):
+  return kernels.reason(q, k, v, scale=scale, interpret=interpret)
 
 
-def _pallas_supports(*, q, k, v, scale, **_):
-  return device_reason("the delta-rule Pallas kernels") or kernels.reason(q, k, v, scale=scale)
-
-
-@dispatcher.register("pallas", supports=_pallas_supports)
-def _pallas(**args):
-  return kernels.delta_rule(**args)
-
-
-@dispatcher.register("interpret", supports=_interpret_supports)
-def _interpret(**args):
-  return kernels.delta_rule(**args, interpret=True)
+dispatcher.register_kernel(kernels.delta_rule, _kernel_reason, "the delta-rule Pallas kernels")
 
 
 def delta_rule(

@@ -9,9 +9,12 @@ takes the first implementation in the backend's preference order that can serve 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
+
+from pallas_kernels.common import device_reason
 
 
 class Unsupported(NotImplementedError):
@@ -46,6 +49,17 @@ class Dispatcher:
       return fn
 
     return decorator
+
+  def register_kernel(self, run: Callable, reason: Callable[..., str | None], kernels: str):
+    """Registers a Pallas kernel twice: "pallas" (compiled, on a GPU or TPU) and "interpret"
+    (Pallas interpret mode, any backend). run(**arguments, interpret=bool) calls it;
+    reason(**arguments, interpret=bool) says why it cannot serve the arguments, or None;
+    `kernels` names them in the device check's message."""
+    compiled = lambda **a: device_reason(kernels) or reason(**a, interpret=False)
+    self.register("pallas", supports=compiled)(functools.partial(run, interpret=False))
+    self.register("interpret", supports=functools.partial(reason, interpret=True))(
+      functools.partial(run, interpret=True)
+    )
 
   def reason(self, name: str, **arguments) -> str | None:
     """Why implementation `name` cannot serve `arguments`, or None when it can."""

@@ -41,7 +41,6 @@ from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import canonical_segments, segment_starts
 from pallas_kernels import linear_attention as kernels
-from pallas_kernels.common import device_reason
 
 F32 = jnp.float32
 
@@ -410,6 +409,7 @@ dispatcher.register("xla")(_chunked)
 
 
 def _kernel_reason(*, q, k, v, scale, log_decay, bonus, initial_state, segment_ids, **_):
+  # the same limits compiled and in interpret mode
   return kernels.reason(
     q,
     k,
@@ -420,10 +420,6 @@ def _kernel_reason(*, q, k, v, scale, log_decay, bonus, initial_state, segment_i
     initial_state=initial_state,
     segment_ids=segment_ids,
   )
-
-
-def _pallas_supports(**args):
-  return device_reason("the linear-attention Pallas kernels") or _kernel_reason(**args)
 
 
 def _run_kernel(
@@ -477,14 +473,7 @@ def _run_kernel(
   )
 
 
-@dispatcher.register("pallas", supports=_pallas_supports)
-def _pallas(**args):
-  return _run_kernel(**args, interpret=False)
-
-
-@dispatcher.register("interpret", supports=_kernel_reason)
-def _interpret(**args):
-  return _run_kernel(**args, interpret=True)
+dispatcher.register_kernel(_run_kernel, _kernel_reason, "the linear-attention Pallas kernels")
 
 
 def linear_attention(

@@ -31,7 +31,6 @@ from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import segment_starts
 from pallas_kernels import selective_scan as kernels
-from pallas_kernels.common import device_reason
 
 F32 = jnp.float32
 
@@ -74,6 +73,11 @@ def init_state(batch: int, d_inner: int, d_state: int) -> jax.Array:
   return jnp.zeros((batch, d_inner, d_state), F32)
 
 
+def _initial(x, A, initial_state):
+  b, _, d = x.shape
+  return init_state(b, d, A.shape[1]) if initial_state is None else initial_state.astype(F32)
+
+
 def reference(
   x: jax.Array,
   delta: jax.Array,
@@ -90,8 +94,7 @@ def reference(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """lax.associative_scan over the whole sequence (float32; materialises [B,T,D,N])."""
   _canonical(x, delta, A, B, C, D, delta_bias, initial_state, segment_ids)
-  b, t, d = x.shape
-  h0 = init_state(b, d, A.shape[1]) if initial_state is None else initial_state.astype(F32)
+  h0 = _initial(x, A, initial_state)
   keep = None if segment_ids is None else kernels.keep_mask(segment_ids)
   dt = kernels.discretize(delta, delta_bias, delta_softplus)
   y, final = kernels.block_scan(dt, x, A, B, C, keep, h0)
@@ -146,9 +149,8 @@ def recurrent(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """lax.scan of `step` over time (float32 state)."""
   _canonical(x, delta, A, B, C, D, delta_bias, initial_state, segment_ids)
-  b, t, d = x.shape
-  h0 = init_state(b, d, A.shape[1]) if initial_state is None else initial_state.astype(F32)
-  reset = jnp.zeros((b, t), bool) if segment_ids is None else segment_starts(segment_ids)
+  h0 = _initial(x, A, initial_state)
+  reset = jnp.zeros(x.shape[:2], bool) if segment_ids is None else segment_starts(segment_ids)
   one = functools.partial(step, delta_bias=delta_bias, delta_softplus=delta_softplus)
 
   def body(state, inputs):
@@ -181,14 +183,8 @@ def _scan(**args):
   return recurrent(**args)
 
 
-def _kernel_reason(*, x, delta, A, B, C, **_):
-  return kernels.reason(x, delta, A, B, C, interpret=True)
-
-
-def _pallas_supports(**args):
-  return device_reason("the selective-scan kernels") or kernels.reason(
-    args["x"], args["delta"], args["A"], args["B"], args["C"]
-  )
+def _kernel_reason(*, x, delta, A, B, C, interpret, **_):
+  return kernels.reason(x, delta, A, B, C, interpret=interpret)
 
 
 def _run_kernel(*, return_final_state, interpret, **args):
@@ -196,14 +192,7 @@ def _run_kernel(*, return_final_state, interpret, **args):
   return _finish(y, final, return_final_state)
 
 
-@dispatcher.register("pallas", supports=_pallas_supports)
-def _pallas(**args):
-  return _run_kernel(**args, interpret=False)
-
-
-@dispatcher.register("interpret", supports=_kernel_reason)
-def _interpret(**args):
-  return _run_kernel(**args, interpret=True)
+dispatcher.register_kernel(_run_kernel, _kernel_reason, "the selective-scan kernels")
 
 
 def selective_scan(

@@ -508,3 +508,50 @@ def softmax_attention(
     # default positions let the kernel index its fully visible tiles arithmetically
     args = dict(args, q_positions=None, kv_positions=None)
   return dispatcher.implementations[name].fn(**args, **dropout)
+
+
+def split_kv_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale,
+  q_positions: jax.Array,
+  kv_positions: jax.Array,
+  num_splits: int,
+  **kwargs,
+) -> jax.Array:
+  """Attention of a few queries over a long KV cache with the keys split into `num_splits`
+  equal chunks, each chunk attended as its own batch row and the partial outputs merged by
+  their log-sum-exp (the split-KV schedule of Flash-Decoding, Dao et al. 2023). Equal to
+  softmax_attention over the whole cache; a decoding step then has B x num_splits x H
+  independent pieces of work instead of B x H. kwargs: causal, window, softcap,
+  implementation (masks are on the explicit positions; empty slots carry EMPTY)."""
+  batch, tk = k.shape[:2]
+  if tk % num_splits:
+    raise ValueError(f"split_kv_attention: {num_splits} splits do not divide {tk} keys")
+  fold = lambda x: x.reshape(batch * num_splits, tk // num_splits, *x.shape[2:])
+  repeat = lambda x: jnp.repeat(x, num_splits, axis=0)
+  out, lse = softmax_attention(
+    repeat(q),
+    fold(k),
+    fold(v),
+    scale=scale,
+    q_positions=repeat(q_positions),
+    kv_positions=fold(kv_positions),
+    return_lse=True,
+    **kwargs,
+  )
+  out = out.reshape(batch, num_splits, *out.shape[1:]).astype(jnp.float32)
+  lse = lse.reshape(batch, num_splits, *lse.shape[1:])
+  total = jax.nn.logsumexp(lse, axis=1, keepdims=True)
+  weights = jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0))  # 0 for empty chunks
+  return jnp.sum(weights[..., None] * out, axis=1).astype(v.dtype)
+
+
+def decode_splits(num_keys: int, keys_per_split: int = 512) -> int:
+  """The most splits of at most ceil(num_keys / keys_per_split) that divide num_keys evenly."""
+  for splits in range(max(1, -(-num_keys // keys_per_split)), 0, -1):
+    if num_keys % splits == 0:
+      return splits
+  return 1

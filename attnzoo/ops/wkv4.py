@@ -52,6 +52,17 @@ def init_state(batch: int, channels: int) -> jax.Array:
   return jnp.stack([zeros, zeros, jnp.full((batch, channels), EMPTY_LOG, F32)], axis=1)
 
 
+def _initial(initial_state, batch, channels):
+  return init_state(batch, channels) if initial_state is None else initial_state.astype(F32)
+
+
+def _shifted(logits, carried, axis):
+  """Log-space weights of tokens (`logits`, reduced over `axis`) and of a carried state (log
+  scale `carried`) after one shared max shift m: (exp(logits - m), exp(carried - m), m)."""
+  m = jnp.maximum(jnp.max(logits, axis=axis), carried)
+  return jnp.exp(logits - jnp.expand_dims(m, axis)), jnp.exp(carried - m), m
+
+
 def _quadratic(k, v, w, u, state, seg, first_seg):
   """Quadratic form over one stretch with a carried state (p, q, o) that belongs to segment
   first_seg [B]. Returns (y [B,T,C] float32, final state [B,3,C])."""
@@ -65,9 +76,7 @@ def _quadratic(k, v, w, u, state, seg, first_seg):
   valid = (lag >= 0)[None] & (seg[:, :, None] == seg[:, None, :])
   logits = jnp.where(valid[..., None], logits, MASKED)
   past = jnp.where((seg == first_seg[:, None])[..., None], o[:, None] - ti[:, None] * w, MASKED)
-  m = jnp.maximum(jnp.max(logits, axis=2), past)  # [B,T,C]
-  e = jnp.exp(logits - m[:, :, None])
-  e_past = jnp.exp(past - m)
+  e, e_past, _ = _shifted(logits, past, axis=2)  # m: [B,T,C]
   num = jnp.einsum("btic,bic->btc", e, v) + e_past * p[:, None]
   den = jnp.sum(e, axis=2) + e_past * q[:, None]
   y = num / den
@@ -75,8 +84,7 @@ def _quadratic(k, v, w, u, state, seg, first_seg):
   last = seg == seg[:, -1:]
   logf = jnp.where(last[..., None], k - (t - 1 - ti)[None, :, None] * w, MASKED)
   carry = jnp.where((first_seg == seg[:, -1])[:, None], o - t * w, MASKED)
-  of = jnp.maximum(jnp.max(logf, axis=1), carry)
-  ef, ec = jnp.exp(logf - of[:, None]), jnp.exp(carry - of)
+  ef, ec, of = _shifted(logf, carry, axis=1)
   pf = jnp.einsum("btc,btc->bc", ef, v) + ec * p
   qf = jnp.sum(ef, axis=1) + ec * q
   return y, jnp.stack([pf, qf, of], axis=1)
@@ -96,7 +104,7 @@ def reference(
   _canonical(k, v, w, u, initial_state, segment_ids)
   b, t, c = k.shape
   seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
-  state = init_state(b, c) if initial_state is None else initial_state.astype(F32)
+  state = _initial(initial_state, b, c)
   y, final = _quadratic(k, v, w, u, state, seg, seg[:, 0])
   y = y.astype(v.dtype)
   return (y, final) if return_final_state else y
@@ -118,12 +126,11 @@ def step(
     state = jnp.where(reset[:, None, None], init_state(*k.shape), state)
   p, q, o = state[:, 0], state[:, 1], state[:, 2]
   kf, vf, w, u = k.astype(F32), v.astype(F32), w.astype(F32), u.astype(F32)
-  m = jnp.maximum(o, u + kf)
-  a, b = jnp.exp(o - m), jnp.exp(u + kf - m)
-  y = (a * p + b * vf) / (a * q + b)
-  m2 = jnp.maximum(o - w, kf)
-  a, b = jnp.exp(o - w - m2), jnp.exp(kf - m2)
-  return jnp.stack([a * p + b * vf, a * q + b, m2], axis=1), y.astype(v.dtype)
+  b, a, _ = _shifted((u + kf)[..., None], o, axis=-1)  # the token with its bonus, the state
+  y = (a * p + b[..., 0] * vf) / (a * q + b[..., 0])
+  b, a, m = _shifted(kf[..., None], o - w, axis=-1)
+  b = b[..., 0]
+  return jnp.stack([a * p + b * vf, a * q + b, m], axis=1), y.astype(v.dtype)
 
 
 def recurrent(
@@ -139,7 +146,7 @@ def recurrent(
   """lax.scan of `step` over time."""
   _canonical(k, v, w, u, initial_state, segment_ids)
   b, t, c = k.shape
-  s0 = init_state(b, c) if initial_state is None else initial_state.astype(F32)
+  s0 = _initial(initial_state, b, c)
   reset = jnp.zeros((b, t), bool) if segment_ids is None else segment_starts(segment_ids)
 
   def body(state, inp):
@@ -176,7 +183,7 @@ def chunked(
     x.astype(F32), ((0, 0), (0, pad), (0, 0)), constant_values=fill
   ).reshape(b, n, chunk, c)
   ks, vs = to_chunks(k, MASKED), to_chunks(v, 0.0)
-  s0 = init_state(b, c) if initial_state is None else initial_state.astype(F32)
+  s0 = _initial(initial_state, b, c)
 
   def body(carry, inp):
     state, prev_seg = carry

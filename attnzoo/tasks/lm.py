@@ -7,11 +7,15 @@ Sources (`data.source`):
     other; `segment_ids` mark the documents, so every mixer resets its state at a boundary,
     and positions restart at each document);
   - a token file: `.npy` (any integer dtype) or raw little-endian `data.token_dtype`
-    (uint16/uint32) read through a memory map, for users with their own tokenizer.
+    (uint16/uint32) read through a memory map, for users with their own tokenizer;
+  - a prepared TFDS text dataset, "tfds:<name>" ("tfds:tiny_shakespeare", "tfds:lm1b", any with
+    a "text" feature; attnzoo.tasks.tfds_source): its "train" split for training, its
+    "validation" split (else "test") for validation, each example a document;
+    `data.max_documents` (0 = all) takes the first examples of each split.
 
 Text is tokenized per character (`data.tokenizer="char"`, vocabulary = the sorted characters of
 the training split) or per UTF-8 byte ("byte", 256 tokens). The stream is split as nanoGPT does:
-the first `1 - data.val_fraction` for training, the rest for validation.
+the first `1 - data.val_fraction` for training, the rest for validation (TFDS: its own splits).
 
 A training batch holds `batch_size` random windows of `seq_len + 1` tokens whose starts are a
 pure function of (seed, step), so a killed run resumes bit-exactly. The validation set is fixed:
@@ -32,6 +36,7 @@ import optax
 
 from attnzoo.config import ConfigError
 from attnzoo.tasks.base import Batch, Task, register_task
+from attnzoo.tasks.tfds_source import is_tfds, tfds_first_split, tfds_split
 
 SHAKESPEARE = pathlib.Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -105,6 +110,27 @@ def text_documents(source: str) -> list[str]:
   return documents
 
 
+def tfds_documents(source: str, data_dir: str, max_documents: int) -> tuple[list[str], int]:
+  """(the texts of the training split then of the validation split, the number of training
+  characters) of a TFDS text dataset."""
+  if max_documents < 0:
+    raise ConfigError(f"data.max_documents must be >= 0 (0: all), got {max_documents}")
+
+  def texts(examples) -> list[str]:
+    count = len(examples) if max_documents == 0 else min(max_documents, len(examples))
+    out = [examples[i]["text"] for i in range(count)]
+    return [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in out]
+
+  train = texts(tfds_split(source, "train", data_dir))
+  val = texts(tfds_first_split(source, ("validation", "test"), data_dir)[1])
+  return train + val, sum(map(len, train))
+
+
+def split_docs(documents: list[str], chars: int) -> int:
+  """How many leading documents hold the first `chars` characters."""
+  return int(np.searchsorted(np.cumsum([len(d) for d in documents]), chars, side="right"))
+
+
 def token_file(source: str, dtype: str) -> np.ndarray:
   """A pre-tokenized stream: `.npy` (memory-mapped) or raw `dtype` tokens."""
   path = pathlib.Path(source).expanduser()
@@ -161,15 +187,17 @@ class LanguageModeling(Task):
     eval_batch_size: int = 64,
     documents: np.ndarray | None = None,
     vocabulary: Vocabulary | None = None,
+    split: int | None = None,
   ):
     """tokens [N] (any integer array, memory-mapped is fine); documents [N] the document id
-    of each token (None: one stream, no segment ids); vocabulary for text sources."""
+    of each token (None: one stream, no segment ids); vocabulary for text sources; split: the
+    number of training tokens (None: the first 1 - val_fraction of them)."""
     for key, value in (("seq_len", seq_len), ("batch_size", batch_size)):
       if not (isinstance(value, int) and value >= 1):
         raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
     if not 0 < val_fraction < 1:
       raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
-    split = int(len(tokens) * (1 - val_fraction))
+    split = int(len(tokens) * (1 - val_fraction)) if split is None else split
     self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
     self.train_docs = None if documents is None else documents[:split]
     self.val_docs = None if documents is None else documents[split:]
@@ -205,12 +233,16 @@ class LanguageModeling(Task):
       tokens = token_file(d.source, d.token_dtype)
       vocab_size = d.vocab_size or int(np.max(tokens)) + 1
       return cls(tokens, vocab_size=vocab_size, **common)
-    documents = text_documents(d.source)
+    split = None
+    if is_tfds(d.source):
+      documents, split = tfds_documents(d.source, d.tfds_data_dir, d.max_documents)
+    else:
+      documents = text_documents(d.source)
     if d.tokenizer == "byte":
       vocab = Vocabulary(None)
     elif d.tokenizer == "char":
-      split = int(sum(map(len, documents)) * (1 - d.val_fraction))
-      text = "".join(documents)[:split]
+      chars = int(sum(map(len, documents)) * (1 - d.val_fraction)) if split is None else split
+      text = "".join(documents)[:chars]
       vocab = Vocabulary("".join(sorted(set(text))))
     else:
       raise ConfigError(f"data.tokenizer must be char or byte, got {d.tokenizer!r}")
@@ -226,7 +258,11 @@ class LanguageModeling(Task):
       ids = np.repeat(np.arange(len(encoded), dtype=np.int32), [len(e) for e in encoded])
     if d.vocab_size and d.vocab_size != vocab.size:
       raise ConfigError(f"data.vocab_size is {d.vocab_size} but the text has {vocab.size} tokens")
-    return cls(tokens, vocab_size=vocab.size, documents=ids, vocabulary=vocab, **common)
+    if split is not None:  # characters -> tokens (bytes differ from characters)
+      split = sum(len(e) for e in encoded[: split_docs(documents, split)])
+    return cls(
+      tokens, vocab_size=vocab.size, documents=ids, vocabulary=vocab, split=split, **common
+    )
 
   @property
   def max_seq_len(self) -> int:

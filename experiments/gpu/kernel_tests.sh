@@ -1,4 +1,4 @@
-set -o pipefail; export PYTHONUNBUFFERED=1 PYTHONPATH=.
+set -o pipefail; export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi -L
 python3 - <<'PY' 2>&1 | tee $OUT/cudnn_window.log
 import jax, jax.numpy as jnp, numpy as np

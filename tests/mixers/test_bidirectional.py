@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attnzoo.mixers import build_mixer
-from attnzoo.mixers.layers import LinearAttentionOp
+from attnzoo.mixers.layers import LinearAttentionOp, reversed_pass
 from tests.conftest import relative_error, slow
 
 B, T, H, K, V = 2, 13, 3, 4, 5
@@ -111,3 +111,44 @@ def test_padding_segment_stays_out_of_real_tokens():
   noisy = jnp.where(mask[..., None], x, 5.0)
   out2 = mixer.apply(params, noisy, segment_ids=mask.astype(jnp.int32))
   np.testing.assert_allclose(np.asarray(out)[mask], np.asarray(out2)[mask], rtol=1e-5, atol=1e-6)
+
+
+def test_reversed_pass_sees_the_future_of_its_segment():
+  """With a running sum as the causal pass: out[t] = sum of u[s] for s >= t (s > t with
+  strictly_future) in t's segment."""
+  u = jax.random.normal(jax.random.key(5), (2, 9, 3))
+  seg = jnp.array([[0, 0, 0, 0, 1, 1, 1, 2, 2], [0] * 9])
+
+  def running_sum(x, s):  # causal, restarting at each segment
+    same = (s[:, :, None] == s[:, None, :]) & (jnp.arange(9)[:, None] >= jnp.arange(9)[None])
+    return jnp.einsum("bts,bsc->btc", same.astype(x.dtype), x)
+
+  s_np, u_np = np.asarray(seg), np.asarray(u)
+  for strict in (False, True):
+    out = reversed_pass(running_sum, u, seg, strictly_future=strict)
+    want = np.zeros_like(u_np)
+    for b, t in np.ndindex(2, 9):
+      later = [s for s in range(t + strict, 9) if s_np[b, s] == s_np[b, t]]
+      want[b, t] = u_np[b, later].sum(0)
+    assert relative_error(out, want) < 1e-6
+
+
+@pytest.mark.parametrize(
+  "name,kwargs",
+  [
+    ("s4d", dict(d_state=8)),
+    ("mamba", dict(d_state=4, implementation="scan")),
+  ],
+)
+def test_ssm_encoders_see_the_future_within_their_segment(name, kwargs):
+  """S4D (S4's bidirectional kernel; DSS shares its layer) and Mamba (Vision Mamba's reverse
+  scan): the output at t depends on later inputs of its segment, never on another segment's."""
+  mixer = build_mixer(name, d_model=8, causal=False, **kwargs)
+  x = jax.random.normal(jax.random.key(6), (1, 10, 8))
+  seg = jnp.array([[0] * 6 + [1] * 4])
+  params = jax.jit(mixer.init)(jax.random.key(7), x)
+  grad = jax.jit(jax.grad(lambda x: mixer.apply(params, x, segment_ids=seg)[0, 2].sum()))(x)[0]
+  norms = np.asarray(jnp.linalg.norm(grad, axis=-1))
+  assert (norms[3:6] > 1e-6).all() and (norms[6:] == 0).all()
+  with pytest.raises(ValueError, match="does not decode"):
+    mixer.apply(params, x[:, :1], decode=True, mutable=["cache"])

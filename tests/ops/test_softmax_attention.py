@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from attnzoo.ops import Unsupported, softmax_attention
-from attnzoo.ops.softmax_attention import EMPTY, dispatcher, reference
+from attnzoo.ops.softmax_attention import (
+  EMPTY,
+  decode_splits,
+  dispatcher,
+  reference,
+  split_kv_attention,
+)
 from tests.conftest import relative_error
 
 
@@ -90,6 +96,20 @@ def test_explicit_positions_and_empty_slots():
   pos = np.asarray(kv_pos[0])
   allowed = lambda b, i, j: pos[j] != EMPTY and q_pos[0, i] - 3 <= pos[j] <= q_pos[0, i]
   assert relative_error(out, naive(q, k, v, 0.5, allowed)) < 1e-5
+
+
+@pytest.mark.parametrize("window,splits", [(None, 4), (5, 3), (None, 12)])
+def test_split_kv_decoding_equals_one_pass_over_the_cache(window, splits):
+  """A decode step over a ring cache with empty slots (chunk 4 of 12 holds none: its weight
+  must vanish), the keys split into chunks merged by log-sum-exp."""
+  q, k, v = inputs(2, Tq=1, Tk=12, H=6, Hkv=2)
+  kv_pos = jnp.array([[12, 13, 2, 3, 4, 5, 6, 7, 8, 9, EMPTY, EMPTY]] * 2)
+  q_pos = jnp.array([[13], [11]])
+  masks = dict(causal=True, window=window, q_positions=q_pos, kv_positions=kv_pos)
+  whole = softmax_attention(q, k, v, scale=0.4, implementation="xla", **masks)
+  split = split_kv_attention(q, k, v, scale=0.4, num_splits=splits, implementation="xla", **masks)
+  assert relative_error(split, whole) < 1e-6
+  assert [decode_splits(n, 512) for n in (100, 1040, 32784, 4099)] == [1, 2, 48, 1]
 
 
 def test_fully_masked_rows_are_zero_with_lse_minus_inf():

@@ -163,3 +163,29 @@ def test_empty_sources_are_one_error_line(tmp_path, capsys):
     assert main([*argv, "--workdir", str(tmp_path / f"w_{source}")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: data.source") and message in err[0]
+
+
+def test_tfds_text_datasets_through_tfds_mock_data(tmp_path, capsys):
+  """tfds's own mock-data utility stands in for a prepared dataset: lm1b has no validation
+  split, so its test split validates; every example is a document."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12):
+    task = build_task(lm_config("source=tfds:lm1b,tokenizer=byte,seq_len=8"))
+    train_texts = [e["text"] for e in tfds.data_source("lm1b", split="train")]
+    test_texts = [e["text"] for e in tfds.data_source("lm1b", split="test")]
+  assert task.vocab_size == 256
+  as_bytes = lambda texts: np.frombuffer("".join(texts).encode(), np.uint8)
+  np.testing.assert_array_equal(task.train_tokens, as_bytes(train_texts))
+  np.testing.assert_array_equal(task.val_tokens, as_bytes(test_texts))
+  assert task.train_docs is not None and len(np.unique(task.train_docs)) == 12
+  assert task.train_batch(3)["segment_ids"].shape == (16, 8)
+  with tfds.testing.mock_data(num_examples=1):  # char-level: one document per split
+    task = build_task(lm_config("source=tfds:tiny_shakespeare,seq_len=4"))
+    (train,) = [e["text"] for e in tfds.data_source("tiny_shakespeare", split="train")]
+    (val,) = [e["text"] for e in tfds.data_source("tiny_shakespeare", split="validation")]
+  assert task.vocabulary.decode(task.train_tokens) == train
+  assert task.vocabulary.decode(task.val_tokens) == val
+  argv = ["train", "--config", f"{REPO}/configs/lm.py:source=tfds:lm1b", "--workdir"]
+  assert main([*argv, str(tmp_path / "w"), f"--config.data.tfds_data_dir={tmp_path}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "tfds build lm1b --file_format=array_record" in err[-1]

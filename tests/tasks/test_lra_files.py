@@ -4,6 +4,7 @@ aclImdb text files, CIFAR-10 python pickles, AAN pair tsv files."""
 import pickle
 
 import numpy as np
+import pytest
 
 from attnzoo.cli import main
 from attnzoo.tasks.lra import listops
@@ -59,3 +60,22 @@ def test_listops_reads_lra_released_split(tmp_path):
   max_op, close = listops.OP0 + listops.OPERATORS.index("MAX"), listops.CLOSE
   digit = listops.DIGIT0
   assert list(tokens[0]) == [listops.CLS, max_op, digit + 2, digit + 9, close] + [0] * 11
+
+
+def test_text_and_image_from_tfds_mock_data(tmp_path):
+  """imdb_reviews and cifar10 through tfds's own mock-data utility (TF-free data_source)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=10):
+    text = prepare(tmp_path, "lra/text", "tfds:imdb_reviews", "--config.data.max_length=16")
+    reviews = tfds.data_source("imdb_reviews", split="train")
+    image = prepare(tmp_path, "lra/image", "tfds:cifar10")
+    pictures = tfds.data_source("cifar10", split="train")
+    first_review, first_picture = reviews[0], pictures[0]
+  inputs, labels = text["train"]
+  review = [b + BYTE0 for b in first_review["text"].encode()[:15]]
+  assert list(inputs[0]) == [CLS, *review] + [0] * (15 - len(review))
+  assert labels[0] == first_review["label"] and inputs.shape == (10, 16)
+  assert all(np.array_equal(a, b) for a, b in zip(text["val"], text["test"]))
+  assert [len(image[s][0]) for s in ("train", "val", "test")] == [9, 1, 10]
+  r, g, b = first_picture["image"].reshape(1024, 3).T.astype(float)
+  assert np.array_equal(image["train"][0][0], np.round(0.2989 * r + 0.5870 * g + 0.1140 * b))

@@ -1,4 +1,6 @@
-"""LRA's real-data tasks, read from local files in their original formats (no TensorFlow):
+"""LRA's real-data tasks, read from local files in their original formats (no TensorFlow), or
+from prepared TFDS datasets (`data.source = "tfds:imdb_reviews"` / `"tfds:cifar10"`, read with
+attnzoo.tasks.tfds_source; `data.tfds_data_dir` where they were prepared):
 
 - `lra/text`: byte-level IMDB sentiment (Maas et al. 2011), the Stanford `aclImdb/` tree
   (`{train,test}/{pos,neg}/*.txt`). As LRA, the test set is also the validation set.
@@ -22,6 +24,7 @@ import numpy as np
 
 from attnzoo.tasks.base import register_task
 from attnzoo.tasks.lra.common import LRATask
+from attnzoo.tasks.tfds_source import is_tfds, tfds_split
 
 PAD, CLS, BYTE0 = 0, 1, 2
 BYTE_VOCAB = 258
@@ -43,6 +46,23 @@ def _need(path: pathlib.Path, what: str) -> pathlib.Path:
   return path
 
 
+def _tfds_columns(source: str, split: str, data_dir: str, feature: str):
+  """(a list of `feature`, labels int32) of a TFDS split."""
+  examples = tfds_split(source, split, data_dir)
+  rows = [examples[i] for i in range(len(examples))]
+  return [r[feature] for r in rows], np.asarray([int(r["label"]) for r in rows], np.int32)
+
+
+def read_imdb_tfds(source: str, data_dir: str, max_length: int) -> dict:
+  """TFDS imdb_reviews: its train and test splits (test also validates, as LRA)."""
+  splits = {}
+  for split in ("train", "test"):
+    texts, labels = _tfds_columns(source, split, data_dir, "text")
+    texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in texts]
+    splits[split] = (byte_tokens(texts, max_length), labels)
+  return {"train": splits["train"], "val": splits["test"], "test": splits["test"]}
+
+
 def read_imdb(root, max_length: int) -> dict:
   root = pathlib.Path(root)
   splits = {}
@@ -62,23 +82,44 @@ def _unpickle(path: pathlib.Path) -> dict:
     return pickle.load(f, encoding="bytes")
 
 
+def gray_tokens(rgb: np.ndarray) -> np.ndarray:
+  """[N, 1024] int32 pixel tokens of [N, 3, 1024] RGB (TF's rgb_to_grayscale weights)."""
+  rgb = rgb.astype(np.float64)
+  gray = np.round(rgb[:, 0] * 0.2989 + rgb[:, 1] * 0.5870 + rgb[:, 2] * 0.1140)
+  return np.clip(gray, 0, 255).astype(np.int32)
+
+
+def _cifar_splits(train: tuple, test: tuple) -> dict:
+  """LRA's splits: train[:90%] / train[90%:] / test."""
+  (train_x, train_y), cut = train, int(0.9 * len(train[0]))
+  return {
+    "train": (train_x[:cut], train_y[:cut]),
+    "val": (train_x[cut:], train_y[cut:]),
+    "test": test,
+  }
+
+
+def read_cifar10_gray_tfds(source: str, data_dir: str) -> dict:
+  """TFDS cifar10 (images [32, 32, 3] uint8, row-major pixels as the python pickles)."""
+
+  def load(split):
+    images, labels = _tfds_columns(source, split, data_dir, "image")
+    rgb = np.stack(images).reshape(len(images), 1024, 3).transpose(0, 2, 1)
+    return gray_tokens(rgb), labels
+
+  return _cifar_splits(load("train"), load("test"))
+
+
 def read_cifar10_gray(root) -> dict:
   root = pathlib.Path(root)
 
   def load(names):
     batches = [_unpickle(root / n) for n in names]
-    rgb = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 1024).astype(np.float64)
-    gray = np.round(rgb[:, 0] * 0.2989 + rgb[:, 1] * 0.5870 + rgb[:, 2] * 0.1140)
+    rgb = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 1024)
     labels = np.concatenate([b[b"labels"] for b in batches]).astype(np.int32)
-    return np.clip(gray, 0, 255).astype(np.int32), labels
+    return gray_tokens(rgb), labels
 
-  train_x, train_y = load([f"data_batch_{i}" for i in range(1, 6)])
-  cut = int(0.9 * len(train_x))
-  return {
-    "train": (train_x[:cut], train_y[:cut]),
-    "val": (train_x[cut:], train_y[cut:]),
-    "test": load(["test_batch"]),
-  }
+  return _cifar_splits(load([f"data_batch_{i}" for i in range(1, 6)]), load(["test_batch"]))
 
 
 def read_aan(root, max_length: int) -> dict:
@@ -114,11 +155,13 @@ class Text(_FileTask):
   vocab_size, num_classes = BYTE_VOCAB, 2
   source_hint = (
     "download aclImdb_v1.tar.gz from https://ai.stanford.edu/~amaas/data/sentiment/ and unpack"
-    " it (data.source = the aclImdb folder)"
+    " it (data.source = the aclImdb folder), or data.source = tfds:imdb_reviews"
   )
 
   @classmethod
   def load_source(cls, data) -> dict:
+    if is_tfds(data.source):
+      return read_imdb_tfds(data.source, data.tfds_data_dir, data.max_length)
     return read_imdb(data.source, data.max_length)
 
 
@@ -130,7 +173,7 @@ class Image(_FileTask):
   pad_id = None
   source_hint = (
     "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack"
-    " it (data.source = the cifar-10-batches-py folder)"
+    " it (data.source = the cifar-10-batches-py folder), or data.source = tfds:cifar10"
   )
 
   @classmethod
@@ -139,6 +182,8 @@ class Image(_FileTask):
 
   @classmethod
   def load_source(cls, data) -> dict:
+    if is_tfds(data.source):
+      return read_cifar10_gray_tfds(data.source, data.tfds_data_dir)
     return read_cifar10_gray(data.source)
 
 

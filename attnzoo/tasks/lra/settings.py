@@ -106,8 +106,10 @@ DATA = {
     data=dict(resolution=32, difficulty="hard"),
     counts=(160_000, 20_000, 20_000),
   ),
-  "text": dict(task="lra/text", data=dict(source="", max_length=4096), counts=(0, 0, 0)),
-  "image": dict(task="lra/image", data=dict(source=""), counts=(0, 0, 0)),
+  "text": dict(
+    task="lra/text", data=dict(source="", tfds_data_dir="", max_length=4096), counts=(0, 0, 0)
+  ),
+  "image": dict(task="lra/image", data=dict(source="", tfds_data_dir=""), counts=(0, 0, 0)),
   "retrieval": dict(task="lra/retrieval", data=dict(source="", max_length=4000), counts=(0, 0, 0)),
   "pathx": dict(
     task="lra/pathfinder",
