@@ -3,10 +3,11 @@ attnzoo.ops.context_parallel. The ops route here while a `context_parallel.Plan`
 arguments are the op's own (global [B,T,...] arrays), already validated by the op.
 
 - softmax attention: "ring" (Liu et al. 2023, Ring Attention: K/V blocks rotate by ppermute,
-  each step's (o, lse) merged by online softmax) or "allgather_kv" (LASP-2H's softmax layers:
-  one all-gather of K and V); `zigzag` permutes the tokens so shard r holds chunks r and
-  2W-1-r (causal load balance, applied around the op); a causal left window no wider than a
-  shard sends only its halo of K/V (one ppermute), whatever the strategy.
+  each step's (o, lse) merged into the running one by softmax_attention.merge_partials) or
+  "allgather_kv" (LASP-2H's softmax layers: one all-gather of K and V); `zigzag` permutes the
+  tokens so shard r holds chunks r and 2W-1-r (causal load balance, applied around the op);
+  a causal left window no wider than a shard sends only its halo of K/V (one ppermute),
+  whatever the strategy.
 - linear attention (every decay form, bonus, normaliser), delta rule (plain and gated) and the
   selective scan: each shard summarises its tokens as an affine map of the incoming state
   (A, S), `exclusive_prefix` ("allgather" = LASP-2, "logscan" = log2(W) ppermutes) gives the
@@ -78,18 +79,6 @@ def _maybe_final(out, final, return_final_state):
 # ----------------------------------------------------------------------------- softmax
 
 
-def _merge(o1, l1, o2, l2):
-  """Online-softmax merge of two partial attentions (o [B,T,H,D] float32, lse [B,T,H]); rows
-  that see nothing have lse -inf and contribute nothing (gradients stay finite)."""
-  m = jnp.maximum(l1, l2)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  w1, w2 = jnp.exp(l1 - m), jnp.exp(l2 - m)
-  den = w1 + w2
-  safe = jnp.where(den > 0, den, 1.0)
-  o = (o1 * w1[..., None] + o2 * w2[..., None]) / safe[..., None]
-  return o, jnp.where(den > 0, m + jnp.log(safe), -jnp.inf)
-
-
 def softmax_attention(
   plan, q, k, v, *, scale, causal, window, segment_ids, kv_segment_ids, softcap, return_lse,
   implementation, explicit_positions=False, bias=None, block_mask=None, dropout=False, **_
@@ -141,7 +130,8 @@ def softmax_attention(
       def step(carry, _):
         o, lse, blocks = carry
         blocks = lax.ppermute(blocks, plan.axis, perm)
-        o, lse = _merge(o, lse, *attend(qs, pos, qseg, *blocks))
+        o_new, lse_new = attend(qs, pos, qseg, *blocks)
+        o, lse = sa_ops.merge_partials(jnp.stack([o, o_new]), jnp.stack([lse, lse_new]), axis=0)
         return (o, lse, blocks), None
 
       (o, lse, _), _ = lax.scan(step, (o, lse, (ks, vs, pos, kseg)), None, length=w - 1)

@@ -542,11 +542,27 @@ def split_kv_attention(
     return_lse=True,
     **kwargs,
   )
-  out = out.reshape(batch, num_splits, *out.shape[1:]).astype(jnp.float32)
-  lse = lse.reshape(batch, num_splits, *lse.shape[1:])
-  total = jax.nn.logsumexp(lse, axis=1, keepdims=True)
-  weights = jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0))  # 0 for empty chunks
-  return jnp.sum(weights[..., None] * out, axis=1).astype(v.dtype)
+  out = out.reshape(batch, num_splits, *out.shape[1:])
+  out, _ = merge_partials(out, lse.reshape(batch, num_splits, *lse.shape[1:]), axis=1)
+  return out.astype(v.dtype)
+
+
+def merge_partials(out: jax.Array, lse: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention over a union of key sets from its parts: partial outputs
+  out[..., T, H, Dv] and their log-sum-exps lse[..., T, H] stacked along `axis` (leading the
+  batch) -> (out float32, lse). Parts that see nothing (lse -inf) weigh 0, and so do their
+  gradients (no 0/0)."""
+  top = jnp.max(lse, axis=axis, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weights = jnp.exp(lse - top)
+  total = jnp.sum(weights, axis=axis, keepdims=True)
+  safe = jnp.where(total > 0, total, 1.0)
+  merged = (
+    jnp.sum(weights[..., None] * out.astype(jnp.float32), axis=axis)
+    / jnp.squeeze(safe, axis)[..., None]
+  )
+  lse = jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
+  return merged, jnp.squeeze(lse, axis)
 
 
 def decode_splits(num_keys: int, keys_per_split: int = 512) -> int:
