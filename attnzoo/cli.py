@@ -4,7 +4,7 @@
       [--config.train.lr=1e-3 ...]
   attnzoo eval --workdir DIR
   attnzoo sweep --config configs/sweeps/mqar_lr.py:mixers=attention --workdir DIR
-  attnzoo bench attention|linear|ssm|decode|sparse [...]
+  attnzoo bench attention|linear|ssm|decode|sparse|sharding [...]
   attnzoo demo [--workdir DIR]
   attnzoo generate --workdir DIR --prompt "ROMEO:" [--max_new_tokens 500 --temperature 0.8
       --top_k 40 --top_p 1.0 --num_samples 1 --seed 0]
@@ -245,7 +245,7 @@ def main(argv=None):
   p.add_argument("--quiet", action="store_true")
   p.set_defaults(fn=cmd_sweep)
   p = sub.add_parser("bench", help="kernel benchmarks (run on the accelerator)", add_help=False)
-  p.add_argument("name", help="attention | linear | ssm | decode | sparse")
+  p.add_argument("name", help="attention | linear | ssm | decode | sparse | sharding")
   p.set_defaults(fn=cmd_bench)
   p = sub.add_parser("demo", help="train a few mixers on MQAR and print a table")
   p.add_argument("--workdir", default="workdirs/demo")

@@ -85,6 +85,51 @@ def mixer_defaults(mixers: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(per_mixer)
 
 
+# Logical axis -> mesh axes (MaxText's names); see attnzoo.train.sharding.
+DEFAULT_RULES = (
+  ("batch", ("data", "fsdp")),
+  ("length", "context"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+)
+
+
+def mesh_section(**changes) -> ml_collections.ConfigDict:
+  """A `mesh` config section: axis sizes (-1: the devices left over), logical-axis rules,
+  context-parallel strategies (attention "ring" | "allgather_kv", zigzag, state "allgather" |
+  "logscan"), and `distributed` (start jax.distributed on every host)."""
+  c = dict(
+    data=-1,
+    fsdp=1,
+    context=1,
+    tensor=1,
+    rules=DEFAULT_RULES,
+    context_parallel=ml_collections.ConfigDict(
+      dict(attention="ring", zigzag=True, state="allgather")
+    ),
+    distributed=False,
+  )
+  unknown = set(changes) - set(c)
+  if unknown:
+    raise ConfigError(f"unknown mesh option(s) {', '.join(sorted(unknown))}")
+  return ml_collections.ConfigDict({**c, **changes})
+
+
+def with_defaults(config):
+  """Adds what every trainable config has whether or not its file sets it: the `mesh`
+  section and train.grad_accum (1). Other configs (and lists of them) pass through."""
+  if isinstance(config, (list, tuple)):
+    return type(config)(with_defaults(c) for c in config)
+  if isinstance(config, ml_collections.ConfigDict) and "train" in config:
+    if "mesh" not in config:
+      config.mesh = mesh_section()
+    if "grad_accum" not in config.train:
+      config.train.grad_accum = 1
+  return config
+
+
 def load_config_file(spec: str):
   """'path/to/file.py:arg' -> whatever the file's get_config(arg) returns."""
   path, _, arg = spec.partition(":")
@@ -96,7 +141,7 @@ def load_config_file(spec: str):
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config(arg)")
-  return module.get_config(arg or None)
+  return with_defaults(module.get_config(arg or None))
 
 
 def needs_positions(mixers: str) -> bool:
@@ -131,6 +176,7 @@ def train_section(**changes) -> ml_collections.ConfigDict:
     checkpoint_every=500,
     early_stop_at=None,
     max_checkpoints=2,
+    grad_accum=1,
   )
   unknown = set(changes) - set(c)
   if unknown:

@@ -62,6 +62,14 @@ CASES = [
     "error: preset=zoology trains one length per run: give seq_len",
   ),
   (["train", "--config", f"{MQAR}:preset=big"], "error: unknown preset 'big'"),
+  (train("", "--config.train.grad_accum=0"), "error: train.grad_accum must be a positive integer"),
+  # mesh (one CPU device here)
+  (train("", "--config.mesh.context=2"), "error: mesh {'data': -1, 'fsdp': 1, 'context': 2, 'tens"),
+  (train("", "--config.mesh.fsdp=-1"), "error: at most one mesh axis may be -1"),
+  (
+    train("", "--config.mesh.context_parallel.state=chain"),
+    "error: mesh.context_parallel.state must be one of ('allgather', 'logscan'), got 'chain'",
+  ),
   # config keys, values and arguments
   (train("foo=1"), "error: unknown knob 'foo'"),
   (train("lr"), "error: config argument 'lr' is not of the form key=value"),

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import segment_starts
 from pallas_kernels import delta_rule as kernels
@@ -203,5 +204,12 @@ def delta_rule(
     initial_state=initial_state,
     segment_ids=segment_ids,
   )
+  plan = context_parallel.active()
+  if plan is not None:
+    from attnzoo.ops import sequence_parallel
+
+    return sequence_parallel.delta_rule(
+      plan, **args, implementation=implementation, return_final_state=return_final_state
+    )
   o, final = dispatcher(implementation, **args)
   return (o, final) if return_final_state else o

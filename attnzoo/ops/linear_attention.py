@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import canonical_segments, segment_starts
 from pallas_kernels import linear_attention as kernels
@@ -129,6 +130,37 @@ def _finish(o, final_state, *, v, normalize, eps, return_final_state, den=None):
     o = o / (den + eps)
   o = o.astype(v.dtype)
   return (o, final_state) if return_final_state else o
+
+
+def state_summary(
+  k: jax.Array,
+  v: jax.Array,
+  log_decay: jax.Array | None,
+  *,
+  normalize: bool = False,
+  segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The span k, v as an affine map of the state entering it, S_T = decay * S_0 + state:
+  (decay [B,H,K] float32, state [B,H,K,V(+1)] float32); log_decay None | [B,T,H] | [B,T,H,K].
+  With segment_ids only the last segment adds to the state, and a reset inside the span makes
+  the decay 0. O(T K V), no T x T term (what sequence parallelism exchanges)."""
+  kf = k.astype(F32)
+  if log_decay is None:
+    g = jnp.zeros(k.shape, F32)
+  else:
+    g = log_decay.astype(F32)
+    g = jnp.broadcast_to(g[..., None], k.shape) if g.ndim == 3 else g
+  G = jnp.cumsum(g, axis=1)
+  GT = G[:, -1]
+  decay = jnp.exp(GT)
+  if segment_ids is not None:
+    seg = canonical_segments(segment_ids)
+    kf = jnp.where((seg == seg[:, -1:])[..., None, None], kf, 0.0)
+    decay = jnp.where((seg[:, -1] == 0)[:, None, None], decay, 0.0)
+  state = jnp.einsum(
+    "bthk,bthv->bhkv", kf * jnp.exp(GT[:, None] - G), _augment(v.astype(F32), normalize)
+  )
+  return decay, state
 
 
 # ----------------------------------------------------------------------------- reference
@@ -477,5 +509,10 @@ def linear_attention(
     segment_ids=segment_ids,
     eps=eps,
   )
+  plan = context_parallel.active()
+  if plan is not None:
+    from attnzoo.ops import sequence_parallel
+
+    return sequence_parallel.linear_attention(plan, **args, implementation=implementation)
   name = dispatcher.choose(implementation, **args)
   return dispatcher.implementations[name].fn(**args)

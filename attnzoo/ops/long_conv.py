@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 
 F32 = jnp.float32
@@ -112,6 +113,13 @@ def long_conv(
   "auto" takes "direct" up to DIRECT_MAX_LENGTH tokens (faster there, and exactly causal: the
   FFT's round-off leaks ~1e-7 relative into the past)."""
   _canonical(u, kernel, segment_ids)
+  plan = context_parallel.active()
+  if plan is not None:
+    from attnzoo.ops import sequence_parallel
+
+    return sequence_parallel.long_conv(
+      plan, u=u, kernel=kernel, segment_ids=segment_ids, implementation=implementation
+    )
   if implementation == "auto" and u.shape[1] <= DIRECT_MAX_LENGTH:
     implementation = "direct"
   return dispatcher(implementation, u=u, kernel=kernel, segment_ids=segment_ids)

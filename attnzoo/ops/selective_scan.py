@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import segment_starts
 from pallas_kernels import selective_scan as kernels
@@ -213,8 +214,7 @@ def selective_scan(
   final_state [B,D,N] float32). implementation: "auto" | "xla" | "pallas" | "interpret" |
   "associative" | "scan"."""
   _canonical(x, delta, A, B, C, D, delta_bias, initial_state, segment_ids)
-  return dispatcher(
-    implementation,
+  args = dict(
     x=x,
     delta=delta,
     A=A,
@@ -227,3 +227,9 @@ def selective_scan(
     return_final_state=return_final_state,
     segment_ids=segment_ids,
   )
+  plan = context_parallel.active()
+  if plan is not None:
+    from attnzoo.ops import sequence_parallel
+
+    return sequence_parallel.selective_scan(plan, **args, implementation=implementation)
+  return dispatcher(implementation, **args)

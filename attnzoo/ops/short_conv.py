@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import segment_starts
 
@@ -175,8 +176,7 @@ def short_conv(
   implementation: "auto" | "xla".
   """
   _canonical(x, weight, bias, initial_state, segment_ids)
-  return dispatcher(
-    implementation,
+  args = dict(
     x=x,
     weight=weight,
     bias=bias,
@@ -184,3 +184,9 @@ def short_conv(
     return_final_state=return_final_state,
     segment_ids=segment_ids,
   )
+  plan = context_parallel.active()
+  if plan is not None:
+    from attnzoo.ops import sequence_parallel
+
+    return sequence_parallel.short_conv(plan, **args, implementation=implementation)
+  return dispatcher(implementation, **args)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
 from attnzoo.ops.segments import EMPTY
 
@@ -134,7 +135,9 @@ def _attention_jnp(
   out = out.reshape(batch, tq, heads, v.shape[-1]).astype(v.dtype)
   if not return_lse:
     return out
-  lse = (jnp.log(denominator) + row_max)[..., 0]  # [B, H, Tq]; -inf on empty rows
+  # [B, H, Tq]; -inf on empty rows, whose gradient stays finite (0, not 0/0)
+  seen = denominator > 0
+  lse = jnp.where(seen, jnp.log(jnp.where(seen, denominator, 1.0)) + row_max, -jnp.inf)[..., 0]
   return out, jnp.transpose(lse, (0, 2, 1))
 
 
@@ -487,6 +490,17 @@ def softmax_attention(
     block_mask=block_mask,
     block_mask_size=block_mask_size,
   )
+  plan = context_parallel.active()
+  if plan is not None:
+    from attnzoo.ops import sequence_parallel
+
+    return sequence_parallel.softmax_attention(
+      plan,
+      **args,
+      explicit_positions=explicit_positions,
+      dropout=bool(dropout),
+      implementation=implementation,
+    )
   name = dispatcher.choose(
     implementation, **args, explicit_positions=explicit_positions, dropout=bool(dropout)
   )
@@ -528,11 +542,27 @@ def split_kv_attention(
     return_lse=True,
     **kwargs,
   )
-  out = out.reshape(batch, num_splits, *out.shape[1:]).astype(jnp.float32)
-  lse = lse.reshape(batch, num_splits, *lse.shape[1:])
-  total = jax.nn.logsumexp(lse, axis=1, keepdims=True)
-  weights = jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0))  # 0 for empty chunks
-  return jnp.sum(weights[..., None] * out, axis=1).astype(v.dtype)
+  out = out.reshape(batch, num_splits, *out.shape[1:])
+  out, _ = merge_partials(out, lse.reshape(batch, num_splits, *lse.shape[1:]), axis=1)
+  return out.astype(v.dtype)
+
+
+def merge_partials(out: jax.Array, lse: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention over a union of key sets from its parts: partial outputs
+  out[..., T, H, Dv] and their log-sum-exps lse[..., T, H] stacked along `axis` (leading the
+  batch) -> (out float32, lse). Parts that see nothing (lse -inf) weigh 0, and so do their
+  gradients (no 0/0)."""
+  top = jnp.max(lse, axis=axis, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weights = jnp.exp(lse - top)
+  total = jnp.sum(weights, axis=axis, keepdims=True)
+  safe = jnp.where(total > 0, total, 1.0)
+  merged = (
+    jnp.sum(weights[..., None] * out.astype(jnp.float32), axis=axis)
+    / jnp.squeeze(safe, axis)[..., None]
+  )
+  lse = jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
+  return merged, jnp.squeeze(lse, axis)
 
 
 def decode_splits(num_keys: int, keys_per_split: int = 512) -> int:

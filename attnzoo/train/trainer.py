@@ -2,8 +2,11 @@
 checkpoints; resuming from the last complete checkpoint of a workdir.
 
 Task-agnostic: the registered task (attnzoo.tasks) gives the data, the model head, the loss and
-the metrics. The batch at step s is a function of (seed, s) and the step is deterministic, so a
-run killed at any point and restarted finishes with the same parameters and logged losses.
+the metrics. The mesh, the shardings of the state and the batch, and context parallelism come
+from config.mesh (attnzoo.train.sharding); train.grad_accum splits each batch into
+micro-batches. The batch at step s is a function of (seed, s) and the step is deterministic,
+so a run killed at any point and restarted finishes with the same parameters and logged
+losses.
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from attnzoo.config import ConfigError
+from attnzoo.config import ConfigError, with_defaults
 from attnzoo.models import build_model
 from attnzoo.tasks import Task, build_task
+from attnzoo.train import sharding
 from attnzoo.train.checkpoint import Checkpoints
 from attnzoo.train.logging import MetricsLogger
 from attnzoo.train.optim import make_optimizer
@@ -60,6 +62,7 @@ def check_train_config(tc) -> None:
   need(0 <= tc.b1 < 1, "b1", "in [0, 1)")
   need(0 <= tc.b2 < 1, "b2", "in [0, 1)")
   need(tc.grad_clip is None or tc.grad_clip >= 0, "grad_clip", ">= 0 (0 or None: no clipping)")
+  need(isinstance(tc.grad_accum, int) and tc.grad_accum >= 1, "grad_accum", "a positive integer")
   need(
     tc.checkpoint_every % tc.log_every == 0,
     "checkpoint_every",
@@ -92,7 +95,9 @@ def _prepare_workdir(workdir, config) -> pathlib.Path:
     raise ConfigError(f"cannot write to workdir {str(workdir)!r}: {e.strerror}") from None
   saved = workdir / "config.json"
   text = config.to_json(indent=2, sort_keys=True)
-  if saved.exists() and json.loads(saved.read_text()) != json.loads(text):
+  # the mesh may change between runs of one config (a checkpoint restores onto any mesh)
+  same = lambda c: {k: v for k, v in c.items() if k != "mesh"}
+  if saved.exists() and same(json.loads(saved.read_text())) != same(json.loads(text)):
     raise ConfigError(
       f"workdir {str(workdir)!r} holds a run with a different config; "
       f"use a new workdir (or the same config to resume)"
@@ -103,43 +108,58 @@ def _prepare_workdir(workdir, config) -> pathlib.Path:
 class Experiment:
   """Task, model, optimiser and the jitted steps for one config."""
 
-  def __init__(self, config):
-    self.config = config
+  def __init__(self, config, devices=None):
+    self.config = config = with_defaults(config)
     check_train_config(config.train)
     self.task = build_task(config)
     self.model = model_for(config, self.task)
     self.num_steps = config.train.num_steps
     self.optimizer = make_optimizer(config.train, self.num_steps)
-    devices = np.array(jax.devices())
-    self.mesh = Mesh(devices, ("data",))
-    replicated = NamedSharding(self.mesh, P())
-    data = NamedSharding(self.mesh, P("data"))
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = sharding.rules(config.mesh)
+    self.plan = sharding.context_plan(self.mesh, config.mesh)
+    example = {k: v[:1] for k, v in self.task.train_batch(0).items()}
+    self._example_inputs = self.task.model_inputs(example)
+    abstract = jax.eval_shape(self._new_state, jax.random.key(0), self._example_inputs)
+    self.state_shardings = sharding.state_shardings(
+      abstract, self.mesh, self.rules, config.model.d_model
+    )
+    replicated = sharding.NamedSharding(self.mesh, sharding.P())
+    # the batch arrives laid out by `shardable` (its shapes vary between tasks and segments)
     self.train_step = jax.jit(
       self._train_step,
-      in_shardings=(replicated, data),
-      out_shardings=(replicated, replicated),
+      in_shardings=(self.state_shardings, None),
+      out_shardings=(self.state_shardings, replicated),
       donate_argnums=0,
     )
-    self.eval_step = jax.jit(self._eval_step)
+    self.eval_step = jax.jit(
+      self._eval_step,
+      in_shardings=(self.state_shardings["params"], None),
+      out_shardings=replicated,  # every host reads the metrics
+    )
 
   def shardable(self, batch) -> dict:
-    """The batch, after checking that its examples split evenly over the data axis."""
-    size, devices = len(batch["inputs"]), self.mesh.devices.size
-    if size % devices:
-      raise ConfigError(f"a batch of {size} examples does not split over the {devices} devices")
-    return batch
+    """The batch as global arrays: examples over data x fsdp (checked to split evenly),
+    tokens over context."""
+    sharding.check_batch(batch, self.mesh)
+    return self._put(batch)
 
-  def init_state(self):
-    example = {k: v[:1] for k, v in self.task.train_batch(0).items()}
-    init = lambda rng, inputs: self.model.init(rng, **inputs)
-    params = jax.jit(init)(jax.random.key(self.config.seed), self.task.model_inputs(example))[
-      "params"
-    ]
+  def _put(self, batch) -> dict:
+    return sharding.put_batch(batch, sharding.batch_shardings(batch, self.mesh, self.rules))
+
+  def _new_state(self, rng, inputs):
+    params = self.model.init(rng, **inputs)["params"]
     return {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
       "opt_state": self.optimizer.init(params),
     }
+
+  def init_state(self):
+    """The step-0 train state, laid out by the mesh (parameters and optimizer state sharded
+    by their logical axes)."""
+    init = jax.jit(self._new_state, out_shardings=self.state_shardings)
+    return init(jax.random.key(self.config.seed), self._example_inputs)
 
   def _outputs(self, params, batch, dropout_rng=None):
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
@@ -147,6 +167,29 @@ class Experiment:
 
   def _loss(self, params, batch, dropout_rng=None):
     return self.task.loss(self._outputs(params, batch, dropout_rng), batch)
+
+  def _gradients(self, params, batch, dropout_rng):
+    """((loss, aux), grads); with train.grad_accum = k, the mean over k equal micro-batches
+    taken one after another (a lax.scan), each with its own dropout stream."""
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    k = self.config.train.grad_accum
+    if k == 1:
+      return grad_fn(params, batch, dropout_rng)
+    size = len(batch["inputs"])
+    if size % k:
+      raise ConfigError(f"a batch of {size} examples does not split into {k} micro-batches")
+    micro = jax.tree.map(lambda x: x.reshape(k, size // k, *x.shape[1:]), batch)
+
+    def one(total, inputs):
+      i, mb = inputs
+      out = grad_fn(params, mb, jax.random.fold_in(dropout_rng, i))
+      return jax.tree.map(jnp.add, total, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(grad_fn, params, first, dropout_rng)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(one, zero, (jnp.arange(k), micro))
+    return jax.tree.map(lambda x: x / k, total)
 
   def _train_step(self, state, batch):
     return self.step_with(state, batch, self.config.seed, self.optimizer)
@@ -157,9 +200,8 @@ class Experiment:
     # Dropout masks are a function of (seed, step), like the batches: resuming stays exact.
     dropout_key = jax.random.fold_in(jax.random.key(seed), 1)  # not init's stream
     dropout_rng = jax.random.fold_in(dropout_key, state["step"])
-    (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(
-      state["params"], batch, dropout_rng
-    )
+    with sharding.activate(self.mesh, self.rules, self.plan):
+      (loss, aux), grads = self._gradients(state["params"], batch, dropout_rng)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {
@@ -170,14 +212,15 @@ class Experiment:
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def _eval_step(self, params, batch):
-    return self.task.example_metrics(self._outputs(params, batch), batch)
+    with sharding.activate(self.mesh, self.rules, self.plan):
+      return self.task.example_metrics(self._outputs(params, batch), batch)
 
   def evaluate(self, params) -> dict:
     """The task's metrics averaged over the examples of each eval segment
     (eval/<metric>/<segment>) and of all segments (eval/<metric>), plus derived ones."""
     out, pooled = {}, {name: [] for name in self.task.metric_names}
     for segment, batches in self.task.eval_sets().items():
-      values = [jax.device_get(self.eval_step(params, batch)) for batch in batches]
+      values = [jax.device_get(self.eval_step(params, self._put(batch))) for batch in batches]
       for name in self.task.metric_names:
         per_example = np.concatenate([np.asarray(v[name], np.float64) for v in values])
         out[f"eval/{name}/{segment}"] = float(per_example.mean())
@@ -200,6 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, quiet: bool = False) ->
   if summary_path.exists():
     return json.loads(summary_path.read_text())
   tc = config.train
+  sharding.maybe_initialize_distributed(with_defaults(config).mesh)
   exp = Experiment(config)
   state = exp.init_state()
   (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True))
