@@ -23,6 +23,7 @@ never another mixer module (tests/test_imports.py checks it).
 
 # Importing the family modules registers them.
 from attnzoo.mixers import (
+  aaren,  # noqa: F401,E402
   attention,  # noqa: F401,E402
   base_conv,  # noqa: F401,E402
   based,  # noqa: F401,E402

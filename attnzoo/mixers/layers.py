@@ -6,7 +6,8 @@
   Zoology does), `hidden_attention` (the [B,H,T,T] matrix of any op linear in v);
 - decode caches, one per op, each running its op (whole sequence) or continuing from its state
   in the "cache" collection (`decode=True`): `ShortConv`, `LinearAttentionOp`, `DeltaRuleOp`,
-  `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's parametrisation), `WKV4Op`, `TokenShift`;
+  `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's parametrisation), `WKV4Op`,
+  `PrefixAttentionOp`, `TokenShift`;
 - Hyena's implicit long filter (`ImplicitFilter`);
 - feature maps of linear attention, and the normalisations of mixer outputs.
 """
@@ -27,6 +28,7 @@ from attnzoo.ops import delta_rule as dr_ops
 from attnzoo.ops import diag_ssm as ssm_ops
 from attnzoo.ops import linear_attention as la_ops
 from attnzoo.ops import long_conv as lc_ops
+from attnzoo.ops import prefix_attention as pa_ops
 from attnzoo.ops import selective_scan as ss_ops
 from attnzoo.ops import short_conv as conv_ops
 from attnzoo.ops import wkv4 as wkv4_ops
@@ -704,6 +706,31 @@ class WKV4Op(nn.Module):
     op = functools.partial(_wkv4_op, k, v, w, u, implementation=self.implementation)
     step = lambda state: wkv4_ops.step(state, k[:, 0], v[:, 0], w, u)
     init = functools.partial(wkv4_ops.init_state, batch, channels)
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+
+_pa_op = _eager_jit(pa_ops.prefix_attention)
+
+
+class PrefixAttentionOp(nn.Module):
+  """attnzoo.ops.prefix_attention (Aaren's prefix-scan softmax) with its decoding state: no
+  parameters; the "cache" collection's "state" (w, u, m) [B,H,D+2] float32."""
+
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    s: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, heads, dim = v.shape
+    op = functools.partial(_pa_op, s, v, implementation=self.implementation)
+    step = lambda state: pa_ops.step(state, s[:, 0], v[:, 0])
+    init = functools.partial(pa_ops.init_state, batch, heads, dim)
     return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
 
 

@@ -39,6 +39,7 @@ TEST_KWARGS = {
   "h3": dict(d_state=4, head_dim=2),
   "hyena": dict(l_max=16, filter_order=8),
   "rwkv4": dict(layer_idx=1, num_layers=2),
+  "aaren": dict(num_heads=2),
 }
 D, B, T = 16, 2, 13
 

@@ -85,6 +85,8 @@ EXPECTED = {
     "key/kernel output/kernel receptance/kernel value/kernel",
     "mu_k mu_r mu_v time_decay time_first",
   ),
+  # Aaren: the learned query is a vector like a bias, not a projection.
+  "aaren": ("k/kernel out/kernel v/kernel", "query"),
 }
 
 
