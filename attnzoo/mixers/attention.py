@@ -1,6 +1,7 @@
 """Softmax attention mixers: multi-head / grouped-query / multi-query attention (Vaswani et
 al. 2017; Ainslie et al. 2023 for GQA; Shazeer 2019 for MQA), optional RoPE, sliding-window
-(local) attention, gated attention and Block-Attention.
+(local) attention, gated attention, Block-Attention, and the softmax variants shaped attention
+and Sinkhorn attention.
 
 Decoding keeps a KV cache of `cache_len` slots in the "cache" collection, written as a ring
 (slot = position mod cache_len): the whole context for full attention, the last `window`
@@ -10,6 +11,7 @@ training, i.e. when the module is given a "dropout" rng (`apply(..., rngs={"drop
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -26,6 +28,7 @@ from attnzoo.mixers.registry import dense_init, output_init, register
 from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
 from attnzoo.ops.segments import EMPTY, segment_starts
+from attnzoo.ops.sinkhorn_attention import sinkhorn_attention
 
 
 @register("attention")
@@ -55,6 +58,7 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   bidirectional: ClassVar[bool] = True
+  decode_keeps_queries: ClassVar[bool] = False  # the cache also keeps the context's queries
 
   def _dims(self):
     kv_heads = self.num_kv_heads or self.num_heads
@@ -80,7 +84,8 @@ class Attention(nn.Module):
     """KV-cache bytes at float32 for a context of seq_len tokens."""
     _, kv_heads, head_dim = self._dims()
     kept = seq_len if self.window is None else min(seq_len, self.window)
-    return 2 * state_bytes((kept, kv_heads, head_dim))
+    queries = state_bytes((kept, self._dims()[0], head_dim)) if self.decode_keeps_queries else 0
+    return 2 * state_bytes((kept, kv_heads, head_dim)) + queries
 
   def setup(self):
     heads, kv_heads, head_dim = self._dims()
@@ -134,15 +139,32 @@ class Attention(nn.Module):
     q, k, _ = self._project(x, positions)
     return hidden_attention(self._attend, q, k, **masks)
 
-  def _attend(self, q, k, v, *, implementation, segment_ids=None, dropout_rng=None):
+  def _scale(self) -> float:
+    return self._dims()[2] ** -0.5
+
+  def _attend(
+    self,
+    q,
+    k,
+    v,
+    *,
+    implementation,
+    segment_ids=None,
+    dropout_rng=None,
+    q_positions=None,
+    kv_positions=None,
+  ):
+    """Attention of q over k, v: the whole sequence, or (with positions) a KV cache."""
     return softmax_attention(
       q,
       k,
       v,
-      scale=self._dims()[2] ** -0.5,
+      scale=self._scale(),
       causal=self.causal,
       window=self._window(),
       segment_ids=segment_ids,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
       softcap=self.softcap,
       dropout_rate=self.attention_dropout,
       dropout_rng=dropout_rng,
@@ -164,22 +186,25 @@ class Attention(nn.Module):
     cache_k = self.variable("cache", "keys", jnp.zeros, (batch, cache_len) + k.shape[2:], k.dtype)
     cache_v = self.variable("cache", "values", jnp.zeros, (batch, cache_len) + v.shape[2:], v.dtype)
     cache_pos = self.variable("cache", "positions", jnp.full, (batch, cache_len), EMPTY)
+    cache_q = None
+    if self.decode_keeps_queries:  # a normalisation over the queries of the context too
+      cache_q = self.variable("cache", "queries", jnp.zeros, (batch, cache_len) + q.shape[2:])
     if not initialized:
       return self._attend(q, k, v, implementation=self.implementation)
     keys = jnp.concatenate([cache_k.value, k.astype(cache_k.value.dtype)], axis=1)
     values = jnp.concatenate([cache_v.value, v.astype(cache_v.value.dtype)], axis=1)
     kv_positions = jnp.concatenate([cache_pos.value, positions], axis=1)
-    o = softmax_attention(
+    extra = {}
+    if cache_q is not None:
+      extra["kv_queries"] = jnp.concatenate([cache_q.value, q.astype(cache_q.value.dtype)], 1)
+    o = self._attend(
       q,
       keys,
       values,
-      scale=self._dims()[2] ** -0.5,
-      causal=True,
-      window=self._window(),
       q_positions=positions,
       kv_positions=kv_positions,
-      softcap=self.softcap,
       implementation=self.implementation,
+      **extra,
     )
     # Keep the newest tokens: slot = position mod cache_len.
     cache_len = cache_k.value.shape[1]
@@ -189,6 +214,8 @@ class Attention(nn.Module):
     cache_k.value = cache_k.value.at[rows, slots].set(k[:, -kept:])
     cache_v.value = cache_v.value.at[rows, slots].set(v[:, -kept:])
     cache_pos.value = cache_pos.value.at[rows, slots].set(positions[:, -kept:])
+    if cache_q is not None:
+      cache_q.value = cache_q.value.at[rows, slots].set(q[:, -kept:])
     return o
 
 
@@ -288,3 +315,78 @@ class BlockAttention(Attention):
   def place_block(self, k: jax.Array, offset: int | jax.Array) -> jax.Array:
     """Re-encodes keys from local positions to positions offset..offset+n-1 (RoPE rotation)."""
     return apply_rope(k, jnp.full(k.shape[:2], offset, jnp.int32), base=self.rope_base)
+
+
+@register("shaped")
+class ShapedAttention(Attention):
+  """Shaped attention (Noci et al. 2023, "The Shaped Transformer: Attention Models in the
+  Infinite Depth-and-Width Limit"): softmax centred at the identity with a width-dependent
+  temperature,
+
+    A = I + softmax(q k^T / τ) - C,   τ = tau0 · sqrt(n · n_k),   o = A v,
+
+  n the width (d_model), n_k the key dimension (head_dim), C the uniform average over the keys
+  a query sees: the paper's (1/m) 1 1^T; with causal=True 1/(t+1) over the prefix (our causal
+  reading; likewise inside a window or a segment). At initialisation the logits are O(1/sqrt n),
+  so A ≈ I. C v is attention with zero queries, so every mask and fast path of softmax_attention
+  serves both terms. Deviation: the paper's residual λ x + γ A x W_V / sqrt(n) is the block's
+  plain residual here (λ = γ = 1, the 1/sqrt(n) left to W_V's initialisation). Decoding: the
+  KV cache of attention."""
+
+  tau0: float = 1.0
+
+  def _scale(self) -> float:
+    return 1.0 / (self.tau0 * math.sqrt(self.d_model * self._dims()[2]))
+
+  def _attend(self, q, k, v, *, implementation, dropout_rng=None, **masks):
+    attend = super()._attend
+    o = attend(q, k, v, implementation=implementation, dropout_rng=dropout_rng, **masks)
+    uniform = attend(jnp.zeros_like(q), k, v, implementation=implementation, **masks)
+    own = jnp.repeat(v[:, -q.shape[1] :], q.shape[2] // v.shape[2], axis=2)  # v of the query
+    return o + own.astype(o.dtype) - uniform
+
+
+@register("sinkhorn")
+class SinkhornAttention(Attention):
+  """Sinkformer attention (Sander et al. 2022, "Sinkformers: Transformers with Doubly Stochastic
+  Attention"): exp(q k^T / sqrt(d)) scaled by `n_iter` Sinkhorn iterations (1 = softmax; the
+  paper's NLP runs use 3) towards a doubly stochastic matrix (attnzoo.ops.sinkhorn_attention).
+  causal=False: one Sinkhorn over the sequence (the paper's encoder). causal=True: the query at
+  position t takes row t of Sinkhorn over the block of queries and keys at positions <= t, so
+  nothing of the future reaches it (our causal treatment; O(T^3) work in training). Decoding
+  keeps the queries in the KV cache too (the prefix block needs them). No window, softcap or
+  attention dropout."""
+
+  n_iter: int = 3
+
+  decode_keeps_queries: ClassVar[bool] = True
+
+  def _attend(
+    self,
+    q,
+    k,
+    v,
+    *,
+    implementation,
+    segment_ids=None,
+    dropout_rng=None,
+    q_positions=None,
+    kv_positions=None,
+    kv_queries=None,
+  ):
+    del dropout_rng
+    if self.window is not None or self.softcap is not None or self.attention_dropout:
+      raise ValueError("sinkhorn takes no window, softcap or attention_dropout")
+    return sinkhorn_attention(
+      q,
+      k,
+      v,
+      kv_queries,
+      scale=self._scale(),
+      n_iter=self.n_iter,
+      causal=self.causal,
+      segment_ids=segment_ids,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
+      implementation=implementation,
+    )

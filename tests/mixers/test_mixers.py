@@ -40,6 +40,8 @@ TEST_KWARGS = {
   "hyena": dict(l_max=16, filter_order=8),
   "rwkv4": dict(layer_idx=1, num_layers=2),
   "aaren": dict(num_heads=2),
+  "shaped": dict(num_heads=2, num_kv_heads=1),
+  "sinkhorn": dict(num_heads=2, n_iter=4),
 }
 D, B, T = 16, 2, 13
 

@@ -87,6 +87,8 @@ EXPECTED = {
   ),
   # Aaren: the learned query is a vector like a bias, not a projection.
   "aaren": ("k/kernel out/kernel v/kernel", "query"),
+  "shaped": ATTENTION,
+  "sinkhorn": ATTENTION,
 }
 
 

@@ -1,0 +1,34 @@
+"""Shaped attention: the identity-centred matrix (rows sum to 1, A = I at infinite temperature)
+and its width-dependent temperature."""
+
+import math
+
+import jax
+import numpy as np
+
+from attnzoo.mixers import build_mixer
+from tests.conftest import relative_error
+
+
+def test_shaped_attention_is_centred_at_the_identity():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+  mixer = build_mixer("shaped", d_model=16, num_heads=2)
+  assert math.isclose(mixer._scale(), 1 / math.sqrt(16 * 8))
+  cold = build_mixer("shaped", d_model=16, num_heads=2, tau0=1e9)  # softmax = uniform: A = I
+
+  @jax.jit
+  def run(x):
+    params = jax.tree.map(lambda p: 20 * p, mixer.init(jax.random.key(1), x))  # large logits
+    return (
+      mixer.apply(params, x, method=mixer.attention_matrix),
+      cold.apply(params, x, method=cold.attention_matrix),
+      cold.apply(params, x),
+      cold.apply(params, x, method=lambda m, x: m.out(m.v(x))),
+    )
+
+  a, a_cold, out, v = run(x)
+  a, a_cold = np.asarray(a), np.asarray(a_cold)
+  np.testing.assert_allclose(a.sum(-1), 1.0, rtol=1e-5)
+  assert np.abs(a - np.eye(9)).max() > 0.05 and (np.triu(a, 1) == 0).all()
+  np.testing.assert_allclose(a_cold, np.broadcast_to(np.eye(9), a.shape), atol=1e-6)
+  assert relative_error(out, v) < 1e-5
