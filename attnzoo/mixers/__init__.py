@@ -28,6 +28,7 @@ from attnzoo.mixers import (
   base_conv,  # noqa: F401,E402
   based,  # noqa: F401,E402
   delta_net,  # noqa: F401,E402
+  gaussian_adaptive,  # noqa: F401,E402
   gla,  # noqa: F401,E402
   h3,  # noqa: F401,E402
   hgrn2,  # noqa: F401,E402

@@ -42,6 +42,7 @@ TEST_KWARGS = {
   "aaren": dict(num_heads=2),
   "shaped": dict(num_heads=2, num_kv_heads=1),
   "sinkhorn": dict(num_heads=2, n_iter=4),
+  "gaussian_adaptive": dict(num_heads=2, num_gaussians=3),
 }
 D, B, T = 16, 2, 13
 

@@ -89,6 +89,8 @@ EXPECTED = {
   "aaren": ("k/kernel out/kernel v/kernel", "query"),
   "shaped": ATTENTION,
   "sinkhorn": ATTENTION,
+  # GAAM: the Gaussians' offsets and scaled variances are per-head statistics parameters.
+  "gaussian_adaptive": ("", "c mean_offsets"),
 }
 
 
