@@ -390,3 +390,76 @@ class SinkhornAttention(Attention):
       kv_positions=kv_positions,
       implementation=implementation,
     )
+
+
+@register("moh")
+class MixtureOfHeads(Attention):
+  """MoH, mixture-of-head attention (Jin et al. 2024, "MoH: Multi-Head Attention as
+  Mixture-of-Head Attention"): heads are experts; each token weights its heads' outputs before
+  the output projection. The first `shared_heads` heads are always on, gated by
+  h_s · softmax(W_s x); a router picks the top `routed_heads` of the others by softmax(W_r x),
+  renormalised over the chosen ones, times routed_heads; the two groups are mixed by
+  2 · softmax(W_h x) (routers bias-free, as the official MoHAttention). Defaults: 4 heads,
+  1 shared and 2 routed (75% of heads active per token, the MoH-LLaMA3 ratio).
+  `balance_loss(x)` is the paper's load-balance term E · Σ_i P_i f_i (coefficient 0.01 in the
+  paper); deviation: the zoo's trainer has no auxiliary-loss hook, so training here runs
+  without it. All heads are computed and masked (no ragged head sets). Decoding: attention's
+  KV cache of all heads."""
+
+  num_heads: int = 4
+  shared_heads: int = 1
+  routed_heads: int = 2
+
+  def setup(self):
+    super().setup()
+    heads = self._dims()[0]
+    routed = heads - self.shared_heads
+    if self.shared_heads < 0 or self.routed_heads < 0 or self.routed_heads > routed:
+      raise ValueError(
+        f"moh needs 0 <= shared_heads and 0 <= routed_heads <= num_heads - shared_heads; got "
+        f"{self.shared_heads}, {self.routed_heads} of {heads} heads"
+      )
+    if self.shared_heads + self.routed_heads == 0:
+      raise ValueError("moh needs shared_heads + routed_heads >= 1")
+    router = lambda n: nn.Dense(n, use_bias=False, dtype=self.dtype, kernel_init=dense_init)
+    if self.routed_heads:
+      self.routed_router = router(routed)
+    if self.shared_heads:
+      self.shared_router = router(self.shared_heads)
+    if self.shared_heads and self.routed_heads:
+      self.mix_router = router(2)
+
+  def _routing(self, x):
+    """(router probabilities [B,T,R], top-k mask [B,T,R]) of the routed heads."""
+    probs = jax.nn.softmax(self.routed_router(x).astype(jnp.float32), axis=-1)
+    _, chosen = jax.lax.top_k(probs, self.routed_heads)
+    mask = jax.nn.one_hot(chosen, probs.shape[-1], dtype=jnp.float32).sum(-2)
+    return probs, mask
+
+  def head_gates(self, x: jax.Array) -> jax.Array:
+    """g [B,T,H]: each token's weight of each head (0 for heads it does not route to)."""
+    gates = []
+    if self.shared_heads:
+      shared = jax.nn.softmax(self.shared_router(x).astype(jnp.float32), -1) * self.shared_heads
+      gates.append(shared)
+    if self.routed_heads:
+      probs, mask = self._routing(x)
+      chosen = probs * mask
+      denom = jnp.maximum(chosen.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
+      gates.append(chosen / denom * self.routed_heads)
+    if len(gates) == 2:
+      alpha = 2 * jax.nn.softmax(self.mix_router(x).astype(jnp.float32), -1)
+      gates = [gates[0] * alpha[..., :1], gates[1] * alpha[..., 1:]]
+    return jnp.concatenate(gates, -1)
+
+  def balance_loss(self, x: jax.Array) -> jax.Array:
+    """E · Σ_i P_i f_i over the E routed heads: P_i the mean router probability of head i, f_i
+    the fraction of tokens choosing it (routed_heads when perfectly balanced)."""
+    if not self.routed_heads:
+      return jnp.zeros((), jnp.float32)
+    probs, mask = self._routing(x)
+    experts = probs.shape[-1]
+    return experts * jnp.sum(probs.reshape(-1, experts).mean(0) * mask.reshape(-1, experts).mean(0))
+
+  def _gate(self, x, o):
+    return o * self.head_gates(x)[..., None].astype(o.dtype)

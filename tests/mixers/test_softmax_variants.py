@@ -32,3 +32,29 @@ def test_shaped_attention_is_centred_at_the_identity():
   assert np.abs(a - np.eye(9)).max() > 0.05 and (np.triu(a, 1) == 0).all()
   np.testing.assert_allclose(a_cold, np.broadcast_to(np.eye(9), a.shape), atol=1e-6)
   assert relative_error(out, v) < 1e-5
+
+
+def test_moh_gates_heads():
+  """Each token weights its shared head and exactly routed_heads of the routed ones; the
+  weights follow the official scaling (shared h_s softmax, routed renormalised times k, mixed
+  by 2 softmax), and a head's zero gate removes it from the output."""
+  x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+  mixer = build_mixer("moh", d_model=16, num_heads=4, shared_heads=1, routed_heads=2)
+
+  @jax.jit
+  def run(x):
+    params = mixer.init(jax.random.key(1), x)
+    gates = mixer.apply(params, x, method=mixer.head_gates)
+    o = mixer.apply(
+      params, x, method=lambda m, x: m._attend(*m._project(x, None), implementation="xla")
+    )
+    manual = mixer.apply(params, o * gates[..., None], method=lambda m, o: m.out(o))
+    return gates, manual, mixer.apply(params, x), mixer.apply(params, x, method=mixer.balance_loss)
+
+  gates, manual, out, balance = run(x)
+  g = np.asarray(gates)
+  assert ((g[..., 1:] > 0).sum(-1) == 2).all() and (g[..., 0] > 0).all()
+  alpha_routed = g[..., 1:].sum(-1) / 2  # routed gates sum to k · α_routed
+  np.testing.assert_allclose(g[..., 0] + alpha_routed, 2.0, rtol=1e-5)  # α's sum to 2
+  assert relative_error(out, manual) < 1e-5
+  assert 1.0 < float(balance) <= 3.0  # E Σ P f: 2 when balanced, 3 when one head wins always

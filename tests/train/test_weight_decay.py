@@ -91,6 +91,12 @@ EXPECTED = {
   "sinkhorn": ATTENTION,
   # GAAM: the Gaussians' offsets and scaled variances are per-head statistics parameters.
   "gaussian_adaptive": ("", "c mean_offsets"),
+  # MoH: the routers are bias-free Linear layers, decayed like every projection.
+  "moh": (
+    "k/kernel mix_router/kernel out/kernel q/kernel routed_router/kernel shared_router/kernel "
+    "v/kernel",
+    ATTENTION[1],
+  ),
 }
 
 
