@@ -25,9 +25,10 @@ from attnzoo.mixers.layers import (
   state_bytes,
 )
 from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.ops import routing as routing_ops
 from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
-from attnzoo.ops.segments import EMPTY, segment_starts
+from attnzoo.ops.segments import EMPTY, canonical_segments, segment_starts
 from attnzoo.ops.sinkhorn_attention import sinkhorn_attention
 
 
@@ -463,3 +464,93 @@ class MixtureOfHeads(Attention):
 
   def _gate(self, x, o):
     return o * self.head_gates(x)[..., None].astype(o.dtype)
+
+
+@register("routing")
+class RoutingAttention(Attention):
+  """Routing attention (Roy et al. 2021, "Efficient Content-Based Sparse Attention with
+  Routing Transformers"): per head, queries and keys on the unit sphere are assigned to the
+  nearest of `num_clusters` shared centroids (online spherical k-means), and a query attends
+  only to the keys of its own cluster (causally, within packed documents): softmax_attention
+  with the cluster ids as segment ids, heads folded into the batch, so every fast path serves
+  it (dense masked compute: the pattern of the paper, not its O(T^1.5) gather). A query with
+  no key in its cluster returns 0. The centroids [H,C,d] are a parameter that only the k-means
+  update moves: routing uses them under stop_gradient, and attnzoo.ops.routing.kmeans_tap gives
+  them the gradient μ - m̂ (m̂ the batch mean of the unit queries and keys assigned to each
+  centroid), so SGD at learning rate 1 - λ is the paper's EMA with decay λ; under the zoo's
+  AdamW the step is Adam's (deviation). Not in the paper's model here: its local-attention
+  heads and the commitment loss (the trainer has no auxiliary-loss hook). Decoding: the KV
+  cache of attention; key clusters are recomputed from the cached keys."""
+
+  num_clusters: int = 8
+
+  def setup(self):
+    super().setup()
+    heads, _, head_dim = self._dims()
+    shape = (heads, self.num_clusters, head_dim)
+    self.centroids = self.param("centroids", nn.initializers.normal(1.0), shape, jnp.float32)
+
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    y = super().__call__(x, positions=positions, segment_ids=segment_ids, decode=decode)
+    if decode:
+      return y
+    q, k, _ = self._project(x, default_positions(x, positions))
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    return routing_ops.kmeans_tap(
+      y, self.centroids, routing_ops.centroid_targets([q, k], self.centroids)
+    )
+
+  def clusters(self, x: jax.Array, positions: jax.Array | None = None) -> tuple:
+    """(query clusters, key clusters), each [B,T,H]."""
+    q, k, _ = self._project(x, default_positions(x, positions))
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    mu = jax.lax.stop_gradient(self.centroids)
+    return routing_ops.assign(q, mu), routing_ops.assign(k, mu)
+
+  def _attend(
+    self,
+    q,
+    k,
+    v,
+    *,
+    implementation,
+    segment_ids=None,
+    dropout_rng=None,
+    q_positions=None,
+    kv_positions=None,
+  ):
+    batch, tq, heads, _ = q.shape
+    groups = heads // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    mu = jax.lax.stop_gradient(self.centroids)
+    ids_q, ids_k = routing_ops.assign(q, mu), routing_ops.assign(k, mu)  # [B,T,H]
+    if segment_ids is not None:  # clusters inside packed documents
+      docs = canonical_segments(segment_ids)[..., None] * self.num_clusters
+      ids_q, ids_k = ids_q + docs, ids_k + docs
+    fold = lambda a: jnp.swapaxes(a, 1, 2).reshape((-1, a.shape[1], 1) + a.shape[3:])
+    ids = lambda a: jnp.swapaxes(a, 1, 2).reshape(-1, a.shape[1])
+    rep = lambda p: None if p is None else jnp.repeat(p, heads, axis=0)
+    o = softmax_attention(
+      fold(q),
+      fold(k),
+      fold(v),
+      scale=self._scale(),
+      causal=self.causal,
+      window=self._window(),
+      segment_ids=ids(ids_q),
+      kv_segment_ids=ids(ids_k),
+      q_positions=rep(q_positions),
+      kv_positions=rep(kv_positions),
+      softcap=self.softcap,
+      dropout_rate=self.attention_dropout,
+      dropout_rng=dropout_rng,
+      implementation=implementation,
+    )
+    return jnp.swapaxes(o.reshape(batch, heads, tq, -1), 1, 2)

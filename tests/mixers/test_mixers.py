@@ -44,6 +44,7 @@ TEST_KWARGS = {
   "sinkhorn": dict(num_heads=2, n_iter=4),
   "gaussian_adaptive": dict(num_heads=2, num_gaussians=3),
   "moh": dict(num_heads=3, head_dim=4, num_kv_heads=1, shared_heads=1, routed_heads=1),
+  "routing": dict(num_heads=2, num_kv_heads=1, num_clusters=2),
 }
 D, B, T = 16, 2, 13
 

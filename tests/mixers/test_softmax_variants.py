@@ -1,12 +1,15 @@
-"""Shaped attention: the identity-centred matrix (rows sum to 1, A = I at infinite temperature)
-and its width-dependent temperature."""
+"""Softmax variants inside the attention family: shaped attention (identity-centred, rows sum
+to 1, A = I at infinite temperature, width-dependent temperature), MoH's head gates, routing
+attention's cluster mask and k-means centroid update."""
 
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from attnzoo.mixers import build_mixer
+from attnzoo.ops.routing import assign, centroid_targets, unit
 from tests.conftest import relative_error
 
 
@@ -58,3 +61,35 @@ def test_moh_gates_heads():
   np.testing.assert_allclose(g[..., 0] + alpha_routed, 2.0, rtol=1e-5)  # α's sum to 2
   assert relative_error(out, manual) < 1e-5
   assert 1.0 < float(balance) <= 3.0  # E Σ P f: 2 when balanced, 3 when one head wins always
+
+
+def test_routing_attends_within_clusters_and_moves_centroids_by_kmeans():
+  x = jax.random.normal(jax.random.key(0), (2, 12, 16))
+  mixer = build_mixer("routing", d_model=16, num_heads=2, num_clusters=3)
+
+  @jax.jit
+  def run(x):
+    params = mixer.init(jax.random.key(1), x)
+    a = mixer.apply(params, x, method=mixer.attention_matrix)
+    cq, ck = mixer.apply(params, x, method=mixer.clusters)
+    grad = jax.grad(lambda p: jnp.sum(jnp.sin(mixer.apply(p, x))))(params)
+    q, k, _ = mixer.apply(params, x, method=lambda m, x: m._project(x, None))
+    mu = params["params"]["centroids"]
+    return a, cq, ck, grad["params"]["centroids"], mu, centroid_targets([q, k], mu)
+
+  a, cq, ck, grad, mu, targets = run(x)
+  same = np.asarray(cq)[:, :, None, :] == np.asarray(ck)[:, None, :, :]  # [B,Tq,Tk,H]
+  allowed = np.transpose(same, (0, 3, 1, 2)) & np.tril(np.ones((12, 12), bool))
+  assert ((np.asarray(a) > 0) == allowed).all()
+  assert relative_error(grad, mu - targets) < 1e-6  # the k-means pull, whatever the loss
+  ema = 0.999 * mu + 0.001 * targets  # one SGD step at lr 1 - λ is the paper's EMA
+  assert relative_error(mu - 0.001 * grad, ema) < 1e-6
+  q, k = (jax.random.normal(jax.random.key(s), (1, 40, 2, 8)) for s in (2, 3))
+  hand = np.zeros((2, 3, 8))
+  ids = [np.asarray(assign(z, mu)) for z in (q, k)]
+  for h in range(2):
+    for c in range(3):
+      members = [np.asarray(unit(z))[0, i[0, :, h] == c, h] for z, i in zip((q, k), ids)]
+      members = np.concatenate(members)
+      hand[h, c] = members.mean(0) if len(members) else mu[h, c]
+  assert relative_error(centroid_targets([q, k], mu), hand) < 1e-5

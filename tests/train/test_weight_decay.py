@@ -97,6 +97,8 @@ EXPECTED = {
     "v/kernel",
     ATTENTION[1],
   ),
+  # Routing: the k-means centroids are not weights.
+  "routing": (ATTENTION[0], "centroids " + ATTENTION[1]),
 }
 
 
