@@ -154,6 +154,7 @@ class Attention(nn.Module):
     dropout_rng=None,
     q_positions=None,
     kv_positions=None,
+    kv_segment_ids=None,
   ):
     """Attention of q over k, v: the whole sequence, or (with positions) a KV cache."""
     return softmax_attention(
@@ -164,6 +165,7 @@ class Attention(nn.Module):
       causal=self.causal,
       window=self._window(),
       segment_ids=segment_ids,
+      kv_segment_ids=kv_segment_ids,
       q_positions=q_positions,
       kv_positions=kv_positions,
       softcap=self.softcap,
@@ -537,20 +539,15 @@ class RoutingAttention(Attention):
     fold = lambda a: jnp.swapaxes(a, 1, 2).reshape((-1, a.shape[1], 1) + a.shape[3:])
     ids = lambda a: jnp.swapaxes(a, 1, 2).reshape(-1, a.shape[1])
     rep = lambda p: None if p is None else jnp.repeat(p, heads, axis=0)
-    o = softmax_attention(
+    o = super()._attend(
       fold(q),
       fold(k),
       fold(v),
-      scale=self._scale(),
-      causal=self.causal,
-      window=self._window(),
+      implementation=implementation,
       segment_ids=ids(ids_q),
       kv_segment_ids=ids(ids_k),
+      dropout_rng=dropout_rng,
       q_positions=rep(q_positions),
       kv_positions=rep(kv_positions),
-      softcap=self.softcap,
-      dropout_rate=self.attention_dropout,
-      dropout_rng=dropout_rng,
-      implementation=implementation,
     )
     return jnp.swapaxes(o.reshape(batch, heads, tq, -1), 1, 2)
