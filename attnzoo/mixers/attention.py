@@ -30,6 +30,7 @@ from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
 from attnzoo.ops.segments import EMPTY, canonical_segments, segment_starts
 from attnzoo.ops.sinkhorn_attention import sinkhorn_attention
+from attnzoo.ops.softmax_attention import merge_attention
 
 
 @register("attention")
@@ -41,6 +42,13 @@ class Attention(nn.Module):
   may be set independently of d_model / num_heads (Bhojanapalli et al. 2020: a head size of the
   sequence length removes the low-rank bottleneck). softcap: logits -> softcap·tanh(logits /
   softcap).
+
+  Attention sinks (Xiao et al. 2024, "Efficient Streaming Language Models with Attention
+  Sinks"): sink_tokens = s keeps the first s positions visible to every query beside the
+  window (StreamingLLM; needs a window; the KV cache keeps them in s slots of their own), and
+  sink_logit adds one learned logit per head (init 0) whose value is zero, so a head can put
+  weight on "nothing": o <- o · sigmoid(lse - sink). Both merge through the log-sum-exp of
+  softmax_attention.
   """
 
   d_model: int
@@ -55,6 +63,8 @@ class Attention(nn.Module):
   rope: bool = False
   rope_base: float = 10000.0
   attention_dropout: float = 0.0
+  sink_tokens: int = 0
+  sink_logit: bool = False
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
@@ -72,6 +82,8 @@ class Attention(nn.Module):
       raise ValueError(f"num_kv_heads ({kv_heads}) must divide num_heads ({self.num_heads})")
     if self.window is not None and self.window < 1:
       raise ValueError(f"window must be >= 1, got {self.window}")
+    if self.sink_tokens < 0 or (self.sink_tokens and self.window is None):
+      raise ValueError(f"sink_tokens ({self.sink_tokens}) must be >= 0 and needs a window")
     if not 0.0 <= self.attention_dropout < 1.0:
       raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
     return self.num_heads, kv_heads, self.head_dim or self.d_model // self.num_heads
@@ -84,7 +96,7 @@ class Attention(nn.Module):
   def state_size(self, seq_len: int) -> int:
     """KV-cache bytes at float32 for a context of seq_len tokens."""
     _, kv_heads, head_dim = self._dims()
-    kept = seq_len if self.window is None else min(seq_len, self.window)
+    kept = seq_len if self.window is None else min(seq_len, self.window + self.sink_tokens)
     queries = state_bytes((kept, self._dims()[0], head_dim)) if self.decode_keeps_queries else 0
     return 2 * state_bytes((kept, kv_heads, head_dim)) + queries
 
@@ -95,6 +107,8 @@ class Attention(nn.Module):
     self.out = nn.DenseGeneral(
       self.d_model, axis=(-2, -1), dtype=self.dtype, kernel_init=output_init(self.num_layers)
     )
+    if self.sink_logit:
+      self.sink = self.param("sink_logit", nn.initializers.zeros, (heads,), jnp.float32)
 
   def _project(self, x, positions):
     q, k, v = self.q(x), self.k(x), self.v(x)
@@ -157,22 +171,38 @@ class Attention(nn.Module):
     kv_segment_ids=None,
   ):
     """Attention of q over k, v: the whole sequence, or (with positions) a KV cache."""
-    return softmax_attention(
+    attend = lambda q_pos, q_seg, kv_seg, **kw: softmax_attention(
       q,
       k,
       v,
       scale=self._scale(),
-      causal=self.causal,
-      window=self._window(),
-      segment_ids=segment_ids,
-      kv_segment_ids=kv_segment_ids,
-      q_positions=q_positions,
+      segment_ids=q_seg,
+      kv_segment_ids=kv_seg,
+      q_positions=q_pos,
       kv_positions=kv_positions,
       softcap=self.softcap,
       dropout_rate=self.attention_dropout,
       dropout_rng=dropout_rng,
       implementation=implementation,
+      **kw,
     )
+    masks = (q_positions, segment_ids, kv_segment_ids)
+    if not (self.sink_tokens or self.sink_logit):
+      return attend(*masks, causal=self.causal, window=self._window())
+    o, lse = attend(*masks, causal=self.causal, window=self._window(), return_lse=True)
+    parts = [(o, lse)]
+    if self.sink_tokens:  # the first positions, where the window no longer reaches them
+      q_pos, kv_pos = default_positions(q, q_positions), default_positions(k, kv_positions)
+      q_seg = jnp.zeros(q_pos.shape, jnp.int32) if segment_ids is None else segment_ids
+      kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+      kv_seg = jnp.zeros(kv_pos.shape, jnp.int32) if kv_seg is None else kv_seg
+      sinks = jnp.where(kv_pos < self.sink_tokens, kv_seg, -1)
+      sink_part = attend(q_pos - self.window, q_seg, sinks, causal=True, return_lse=True)
+      parts.append(sink_part)
+    if self.sink_logit:
+      sink = jnp.broadcast_to(self.sink, lse.shape)
+      parts.append((jnp.zeros_like(o), sink))
+    return merge_attention(parts)
 
   def _gate(self, x, o):
     """Hook for output gating (GatedAttention); plain attention returns o."""
@@ -185,7 +215,8 @@ class Attention(nn.Module):
     initialized = self.has_variable("cache", "keys")
     # The cache is created by `model.init(..., decode=True)` on an input of the longest
     # context to decode; during that call, attention runs over the input as usual.
-    cache_len = steps if self.window is None else min(self.window, steps)
+    sinks = self.sink_tokens
+    cache_len = steps if self.window is None else min(self.window + sinks, steps)
     cache_k = self.variable("cache", "keys", jnp.zeros, (batch, cache_len) + k.shape[2:], k.dtype)
     cache_v = self.variable("cache", "values", jnp.zeros, (batch, cache_len) + v.shape[2:], v.dtype)
     cache_pos = self.variable("cache", "positions", jnp.full, (batch, cache_len), EMPTY)
@@ -209,16 +240,23 @@ class Attention(nn.Module):
       implementation=self.implementation,
       **extra,
     )
-    # Keep the newest tokens: slot = position mod cache_len.
+    # Keep the newest tokens in a ring (slot = position mod its length) and the first
+    # sink_tokens positions in slots of their own.
     cache_len = cache_k.value.shape[1]
-    kept = min(steps, cache_len)
-    slots = positions[:, -kept:] % cache_len
+    ring = max(cache_len - sinks, 1)
+    kept = min(steps, ring)
+    new = positions[:, -kept:]
+    writes = [(steps - kept, jnp.where(new < sinks, new, sinks + (new - sinks) % ring))]
+    if sinks:
+      writes.append((0, jnp.where(positions < sinks, positions, cache_len)))  # others dropped
     rows = jnp.arange(batch)[:, None]
-    cache_k.value = cache_k.value.at[rows, slots].set(k[:, -kept:])
-    cache_v.value = cache_v.value.at[rows, slots].set(v[:, -kept:])
-    cache_pos.value = cache_pos.value.at[rows, slots].set(positions[:, -kept:])
-    if cache_q is not None:
-      cache_q.value = cache_q.value.at[rows, slots].set(q[:, -kept:])
+    caches = [(cache_k, k), (cache_v, v), (cache_pos, positions)]
+    caches += [] if cache_q is None else [(cache_q, q)]
+    for start, slots in writes:
+      for cache, value in caches:
+        cache.value = cache.value.at[rows, slots].set(
+          value[:, start:].astype(cache.value.dtype), mode="drop"
+        )
     return o
 
 

@@ -494,3 +494,18 @@ def softmax_attention(
     # default positions let the kernel index its fully visible tiles arithmetically
     args = dict(args, q_positions=None, kv_positions=None)
   return dispatcher.implementations[name].fn(**args, **dropout)
+
+
+def merge_attention(parts: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
+  """One softmax over the union of disjoint key sets, from each set's (o [B,T,H,D], lse
+  [B,T,H]) (softmax_attention(..., return_lse=True)): o = Σ_i o_i exp(lse_i - LSE_i lse_i).
+  A set may be a lone logit with a zero value (an attention sink). Rows empty everywhere
+  return 0."""
+  lses = jnp.stack([lse.astype(jnp.float32) for _, lse in parts])
+  top = jnp.max(lses, axis=0)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weights = jnp.exp(lses - top)  # 0 for empty sets
+  total = jnp.sum(weights, axis=0)
+  weights = weights / jnp.where(total > 0, total, 1.0)
+  out = sum(o.astype(jnp.float32) * w[..., None] for (o, _), w in zip(parts, weights))
+  return out.astype(parts[0][0].dtype)

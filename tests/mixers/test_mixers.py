@@ -17,7 +17,7 @@ from tests.conftest import relative_error
 # Options that exercise each mixer's interesting paths at small sizes.
 TEST_KWARGS = {
   "attention": dict(num_heads=4, num_kv_heads=2, rope=True),
-  "sliding_window": dict(num_heads=2, window=5),
+  "sliding_window": dict(num_heads=2, window=5, sink_tokens=2, sink_logit=True),
   "gla": dict(num_heads=2, implementation="xla"),
   "hgrn2": dict(num_heads=2, layer_idx=1, num_layers=2, implementation="xla"),
   "rwkv6": dict(num_heads=2, mix_lora_dim=4, decay_lora_dim=8, implementation="xla"),

@@ -93,3 +93,31 @@ def test_routing_attends_within_clusters_and_moves_centroids_by_kmeans():
       members = np.concatenate(members)
       hand[h, c] = members.mean(0) if len(members) else mu[h, c]
   assert relative_error(centroid_targets([q, k], mu), hand) < 1e-5
+
+
+def test_attention_sinks():
+  """sink_tokens: a query sees the first positions and its window; sink_logit: a learned
+  zero-value logit that shrinks the output (−inf: plain attention)."""
+  x = jax.random.normal(jax.random.key(0), (2, 13, 16))
+  sinks = build_mixer("sliding_window", d_model=16, num_heads=2, window=3, sink_tokens=2)
+  logit = build_mixer("attention", d_model=16, num_heads=2, sink_logit=True)
+  plain = build_mixer("attention", d_model=16, num_heads=2)
+
+  @jax.jit
+  def run(x):
+    params = sinks.init(jax.random.key(1), x)
+    seen = jax.grad(lambda x: sinks.apply(params, x)[:, 10].sum())(x)
+    lp = logit.init(jax.random.key(1), x)
+    with_sink = lambda value: logit.apply(
+      {"params": {**lp["params"], "sink_logit": jnp.full((2,), value)}}, x
+    )
+    bias = lp["params"]["out"]["bias"]
+    return seen, with_sink(-1e9), plain.apply(lp, x), with_sink(1e9) - bias, with_sink(0.0)
+
+  seen, off, reference, on, zero = run(x)
+  assert (np.abs(np.asarray(seen)).sum((0, 2)) > 0).tolist() == [True] * 2 + [False] * 6 + [
+    True
+  ] * 3 + [False] * 2
+  assert relative_error(off, reference) < 1e-6
+  assert np.abs(np.asarray(on)).max() < 1e-6
+  assert relative_error(zero, reference) > 1e-3

@@ -15,7 +15,7 @@ ATTENTION = ("k/kernel out/kernel q/kernel v/kernel", "k/bias out/bias q/bias v/
 # mixer: (decayed, not decayed), parameter paths at TEST_KWARGS.
 EXPECTED = {
   "attention": ATTENTION,
-  "sliding_window": ATTENTION,
+  "sliding_window": (ATTENTION[0], "k/bias out/bias q/bias sink_logit v/bias"),  # sinks on
   "block_attention": ATTENTION,
   "gated_attention": ("gate_proj/kernel " + ATTENTION[0], "gate_proj/bias " + ATTENTION[1]),
   # Zoology's BaseConv: the conv taps and the projection decay, their biases not.
