@@ -49,6 +49,22 @@ class Attention(nn.Module):
   sink_logit adds one learned logit per head (init 0) whose value is zero, so a head can put
   weight on "nothing": o <- o · sigmoid(lse - sink). Both merge through the log-sum-exp of
   softmax_attention.
+
+  Gist tokens (Mu et al. 2023; the segment-wise compression studied by Deng et al. 2024, "A
+  Silver Bullet or a Compromise for Full Attention? A Comprehensive Study of Gist Token-based
+  Context Compression"): the sequence is read as chunks of gist_segment tokens followed by
+  gist_tokens gist positions; a token sees its own chunk (causally) and the gist positions of
+  earlier chunks only, so the gists must carry what later chunks need. A mask: which tokens
+  are gists is fixed by position (the data puts gist tokens there). The KV cache still keeps
+  every token (a gist cache would keep the gists and the current chunk).
+
+  Transformer-XL memory (Dai et al. 2019; the memory-length ablation of Rae & Razavi 2020, "Do
+  Transformers Need Deep Long-Range Memory?"): the sequence is read as segments of
+  memory_segment tokens; a token sees its own segment (causally unless causal=False) and the
+  `memory` positions before the segment with stop-gradient keys and values, as a cached
+  previous segment. The KV cache keeps memory + memory_segment slots. Deviation: positions are
+  the mixer's (RoPE with rope=True), not Transformer-XL's learned relative encoding (u, v,
+  W_R R_{i-j}).
   """
 
   d_model: int
@@ -65,6 +81,10 @@ class Attention(nn.Module):
   attention_dropout: float = 0.0
   sink_tokens: int = 0
   sink_logit: bool = False
+  gist_tokens: int = 0
+  gist_segment: int = 0
+  memory: int = 0
+  memory_segment: int = 0
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
@@ -84,6 +104,12 @@ class Attention(nn.Module):
       raise ValueError(f"window must be >= 1, got {self.window}")
     if self.sink_tokens < 0 or (self.sink_tokens and self.window is None):
       raise ValueError(f"sink_tokens ({self.sink_tokens}) must be >= 0 and needs a window")
+    if min(self.gist_tokens, self.gist_segment, self.memory, self.memory_segment) < 0:
+      raise ValueError("gist_tokens, gist_segment, memory and memory_segment must be >= 0")
+    if self.gist_tokens and (self.gist_segment < 1 or self.memory):
+      raise ValueError("gist_tokens need gist_segment >= 1 (and no memory)")
+    if self.memory and self.memory_segment < 1:
+      raise ValueError("memory needs memory_segment >= 1")
     if not 0.0 <= self.attention_dropout < 1.0:
       raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
     return self.num_heads, kv_heads, self.head_dim or self.d_model // self.num_heads
@@ -96,7 +122,7 @@ class Attention(nn.Module):
   def state_size(self, seq_len: int) -> int:
     """KV-cache bytes at float32 for a context of seq_len tokens."""
     _, kv_heads, head_dim = self._dims()
-    kept = seq_len if self.window is None else min(seq_len, self.window + self.sink_tokens)
+    kept = self._kept(seq_len)
     queries = state_bytes((kept, self._dims()[0], head_dim)) if self.decode_keeps_queries else 0
     return 2 * state_bytes((kept, kv_heads, head_dim)) + queries
 
@@ -170,11 +196,13 @@ class Attention(nn.Module):
     kv_positions=None,
     kv_segment_ids=None,
   ):
-    """Attention of q over k, v: the whole sequence, or (with positions) a KV cache."""
-    attend = lambda q_pos, q_seg, kv_seg, **kw: softmax_attention(
+    """Attention of q over k, v: the whole sequence, or (with positions) a KV cache; the
+    options that widen the visible set (sinks, gist tokens, memory) add disjoint key sets,
+    merged through their log-sum-exps."""
+    attend = lambda q_pos, q_seg, kv_seg, keys=k, values=v, **kw: softmax_attention(
       q,
-      k,
-      v,
+      keys,
+      values,
       scale=self._scale(),
       segment_ids=q_seg,
       kv_segment_ids=kv_seg,
@@ -186,23 +214,50 @@ class Attention(nn.Module):
       implementation=implementation,
       **kw,
     )
-    masks = (q_positions, segment_ids, kv_segment_ids)
-    if not (self.sink_tokens or self.sink_logit):
-      return attend(*masks, causal=self.causal, window=self._window())
-    o, lse = attend(*masks, causal=self.causal, window=self._window(), return_lse=True)
-    parts = [(o, lse)]
+    main = dict(causal=self.causal, window=self._window())
+    if not (self.sink_tokens or self.sink_logit or self._chunk()):
+      return attend(q_positions, segment_ids, kv_segment_ids, **main)
+    q_pos, kv_pos = default_positions(q, q_positions), default_positions(k, kv_positions)
+    # documents as ids (packed sequences), combined below with the chunk of each position
+    q_doc = jnp.zeros(q_pos.shape, jnp.int32) if segment_ids is None else segment_ids
+    kv_doc = segment_ids if kv_segment_ids is None else kv_segment_ids
+    kv_doc = jnp.zeros(kv_pos.shape, jnp.int32) if kv_doc is None else kv_doc
+    chunk = self._chunk()
+    if chunk:  # gist tokens / memory: the main set is the query's own chunk
+      q_doc, kv_doc = canonical_segments(q_doc), canonical_segments(kv_doc)
+      ids = lambda doc, pos: doc * 2**15 + pos // chunk
+      parts = [attend(q_pos, ids(q_doc, q_pos), ids(kv_doc, kv_pos), return_lse=True, **main)]
+      before = q_pos // chunk * chunk - 1  # the last position of the previous chunk
+      if self.gist_tokens:  # the gist tokens of earlier chunks
+        gists = jnp.where(kv_pos % chunk >= self.gist_segment, kv_doc, -1)
+        parts.append(attend(before, q_doc, gists, causal=True, return_lse=True))
+      if self.memory:  # the `memory` positions before the chunk, without gradient
+        sg = jax.lax.stop_gradient
+        memory = dict(causal=True, window=(self.memory - 1, 0), return_lse=True)
+        parts.append(attend(before, q_doc, kv_doc, keys=sg(k), values=sg(v), **memory))
+    else:
+      parts = [attend(q_positions, segment_ids, kv_segment_ids, return_lse=True, **main)]
     if self.sink_tokens:  # the first positions, where the window no longer reaches them
-      q_pos, kv_pos = default_positions(q, q_positions), default_positions(k, kv_positions)
-      q_seg = jnp.zeros(q_pos.shape, jnp.int32) if segment_ids is None else segment_ids
-      kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
-      kv_seg = jnp.zeros(kv_pos.shape, jnp.int32) if kv_seg is None else kv_seg
-      sinks = jnp.where(kv_pos < self.sink_tokens, kv_seg, -1)
-      sink_part = attend(q_pos - self.window, q_seg, sinks, causal=True, return_lse=True)
-      parts.append(sink_part)
+      sinks = jnp.where(kv_pos < self.sink_tokens, kv_doc, -1)
+      parts.append(attend(q_pos - self.window, q_doc, sinks, causal=True, return_lse=True))
     if self.sink_logit:
-      sink = jnp.broadcast_to(self.sink, lse.shape)
-      parts.append((jnp.zeros_like(o), sink))
+      o, lse = parts[0]
+      parts.append((jnp.zeros_like(o), jnp.broadcast_to(self.sink, lse.shape)))
     return merge_attention(parts)
+
+  def _chunk(self) -> int:
+    """The chunk length of gist-token masking or of Transformer-XL memory (0: neither)."""
+    if self.gist_tokens:
+      return self.gist_segment + self.gist_tokens
+    return self.memory_segment if self.memory else 0
+
+  def _kept(self, steps: int) -> int:
+    """KV-cache slots for a context of `steps` tokens."""
+    if self.window is not None:
+      return min(steps, self.window + self.sink_tokens)
+    if self.memory:
+      return min(steps, self.memory + self.memory_segment)
+    return steps
 
   def _gate(self, x, o):
     """Hook for output gating (GatedAttention); plain attention returns o."""
@@ -216,7 +271,7 @@ class Attention(nn.Module):
     # The cache is created by `model.init(..., decode=True)` on an input of the longest
     # context to decode; during that call, attention runs over the input as usual.
     sinks = self.sink_tokens
-    cache_len = steps if self.window is None else min(self.window + sinks, steps)
+    cache_len = self._kept(steps)
     cache_k = self.variable("cache", "keys", jnp.zeros, (batch, cache_len) + k.shape[2:], k.dtype)
     cache_v = self.variable("cache", "values", jnp.zeros, (batch, cache_len) + v.shape[2:], v.dtype)
     cache_pos = self.variable("cache", "positions", jnp.full, (batch, cache_len), EMPTY)

@@ -16,7 +16,7 @@ from tests.conftest import relative_error
 
 # Options that exercise each mixer's interesting paths at small sizes.
 TEST_KWARGS = {
-  "attention": dict(num_heads=4, num_kv_heads=2, rope=True),
+  "attention": dict(num_heads=4, num_kv_heads=2, rope=True, gist_tokens=1, gist_segment=3),
   "sliding_window": dict(num_heads=2, window=5, sink_tokens=2, sink_logit=True),
   "gla": dict(num_heads=2, implementation="xla"),
   "hgrn2": dict(num_heads=2, layer_idx=1, num_layers=2, implementation="xla"),
@@ -24,7 +24,7 @@ TEST_KWARGS = {
   "deltanet": dict(num_heads=2, implementation="xla"),
   "gated_deltanet": dict(num_heads=2, expand_v=2.0, implementation="xla"),
   "lawcat": dict(num_heads=2, feature_dim=4, gate_low_rank_dim=4, implementation="xla"),
-  "gated_attention": dict(num_heads=2, gate="headwise"),
+  "gated_attention": dict(num_heads=2, gate="headwise", memory=4, memory_segment=5),
   "block_attention": dict(num_heads=2, num_kv_heads=1),
   "base_conv": dict(kernel_size=3),
   "linear_attention": dict(num_heads=2, feature_map="taylor", feature_dim=4, implementation="xla"),

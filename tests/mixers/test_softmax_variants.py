@@ -121,3 +121,26 @@ def test_attention_sinks():
   assert relative_error(off, reference) < 1e-6
   assert np.abs(np.asarray(on)).max() < 1e-6
   assert relative_error(zero, reference) > 1e-3
+
+
+def visible_from(mixer, t, x):
+  """Which positions the output at t depends on (by gradient), and the gradient itself."""
+  params = mixer.init(jax.random.key(1), x)
+  grad = jax.jit(jax.grad(lambda x: mixer.apply(params, x)[:, t].sum()))(x)
+  return (np.abs(np.asarray(grad)).sum((0, 2)) > 0).tolist()
+
+
+def test_gist_tokens_and_memory_masks():
+  x = jax.random.normal(jax.random.key(0), (2, 13, 16))
+  # chunks of 3 tokens + 1 gist: [0 1 2 g3] [4 5 6 g7] [8 9 10 g11] [12]
+  gist = build_mixer("attention", d_model=16, num_heads=2, gist_tokens=1, gist_segment=3)
+  assert visible_from(gist, 9, x) == [i in (3, 7, 8, 9) for i in range(13)]
+  assert visible_from(gist, 7, x) == [i in (3, 4, 5, 6, 7) for i in range(13)]
+  # segments of 4, memory 3: the output at 9 sees 5..7 (memory) and 8, 9 (its segment);
+  # the memory's keys and values pass no gradient, but its queries' inputs do
+  xl = build_mixer("attention", d_model=16, num_heads=2, memory=3, memory_segment=4)
+  assert visible_from(xl, 9, x) == [i in (8, 9) for i in range(13)]
+  params = xl.init(jax.random.key(1), x)
+  weights = np.asarray(xl.apply(params, x, method=xl.attention_matrix))
+  assert ((weights[0, 0, 9] > 0) == np.isin(np.arange(13), (5, 6, 7, 8, 9))).all()
+  assert xl.state_size(100) == 2 * 7 * 16 * 4  # memory + segment slots
