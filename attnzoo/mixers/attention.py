@@ -33,6 +33,13 @@ from attnzoo.ops.sinkhorn_attention import sinkhorn_attention
 from attnzoo.ops.softmax_attention import merge_attention
 
 
+def documents(q_pos, kv_pos, segment_ids, kv_segment_ids) -> tuple[jax.Array, jax.Array]:
+  """The document ids of queries and keys (zeros without packed segments)."""
+  q_doc = jnp.zeros(q_pos.shape, jnp.int32) if segment_ids is None else segment_ids
+  kv_doc = segment_ids if kv_segment_ids is None else kv_segment_ids
+  return q_doc, jnp.zeros(kv_pos.shape, jnp.int32) if kv_doc is None else kv_doc
+
+
 @register("attention")
 class Attention(nn.Module):
   """Multi-head attention; num_kv_heads < num_heads gives GQA (1 gives MQA).
@@ -58,11 +65,12 @@ class Attention(nn.Module):
   are gists is fixed by position (the data puts gist tokens there). The KV cache still keeps
   every token (a gist cache would keep the gists and the current chunk).
 
-  Transformer-XL memory (Dai et al. 2019; the memory-length ablation of Rae & Razavi 2020, "Do
-  Transformers Need Deep Long-Range Memory?"): the sequence is read as segments of
-  memory_segment tokens; a token sees its own segment (causally unless causal=False) and the
-  `memory` positions before the segment with stop-gradient keys and values, as a cached
-  previous segment. The KV cache keeps memory + memory_segment slots. Deviation: positions are
+  Segments: with segment = S, a token sees only its own segment of S positions (causally unless
+  causal=False; HAT's segment-wise encoder). Transformer-XL memory (Dai et al. 2019; the
+  memory-length ablation of Rae & Razavi 2020, "Do Transformers Need Deep Long-Range
+  Memory?"): with memory = M too, a token also sees the M positions before its segment with
+  stop-gradient keys and values, as a cached previous segment. The KV cache keeps M + S
+  slots. Deviation: positions are
   the mixer's (RoPE with rope=True), not Transformer-XL's learned relative encoding (u, v,
   W_R R_{i-j}).
   """
@@ -84,7 +92,7 @@ class Attention(nn.Module):
   gist_tokens: int = 0
   gist_segment: int = 0
   memory: int = 0
-  memory_segment: int = 0
+  segment: int = 0
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
@@ -104,12 +112,12 @@ class Attention(nn.Module):
       raise ValueError(f"window must be >= 1, got {self.window}")
     if self.sink_tokens < 0 or (self.sink_tokens and self.window is None):
       raise ValueError(f"sink_tokens ({self.sink_tokens}) must be >= 0 and needs a window")
-    if min(self.gist_tokens, self.gist_segment, self.memory, self.memory_segment) < 0:
-      raise ValueError("gist_tokens, gist_segment, memory and memory_segment must be >= 0")
-    if self.gist_tokens and (self.gist_segment < 1 or self.memory):
-      raise ValueError("gist_tokens need gist_segment >= 1 (and no memory)")
-    if self.memory and self.memory_segment < 1:
-      raise ValueError("memory needs memory_segment >= 1")
+    if min(self.gist_tokens, self.gist_segment, self.memory, self.segment) < 0:
+      raise ValueError("gist_tokens, gist_segment, memory and segment must be >= 0")
+    if self.gist_tokens and (self.gist_segment < 1 or self.segment):
+      raise ValueError("gist_tokens need gist_segment >= 1 (and no segment or memory)")
+    if self.memory and self.segment < 1:
+      raise ValueError("memory needs segment >= 1")
     if not 0.0 <= self.attention_dropout < 1.0:
       raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
     return self.num_heads, kv_heads, self.head_dim or self.d_model // self.num_heads
@@ -219,11 +227,9 @@ class Attention(nn.Module):
       return attend(q_positions, segment_ids, kv_segment_ids, **main)
     q_pos, kv_pos = default_positions(q, q_positions), default_positions(k, kv_positions)
     # documents as ids (packed sequences), combined below with the chunk of each position
-    q_doc = jnp.zeros(q_pos.shape, jnp.int32) if segment_ids is None else segment_ids
-    kv_doc = segment_ids if kv_segment_ids is None else kv_segment_ids
-    kv_doc = jnp.zeros(kv_pos.shape, jnp.int32) if kv_doc is None else kv_doc
+    q_doc, kv_doc = documents(q_pos, kv_pos, segment_ids, kv_segment_ids)
     chunk = self._chunk()
-    if chunk:  # gist tokens / memory: the main set is the query's own chunk
+    if chunk:  # gist tokens / segments: the main set is the query's own chunk
       q_doc, kv_doc = canonical_segments(q_doc), canonical_segments(kv_doc)
       ids = lambda doc, pos: doc * 2**15 + pos // chunk
       parts = [attend(q_pos, ids(q_doc, q_pos), ids(kv_doc, kv_pos), return_lse=True, **main)]
@@ -246,17 +252,17 @@ class Attention(nn.Module):
     return merge_attention(parts)
 
   def _chunk(self) -> int:
-    """The chunk length of gist-token masking or of Transformer-XL memory (0: neither)."""
+    """The chunk length of gist-token masking or of segments (0: neither)."""
     if self.gist_tokens:
       return self.gist_segment + self.gist_tokens
-    return self.memory_segment if self.memory else 0
+    return self.segment
 
   def _kept(self, steps: int) -> int:
     """KV-cache slots for a context of `steps` tokens."""
     if self.window is not None:
       return min(steps, self.window + self.sink_tokens)
-    if self.memory:
-      return min(steps, self.memory + self.memory_segment)
+    if self.segment:
+      return min(steps, self.memory + self.segment)
     return steps
 
   def _gate(self, x, o):
@@ -644,3 +650,105 @@ class RoutingAttention(Attention):
       kv_positions=rep(kv_positions),
     )
     return jnp.swapaxes(o.reshape(batch, heads, tq, -1), 1, 2)
+
+
+class CrossSegmentAttention(Attention):
+  """HAT's cross-segment attention: a query reads only the summaries of segments of `segment`
+  positions, a summary being the token at the end of its segment; causal: the segments before
+  the query's own (complete ones), else every segment (the sequence's last token closes the
+  last). Not registered: the second half of `hat`."""
+
+  def _attend(self, q, k, v, *, segment_ids=None, q_positions=None, kv_positions=None, **kwargs):
+    q_pos, kv_pos = default_positions(q, q_positions), default_positions(k, kv_positions)
+    doc, kv_doc = documents(q_pos, kv_pos, segment_ids, kwargs.pop("kv_segment_ids", None))
+    ends = kv_pos % self.segment == self.segment - 1
+    if not self.causal:  # the last token of each document closes its last segment
+      ends |= jnp.arange(kv_pos.shape[1]) == kv_pos.shape[1] - 1
+      if segment_ids is not None:
+        ends |= jnp.concatenate([segment_starts(segment_ids)[:, 1:], ends[:, -1:]], axis=1)
+    summaries = jnp.where(ends, kv_doc, -1)
+    before = q_pos // self.segment * self.segment - 1  # the end of the previous segment
+    return super()._attend(
+      q,
+      k,
+      v,
+      segment_ids=doc,
+      kv_segment_ids=summaries,
+      q_positions=before if self.causal else q_positions,
+      kv_positions=kv_positions,
+      **kwargs,
+    )
+
+  def _chunk(self) -> int:
+    return 0  # `segment` defines the summaries here, not a local mask
+
+  def _kept(self, steps: int) -> int:
+    return steps
+
+
+@register("hat")
+class HierarchicalAttention(nn.Module):
+  """HAT, hierarchical attention (Chalkidis et al. 2022, "An Exploration of Hierarchical
+  Attention Transformers for Efficient Long Document Classification"), one interleaved layer:
+  a segment-wise encoder (attention within segments of `segment` positions) then a
+  cross-segment encoder (each token reads the summaries of the segments, the summary of a
+  segment being the segment-wise output at its last token; causal: only complete segments
+  before the token's own):
+
+    h = x + SWE(x),   y = SWE(x) + CSE(h)
+
+  Deviations: HAT's segment tokens are prepended [CLS]-like tokens whose contextualised states
+  are written back for the next layer; here the last token of each segment is the summary
+  (so the causal form is exact) and every token reads the summaries in the same layer. Both
+  halves are attention modules with their own projections (RoPE when rope=True); decoding
+  keeps the segment-wise cache (segment slots) and the cross-segment keys of the context."""
+
+  d_model: int
+  layer_idx: int = 0
+  num_layers: int = 1
+  num_heads: int = 1
+  segment: int = 16
+  causal: bool = True
+  rope: bool = False
+  implementation: str = "auto"
+  dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = True
+
+  def _halves(self, **names):
+    common = dict(
+      d_model=self.d_model,
+      layer_idx=self.layer_idx,
+      num_layers=self.num_layers,
+      num_heads=self.num_heads,
+      causal=self.causal,
+      rope=self.rope,
+      segment=self.segment,
+      implementation=self.implementation,
+      dtype=self.dtype,
+    )
+    return Attention(**common, **names.get("swe", {})), CrossSegmentAttention(
+      **common, **names.get("cse", {})
+    )
+
+  def setup(self):
+    if self.segment < 1:
+      raise ValueError(f"hat needs segment >= 1, got {self.segment}")
+    self.swe, self.cse = self._halves(swe={"name": "swe"}, cse={"name": "cse"})
+
+  def state_size(self, seq_len: int) -> int:
+    """Bytes at float32: the segment-wise KV cache and the cross-segment KV cache."""
+    swe, cse = self._halves(swe={"parent": None}, cse={"parent": None})  # unbound copies
+    return swe.state_size(seq_len) + cse.state_size(seq_len)
+
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    local = self.swe(x, positions=positions, segment_ids=segment_ids, decode=decode)
+    h = x + local.astype(x.dtype)
+    return local + self.cse(h, positions=positions, segment_ids=segment_ids, decode=decode)

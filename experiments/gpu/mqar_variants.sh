@@ -12,7 +12,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT/runs $OUT/logs
-MIXERS=${MIXERS:-attention,sliding_window,aaren,shaped,sinkhorn,gaussian_adaptive,moh,routing}
+MIXERS=${MIXERS:-attention,sliding_window,aaren,shaped,sinkhorn,gaussian_adaptive,moh,routing,hat}
 STEPS=${STEPS:-2000}; LIMIT=${LIMIT:-330}
 nvidia-smi -L
 NRUN=$(echo $MIXERS | tr , '\n' | wc -l)

@@ -24,7 +24,7 @@ TEST_KWARGS = {
   "deltanet": dict(num_heads=2, implementation="xla"),
   "gated_deltanet": dict(num_heads=2, expand_v=2.0, implementation="xla"),
   "lawcat": dict(num_heads=2, feature_dim=4, gate_low_rank_dim=4, implementation="xla"),
-  "gated_attention": dict(num_heads=2, gate="headwise", memory=4, memory_segment=5),
+  "gated_attention": dict(num_heads=2, gate="headwise", memory=4, segment=5),
   "block_attention": dict(num_heads=2, num_kv_heads=1),
   "base_conv": dict(kernel_size=3),
   "linear_attention": dict(num_heads=2, feature_map="taylor", feature_dim=4, implementation="xla"),
@@ -45,6 +45,7 @@ TEST_KWARGS = {
   "gaussian_adaptive": dict(num_heads=2, num_gaussians=3),
   "moh": dict(num_heads=3, head_dim=4, num_kv_heads=1, shared_heads=1, routed_heads=1),
   "routing": dict(num_heads=2, num_kv_heads=1, num_clusters=2),
+  "hat": dict(num_heads=2, segment=4),
 }
 D, B, T = 16, 2, 13
 

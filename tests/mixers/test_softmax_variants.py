@@ -138,9 +138,25 @@ def test_gist_tokens_and_memory_masks():
   assert visible_from(gist, 7, x) == [i in (3, 4, 5, 6, 7) for i in range(13)]
   # segments of 4, memory 3: the output at 9 sees 5..7 (memory) and 8, 9 (its segment);
   # the memory's keys and values pass no gradient, but its queries' inputs do
-  xl = build_mixer("attention", d_model=16, num_heads=2, memory=3, memory_segment=4)
+  xl = build_mixer("attention", d_model=16, num_heads=2, memory=3, segment=4)
   assert visible_from(xl, 9, x) == [i in (8, 9) for i in range(13)]
   params = xl.init(jax.random.key(1), x)
   weights = np.asarray(xl.apply(params, x, method=xl.attention_matrix))
   assert ((weights[0, 0, 9] > 0) == np.isin(np.arange(13), (5, 6, 7, 8, 9))).all()
   assert xl.state_size(100) == 2 * 7 * 16 * 4  # memory + segment slots
+
+
+def test_hat_cross_segment_reads_segment_summaries():
+  """The cross-segment half reads only the last token of each complete earlier segment
+  (causal), or of every segment (bidirectional, the last token closing the last one)."""
+  x = jax.random.normal(jax.random.key(0), (2, 11, 16))
+  ends = np.isin(np.arange(11), (3, 7))
+  for causal in (True, False):
+    mixer = build_mixer("hat", d_model=16, num_heads=2, segment=4, causal=causal)
+    matrix = lambda x: mixer.apply(
+      mixer.init(jax.random.key(1), x), x, method=lambda m, x: m.cse.attention_matrix(x)
+    )
+    a = np.asarray(jax.jit(matrix)(x))
+    for t in range(11):
+      want = ends & (np.arange(11) < t // 4 * 4) if causal else ends | (np.arange(11) == 10)
+      assert ((a[:, :, t] > 0) == want).all(), (causal, t)

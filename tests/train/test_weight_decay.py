@@ -99,6 +99,11 @@ EXPECTED = {
   ),
   # Routing: the k-means centroids are not weights.
   "routing": (ATTENTION[0], "centroids " + ATTENTION[1]),
+  # HAT: two attention modules, the segment-wise and the cross-segment one.
+  "hat": tuple(
+    " ".join(sorted(f"{half}/{p}" for half in ("cse", "swe") for p in ATTENTION[i].split()))
+    for i in (0, 1)
+  ),
 }
 
 
