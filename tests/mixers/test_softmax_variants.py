@@ -123,10 +123,8 @@ def test_attention_sinks():
   assert relative_error(zero, reference) > 1e-3
 
 
-def visible_from(mixer, t, x):
-  """Which positions the output at t depends on (by gradient), and the gradient itself."""
-  params = mixer.init(jax.random.key(1), x)
-  grad = jax.jit(jax.grad(lambda x: mixer.apply(params, x)[:, t].sum()))(x)
+def seen(grad):
+  """Which positions an output depended on, from its gradient [B,T,D]."""
   return (np.abs(np.asarray(grad)).sum((0, 2)) > 0).tolist()
 
 
@@ -134,15 +132,22 @@ def test_gist_tokens_and_memory_masks():
   x = jax.random.normal(jax.random.key(0), (2, 13, 16))
   # chunks of 3 tokens + 1 gist: [0 1 2 g3] [4 5 6 g7] [8 9 10 g11] [12]
   gist = build_mixer("attention", d_model=16, num_heads=2, gist_tokens=1, gist_segment=3)
-  assert visible_from(gist, 9, x) == [i in (3, 7, 8, 9) for i in range(13)]
-  assert visible_from(gist, 7, x) == [i in (3, 4, 5, 6, 7) for i in range(13)]
-  # segments of 4, memory 3: the output at 9 sees 5..7 (memory) and 8, 9 (its segment);
-  # the memory's keys and values pass no gradient, but its queries' inputs do
+  # segments of 4, memory 3: the output at 9 sees 5..7 (memory) and 8, 9 (its segment)
   xl = build_mixer("attention", d_model=16, num_heads=2, memory=3, segment=4)
-  assert visible_from(xl, 9, x) == [i in (8, 9) for i in range(13)]
-  params = xl.init(jax.random.key(1), x)
-  weights = np.asarray(xl.apply(params, x, method=xl.attention_matrix))
-  assert ((weights[0, 0, 9] > 0) == np.isin(np.arange(13), (5, 6, 7, 8, 9))).all()
+
+  @jax.jit
+  def run(x):
+    pg, px = gist.init(jax.random.key(1), x), xl.init(jax.random.key(1), x)
+    grad = lambda m, p, t: jax.grad(lambda x: m.apply(p, x)[:, t].sum())(x)
+    weights = xl.apply(px, x, method=xl.attention_matrix)
+    return grad(gist, pg, 9), grad(gist, pg, 7), grad(xl, px, 9), weights
+
+  g9, g7, xl9, weights = run(x)
+  assert seen(g9) == [i in (3, 7, 8, 9) for i in range(13)]
+  assert seen(g7) == [i in (3, 4, 5, 6, 7) for i in range(13)]
+  # the memory's keys and values pass no gradient (a cached segment), its weights are there
+  assert seen(xl9) == [i in (8, 9) for i in range(13)]
+  assert ((np.asarray(weights)[0, 0, 9] > 0) == np.isin(np.arange(13), (5, 6, 7, 8, 9))).all()
   assert xl.state_size(100) == 2 * 7 * 16 * 4  # memory + segment slots
 
 

@@ -42,25 +42,25 @@ def test_scan_equals_quadratic_equals_recurrent():
 
 def test_state_segments_and_gradients():
   s, v = inputs()
-  x0 = P.recurrent(s, v, return_final_state=True)[1]
   seg = jnp.array([[0] * 5 + [1] * 8, [0] * T])
   unscaled = lambda st: st[..., :-1] * jnp.exp(st[..., -1:])  # (w e^m, u e^m)
-  kw = dict(initial_state=x0, return_final_state=True, segment_ids=seg)
-  o0, f0 = jax.jit(lambda *a: P.recurrent(*a, **kw))(s, v)
-  for fn in (P.reference, P.scan):
-    o, f = jax.jit(lambda *a: fn(*a, **kw))(s, v)
-    assert relative_error(o, o0) < 1e-5 and relative_error(unscaled(f), unscaled(f0)) < 1e-5
 
-  # continuing from a final state equals one pass over the whole sequence
   @jax.jit
-  def split(s, v):
+  def run(s, v):
+    x0 = P.recurrent(s, v, return_final_state=True)[1]
+    kw = dict(initial_state=x0, return_final_state=True, segment_ids=seg)
+    outs = [fn(s, v, **kw) for fn in (P.recurrent, P.reference, P.scan)]
+    # continuing from a final state equals one pass over the whole sequence
     o1, f1 = P.scan(s[:, :6], v[:, :6], return_final_state=True)
-    return jnp.concatenate([o1, P.scan(s[:, 6:], v[:, 6:], initial_state=f1)], 1)
+    split = jnp.concatenate([o1, P.scan(s[:, 6:], v[:, 6:], initial_state=f1)], 1)
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a, initial_state=x0, segment_ids=seg)))
+    grads = [jax.grad(loss(fn), (0, 1))(s, v) for fn in (P.recurrent, P.scan, P.reference)]
+    return outs, split, grads
 
-  assert relative_error(split(s, v), loop(s, v)) < 1e-5
-  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a, initial_state=x0, segment_ids=seg)))
-  grads = [jax.jit(jax.grad(loss(fn), argnums=(0, 1)))(s, v) for fn in (P.scan, P.reference)]
-  g0 = jax.jit(jax.grad(loss(P.recurrent), argnums=(0, 1)))(s, v)
+  ((o0, f0), *rest), split, (g0, *grads) = run(s, v)
+  for o, f in rest:
+    assert relative_error(o, o0) < 1e-5 and relative_error(unscaled(f), unscaled(f0)) < 1e-5
+  assert relative_error(split, loop(s, v)) < 1e-5
   for g in grads:
     for a, b in zip(g, g0):
       assert relative_error(a, b) < 1e-5
