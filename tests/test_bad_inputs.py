@@ -31,6 +31,11 @@ CASES = [
   (train("num_layers=0"), "error: num_layers must be a positive integer, got 0"),
   (train("num_heads=3"), "error: d_model (64) must be divisible by num_heads (3)"),
   (train("mixer=nope"), "error: unknown mixer 'nope'"),
+  (
+    train("mixer=attention,sink_tokens=2"),
+    "error: sink_tokens (2) must be >= 0 and needs a window",
+  ),
+  (train("mixer=moh,routed_heads=4"), "error: moh needs 0 <= shared_heads and 0 <= routed_heads"),
   (train("", "--config.model.state_mixer=moe"), "error: unknown state_mixer 'moe'"),
   (train("", "--config.model.norm=batchnorm"), "error: unknown norm 'batchnorm'"),
   (train("", "--config.model.position_embedding=rope"), "error: unknown position_embedding 'rope'"),
