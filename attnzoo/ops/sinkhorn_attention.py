@@ -18,7 +18,8 @@ queries when decoding). causal=False runs one Sinkhorn over the whole [Tq, Tk] m
 segments).
 
 Forms: `reference` (every prefix block at once, [B,H,Tq,Tk,Tk]) and "xla" (`lax.map` over
-queries, rematerialised: [B,H,Tk,Tk] memory). Layout BTHD; Hkv divides H (grouped queries).
+queries, 8 at a time, rematerialised: [8,B,H,Tk,Tk] memory). Layout BTHD; Hkv divides H
+(grouped queries).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def _all_at_once(row, *xs):
 
 
 def _one_by_one(row, *xs):
-  return lax.map(lambda a: jax.checkpoint(row)(*a), xs)
+  return lax.map(lambda a: jax.checkpoint(row)(*a), xs, batch_size=8)
 
 
 def reference(
