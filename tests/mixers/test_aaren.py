@@ -1,13 +1,15 @@
-"""Aaren: the attention matrix is the forward's (rows are causal distributions)."""
+"""Aaren: the attention matrix is the forward's (rows are causal distributions). Opt-in (the
+generic contract tests and the op's tests cover the mixer in the default suite)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attnzoo.mixers import build_mixer
-from tests.conftest import relative_error
+from tests.conftest import relative_error, slow
 
 
+@slow
 def test_attention_matrix_is_the_forward():
   mixer = build_mixer("aaren", d_model=16, num_heads=2)
   x = jax.random.normal(jax.random.key(0), (2, 11, 16))

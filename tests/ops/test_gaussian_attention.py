@@ -18,8 +18,24 @@ def inputs():
   return x, 0.3 * jax.random.normal(keys[1], (H, NG)), 1 + jax.random.uniform(keys[2], (H, NG))
 
 
-def test_whole_sequence_form_is_the_papers():
+def test_forms():
+  """The whole-sequence form against a numpy transcription of the paper's code; the causal
+  scan ≡ masked-sum reference ≡ recurrent step, with an initial state and packed segments,
+  forward, final state and gradients."""
   x, offsets, c = inputs()
+  seg = jnp.array([[0] * 4 + [1] * 7, [0] * T])
+
+  @jax.jit
+  def run(x, offsets, c):
+    whole = G.gaussian_attention(x, offsets, c, causal=False)
+    x0 = G.recurrent(x[:, ::-1], offsets, c, return_final_state=True)[1]
+    kw = dict(initial_state=x0, return_final_state=True, segment_ids=seg)
+    outs = [fn(x, offsets, c, **kw) for fn in (G.recurrent, G.reference, G.scan)]
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a, initial_state=x0, segment_ids=seg)))
+    grads = [jax.grad(loss(fn), (0, 1, 2))(x, offsets, c) for fn in (G.reference, G.scan)]
+    return whole, outs, grads
+
+  whole, outs, grads = run(x, offsets, c)
   xn, dn, cn = (np.asarray(a, np.float64) for a in (x, offsets, c))
   mean, var = xn.mean(1, keepdims=True), xn.var(1, keepdims=True) + 1e-8
   mix = np.ones_like(xn)
@@ -27,24 +43,7 @@ def test_whole_sequence_form_is_the_papers():
     z = (xn - mean - dn[:, g, None]) / np.sqrt(var)
     mix *= np.exp(-(z**2) / (2 * cn[:, g, None] ** 2)) / np.sqrt(2 * np.pi * cn[:, g, None] ** 2)
   mix /= mix.sum(1, keepdims=True)
-  y = jax.jit(lambda *a: G.gaussian_attention(*a, causal=False))(x, offsets, c)
-  assert relative_error(y, xn * mix) < 1e-5
-
-
-def test_causal_forms_agree():
-  x, offsets, c = inputs()
-  seg = jnp.array([[0] * 4 + [1] * 7, [0] * T])
-
-  @jax.jit
-  def run(x, offsets, c):
-    x0 = G.recurrent(x, offsets, c, return_final_state=True)[1]
-    kw = dict(initial_state=x0, return_final_state=True, segment_ids=seg)
-    outs = [fn(x, offsets, c, **kw) for fn in (G.recurrent, G.reference, G.scan)]
-    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a, initial_state=x0, segment_ids=seg)))
-    grads = [jax.grad(loss(fn), (0, 1, 2))(x, offsets, c) for fn in (G.recurrent, G.scan)]
-    return outs, grads
-
-  outs, grads = run(x, offsets, c)
+  assert relative_error(whole, xn * mix) < 1e-5
   (y0, f0), *rest = outs
   for y, f in rest:
     assert relative_error(y, y0) < 1e-5 and relative_error(f, f0) < 1e-5
