@@ -8,7 +8,7 @@ import numpy as np
 
 from attnzoo.ops import sinkhorn_attention as S
 from attnzoo.ops import softmax_attention
-from tests.conftest import relative_error
+from tests.conftest import relative_error, slow
 
 B, T, H, D = 2, 11, 3, 4
 
@@ -36,7 +36,14 @@ def test_doubly_stochastic_and_one_iteration_is_softmax():
       )
       for causal in (False, True)
     ]
-    return p, block, rows, softmax
+    # the per-query ("xla") form against the all-at-once reference, with packed segments
+    forms = [
+      S.sinkhorn_attention(
+        q, k, v, scale=0.5, causal=True, segment_ids=seg, implementation=implementation
+      )
+      for implementation in ("xla", "reference")
+    ]
+    return p, block, rows, softmax + [forms]
 
   p, block, rows, softmax = run(*qkv())
   np.testing.assert_allclose(np.asarray(p.sum(-1)), 1.0, atol=1e-4)
@@ -51,7 +58,9 @@ def test_doubly_stochastic_and_one_iteration_is_softmax():
     assert relative_error(one, soft) < 1e-5
 
 
+@slow
 def test_per_query_form_equals_the_reference():
+  """Forward and gradients (the default suite compares the forwards)."""
   q, k, v = qkv()
   seg = jnp.array([[0] * 4 + [1] * 7, [0] * T])
   kw = dict(scale=0.5, n_iter=3, causal=True, segment_ids=seg)
