@@ -33,6 +33,11 @@ CASES = [
   (train("mixer=nsa,stride=3"), "error: nsa: stride (3) must divide block_cmp (32)"),
   (train("mixer=nope"), "error: unknown mixer 'nope'"),
   (train("mixer=fnet"), "error: mixer 'fnet' is bidirectional-only (no causal form)"),
+  (
+    train("mixer=attention,sink_tokens=2"),
+    "error: sink_tokens (2) must be >= 0 and needs a window",
+  ),
+  (train("mixer=moh,routed_heads=4"), "error: moh needs 0 <= shared_heads and 0 <= routed_heads"),
   (train("", "--config.model.state_mixer=moe"), "error: unknown state_mixer 'moe'"),
   (train("", "--config.model.norm=batchnorm"), "error: unknown norm 'batchnorm'"),
   (train("", "--config.model.position_embedding=rope"), "error: unknown position_embedding 'rope'"),

@@ -23,12 +23,14 @@ never another mixer module (tests/test_imports.py checks it).
 
 # Importing the family modules registers them.
 from attnzoo.mixers import (
+  aaren,  # noqa: F401,E402
   ahn,  # noqa: F401,E402
   attention,  # noqa: F401,E402
   base_conv,  # noqa: F401,E402
   based,  # noqa: F401,E402
   delta_net,  # noqa: F401,E402
   fourier,  # noqa: F401,E402
+  gaussian_adaptive,  # noqa: F401,E402
   gla,  # noqa: F401,E402
   h3,  # noqa: F401,E402
   hgrn2,  # noqa: F401,E402

@@ -1,6 +1,7 @@
 """Softmax attention mixers: multi-head / grouped-query / multi-query attention (Vaswani et
 al. 2017; Ainslie et al. 2023 for GQA; Shazeer 2019 for MQA), optional RoPE, sliding-window
-(local) attention, gated attention and Block-Attention.
+(local) attention, gated attention, Block-Attention, and the softmax variants shaped attention
+and Sinkhorn attention.
 
 Decoding keeps a KV cache of `cache_len` slots in the "cache" collection, written as a ring
 (slot = position mod cache_len): the whole context for full attention, the last `window`
@@ -10,6 +11,7 @@ training, i.e. when the module is given a "dropout" rng (`apply(..., rngs={"drop
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -23,10 +25,19 @@ from attnzoo.mixers.layers import (
   state_bytes,
 )
 from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.ops import routing as routing_ops
 from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
-from attnzoo.ops.segments import EMPTY, segment_starts
-from attnzoo.ops.softmax_attention import decode_splits, split_kv_attention
+from attnzoo.ops.segments import EMPTY, canonical_segments, segment_starts
+from attnzoo.ops.sinkhorn_attention import sinkhorn_attention
+from attnzoo.ops.softmax_attention import decode_splits, merge_attention, split_kv_attention
+
+
+def documents(q_pos, kv_pos, segment_ids, kv_segment_ids) -> tuple[jax.Array, jax.Array]:
+  """The document ids of queries and keys (zeros without packed segments)."""
+  q_doc = jnp.zeros(q_pos.shape, jnp.int32) if segment_ids is None else segment_ids
+  kv_doc = segment_ids if kv_segment_ids is None else kv_segment_ids
+  return q_doc, jnp.zeros(kv_pos.shape, jnp.int32) if kv_doc is None else kv_doc
 
 
 @register("attention")
@@ -38,6 +49,30 @@ class Attention(nn.Module):
   may be set independently of d_model / num_heads (Bhojanapalli et al. 2020: a head size of the
   sequence length removes the low-rank bottleneck). softcap: logits -> softcap·tanh(logits /
   softcap).
+
+  Attention sinks (Xiao et al. 2024, "Efficient Streaming Language Models with Attention
+  Sinks"): sink_tokens = s keeps the first s positions visible to every query beside the
+  window (StreamingLLM; needs a window; the KV cache keeps them in s slots of their own), and
+  sink_logit adds one learned logit per head (init 0) whose value is zero, so a head can put
+  weight on "nothing": o <- o · sigmoid(lse - sink). Both merge through the log-sum-exp of
+  softmax_attention.
+
+  Gist tokens (Mu et al. 2023; the segment-wise compression studied by Deng et al. 2024, "A
+  Silver Bullet or a Compromise for Full Attention? A Comprehensive Study of Gist Token-based
+  Context Compression"): the sequence is read as chunks of gist_segment tokens followed by
+  gist_tokens gist positions; a token sees its own chunk (causally) and the gist positions of
+  earlier chunks only, so the gists must carry what later chunks need. A mask: which tokens
+  are gists is fixed by position (the data puts gist tokens there). The KV cache still keeps
+  every token (a gist cache would keep the gists and the current chunk).
+
+  Segments: with segment = S, a token sees only its own segment of S positions (causally unless
+  causal=False; HAT's segment-wise encoder). Transformer-XL memory (Dai et al. 2019; the
+  memory-length ablation of Rae & Razavi 2020, "Do Transformers Need Deep Long-Range
+  Memory?"): with memory = M too, a token also sees the M positions before its segment with
+  stop-gradient keys and values, as a cached previous segment. The KV cache keeps M + S
+  slots. Deviation: positions are
+  the mixer's (RoPE with rope=True), not Transformer-XL's learned relative encoding (u, v,
+  W_R R_{i-j}).
   """
 
   d_model: int
@@ -52,10 +87,17 @@ class Attention(nn.Module):
   rope: bool = False
   rope_base: float = 10000.0
   attention_dropout: float = 0.0
+  sink_tokens: int = 0
+  sink_logit: bool = False
+  gist_tokens: int = 0
+  gist_segment: int = 0
+  memory: int = 0
+  segment: int = 0
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
   bidirectional: ClassVar[bool] = True
+  decode_keeps_queries: ClassVar[bool] = False  # the cache also keeps the context's queries
 
   def _dims(self):
     kv_heads = self.num_kv_heads or self.num_heads
@@ -68,6 +110,14 @@ class Attention(nn.Module):
       raise ValueError(f"num_kv_heads ({kv_heads}) must divide num_heads ({self.num_heads})")
     if self.window is not None and self.window < 1:
       raise ValueError(f"window must be >= 1, got {self.window}")
+    if self.sink_tokens < 0 or (self.sink_tokens and self.window is None):
+      raise ValueError(f"sink_tokens ({self.sink_tokens}) must be >= 0 and needs a window")
+    if min(self.gist_tokens, self.gist_segment, self.memory, self.segment) < 0:
+      raise ValueError("gist_tokens, gist_segment, memory and segment must be >= 0")
+    if self.gist_tokens and (self.gist_segment < 1 or self.segment):
+      raise ValueError("gist_tokens need gist_segment >= 1 (and no segment or memory)")
+    if self.memory and self.segment < 1:
+      raise ValueError("memory needs segment >= 1")
     if not 0.0 <= self.attention_dropout < 1.0:
       raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
     return self.num_heads, kv_heads, self.head_dim or self.d_model // self.num_heads
@@ -80,8 +130,9 @@ class Attention(nn.Module):
   def state_size(self, seq_len: int) -> int:
     """KV-cache bytes at float32 for a context of seq_len tokens."""
     _, kv_heads, head_dim = self._dims()
-    kept = seq_len if self.window is None else min(seq_len, self.window)
-    return 2 * state_bytes((kept, kv_heads, head_dim))
+    kept = self._kept(seq_len)
+    queries = state_bytes((kept, self._dims()[0], head_dim)) if self.decode_keeps_queries else 0
+    return 2 * state_bytes((kept, kv_heads, head_dim)) + queries
 
   def setup(self):
     heads, kv_heads, head_dim = self._dims()
@@ -90,6 +141,8 @@ class Attention(nn.Module):
     self.out = nn.DenseGeneral(
       self.d_model, axis=(-2, -1), dtype=self.dtype, kernel_init=output_init(self.num_layers)
     )
+    if self.sink_logit:
+      self.sink = self.param("sink_logit", nn.initializers.zeros, (heads,), jnp.float32)
 
   def _project(self, x, positions):
     q, k, v = self.q(x), self.k(x), self.v(x)
@@ -135,20 +188,97 @@ class Attention(nn.Module):
     q, k, _ = self._project(x, positions)
     return hidden_attention(self._attend, q, k, **masks)
 
-  def _attend(self, q, k, v, *, implementation, segment_ids=None, dropout_rng=None):
-    return softmax_attention(
+  def _scale(self) -> float:
+    return self._dims()[2] ** -0.5
+
+  def _attend(
+    self,
+    q,
+    k,
+    v,
+    *,
+    implementation,
+    segment_ids=None,
+    dropout_rng=None,
+    q_positions=None,
+    kv_positions=None,
+    kv_segment_ids=None,
+  ):
+    """Attention of q over k, v: the whole sequence, or (with positions) a KV cache; the
+    options that widen the visible set (sinks, gist tokens, memory) add disjoint key sets,
+    merged through their log-sum-exps."""
+    attend = lambda q_pos, q_seg, kv_seg, keys=k, values=v, **kw: softmax_attention(
       q,
-      k,
-      v,
-      scale=self._dims()[2] ** -0.5,
-      causal=self.causal,
-      window=self._window(),
-      segment_ids=segment_ids,
+      keys,
+      values,
+      scale=self._scale(),
+      segment_ids=q_seg,
+      kv_segment_ids=kv_seg,
+      q_positions=q_pos,
+      kv_positions=kv_positions,
       softcap=self.softcap,
       dropout_rate=self.attention_dropout,
       dropout_rng=dropout_rng,
       implementation=implementation,
+      **kw,
     )
+    main = dict(causal=self.causal, window=self._window())
+    if not (self.sink_tokens or self.sink_logit or self._chunk()):
+      if q.shape[1] == 1 and kv_positions is not None and segment_ids is None:
+        # a decoding step over a KV cache: the keys split into chunks merged by log-sum-exp,
+        # so the step has B x splits x H pieces of work instead of B x H
+        return split_kv_attention(
+          q,
+          k,
+          v,
+          scale=self._scale(),
+          q_positions=q_positions,
+          kv_positions=kv_positions,
+          num_splits=decode_splits(k.shape[1]),
+          softcap=self.softcap,
+          implementation=implementation,
+          **main,
+        )
+      return attend(q_positions, segment_ids, kv_segment_ids, **main)
+    q_pos, kv_pos = default_positions(q, q_positions), default_positions(k, kv_positions)
+    # documents as ids (packed sequences), combined below with the chunk of each position
+    q_doc, kv_doc = documents(q_pos, kv_pos, segment_ids, kv_segment_ids)
+    chunk = self._chunk()
+    if chunk:  # gist tokens / segments: the main set is the query's own chunk
+      q_doc, kv_doc = canonical_segments(q_doc), canonical_segments(kv_doc)
+      ids = lambda doc, pos: doc * 2**15 + pos // chunk
+      parts = [attend(q_pos, ids(q_doc, q_pos), ids(kv_doc, kv_pos), return_lse=True, **main)]
+      before = q_pos // chunk * chunk - 1  # the last position of the previous chunk
+      if self.gist_tokens:  # the gist tokens of earlier chunks
+        gists = jnp.where(kv_pos % chunk >= self.gist_segment, kv_doc, -1)
+        parts.append(attend(before, q_doc, gists, causal=True, return_lse=True))
+      if self.memory:  # the `memory` positions before the chunk, without gradient
+        sg = jax.lax.stop_gradient
+        memory = dict(causal=True, window=(self.memory - 1, 0), return_lse=True)
+        parts.append(attend(before, q_doc, kv_doc, keys=sg(k), values=sg(v), **memory))
+    else:
+      parts = [attend(q_positions, segment_ids, kv_segment_ids, return_lse=True, **main)]
+    if self.sink_tokens:  # the first positions, where the window no longer reaches them
+      sinks = jnp.where(kv_pos < self.sink_tokens, kv_doc, -1)
+      parts.append(attend(q_pos - self.window, q_doc, sinks, causal=True, return_lse=True))
+    if self.sink_logit:
+      o, lse = parts[0]
+      parts.append((jnp.zeros_like(o), jnp.broadcast_to(self.sink, lse.shape)))
+    return merge_attention(parts)
+
+  def _chunk(self) -> int:
+    """The chunk length of gist-token masking or of segments (0: neither)."""
+    if self.gist_tokens:
+      return self.gist_segment + self.gist_tokens
+    return self.segment
+
+  def _kept(self, steps: int) -> int:
+    """KV-cache slots for a context of `steps` tokens."""
+    if self.window is not None:
+      return min(steps, self.window + self.sink_tokens)
+    if self.segment:
+      return min(steps, self.memory + self.segment)
+    return steps
 
   def _gate(self, x, o):
     """Hook for output gating (GatedAttention); plain attention returns o."""
@@ -161,48 +291,60 @@ class Attention(nn.Module):
     initialized = self.has_variable("cache", "keys")
     # The cache is created by `model.init(..., decode=True)` on an input of the longest
     # context to decode; during that call, attention runs over the input as usual.
-    cache_len = steps if self.window is None else min(self.window, steps)
+    sinks = self.sink_tokens
+    cache_len = self._kept(steps)
     cache_k = self.variable("cache", "keys", jnp.zeros, (batch, cache_len) + k.shape[2:], k.dtype)
     cache_v = self.variable("cache", "values", jnp.zeros, (batch, cache_len) + v.shape[2:], v.dtype)
     cache_pos = self.variable("cache", "positions", jnp.full, (batch, cache_len), EMPTY)
+    cache_q = None
+    if self.decode_keeps_queries:  # a normalisation over the queries of the context too
+      cache_q = self.variable("cache", "queries", jnp.zeros, (batch, cache_len) + q.shape[2:])
     if not initialized:
       return self._attend(q, k, v, implementation=self.implementation)
+    # Keep the newest tokens in a ring (slot = position mod its length) and the first
+    # sink_tokens positions in slots of their own.
     cache_len = cache_k.value.shape[1]
-    kept = min(steps, cache_len)
-    slots = positions[:, -kept:] % cache_len
+    ring = max(cache_len - sinks, 1)
+    kept = min(steps, ring)
+    new = positions[:, -kept:]
+    writes = [(steps - kept, jnp.where(new < sinks, new, sinks + (new - sinks) % ring))]
+    if sinks:
+      writes.append((0, jnp.where(positions < sinks, positions, cache_len)))  # others dropped
     rows = jnp.arange(batch)[:, None]
-    store = lambda cache, new: cache.at[rows, slots].set(new[:, -kept:].astype(cache.dtype))
-    attend = dict(
-      scale=self._dims()[2] ** -0.5,
-      causal=True,
-      window=self._window(),
-      softcap=self.softcap,
-      implementation=self.implementation,
-    )
+    caches = [(cache_k, k), (cache_v, v), (cache_pos, positions)]
+    caches += [] if cache_q is None else [(cache_q, q)]
+
+    def write():
+      for start, slots in writes:
+        for cache, value in caches:
+          cache.value = cache.value.at[rows, slots].set(
+            value[:, start:].astype(cache.value.dtype), mode="drop"
+          )
+
     if steps == 1:
-      # One new token: write it first (its slot held a token outside its window), then attend
-      # over the cache alone, split along the keys so the step has enough parallel work.
-      cache_k.value, cache_v.value = store(cache_k.value, k), store(cache_v.value, v)
-      cache_pos.value = store(cache_pos.value, positions)
-      return split_kv_attention(
-        q,
-        cache_k.value,
-        cache_v.value,
-        q_positions=positions,
-        kv_positions=cache_pos.value,
-        num_splits=decode_splits(cache_len),
-        **attend,
-      )
-    # A prompt chunk: attend over cache + chunk (a ring cache may be shorter than the chunk).
-    keys = jnp.concatenate([cache_k.value, k.astype(cache_k.value.dtype)], axis=1)
-    values = jnp.concatenate([cache_v.value, v.astype(cache_v.value.dtype)], axis=1)
-    kv_positions = jnp.concatenate([cache_pos.value, positions], axis=1)
-    o = softmax_attention(
-      q, keys, values, q_positions=positions, kv_positions=kv_positions, **attend
+      # One new token: written first (the slot it takes held a token it cannot see: the cache
+      # is sized to what a query sees), then attention over the cache alone, no copy of it.
+      write()
+      keys, values, kv_positions = cache_k.value, cache_v.value, cache_pos.value
+      extra = {} if cache_q is None else {"kv_queries": cache_q.value}
+    else:  # a prompt chunk: over cache + chunk (a ring cache may be shorter than the chunk)
+      keys = jnp.concatenate([cache_k.value, k.astype(cache_k.value.dtype)], axis=1)
+      values = jnp.concatenate([cache_v.value, v.astype(cache_v.value.dtype)], axis=1)
+      kv_positions = jnp.concatenate([cache_pos.value, positions], axis=1)
+      extra = {}
+      if cache_q is not None:
+        extra["kv_queries"] = jnp.concatenate([cache_q.value, q.astype(cache_q.value.dtype)], 1)
+    o = self._attend(
+      q,
+      keys,
+      values,
+      q_positions=positions,
+      kv_positions=kv_positions,
+      implementation=self.implementation,
+      **extra,
     )
-    # Keep the newest tokens: slot = position mod cache_len.
-    cache_k.value, cache_v.value = store(cache_k.value, k), store(cache_v.value, v)
-    cache_pos.value = store(cache_pos.value, positions)
+    if steps > 1:
+      write()
     return o
 
 
@@ -302,3 +444,342 @@ class BlockAttention(Attention):
   def place_block(self, k: jax.Array, offset: int | jax.Array) -> jax.Array:
     """Re-encodes keys from local positions to positions offset..offset+n-1 (RoPE rotation)."""
     return apply_rope(k, jnp.full(k.shape[:2], offset, jnp.int32), base=self.rope_base)
+
+
+@register("shaped")
+class ShapedAttention(Attention):
+  """Shaped attention (Noci et al. 2023, "The Shaped Transformer: Attention Models in the
+  Infinite Depth-and-Width Limit"): softmax centred at the identity with a width-dependent
+  temperature,
+
+    A = I + softmax(q k^T / τ) - C,   τ = tau0 · sqrt(n · n_k),   o = A v,
+
+  n the width (d_model), n_k the key dimension (head_dim), C the uniform average over the keys
+  a query sees: the paper's (1/m) 1 1^T; with causal=True 1/(t+1) over the prefix (our causal
+  reading; likewise inside a window or a segment). At initialisation the logits are O(1/sqrt n),
+  so A ≈ I. C v is attention with zero queries, so every mask and fast path of softmax_attention
+  serves both terms. Deviation: the paper's residual λ x + γ A x W_V / sqrt(n) is the block's
+  plain residual here (λ = γ = 1, the 1/sqrt(n) left to W_V's initialisation). Decoding: the
+  KV cache of attention."""
+
+  tau0: float = 1.0
+
+  def _scale(self) -> float:
+    return 1.0 / (self.tau0 * math.sqrt(self.d_model * self._dims()[2]))
+
+  def _attend(self, q, k, v, *, implementation, dropout_rng=None, **masks):
+    attend = super()._attend
+    o = attend(q, k, v, implementation=implementation, dropout_rng=dropout_rng, **masks)
+    uniform = attend(jnp.zeros_like(q), k, v, implementation=implementation, **masks)
+    own = v[:, -q.shape[1] :]  # v of the query: the last ones, or found by position in a cache
+    if masks.get("kv_positions") is not None:
+      match = masks["kv_positions"][:, None, :] == masks["q_positions"][:, :, None]
+      own = jnp.einsum("bqk,bkhd->bqhd", match.astype(v.dtype), v)
+    own = jnp.repeat(own, q.shape[2] // v.shape[2], axis=2)
+    return o + own.astype(o.dtype) - uniform
+
+
+@register("sinkhorn")
+class SinkhornAttention(Attention):
+  """Sinkformer attention (Sander et al. 2022, "Sinkformers: Transformers with Doubly Stochastic
+  Attention"): exp(q k^T / sqrt(d)) scaled by `n_iter` Sinkhorn iterations (1 = softmax; the
+  paper's NLP runs use 3) towards a doubly stochastic matrix (attnzoo.ops.sinkhorn_attention).
+  causal=False: one Sinkhorn over the sequence (the paper's encoder). causal=True: the query at
+  position t takes row t of Sinkhorn over the block of queries and keys at positions <= t, so
+  nothing of the future reaches it (our causal treatment; O(T^3) work in training). Decoding
+  keeps the queries in the KV cache too (the prefix block needs them). No window, softcap or
+  attention dropout."""
+
+  n_iter: int = 3
+
+  decode_keeps_queries: ClassVar[bool] = True
+
+  def _attend(
+    self,
+    q,
+    k,
+    v,
+    *,
+    implementation,
+    segment_ids=None,
+    dropout_rng=None,
+    q_positions=None,
+    kv_positions=None,
+    kv_queries=None,
+  ):
+    del dropout_rng
+    if self.window is not None or self.softcap is not None or self.attention_dropout:
+      raise ValueError("sinkhorn takes no window, softcap or attention_dropout")
+    return sinkhorn_attention(
+      q,
+      k,
+      v,
+      kv_queries,
+      scale=self._scale(),
+      n_iter=self.n_iter,
+      causal=self.causal,
+      segment_ids=segment_ids,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
+      implementation=implementation,
+    )
+
+
+@register("moh")
+class MixtureOfHeads(Attention):
+  """MoH, mixture-of-head attention (Jin et al. 2024, "MoH: Multi-Head Attention as
+  Mixture-of-Head Attention"): heads are experts; each token weights its heads' outputs before
+  the output projection. The first `shared_heads` heads are always on, gated by
+  h_s · softmax(W_s x); a router picks the top `routed_heads` of the others by softmax(W_r x),
+  renormalised over the chosen ones, times routed_heads; the two groups are mixed by
+  2 · softmax(W_h x) (routers bias-free, as the official MoHAttention). Defaults: 4 heads,
+  1 shared and 2 routed (75% of heads active per token, the MoH-LLaMA3 ratio).
+  `balance_loss(x)` is the paper's load-balance term E · Σ_i P_i f_i (coefficient 0.01 in the
+  paper); deviation: the zoo's trainer has no auxiliary-loss hook, so training here runs
+  without it. All heads are computed and masked (no ragged head sets). Decoding: attention's
+  KV cache of all heads."""
+
+  num_heads: int = 4
+  shared_heads: int = 1
+  routed_heads: int = 2
+
+  def setup(self):
+    super().setup()
+    heads = self._dims()[0]
+    routed = heads - self.shared_heads
+    if self.shared_heads < 0 or self.routed_heads < 0 or self.routed_heads > routed:
+      raise ValueError(
+        f"moh needs 0 <= shared_heads and 0 <= routed_heads <= num_heads - shared_heads; got "
+        f"{self.shared_heads}, {self.routed_heads} of {heads} heads"
+      )
+    if self.shared_heads + self.routed_heads == 0:
+      raise ValueError("moh needs shared_heads + routed_heads >= 1")
+    router = lambda n: nn.Dense(n, use_bias=False, dtype=self.dtype, kernel_init=dense_init)
+    if self.routed_heads:
+      self.routed_router = router(routed)
+    if self.shared_heads:
+      self.shared_router = router(self.shared_heads)
+    if self.shared_heads and self.routed_heads:
+      self.mix_router = router(2)
+
+  def _routing(self, x):
+    """(router probabilities [B,T,R], top-k mask [B,T,R]) of the routed heads."""
+    probs = jax.nn.softmax(self.routed_router(x).astype(jnp.float32), axis=-1)
+    _, chosen = jax.lax.top_k(probs, self.routed_heads)
+    mask = jax.nn.one_hot(chosen, probs.shape[-1], dtype=jnp.float32).sum(-2)
+    return probs, mask
+
+  def head_gates(self, x: jax.Array) -> jax.Array:
+    """g [B,T,H]: each token's weight of each head (0 for heads it does not route to)."""
+    gates = []
+    if self.shared_heads:
+      shared = jax.nn.softmax(self.shared_router(x).astype(jnp.float32), -1) * self.shared_heads
+      gates.append(shared)
+    if self.routed_heads:
+      probs, mask = self._routing(x)
+      chosen = probs * mask
+      denom = jnp.maximum(chosen.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
+      gates.append(chosen / denom * self.routed_heads)
+    if len(gates) == 2:
+      alpha = 2 * jax.nn.softmax(self.mix_router(x).astype(jnp.float32), -1)
+      gates = [gates[0] * alpha[..., :1], gates[1] * alpha[..., 1:]]
+    return jnp.concatenate(gates, -1)
+
+  def balance_loss(self, x: jax.Array) -> jax.Array:
+    """E · Σ_i P_i f_i over the E routed heads: P_i the mean router probability of head i, f_i
+    the fraction of tokens choosing it (routed_heads when perfectly balanced)."""
+    if not self.routed_heads:
+      return jnp.zeros((), jnp.float32)
+    probs, mask = self._routing(x)
+    experts = probs.shape[-1]
+    return experts * jnp.sum(probs.reshape(-1, experts).mean(0) * mask.reshape(-1, experts).mean(0))
+
+  def _gate(self, x, o):
+    return o * self.head_gates(x)[..., None].astype(o.dtype)
+
+
+@register("routing")
+class RoutingAttention(Attention):
+  """Routing attention (Roy et al. 2021, "Efficient Content-Based Sparse Attention with
+  Routing Transformers"): per head, queries and keys on the unit sphere are assigned to the
+  nearest of `num_clusters` shared centroids (online spherical k-means), and a query attends
+  only to the keys of its own cluster (causally, within packed documents): softmax_attention
+  with the cluster ids as segment ids, heads folded into the batch, so every fast path serves
+  it (dense masked compute: the pattern of the paper, not its O(T^1.5) gather). A query with
+  no key in its cluster returns 0. The centroids [H,C,d] are a parameter that only the k-means
+  update moves: routing uses them under stop_gradient, and attnzoo.ops.routing.kmeans_tap gives
+  them the gradient μ - m̂ (m̂ the batch mean of the unit queries and keys assigned to each
+  centroid), so SGD at learning rate 1 - λ is the paper's EMA with decay λ; under the zoo's
+  AdamW the step is Adam's (deviation). Not in the paper's model here: its local-attention
+  heads and the commitment loss (the trainer has no auxiliary-loss hook). Decoding: the KV
+  cache of attention; key clusters are recomputed from the cached keys."""
+
+  num_clusters: int = 8
+
+  def setup(self):
+    super().setup()
+    heads, _, head_dim = self._dims()
+    shape = (heads, self.num_clusters, head_dim)
+    self.centroids = self.param("centroids", nn.initializers.normal(1.0), shape, jnp.float32)
+
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    y = super().__call__(x, positions=positions, segment_ids=segment_ids, decode=decode)
+    if decode:
+      return y
+    q, k, _ = self._project(x, default_positions(x, positions))
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    return routing_ops.kmeans_tap(
+      y, self.centroids, routing_ops.centroid_targets([q, k], self.centroids)
+    )
+
+  def clusters(self, x: jax.Array, positions: jax.Array | None = None) -> tuple:
+    """(query clusters, key clusters), each [B,T,H]."""
+    q, k, _ = self._project(x, default_positions(x, positions))
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    mu = jax.lax.stop_gradient(self.centroids)
+    return routing_ops.assign(q, mu), routing_ops.assign(k, mu)
+
+  def _attend(
+    self,
+    q,
+    k,
+    v,
+    *,
+    implementation,
+    segment_ids=None,
+    dropout_rng=None,
+    q_positions=None,
+    kv_positions=None,
+  ):
+    batch, tq, heads, _ = q.shape
+    groups = heads // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    mu = jax.lax.stop_gradient(self.centroids)
+    ids_q, ids_k = routing_ops.assign(q, mu), routing_ops.assign(k, mu)  # [B,T,H]
+    if segment_ids is not None:  # clusters inside packed documents
+      docs = canonical_segments(segment_ids)[..., None] * self.num_clusters
+      ids_q, ids_k = ids_q + docs, ids_k + docs
+    fold = lambda a: jnp.swapaxes(a, 1, 2).reshape((-1, a.shape[1], 1) + a.shape[3:])
+    ids = lambda a: jnp.swapaxes(a, 1, 2).reshape(-1, a.shape[1])
+    rep = lambda p: None if p is None else jnp.repeat(p, heads, axis=0)
+    o = super()._attend(
+      fold(q),
+      fold(k),
+      fold(v),
+      implementation=implementation,
+      segment_ids=ids(ids_q),
+      kv_segment_ids=ids(ids_k),
+      dropout_rng=dropout_rng,
+      q_positions=rep(q_positions),
+      kv_positions=rep(kv_positions),
+    )
+    return jnp.swapaxes(o.reshape(batch, heads, tq, -1), 1, 2)
+
+
+class CrossSegmentAttention(Attention):
+  """HAT's cross-segment attention: a query reads only the summaries of segments of `segment`
+  positions, a summary being the token at the end of its segment; causal: the segments before
+  the query's own (complete ones), else every segment (the sequence's last token closes the
+  last). Not registered: the second half of `hat`."""
+
+  def _attend(self, q, k, v, *, segment_ids=None, q_positions=None, kv_positions=None, **kwargs):
+    q_pos, kv_pos = default_positions(q, q_positions), default_positions(k, kv_positions)
+    doc, kv_doc = documents(q_pos, kv_pos, segment_ids, kwargs.pop("kv_segment_ids", None))
+    ends = kv_pos % self.segment == self.segment - 1
+    if not self.causal:  # the last token of each document closes its last segment
+      ends |= jnp.arange(kv_pos.shape[1]) == kv_pos.shape[1] - 1
+      if segment_ids is not None:
+        ends |= jnp.concatenate([segment_starts(segment_ids)[:, 1:], ends[:, -1:]], axis=1)
+    summaries = jnp.where(ends, kv_doc, -1)
+    before = q_pos // self.segment * self.segment - 1  # the end of the previous segment
+    return super()._attend(
+      q,
+      k,
+      v,
+      segment_ids=doc,
+      kv_segment_ids=summaries,
+      q_positions=before if self.causal else q_positions,
+      kv_positions=kv_positions,
+      **kwargs,
+    )
+
+  def _chunk(self) -> int:
+    return 0  # `segment` defines the summaries here, not a local mask
+
+  def _kept(self, steps: int) -> int:
+    return steps
+
+
+@register("hat")
+class HierarchicalAttention(nn.Module):
+  """HAT, hierarchical attention (Chalkidis et al. 2022, "An Exploration of Hierarchical
+  Attention Transformers for Efficient Long Document Classification"), one interleaved layer:
+  a segment-wise encoder (attention within segments of `segment` positions) then a
+  cross-segment encoder (each token reads the summaries of the segments, the summary of a
+  segment being the segment-wise output at its last token; causal: only complete segments
+  before the token's own):
+
+    h = x + SWE(x),   y = SWE(x) + CSE(h)
+
+  Deviations: HAT's segment tokens are prepended [CLS]-like tokens whose contextualised states
+  are written back for the next layer; here the last token of each segment is the summary
+  (so the causal form is exact) and every token reads the summaries in the same layer. Both
+  halves are attention modules with their own projections (RoPE when rope=True); decoding
+  keeps the segment-wise cache (segment slots) and the cross-segment keys of the context."""
+
+  d_model: int
+  layer_idx: int = 0
+  num_layers: int = 1
+  num_heads: int = 1
+  segment: int = 16
+  causal: bool = True
+  rope: bool = False
+  implementation: str = "auto"
+  dtype: Any = jnp.float32
+
+  bidirectional: ClassVar[bool] = True
+
+  def _halves(self, **names):
+    common = dict(
+      d_model=self.d_model,
+      layer_idx=self.layer_idx,
+      num_layers=self.num_layers,
+      num_heads=self.num_heads,
+      causal=self.causal,
+      rope=self.rope,
+      segment=self.segment,
+      implementation=self.implementation,
+      dtype=self.dtype,
+    )
+    return Attention(**common, **names.get("swe", {})), CrossSegmentAttention(
+      **common, **names.get("cse", {})
+    )
+
+  def setup(self):
+    if self.segment < 1:
+      raise ValueError(f"hat needs segment >= 1, got {self.segment}")
+    self.swe, self.cse = self._halves(swe={"name": "swe"}, cse={"name": "cse"})
+
+  def state_size(self, seq_len: int) -> int:
+    """Bytes at float32: the segment-wise KV cache and the cross-segment KV cache."""
+    swe, cse = self._halves(swe={"parent": None}, cse={"parent": None})  # unbound copies
+    return swe.state_size(seq_len) + cse.state_size(seq_len)
+
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    local = self.swe(x, positions=positions, segment_ids=segment_ids, decode=decode)
+    h = x + local.astype(x.dtype)
+    return local + self.cse(h, positions=positions, segment_ids=segment_ids, decode=decode)

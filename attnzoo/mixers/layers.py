@@ -7,7 +7,8 @@
 - decode caches, one per op, each running its op (whole sequence) or continuing from its state
   in the "cache" collection (`decode=True`): `ShortConv`, `DepthwiseConvOp`, `LinearAttentionOp`,
   `DeltaRuleOp`, `DPLRDeltaOp`, `LongConvOp`, `DiagSSMOp` (with `S4DKernel`, S4D's
-  parametrisation), `WKV4Op`, `SpatialMixOp`, `TokenShift`;
+  parametrisation), `WKV4Op`, `SpatialMixOp`, `PrefixAttentionOp`, `GaussianAttentionOp`,
+  `TokenShift`;
 - Hyena's implicit long filter (`ImplicitFilter`);
 - feature maps of linear attention, and the normalisations of mixer outputs.
 """
@@ -28,8 +29,10 @@ from attnzoo.mixers.registry import per_head
 from attnzoo.ops import delta_rule as dr_ops
 from attnzoo.ops import diag_ssm as ssm_ops
 from attnzoo.ops import dplr_delta as dplr_ops
+from attnzoo.ops import gaussian_attention as ga_ops
 from attnzoo.ops import linear_attention as la_ops
 from attnzoo.ops import long_conv as lc_ops
+from attnzoo.ops import prefix_attention as pa_ops
 from attnzoo.ops import selective_scan as ss_ops
 from attnzoo.ops import short_conv as conv_ops
 from attnzoo.ops import spatial_mix as sm_ops
@@ -848,6 +851,63 @@ class WKV4Op(nn.Module):
     op = functools.partial(_wkv4_op, k, v, w, u, implementation=self.implementation)
     step = lambda state: wkv4_ops.step(state, k[:, 0], v[:, 0], w, u)
     init = functools.partial(wkv4_ops.init_state, batch, channels)
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+
+_pa_op = _eager_jit(pa_ops.prefix_attention)
+
+
+class PrefixAttentionOp(nn.Module):
+  """attnzoo.ops.prefix_attention (Aaren's prefix-scan softmax) with its decoding state: no
+  parameters; the "cache" collection's "state" (w, u, m) [B,H,D+2] float32."""
+
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    s: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, heads, dim = v.shape
+    op = functools.partial(_pa_op, s, v, implementation=self.implementation)
+    step = lambda state: pa_ops.step(state, s[:, 0], v[:, 0])
+    init = functools.partial(pa_ops.init_state, batch, heads, dim)
+    return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
+
+
+_ga_op = _eager_jit(ga_ops.gaussian_attention, "causal")
+
+
+class GaussianAttentionOp(nn.Module):
+  """attnzoo.ops.gaussian_attention (GAAM over time) with its decoding state: no parameters;
+  the "cache" collection's "state" (n, Σx, Σx², log Σ m) [B,H,d,4] float32. causal=False: the
+  paper's whole-sequence form, which does not decode."""
+
+  causal: bool = True
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    offsets: jax.Array,
+    c: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    decode: bool = False,
+  ) -> jax.Array:
+    batch, steps, heads, dim = x.shape
+    if not self.causal:
+      if decode:
+        raise ValueError("the bidirectional (non-causal) form does not decode")
+      return _ga_op(x, offsets, c, causal=False, segment_ids=segment_ids)
+    op = functools.partial(_ga_op, x, offsets, c, implementation=self.implementation)
+    step = lambda state: ga_ops.step(state, x[:, 0], offsets, c)
+    init = functools.partial(ga_ops.init_state, batch, heads, dim)
     return _run_or_decode(self, op, step, init, steps=steps, segment_ids=segment_ids, decode=decode)
 
 

@@ -571,3 +571,12 @@ def decode_splits(num_keys: int, keys_per_split: int = 512) -> int:
     if num_keys % splits == 0:
       return splits
   return 1
+
+
+def merge_attention(parts: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
+  """One softmax over the union of disjoint key sets, from each set's (o [B,T,H,D], lse
+  [B,T,H]) (softmax_attention(..., return_lse=True)); `merge_partials` over the list. A set
+  may be a lone logit with a zero value (an attention sink). Rows empty everywhere return 0."""
+  out = jnp.stack([o for o, _ in parts])
+  lse = jnp.stack([lse.astype(jnp.float32) for _, lse in parts])
+  return merge_partials(out, lse, axis=0)[0].astype(parts[0][0].dtype)

@@ -17,15 +17,15 @@ from tests.conftest import relative_error
 
 # Options that exercise each mixer's interesting paths at small sizes.
 TEST_KWARGS = {
-  "attention": dict(num_heads=4, num_kv_heads=2, rope=True),
-  "sliding_window": dict(num_heads=2, window=5),
+  "attention": dict(num_heads=4, num_kv_heads=2, rope=True, gist_tokens=1, gist_segment=3),
+  "sliding_window": dict(num_heads=2, window=5, sink_tokens=2, sink_logit=True),
   "gla": dict(num_heads=2, implementation="xla"),
   "hgrn2": dict(num_heads=2, layer_idx=1, num_layers=2, implementation="xla"),
   "rwkv6": dict(num_heads=2, mix_lora_dim=4, decay_lora_dim=8, implementation="xla"),
   "deltanet": dict(num_heads=2, implementation="xla"),
   "gated_deltanet": dict(num_heads=2, expand_v=2.0, implementation="xla"),
   "lawcat": dict(num_heads=2, feature_dim=4, gate_low_rank_dim=4, implementation="xla"),
-  "gated_attention": dict(num_heads=2, gate="headwise"),
+  "gated_attention": dict(num_heads=2, gate="headwise", memory=4, segment=5),
   "block_attention": dict(num_heads=2, num_kv_heads=1),
   "base_conv": dict(kernel_size=3),
   "linear_attention": dict(num_heads=2, feature_map="taylor", feature_dim=4, implementation="xla"),
@@ -64,6 +64,13 @@ TEST_KWARGS = {
     layer_idx=1,
     num_layers=2,
   ),
+  "aaren": dict(num_heads=2),
+  "shaped": dict(num_heads=2, num_kv_heads=1),
+  "sinkhorn": dict(num_heads=2, n_iter=4, implementation="reference"),  # xla: op tests
+  "gaussian_adaptive": dict(num_heads=2, num_gaussians=3, implementation="reference"),
+  "moh": dict(num_heads=3, head_dim=4, num_kv_heads=1, shared_heads=1, routed_heads=1),
+  "routing": dict(num_heads=2, num_kv_heads=1, num_clusters=2),
+  "hat": dict(num_heads=2, segment=4),
 }
 D, B, T = 16, 2, 13
 

@@ -15,7 +15,7 @@ ATTENTION = ("k/kernel out/kernel q/kernel v/kernel", "k/bias out/bias q/bias v/
 # mixer: (decayed, not decayed), parameter paths at TEST_KWARGS.
 EXPECTED = {
   "attention": ATTENTION,
-  "sliding_window": ATTENTION,
+  "sliding_window": (ATTENTION[0], "k/bias out/bias q/bias sink_logit v/bias"),  # sinks on
   "block_attention": ATTENTION,
   "gated_attention": ("gate_proj/kernel " + ATTENTION[0], "gate_proj/bias " + ATTENTION[1]),
   # Zoology's BaseConv: the conv taps and the projection decay, their biases not.
@@ -119,6 +119,25 @@ EXPECTED = {
   ),
   # FFTNet: the context MLP's Linear weights decay; the spectral filter and modReLU bias not.
   "fftnet": ("mlp_in/kernel mlp_out/kernel", "base_filter mlp_in/bias mlp_out/bias modrelu_bias"),
+  # Aaren: the learned query is a vector like a bias, not a projection.
+  "aaren": ("k/kernel out/kernel v/kernel", "query"),
+  "shaped": ATTENTION,
+  "sinkhorn": ATTENTION,
+  # GAAM: the Gaussians' offsets and scaled variances are per-head statistics parameters.
+  "gaussian_adaptive": ("", "c mean_offsets"),
+  # MoH: the routers are bias-free Linear layers, decayed like every projection.
+  "moh": (
+    "k/kernel mix_router/kernel out/kernel q/kernel routed_router/kernel shared_router/kernel "
+    "v/kernel",
+    ATTENTION[1],
+  ),
+  # Routing: the k-means centroids are not weights.
+  "routing": (ATTENTION[0], "centroids " + ATTENTION[1]),
+  # HAT: two attention modules, the segment-wise and the cross-segment one.
+  "hat": tuple(
+    " ".join(sorted(f"{half}/{p}" for half in ("cse", "swe") for p in ATTENTION[i].split()))
+    for i in (0, 1)
+  ),
 }
 
 
