@@ -5,8 +5,8 @@
 set -o pipefail; export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/mqar_ssm_out}; mkdir -p "$OUT"
 nvidia-smi -L
-python3 experiments/mqar_ssm.py --out experiments/results/mqar_ssm --steps "${STEPS:-2000}" \
-  --lanes "${LANES:-6}" --run-cap "${RUN_CAP:-150}" --total-cap "${TOTAL_CAP:-330}" 2>&1 \
-  | tee "$OUT/mqar_ssm.log"
+python3 experiments/mqar_table.py --name mqar_ssm ${MIXERS:+--mixers $MIXERS} \
+  --steps "${STEPS:-2000}" --lanes "${LANES:-6}" --run-cap "${RUN_CAP:-150}" \
+  --total-cap "${TOTAL_CAP:-330}" 2>&1 | tee "$OUT/mqar_ssm.log"
 rm -rf experiments/results/mqar_ssm/runs/*/checkpoints
 cp -r experiments/results/mqar_ssm "$OUT/"

@@ -1,13 +1,15 @@
-"""MQAR accuracy of the state-space / convolution / RWKV mixers of issue #17 next to attention,
-at Zoology's (L=256, kv=16) with d_model=128 and 2 layers (configs/mqar.py; one learning rate,
-not Zoology's sweep). Runs `attnzoo train` for each mixer, several at once on one device
-(small models are launch-bound), every run under a wall-clock cap, and writes
-`<out>/mqar_ssm.md` and `.json`: final eval accuracy, the bytes of the decoding state
-(`state_size`), parameters, steps and wall time per mixer (a run stopped by its cap reports its
-last evaluation).
+"""An MQAR table for any set of causal mixers next to attention, at Zoology's (L=256, kv=16)
+with d_model=128 and 2 layers (configs/mqar.py; one learning rate, not Zoology's sweep). Runs
+`attnzoo train` for each mixer, several at once on one device (small models are launch-bound),
+every run under a wall-clock cap, and writes `<out>/<name>.md` and `.json`: final eval
+accuracy, the bytes of the decoding state (`state_size`), parameters, steps and wall time per
+mixer (a run stopped by its cap reports its last evaluation).
 
-  python experiments/mqar_ssm.py --out experiments/results/mqar_ssm [--steps 2000] [--lanes 6]
-  python experiments/mqar_ssm.py --tiny --out /tmp/mqar_tiny      (CPU smoke run, meaningless)
+  python experiments/mqar_table.py --name mqar_ssm --mixers attention,s4d,... [--steps 2000]
+  python experiments/mqar_table.py --tiny --out /tmp/mqar_tiny      (CPU smoke run, meaningless)
+
+The issue tables: `--name mqar_ssm` (the default mixers: issue #17's families) and
+`--name mqar_variants` (issue #18's softmax variants, experiments/gpu/mqar_variants.sh).
 """
 
 from __future__ import annotations
@@ -21,23 +23,25 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-# mixer name -> extra `--config.` overrides (Zoology's Figure 2 kwargs where they differ from
-# the mixer defaults: base_conv alternates a short and a long convolution).
-MIXERS = {
-  "attention": [],
-  "s4d": [],
-  "dss": [],
-  "mamba": [],
-  "h3": [],
-  "hyena": [],
+# Overrides for mixers whose defaults do not fit (L=256, d=128): base_conv alternates a short
+# and a long convolution (Zoology's Figure 2); NSA's paper blocks (window 512) would cover the
+# whole sequence, so it gets blocks scaled to L=256 (the NSA helper's suggestion); sinkhorn's
+# causal form is O(T^3), so it trains 500 steps.
+OVERRIDES = {
   "base_conv": ["--config.model.mixer_kwargs.layer_kernel_sizes=(3,-1)"],
-  "rwkv4": [],
-  "rwkv7": [],
-  "lightweight_conv": [],
-  "dynamic_conv": [],
-  "smlp": [],
+  "nsa": [
+    f"--config.model.mixer_kwargs.{k}={v}"
+    for k, v in dict(block_cmp=8, stride=4, block_slc=16, num_selected=4, window=32).items()
+  ],
+  "ahn": ["--config.model.mixer_kwargs.window=32"],
+  "sinkhorn": ["--config.train.num_steps=500"],
 }
+# issue #17's families next to attention (the default --mixers)
+SSM_MIXERS = (
+  "attention,s4d,dss,mamba,h3,hyena,base_conv,rwkv4,rwkv7,lightweight_conv,dynamic_conv,smlp"
+)
 
 
 def command(mixer: str, workdir: pathlib.Path, args) -> list[str]:
@@ -63,7 +67,7 @@ def command(mixer: str, workdir: pathlib.Path, args) -> list[str]:
     f"--config.train.log_every={every}",
     f"--config.train.checkpoint_every={every * 8}",
     *extra,
-    *MIXERS[mixer],
+    *OVERRIDES.get(mixer, []),
   ]
 
 
@@ -118,8 +122,9 @@ def state_size_of(mixer: str, workdir: pathlib.Path) -> int | None:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", type=pathlib.Path, default=REPO / "experiments/results/mqar_ssm")
-  p.add_argument("--mixers", default=",".join(MIXERS))
+  p.add_argument("--name", default="mqar_ssm", help="the table's file name")
+  p.add_argument("--out", type=pathlib.Path, help="default: experiments/results/<name>")
+  p.add_argument("--mixers", default=SSM_MIXERS)
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--seed", type=int, default=0)
@@ -129,9 +134,12 @@ def main(argv=None) -> None:
   p.add_argument("--tiny", action="store_true")
   args = p.parse_args(argv)
   mixers = args.mixers.split(",")
-  unknown = sorted(set(mixers) - set(MIXERS))
+  from attnzoo.mixers.registry import causal_mixers
+
+  unknown = sorted(set(mixers) - set(causal_mixers()))
   if unknown:
-    raise SystemExit(f"error: unknown mixer(s) {', '.join(unknown)}; known: {', '.join(MIXERS)}")
+    raise SystemExit(f"error: not a causal mixer: {', '.join(unknown)}")
+  args.out = args.out or REPO / "experiments" / "results" / args.name
   args.out.mkdir(parents=True, exist_ok=True)
   runs = args.out / "runs"
   env = dict(os.environ)
@@ -177,9 +185,10 @@ def main(argv=None) -> None:
     f"(early stop at 0.99), seed {args.seed}"
   )
   lines = [
-    "# MQAR: state-space, convolution and RWKV mixers (issue #17) next to attention",
+    f"# MQAR: {', '.join(mixers)}",
     "",
-    f"Device: {device}. Setting: {setting}; configs/mqar.py, `python experiments/mqar_ssm.py`.",
+    f"Device: {device}. Setting: {setting}; configs/mqar.py, "
+    f"`python experiments/mqar_table.py --name {args.name}`.",
     f"{args.lanes} runs at once on the device, each capped at {args.run_cap:.0f} s "
     f"(all at {args.total_cap:.0f} s); one learning rate, not Zoology's sweep.",
     "state size: bytes of the decoding state summed over the 2 layers, float32, at L=256.",
@@ -195,8 +204,8 @@ def main(argv=None) -> None:
       f"| {r['mixer']} | {acc} | {state} | {params} | {r.get('step', '-')} | "
       f"{r['wall_s']} | {r['status']} |"
     )
-  (args.out / "mqar_ssm.md").write_text("\n".join(lines) + "\n")
-  (args.out / "mqar_ssm.json").write_text(json.dumps(rows, indent=2))
+  (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+  (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=2))
   print("\n".join(lines))
 
 
