@@ -102,7 +102,7 @@ def write(results: dict, out: pathlib.Path, device: str, contexts, batches, sett
   mib = lambda m, b, L: (
     None if cell(m, b, L, "cache_bytes") is None else (cell(m, b, L, "cache_bytes") / 2**20)
   )
-  fmt = lambda v, spec: "OOM/err" if v is None else format(v, spec)
+  fmt = lambda v, spec: "—" if v is None else format(v, spec)
   lines = [f"# Decoding speed and state memory on {device}\n\n", __doc__.split("\n\n")[1]]
   lines.append(f"\n\nThis run: {settings}.\n")
   for b in batches:
@@ -110,7 +110,9 @@ def write(results: dict, out: pathlib.Path, device: str, contexts, batches, sett
     lines += [f"\n## batch {b}\n\n| mixer | {head} |\n|---|" + "---|" * 2 * len(contexts) + "\n"]
     for m in mixers:
       cells = [
-        f"{fmt(cell(m, b, L, 'tokens_per_s'), ',.0f')} | {fmt(mib(m, b, L), ',.2f')}"
+        "OOM/err | OOM/err"  # recorded as failed; "—": not measured
+        if "error" in results.get(f"{m}/B{b}/L{L}", {})
+        else f"{fmt(cell(m, b, L, 'tokens_per_s'), ',.0f')} | {fmt(mib(m, b, L), ',.2f')}"
         for L in contexts
       ]
       lines.append(f"| {m} | {' | '.join(cells)} |\n")
