@@ -14,12 +14,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, slow
+from tests.conftest import FAST_XLA_FLAGS, REPO, slow
 
 
 @pytest.mark.parametrize("group", ["eight_devices.py", "eight_devices_train.py"])
 def test_on_eight_devices(group):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_XLA_FLAGS}"}
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
   file = REPO / "tests" / "parallel" / group
   command = [sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-p", "no:cacheprovider"]

@@ -17,7 +17,7 @@ from attnzoo.config import ConfigError
 from attnzoo.train.checkpoint import Checkpoints
 from attnzoo.train.logging import read_metrics
 from attnzoo.train.trainer import TrainingError, load_run, train
-from tests.conftest import REPO, tiny_mqar_config
+from tests.conftest import FAST_XLA_FLAGS, REPO, tiny_mqar_config
 
 TINY_ARGS = [
   "--config",
@@ -66,7 +66,7 @@ def test_sigkill_and_resume_is_bit_exact_and_four_devices_match_one(tmp_path):
   steps = 100
   reference, killed, four = tmp_path / "reference", tmp_path / "killed", tmp_path / "four"
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  env4 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env4 = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_XLA_FLAGS}"}
   logs = {n: (tmp_path / f"{n}.log").open("w") for n in ("reference", "four")}
   # the uninterrupted runs go on beside the killed and resumed ones
   uninterrupted = [
