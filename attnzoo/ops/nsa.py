@@ -223,12 +223,11 @@ def _scores_kernel(*, q, k_cmp, lse_cmp, q_positions, cmp_positions, scale, ns, 
   )
 
 
-scores_dispatcher.register(
-  "pallas", supports=lambda **a: _scores_kernel_supports(**a, on_device=True)
-)(lambda **a: _scores_kernel(**a, interpret=False))
-scores_dispatcher.register(
-  "interpret", supports=lambda **a: _scores_kernel_supports(**a, on_device=False)
-)(lambda **a: _scores_kernel(**a, interpret=True))
+scores_dispatcher.register_kernel(
+  _scores_kernel,
+  lambda interpret, **a: _scores_kernel_supports(**a, on_device=not interpret),
+  "the NSA scores kernel",
+)
 
 
 def select_blocks(scores: jax.Array, q_positions: jax.Array, config: Config) -> jax.Array:
@@ -310,11 +309,10 @@ def _kernel(*, q, k, v, indices, q_positions, scale, block, interpret):
   )
 
 
-dispatcher.register("pallas", supports=lambda **a: _kernel_supports(**a, on_device=True))(
-  lambda **a: _kernel(**a, interpret=False)
-)
-dispatcher.register("interpret", supports=lambda **a: _kernel_supports(**a, on_device=False))(
-  lambda **a: _kernel(**a, interpret=True)
+dispatcher.register_kernel(
+  _kernel,
+  lambda interpret, **a: _kernel_supports(**a, on_device=not interpret),
+  "the NSA selection kernels",
 )
 
 
