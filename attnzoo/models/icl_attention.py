@@ -16,7 +16,10 @@ parameterisations (`LT_KINDS`):
 `attention_heads` (He et al. 2025, seed #17): one layer of H heads with full (d+1)² Q, K, V and a
 per-head output vector o_h; ŷ = Σ_h o_hᵀ Σ_i a_h(i) V_h e_i, where a_h is the softmax over the
 context of (K_h e_i)ᵀ(Q_h e_q)/sqrt(d+1) or, for the linear-attention control, the same scores
-divided by the context length. `head_matrices` gives each head's KQ = K_hᵀQ_h and OV = o_hᵀV_h.
+unnormalised (plain linear attention: the 1/L that GD needs is learned into the weights at the
+training length, so the prediction scales with L beyond it; divided by the actual length the
+control would generalise like softmax, which is not the paper's comparison). `head_matrices`
+gives each head's KQ = K_hᵀQ_h and OV = o_hᵀV_h.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def attention_heads(params: dict, tokens: jax.Array, softmax: bool = True) -> ja
   ctx, q = tokens[:, :-1], tokens[:, -1]
   scores = jnp.einsum("hed,bid,hef,bf->bhi", params["k"], ctx, params["q"], q)
   scores = scores / jnp.sqrt(tokens.shape[-1])
-  a = jax.nn.softmax(scores, -1) if softmax else scores / ctx.shape[1]
+  a = jax.nn.softmax(scores, -1) if softmax else scores
   values = jnp.einsum("he,hed,bid->bhi", params["o"], params["v"], ctx)
   return jnp.sum(a * values, (1, 2))
 

@@ -5,7 +5,8 @@ delta_rule(q[B,T,H,K], k[B,T,H,K], v[B,T,H,V], beta[B,T,H], *, scale, log_decay=
 
 Per batch and head, with state S in R^{K x V}:
   S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = scale * S_t^T q_t,
-a_t = exp(log_decay_t) (log_decay <= 0; a_t = 1 without it). `initial_state` is S_{-1}.
+a_t = exp(log_decay_t) (log_decay <= 0, floored at linear_attention.LOG_DECAY_FLOOR = -9.5 by
+every form, as in linear attention; a_t = 1 without it). `initial_state` is S_{-1}.
 Where `segment_ids` changes between t-1 and t the state is reset: S_{t-1} := 0 (packed
 documents). DeltaNet expects L2-normalised keys and beta in (0, 1); the op does not enforce it.
 
@@ -23,6 +24,7 @@ from jax import lax
 
 from attnzoo.ops import context_parallel
 from attnzoo.ops.dispatch import Dispatcher
+from attnzoo.ops.linear_attention import LOG_DECAY_FLOOR
 from attnzoo.ops.segments import segment_starts
 from pallas_kernels import delta_rule as kernels
 
@@ -64,7 +66,7 @@ def step(
   if reset is not None:
     s = jnp.where(reset[:, None, None, None], 0.0, s)
   if log_decay is not None:
-    s = jnp.exp(f32(log_decay))[..., None, None] * s
+    s = jnp.exp(jnp.maximum(f32(log_decay), LOG_DECAY_FLOOR))[..., None, None] * s
   k32 = f32(k)
   pred = jnp.einsum("bhkv,bhk->bhv", s, k32, precision=_HI)
   u = f32(beta)[..., None] * (f32(v) - pred)
@@ -133,7 +135,7 @@ def _canonical(q, k, v, beta, *, scale, log_decay, initial_state, segment_ids):
     v=v,
     beta=beta,
     scale=scale,
-    log_decay=log_decay,
+    log_decay=None if log_decay is None else jnp.maximum(log_decay, LOG_DECAY_FLOOR),
     initial_state=initial_state,
     segment_ids=segment_ids,
   )

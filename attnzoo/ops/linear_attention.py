@@ -22,10 +22,13 @@ Implementations: `reference` (quadratic, float32), `recurrent` (lax.scan of `ste
 (pallas_kernels.linear_attention: Triton on GPU, Mosaic on TPU v5 and newer) and "interpret"
 (that kernel in Pallas interpret mode, any backend).
 
-Numerics of the chunked forms ("xla", "pallas"): every exponent is <= 0 except, for per-channel
-decay, inside 16-token sub-blocks, where the factors are referenced to the sub-block's middle
-row and clamped at e^80: results are exact unless the decay over 8 consecutive steps is
-stronger than e^-80 (about -10 per step on average). The Pallas kernel uses one 64-token block
+Numerics: every form floors the log decay at LOG_DECAY_FLOOR = -9.5 per step (a >= e^-9.5 =
+7.5e-5: such a channel forgets its state within one step either way; RWKV-6's -exp(w) and
+GLA's logsigmoid are unbounded below, and decays of e^-1e10 were seen in training, where the
+float32 cumulative sums lose every digit of their differences). With the floor the chunked
+forms ("xla", "pallas") are exact: every exponent is <= 0 except, for per-channel decay,
+inside 16-token sub-blocks, where the factors are referenced to the sub-block's middle row and
+clamped at e^80, which 8 floored steps (e^76) never reach. The Pallas kernel uses one 64-token block
 instead wherever no chunk decays by more than e^-80 (then nothing is clamped). In bf16 the
 normalised form's dq is a small difference of two large terms (~3e-2 relative error at T=1000
 for "xla" and "pallas" alike).
@@ -55,6 +58,9 @@ dispatcher = Dispatcher(
 
 
 # ----------------------------------------------------------------------------- arguments
+
+
+LOG_DECAY_FLOOR = -9.5  # 8 steps: 76 < CLAMP = 80 of the chunked forms (module docstring)
 
 
 def _canonical(
@@ -87,6 +93,7 @@ def _canonical(
         f"linear_attention: log_decay must be [H], [B,T,H] or [B,T,H,K]; got "
         f"{log_decay.shape} for q{q.shape}"
       )
+    log_decay = jnp.maximum(log_decay, LOG_DECAY_FLOOR)
   if bonus is not None and bonus.shape != (h, kd):
     raise ValueError(f"linear_attention: bonus must be [H,K]=({h},{kd}); got {bonus.shape}")
   state_v = vd + 1 if normalize else vd
@@ -267,7 +274,7 @@ def step(
   if log_decay is None:
     decay = 1.0
   else:
-    g = log_decay.astype(F32)
+    g = jnp.maximum(log_decay.astype(F32), LOG_DECAY_FLOOR)
     if g.ndim == 1:
       g = jnp.broadcast_to(g, q.shape[:2])
     decay = jnp.exp(g)[..., None] if g.ndim == 3 else jnp.exp(g)[..., None, None]

@@ -1,9 +1,13 @@
 """Induction heads on repeated random tokens (Olsson et al. 2022, seed #96).
 
-A sequence is BOS (token 0) followed by `span` uniform random tokens from [1, vocab) repeated
-`repeats` times; the causal LM predicts every next token. The first repeat cannot be predicted
-(loss ≈ log(vocab − 1)); later repeats can, by an induction head: attend to the token after the
-previous occurrence of the current token and copy it. Metrics per example: `loss` (all
+A sequence is BOS (token 0) followed by a pattern of uniform random tokens from [1, vocab)
+repeated to fill span · repeats tokens; the causal LM predicts every next token. The first
+repeat cannot be predicted (loss ≈ log(vocab − 1)); later repeats can, by an induction head:
+attend to the token after the previous occurrence of the current token and copy it. Training
+patterns are `min_span` to `span` tokens long, drawn per sequence: with one fixed length a
+single layer copies from a fixed offset by position alone (measured: a 1-layer transformer
+then solves the repeats), which is not induction. Evaluation uses Olsson's probe, a fixed
+`span` (25 tokens × 4 by default). Metrics per example: `loss` (all
 positions), `loss_first` (targets in the first repeat), `loss_repeat` (targets in later repeats)
 and `accuracy_repeat`.
 
@@ -26,11 +30,16 @@ import optax
 from attnzoo.tasks.base import Batch, Task, register_task
 
 
-def generate(rng: np.random.Generator, n: int, vocab_size: int, span: int, repeats: int):
-  """tokens [n, 1 + span·repeats] int32: BOS then a random span repeated."""
+def generate(
+  rng: np.random.Generator, n: int, vocab_size: int, span: int, repeats: int, min_span: int = 0
+):
+  """(tokens [n, 1 + span·repeats] int32, spans [n] int32): BOS then a random pattern repeated;
+  each row's pattern length is drawn from [min_span, span] (min_span 0: always span)."""
   pattern = rng.integers(1, vocab_size, (n, span))
+  spans = np.full(n, span) if not min_span else rng.integers(min_span, span + 1, n)
+  body = np.take_along_axis(pattern, np.arange(span * repeats)[None] % spans[:, None], 1)
   bos = np.zeros((n, 1), np.int64)
-  return np.concatenate([bos, np.tile(pattern, (1, repeats))], 1).astype(np.int32)
+  return np.concatenate([bos, body], 1).astype(np.int32), spans.astype(np.int32)
 
 
 def earlier_successors(span: int, length: int) -> np.ndarray:
@@ -95,6 +104,7 @@ class InductionHeads(Task):
     batch_size: int,
     seed: int,
     eval_examples: int = 256,
+    min_span: int = 0,
   ):
     for name, value, low in (
       ("vocab_size", vocab_size, 3),
@@ -105,7 +115,9 @@ class InductionHeads(Task):
     ):
       if not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    self.vocab_size, self.span, self.repeats = vocab_size, span, repeats
+    if not isinstance(min_span, int) or min_span and not 2 <= min_span <= span:
+      raise ValueError(f"min_span must be 0 (fixed span) or in [2, span={span}], got {min_span!r}")
+    self.vocab_size, self.span, self.repeats, self.min_span = vocab_size, span, repeats, min_span
     self.batch_size, self.seed, self.eval_examples = batch_size, seed, eval_examples
 
   @classmethod
@@ -118,25 +130,28 @@ class InductionHeads(Task):
       batch_size=d.batch_size,
       seed=config.seed,
       eval_examples=d.eval_examples,
+      min_span=d.get("min_span", 0),
     )
 
   @property
   def max_seq_len(self) -> int:
     return self.span * self.repeats  # inputs drop the last token
 
-  def _batch(self, tokens: np.ndarray) -> Batch:
-    return {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
+  def _batch(self, tokens: np.ndarray, spans: np.ndarray) -> Batch:
+    return {"inputs": tokens[:, :-1], "labels": tokens[:, 1:], "span": spans}
 
   def train_batch(self, step: int) -> Batch:
     rng = np.random.default_rng([self.seed, 0, step])
-    return self._batch(generate(rng, self.batch_size, self.vocab_size, self.span, self.repeats))
+    args = (self.batch_size, self.vocab_size, self.span, self.repeats, self.min_span)
+    return self._batch(*generate(rng, *args))
 
   def eval_sets(self) -> dict[str, list[Batch]]:
     rng = np.random.default_rng([self.seed, 1])
-    tokens = generate(rng, self.eval_examples, self.vocab_size, self.span, self.repeats)
+    tokens, spans = generate(rng, self.eval_examples, self.vocab_size, self.span, self.repeats)
     size = self.batch_size
     name = f"span{self.span}_x{self.repeats}"
-    return {name: [self._batch(tokens[i : i + size]) for i in range(0, len(tokens), size)]}
+    rows = range(0, len(tokens), size)
+    return {name: [self._batch(tokens[i : i + size], spans[i : i + size]) for i in rows]}
 
   def model_kwargs(self) -> dict:
     return {"vocab_size": self.vocab_size}
@@ -144,18 +159,20 @@ class InductionHeads(Task):
   def model_inputs(self, batch: Batch) -> dict:
     return {"tokens": batch["inputs"]}
 
-  def _repeat_mask(self, shape):
-    """1 where the target (label at input position i, token i + 1) is in repeat ≥ 2."""
-    return jnp.broadcast_to(jnp.arange(shape[1]) + 1 >= 1 + self.span, shape)
+  @staticmethod
+  def _repeat_mask(shape, spans):
+    """1 where the target (label at input position i, token i + 1) is in repeat ≥ 2 of its
+    row's pattern (spans [B])."""
+    return jnp.arange(shape[1])[None] + 1 >= 1 + spans[:, None]
 
   def loss(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     ce = optax.softmax_cross_entropy_with_integer_labels(outputs, batch["labels"])
-    repeat = self._repeat_mask(ce.shape)
+    repeat = self._repeat_mask(ce.shape, batch["span"])
     return ce.mean(), {"loss_repeat": jnp.sum(ce * repeat) / jnp.sum(repeat)}
 
   def example_metrics(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
     ce = optax.softmax_cross_entropy_with_integer_labels(outputs, batch["labels"])
-    repeat = self._repeat_mask(ce.shape)
+    repeat = self._repeat_mask(ce.shape, batch["span"])
     first = ~repeat
     right = jnp.argmax(outputs, -1) == batch["labels"]
     return {

@@ -100,6 +100,22 @@ def test_recurrent_and_chunked_match_reference(variant):
   assert_all_close(loss_and_grads(chunked16, q, k, v, kw), want, 1e-5, "chunked ")
 
 
+def test_extreme_decays_are_floored_and_exact():
+  """RWKV-6's log decay -exp(w) reached -4e10 in training (F1 ICL, rwkv6), where the chunked
+  form's float32 cumulative sums lost every digit and the loss went NaN: every form floors the
+  log decay at LOG_DECAY_FLOOR, and the chunked form then equals the reference exactly."""
+  q, k, v, kw = make_inputs("bonus", seed=4)
+  w = jax.random.normal(jax.random.key(5), kw["log_decay"].shape) * 8.0
+  kw["log_decay"] = -jnp.exp(w)  # per step from ~-e^-30 to ~-e^30
+  assert float(kw["log_decay"].min()) < 1e4 * la.LOG_DECAY_FLOOR
+  want = loss_and_grads(la.reference, q, k, v, kw)
+  got = loss_and_grads(functools.partial(la.chunked, chunk_size=64), q, k, v, kw)
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(got))
+  assert_all_close(got, want, 1e-5, "extreme decays ")
+  floored = dict(kw, log_decay=jnp.maximum(kw["log_decay"], la.LOG_DECAY_FLOOR))
+  np.testing.assert_array_equal(la.reference(q, k, v, **kw), la.reference(q, k, v, **floored))
+
+
 @pytest.mark.parametrize("variant", ["scalar", "bonus", "normalized"])
 def test_chunked_bf16(variant):
   q, k, v, kw = make_inputs(variant, seed=2)

@@ -208,7 +208,7 @@ def test_attention_heads_and_weight_diagnostics():
     for w, m in zip(omega, mu)
   )
   np.testing.assert_allclose(lt.attention_heads(params, tokens), expect, rtol=1e-5)
-  linear = sum(m * (w * s * ys[:, :-1]).sum(1) / 5 for w, m in zip(omega, mu))
+  linear = sum(m * (w * s * ys[:, :-1]).sum(1) for w, m in zip(omega, mu))
   np.testing.assert_allclose(lt.attention_heads(params, tokens, softmax=False), linear, rtol=1e-5)
   diag = metrics.weight_diagnostics(*lt.head_matrices(params))
   np.testing.assert_allclose(diag["kq_diag_fraction"], 1.0)
@@ -254,6 +254,26 @@ def test_task_with_mixers_in_both_formats(mixer, fmt):
   assert np.isfinite(out).all()
 
 
+def test_induction_training_spans_vary():
+  """Training patterns have per-row lengths in [min_span, span] (so no fixed offset predicts a
+  repeat), each row periodic with its own length; the repeat mask follows each row's span."""
+  from attnzoo.tasks import induction
+
+  task = induction.InductionHeads(
+    vocab_size=50, span=12, min_span=3, repeats=3, batch_size=64, seed=0
+  )
+  batch = task.train_batch(7)
+  tokens = np.concatenate([batch["inputs"], batch["labels"][:, -1:]], 1)[:, 1:]
+  spans = batch["span"]
+  assert spans.min() >= 3 and spans.max() <= 12 and len(set(spans.tolist())) > 5
+  for row, p in zip(tokens, spans):
+    np.testing.assert_array_equal(row[p:], row[:-p])
+  repeat = np.asarray(task._repeat_mask(batch["labels"].shape, jnp.asarray(spans)))
+  np.testing.assert_array_equal(repeat.sum(1), 36 - spans)
+  with pytest.raises(ValueError, match="min_span"):
+    induction.InductionHeads(vocab_size=50, span=12, min_span=13, repeats=3, batch_size=4, seed=0)
+
+
 def test_induction_head_scores():
   """An ideal induction head scores 1 on prefix matching and 0 on previous token, and the
   reverse for a previous-token head; a 1-layer model's maps come back per layer."""
@@ -273,11 +293,11 @@ def test_induction_head_scores():
   np.testing.assert_allclose(induction.previous_token_score(attn), [1 / (T - 1), 1.0], rtol=1e-6)
   config = load_config_file(
     f"{REPO}/configs/icl/induction.py:d_model=16,num_layers=1,span={span},repeats={repeats},"
-    "batch_size=2,vocab_size=16"
+    "batch_size=2,vocab_size=16,min_span=2"
   )
   exp = Experiment(config)
   params = exp.init_state()["params"]
-  tokens = exp.task.train_batch(0)["inputs"]
+  tokens = exp.task.eval_sets()[f"span{span}_x{repeats}"][0]["inputs"]  # Olsson's fixed probe
   np.testing.assert_array_equal(tokens[:, 1 : 1 + span], tokens[:, 1 + span : 1 + 2 * span])
   (maps,) = induction.attention_maps(exp.model, params, tokens)
   assert maps.shape == (2, 4, T, T)
