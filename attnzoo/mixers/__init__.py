@@ -42,6 +42,7 @@ from attnzoo.mixers import (
   mamba,  # noqa: F401,E402
   mamba2,  # noqa: F401,E402
   nsa,  # noqa: F401,E402
+  ran,  # noqa: F401,E402
   retnet,  # noqa: F401,E402
   rwkv4,  # noqa: F401,E402
   rwkv6,  # noqa: F401,E402
