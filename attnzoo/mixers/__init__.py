@@ -39,6 +39,7 @@ from attnzoo.mixers import (
   lightconv,  # noqa: F401,E402
   lightning,  # noqa: F401,E402
   linear_attention,  # noqa: F401,E402
+  lte,  # noqa: F401,E402
   mamba,  # noqa: F401,E402
   mamba2,  # noqa: F401,E402
   nsa,  # noqa: F401,E402

@@ -72,6 +72,7 @@ TEST_KWARGS = {
   "routing": dict(num_heads=2, num_kv_heads=1, num_clusters=2),
   "hat": dict(num_heads=2, segment=4),
   "ran": dict(num_heads=2, window=4),
+  "lte": dict(num_heads=2, window=4, sink_tokens=2, retained=2),
 }
 D, B, T = 16, 2, 13
 

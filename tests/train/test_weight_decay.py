@@ -133,6 +133,12 @@ EXPECTED = {
   ),
   # Routing: the k-means centroids are not weights.
   "routing": (ATTENTION[0], "centroids " + ATTENTION[1]),
+  # LTE: the retention score CNN's kernels decay like the projections.
+  "lte": (
+    "k/kernel out/kernel q/kernel scorer/conv0/kernel scorer/conv1/kernel "
+    "scorer/conv2/kernel v/kernel",
+    "k/bias q/bias scorer/conv0/bias scorer/conv1/bias scorer/conv2/bias v/bias",
+  ),
   # RAN: every Dense kernel decays; biases, LayerNorms and the learned initial cell do not.
   "ran": (
     "cell_glu/gate/kernel cell_glu/linear/kernel encode_glu/gate/kernel "
