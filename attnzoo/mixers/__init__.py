@@ -39,9 +39,11 @@ from attnzoo.mixers import (
   lightconv,  # noqa: F401,E402
   lightning,  # noqa: F401,E402
   linear_attention,  # noqa: F401,E402
+  lte,  # noqa: F401,E402
   mamba,  # noqa: F401,E402
   mamba2,  # noqa: F401,E402
   nsa,  # noqa: F401,E402
+  ran,  # noqa: F401,E402
   retnet,  # noqa: F401,E402
   rwkv4,  # noqa: F401,E402
   rwkv6,  # noqa: F401,E402

@@ -71,6 +71,8 @@ TEST_KWARGS = {
   "moh": dict(num_heads=3, head_dim=4, num_kv_heads=1, shared_heads=1, routed_heads=1),
   "routing": dict(num_heads=2, num_kv_heads=1, num_clusters=2),
   "hat": dict(num_heads=2, segment=4),
+  "ran": dict(num_heads=2, window=4),
+  "lte": dict(num_heads=2, window=4, sink_tokens=2, retained=2),
 }
 D, B, T = 16, 2, 13
 

@@ -133,6 +133,24 @@ EXPECTED = {
   ),
   # Routing: the k-means centroids are not weights.
   "routing": (ATTENTION[0], "centroids " + ATTENTION[1]),
+  # LTE: the retention score CNN's kernels decay like the projections.
+  "lte": (
+    "k/kernel out/kernel q/kernel scorer/conv0/kernel scorer/conv1/kernel "
+    "scorer/conv2/kernel v/kernel",
+    "k/bias q/bias scorer/conv0/bias scorer/conv1/bias scorer/conv2/bias v/bias",
+  ),
+  # RAN: every Dense kernel decays; biases, LayerNorms and the learned initial cell do not.
+  "ran": (
+    "cell_glu/gate/kernel cell_glu/linear/kernel encode_glu/gate/kernel "
+    "encode_glu/linear/kernel k/kernel o/kernel out/kernel q/kernel review_glu/gate/kernel "
+    "review_glu/linear/kernel review_k/kernel review_o/kernel review_q/kernel review_v/kernel "
+    "v/kernel",
+    "cell_glu/gate/bias cell_glu/linear/bias cell_norm/bias cell_norm/scale "
+    "encode_glu/gate/bias encode_glu/linear/bias encode_norm/bias encode_norm/scale "
+    "initial_cell input_norm/bias input_norm/scale k/bias o/bias q/bias "
+    "review_glu/gate/bias review_glu/linear/bias review_k/bias review_norm/bias "
+    "review_norm/scale review_o/bias review_q/bias review_v/bias v/bias",
+  ),
   # HAT: two attention modules, the segment-wise and the cross-segment one.
   "hat": tuple(
     " ".join(sorted(f"{half}/{p}" for half in ("cse", "swe") for p in ATTENTION[i].split()))
