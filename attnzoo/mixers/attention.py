@@ -25,6 +25,7 @@ from attnzoo.mixers.layers import (
   state_bytes,
 )
 from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.ops import dam as dam_ops
 from attnzoo.ops import routing as routing_ops
 from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
@@ -73,6 +74,11 @@ class Attention(nn.Module):
   slots. Deviation: positions are
   the mixer's (RoPE with rope=True), not Transformer-XL's learned relative encoding (u, v,
   W_R R_{i-j}).
+
+  DAM masks (attnzoo.ops.dam; Zhang et al. 2025): when the "dam" collection holds this
+  layer's pattern (`apply({"params": p, "dam": patterns}, ...)`, patterns from
+  `dam.extract_pattern` of the layer's attention maps), every query sees only the pattern's
+  keys, in the forward pass and in decoding.
   """
 
   d_model: int
@@ -223,8 +229,10 @@ class Attention(nn.Module):
       **kw,
     )
     main = dict(causal=self.causal, window=self._window())
+    main.update(self._dam(q, k, q_positions, kv_positions))
     if not (self.sink_tokens or self.sink_logit or self._chunk()):
-      if q.shape[1] == 1 and kv_positions is not None and segment_ids is None:
+      plain = segment_ids is None and "bias" not in main
+      if q.shape[1] == 1 and kv_positions is not None and plain:
         # a decoding step over a KV cache: the keys split into chunks merged by log-sum-exp,
         # so the step has B x splits x H pieces of work instead of B x H
         return split_kv_attention(
@@ -265,6 +273,14 @@ class Attention(nn.Module):
       o, lse = parts[0]
       parts.append((jnp.zeros_like(o), jnp.broadcast_to(self.sink, lse.shape)))
     return merge_attention(parts)
+
+  def _dam(self, q, k, q_positions, kv_positions) -> dict:
+    """{"bias": the DAM mask} when the "dam" collection holds this layer's pattern, else {}."""
+    if not self.has_variable("dam", "offsets"):
+      return {}
+    pattern = dam_ops.Pattern(*(self.get_variable("dam", n) for n in dam_ops.Pattern._fields))
+    q_pos, kv_pos = default_positions(q, q_positions), default_positions(k, kv_positions)
+    return {"bias": dam_ops.pattern_bias(pattern, q_pos, kv_pos)}
 
   def _chunk(self) -> int:
     """The chunk length of gist-token masking or of segments (0: neither)."""
