@@ -25,6 +25,8 @@ from attnzoo.mixers.layers import (
   state_bytes,
 )
 from attnzoo.mixers.registry import dense_init, output_init, register
+from attnzoo.ops import dam as dam_ops
+from attnzoo.ops import namm as namm_ops
 from attnzoo.ops import routing as routing_ops
 from attnzoo.ops import softmax_attention
 from attnzoo.ops.rotary import apply_rope
@@ -73,6 +75,18 @@ class Attention(nn.Module):
   slots. Deviation: positions are
   the mixer's (RoPE with rope=True), not Transformer-XL's learned relative encoding (u, v,
   W_R R_{i-j}).
+
+  DAM masks (attnzoo.ops.dam; Zhang et al. 2025): when the "dam" collection holds this
+  layer's pattern (`apply({"params": p, "dam": patterns}, ...)`, patterns from
+  `dam.extract_pattern` of the layer's attention maps), every query sees only the pattern's
+  keys, in the forward pass and in decoding.
+
+  NAMM-style eviction (attnzoo.ops.namm; Cetin et al. 2024), a decoding option of plain
+  attention: with namm_interval = n > 0, decoding one token at a time keeps each cached
+  token's attention history and every n steps evicts the tokens a scorer (its parameters as
+  "scorer" in the "namm" collection) rates < 0; new tokens take freed slots. namm_cache
+  bounds the cache (when full, the oldest token is overwritten). A prompt read in one chunk
+  is attended in full. The forward pass is unchanged.
   """
 
   d_model: int
@@ -93,6 +107,11 @@ class Attention(nn.Module):
   gist_segment: int = 0
   memory: int = 0
   segment: int = 0
+  namm_interval: int = 0
+  namm_n_fft: int = 32
+  namm_hop: int = 16
+  namm_ema: float = 0.99
+  namm_cache: int | None = None
   implementation: str = "auto"
   dtype: Any = jnp.float32
 
@@ -118,6 +137,11 @@ class Attention(nn.Module):
       raise ValueError("gist_tokens need gist_segment >= 1 (and no segment or memory)")
     if self.memory and self.segment < 1:
       raise ValueError("memory needs segment >= 1")
+    if self.namm_interval < 0 or (self.namm_cache is not None and self.namm_cache < 1):
+      raise ValueError("namm_interval must be >= 0 and namm_cache >= 1")
+    plain = self.window is None and not (self.sink_tokens or self.sink_logit or self._chunk())
+    if self.namm_interval and not (plain and self.softcap is None):
+      raise ValueError("namm eviction takes plain attention (no window, sinks, chunks, softcap)")
     if not 0.0 <= self.attention_dropout < 1.0:
       raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
     return self.num_heads, kv_heads, self.head_dim or self.d_model // self.num_heads
@@ -131,7 +155,11 @@ class Attention(nn.Module):
     """KV-cache bytes at float32 for a context of seq_len tokens."""
     _, kv_heads, head_dim = self._dims()
     kept = self._kept(seq_len)
-    queries = state_bytes((kept, self._dims()[0], head_dim)) if self.decode_keeps_queries else 0
+    heads = self._dims()[0]
+    queries = state_bytes((kept, heads, head_dim)) if self.decode_keeps_queries else 0
+    if self.namm_interval:  # attention histories and their spectrogram averages
+      n = self.namm_interval + namm_ops.num_features(self.namm_n_fft)
+      queries += state_bytes((kept, heads, n))
     return 2 * state_bytes((kept, kv_heads, head_dim)) + queries
 
   def setup(self):
@@ -223,8 +251,10 @@ class Attention(nn.Module):
       **kw,
     )
     main = dict(causal=self.causal, window=self._window())
+    main.update(self._dam(q, k, q_positions, kv_positions))
     if not (self.sink_tokens or self.sink_logit or self._chunk()):
-      if q.shape[1] == 1 and kv_positions is not None and segment_ids is None:
+      plain = segment_ids is None and "bias" not in main
+      if q.shape[1] == 1 and kv_positions is not None and plain:
         # a decoding step over a KV cache: the keys split into chunks merged by log-sum-exp,
         # so the step has B x splits x H pieces of work instead of B x H
         return split_kv_attention(
@@ -266,6 +296,47 @@ class Attention(nn.Module):
       parts.append((jnp.zeros_like(o), jnp.broadcast_to(self.sink, lse.shape)))
     return merge_attention(parts)
 
+  def _dam(self, q, k, q_positions, kv_positions) -> dict:
+    """{"bias": the DAM mask} when the "dam" collection holds this layer's pattern, else {}."""
+    if not self.has_variable("dam", "offsets"):
+      return {}
+    pattern = dam_ops.Pattern(*(self.get_variable("dam", n) for n in dam_ops.Pattern._fields))
+    q_pos, kv_pos = default_positions(q, q_positions), default_positions(k, kv_positions)
+    return {"bias": dam_ops.pattern_bias(pattern, q_pos, kv_pos)}
+
+  def _namm_step(self, q, k, v, positions, cache_k, cache_v, cache_pos, history, ema):
+    """One decoding step with NAMM eviction (attnzoo.ops.namm): every namm_interval steps the
+    tokens the scorer rates < 0 leave the cache; the new token takes a free slot (else the
+    oldest token's); attention over the cache; the weights join each token's history."""
+    if not self.has_variable("namm", "scorer"):
+      raise ValueError("namm_interval needs the scorer in the 'namm' collection (namm.init_scorer)")
+    rows, pos, n = jnp.arange(q.shape[0]), positions[:, 0], self.namm_interval
+    ema.value, cache_pos.value = namm_ops.evict(
+      self.get_variable("namm", "scorer"),
+      history.value,
+      ema.value,
+      cache_pos.value,
+      (pos % n == 0) & (pos > 0),
+      n_fft=self.namm_n_fft,
+      hop=self.namm_hop,
+      gamma=self.namm_ema,
+    )
+    slot = namm_ops.free_slot(cache_pos.value)
+    for cache, value in ((cache_k, k), (cache_v, v), (cache_pos, positions)):
+      cache.value = cache.value.at[rows, slot].set(value[:, 0].astype(cache.value.dtype))
+    for state in (history, ema):
+      state.value = state.value.at[rows, slot].set(0.0)
+    o, weights = namm_ops.step_attention(
+      q,
+      cache_k.value,
+      cache_v.value,
+      scale=self._scale(),
+      q_positions=positions,
+      kv_positions=cache_pos.value,
+    )
+    history.value = history.value.at[rows, :, :, pos % n].set(weights)
+    return o
+
   def _chunk(self) -> int:
     """The chunk length of gist-token masking or of segments (0: neither)."""
     if self.gist_tokens:
@@ -278,7 +349,7 @@ class Attention(nn.Module):
       return min(steps, self.window + self.sink_tokens)
     if self.segment:
       return min(steps, self.memory + self.segment)
-    return steps
+    return min(steps, self.namm_cache or steps)
 
   def _gate(self, x, o):
     """Hook for output gating (GatedAttention); plain attention returns o."""
@@ -299,8 +370,15 @@ class Attention(nn.Module):
     cache_q = None
     if self.decode_keeps_queries:  # a normalisation over the queries of the context too
       cache_q = self.variable("cache", "queries", jnp.zeros, (batch, cache_len) + q.shape[2:])
+    if self.namm_interval:
+      shape = lambda n: (batch, cache_len, q.shape[2], n)
+      history = self.variable("cache", "namm_history", jnp.zeros, shape(self.namm_interval))
+      n_features = namm_ops.num_features(self.namm_n_fft)
+      ema = self.variable("cache", "namm_features", jnp.zeros, shape(n_features))
     if not initialized:
       return self._attend(q, k, v, implementation=self.implementation)
+    if self.namm_interval and steps == 1:
+      return self._namm_step(q, k, v, positions, cache_k, cache_v, cache_pos, history, ema)
     # Keep the newest tokens in a ring (slot = position mod its length) and the first
     # sink_tokens positions in slots of their own.
     cache_len = cache_k.value.shape[1]
@@ -535,7 +613,7 @@ class MixtureOfHeads(Attention):
   2 · softmax(W_h x) (routers bias-free, as the official MoHAttention). Defaults: 4 heads,
   1 shared and 2 routed (75% of heads active per token, the MoH-LLaMA3 ratio).
   `balance_loss(x)` is the paper's load-balance term E · Σ_i P_i f_i (coefficient 0.01 in the
-  paper); deviation: the zoo's trainer has no auxiliary-loss hook, so training here runs
+  paper); deviation: it is not sown into the "losses" the trainer adds, so training here runs
   without it. All heads are computed and masked (no ragged head sets). Decoding: attention's
   KV cache of all heads."""
 
@@ -611,7 +689,7 @@ class RoutingAttention(Attention):
   them the gradient μ - m̂ (m̂ the batch mean of the unit queries and keys assigned to each
   centroid), so SGD at learning rate 1 - λ is the paper's EMA with decay λ; under the zoo's
   AdamW the step is Adam's (deviation). Not in the paper's model here: its local-attention
-  heads and the commitment loss (the trainer has no auxiliary-loss hook). Decoding: the KV
+  heads and the commitment loss (not sown into the trainer's "losses"). Decoding: the KV
   cache of attention; key clusters are recomputed from the cached keys."""
 
   num_clusters: int = 8

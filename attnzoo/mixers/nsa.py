@@ -17,11 +17,22 @@ for the whole context (any block may be selected; slot = position), a ring of th
 `window` window-branch keys/values, a ring of the last l raw compression-branch keys/values
 (to compress each block as it completes) and the compressed keys/values of every complete
 block; `state_size` counts exactly these.
+
+SSA training (attnzoo.ops.ssa; Shen et al. 2025): with ssa_alpha > 0 (the official code's
+10), each training forward (a "dropout" rng given) also runs the full-attention stream (the
+selection branch attending to every earlier token), sows alpha / num_layers x the
+bidirectional alignment of the two outputs into the "losses" collection (the trainer adds it:
+the mean over layers, as the official code), and returns the full or the sparse output with
+probability 1/2. Deviations: the mode is drawn per layer (the official code draws one per
+step for all layers), and the compression and window branches, shared by both streams, stay
+in (the official SSA model runs the selection branch alone); their terms cancel in the
+alignment's gradient. Evaluation and decoding are sparse.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -39,6 +50,7 @@ from attnzoo.mixers.layers import (
 from attnzoo.mixers.registry import dense_init, head_output, per_head, register
 from attnzoo.ops import nsa as nsa_ops
 from attnzoo.ops import softmax_attention
+from attnzoo.ops import ssa as ssa_ops
 from attnzoo.ops.rotary import apply_rope
 from attnzoo.ops.segments import EMPTY
 
@@ -89,6 +101,7 @@ class NSA(nn.Module):
   num_initial: int = 1
   num_local: int = 2
   compress_hidden: int | None = None
+  ssa_alpha: float = 0.0
   rope: bool = True
   rope_base: float = 10000.0
   implementation: str = "auto"
@@ -119,6 +132,8 @@ class NSA(nn.Module):
   def setup(self):
     heads, kv_heads, head_dim = self._dims()
     self._config()  # validates the block sizes
+    if self.ssa_alpha < 0:
+      raise ValueError(f"nsa: ssa_alpha must be >= 0, got {self.ssa_alpha}")
     dense = lambda shape: nn.DenseGeneral(
       shape, dtype=self.dtype, use_bias=False, kernel_init=dense_init
     )
@@ -156,19 +171,25 @@ class NSA(nn.Module):
     ck, cv = self.compress_k(head_dim), self.compress_v(head_dim)
     if decode:
       no_decode_segments(segment_ids)
-      o = self._decode(q, k, v, gates, positions, ck, cv)
-    else:
-      o = nsa_ops.nsa(
-        q,
-        k,
-        v,
-        gates,
-        compress_k=ck,
-        compress_v=cv,
-        scale=head_dim**-0.5,
-        config=self._config(),
-        implementation=self.implementation,
-      )
+      return self.out(self._decode(q, k, v, gates, positions, ck, cv))
+    run = functools.partial(
+      nsa_ops.nsa,
+      q,
+      k,
+      v,
+      gates,
+      compress_k=ck,
+      compress_v=cv,
+      scale=head_dim**-0.5,
+      config=self._config(),
+      implementation=self.implementation,
+    )
+    o = run()
+    if self.ssa_alpha and self.has_rng("dropout"):  # training with SSA
+      o_full = run(dense_selection=True)
+      loss = ssa_ops.alignment_loss(o, o_full) * (self.ssa_alpha / self.num_layers)
+      self.sow("losses", "ssa_alignment", loss)
+      o = jnp.where(jax.random.bernoulli(self.make_rng("dropout")), o_full, o)
     return self.out(o)
 
   @nn.compact

@@ -389,12 +389,14 @@ def nsa(
   config: Config = Config(),
   implementation: str = "auto",
   return_indices: bool = False,
+  dense_selection: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """NSA (module docstring) of q[B,T,H,D], k/v [B,T,Hkv,D] (or (cmp, slc, win) tuples) with
   gates [B,T,H,3] in (0,1) (order cmp, slc, win) -> o[B,T,H,Dv] (and the selected block
   indices [B,T,Hkv,n] when return_indices). implementation: "auto" | "xla" | "pallas" |
   "interpret" for the selection branch; the other branches use softmax_attention with the
-  same name ("auto" otherwise)."""
+  same name ("auto" otherwise). dense_selection: the selection branch attends causally to
+  every token instead of the selected blocks (the full-attention stream of SSA)."""
   (k_cmp, k_slc, k_win), (v_cmp, v_slc, v_win) = _branches(k), _branches(v)
   batch, t, heads, _ = q.shape
   attn = _attention_implementation(implementation)
@@ -422,9 +424,12 @@ def nsa(
     o_cmp = jnp.zeros(q.shape[:3] + (v_cmp.shape[-1],), v_cmp.dtype)
     scores = jnp.zeros((batch, t, k_slc.shape[2], ns), F32)
   indices = select_blocks(scores, positions, config)
-  o_slc, _ = selected_attention(
-    q, k_slc, v_slc, indices, scale=scale, block=config.block_slc, implementation=implementation
-  )
+  if dense_selection:
+    o_slc = softmax_attention(q, k_slc, v_slc, scale=scale, causal=True, implementation=attn)
+  else:
+    o_slc, _ = selected_attention(
+      q, k_slc, v_slc, indices, scale=scale, block=config.block_slc, implementation=implementation
+    )
   o_win = softmax_attention(
     q, k_win, v_win, scale=scale, causal=True, window=(config.window - 1, 0), implementation=attn
   )

@@ -161,12 +161,21 @@ class Experiment:
     init = jax.jit(self._new_state, out_shardings=self.state_shardings)
     return init(jax.random.key(self.config.seed), self._example_inputs)
 
-  def _outputs(self, params, batch, dropout_rng=None):
+  def _outputs(self, params, batch, dropout_rng=None, **kwargs):
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-    return self.model.apply({"params": params}, **self.task.model_inputs(batch), rngs=rngs)
+    inputs = self.task.model_inputs(batch)
+    return self.model.apply({"params": params}, **inputs, rngs=rngs, **kwargs)
 
   def _loss(self, params, batch, dropout_rng=None):
-    return self.task.loss(self._outputs(params, batch, dropout_rng), batch)
+    """The task's loss plus the auxiliary losses the modules sow into "losses" (e.g. SSA's
+    alignment, attnzoo.ops.ssa), logged as train/aux_loss."""
+    outputs, sown = self._outputs(params, batch, dropout_rng, mutable=["losses"])
+    loss, aux = self.task.loss(outputs, batch)
+    extra = jax.tree.leaves(sown.get("losses", {}))
+    if extra:
+      aux_loss = sum(jnp.sum(x).astype(jnp.float32) for x in extra)
+      loss, aux = loss + aux_loss, {**aux, "aux_loss": aux_loss}
+    return loss, aux
 
   def _gradients(self, params, batch, dropout_rng):
     """((loss, aux), grads); with train.grad_accum = k, the mean over k equal micro-batches

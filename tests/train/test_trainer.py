@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -149,3 +150,27 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   train(tiny_mqar_config(**{"train.num_steps": 10}), tmp_path, quiet=True)
   with pytest.raises(ValueError, match="different config"):
     train(tiny_mqar_config(**{"train.num_steps": 10, "train.lr": 1e-4}), tmp_path, quiet=True)
+
+
+def test_sown_losses_are_added_to_the_task_loss():
+  """A mixer's auxiliary loss sown into "losses" (SSA's alignment on nsa) is added to the
+  task's loss in training and logged as train/aux_loss; evaluation runs without it."""
+  from attnzoo.train.trainer import Experiment
+
+  config = tiny_mqar_config(**{"model.mixer": "nsa", "model.num_layers": 1})
+  config.model.mixer_kwargs = ml_collections.ConfigDict(
+    dict(num_heads=2, block_cmp=4, stride=2, block_slc=4, num_selected=2, window=4, ssa_alpha=10.0)
+  )
+  exp = Experiment(config)
+  params = exp.init_state()["params"]
+  batch = exp.task.train_batch(0)
+  rng = jax.random.key(0)
+
+  @jax.jit
+  def run(params):
+    loss, aux = exp._loss(params, batch, rng)
+    return loss, aux, exp.task.loss(exp._outputs(params, batch, rng), batch)[0]
+
+  loss, aux, task_loss = run(params)
+  assert float(aux["aux_loss"]) > 0
+  np.testing.assert_allclose(loss, task_loss + aux["aux_loss"], rtol=1e-6)
