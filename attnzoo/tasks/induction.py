@@ -4,12 +4,12 @@ A sequence is BOS (token 0) followed by a pattern of uniform random tokens from 
 repeated to fill span · repeats tokens; the causal LM predicts every next token. The first
 repeat cannot be predicted (loss ≈ log(vocab − 1)); later repeats can, by an induction head:
 attend to the token after the previous occurrence of the current token and copy it. Training
-patterns are `min_span` to `span` tokens long, drawn per sequence: with one fixed length a
-single layer copies from a fixed offset by position alone (measured: a 1-layer transformer
-then solves the repeats), which is not induction. Evaluation uses Olsson's probe, a fixed
-`span` (25 tokens × 4 by default). Metrics per example: `loss` (all
-positions), `loss_first` (targets in the first repeat), `loss_repeat` (targets in later repeats)
-and `accuracy_repeat`.
+patterns are `min_span` (default a third of `span`) to `span` tokens long, drawn per sequence:
+with one fixed length a single layer copies from a fixed offset by position alone (measured: a
+1-layer transformer then solves the repeats), which is not induction. Evaluation uses Olsson's
+probe, a fixed `span` (25 tokens × 4 by default). Metrics per example: `loss` (all positions),
+`loss_first` (targets in the first repeat), `loss_repeat` (targets in later repeats) and
+`accuracy_repeat`.
 
 Head scores from attention maps [B, H, T, T] (softmax maps, or the hidden attention of
 recurrent mixers, `attention_maps`; each row is taken as |a| / Σ|a|, so the scores of the two
@@ -104,7 +104,7 @@ class InductionHeads(Task):
     batch_size: int,
     seed: int,
     eval_examples: int = 256,
-    min_span: int = 0,
+    min_span: int | None = None,
   ):
     for name, value, low in (
       ("vocab_size", vocab_size, 3),
@@ -115,6 +115,8 @@ class InductionHeads(Task):
     ):
       if not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if min_span is None:  # default: a third of the span (25 -> 8)
+      min_span = max(2, span // 3)
     if not isinstance(min_span, int) or min_span and not 2 <= min_span <= span:
       raise ValueError(f"min_span must be 0 (fixed span) or in [2, span={span}], got {min_span!r}")
     self.vocab_size, self.span, self.repeats, self.min_span = vocab_size, span, repeats, min_span
@@ -130,7 +132,7 @@ class InductionHeads(Task):
       batch_size=d.batch_size,
       seed=config.seed,
       eval_examples=d.eval_examples,
-      min_span=d.get("min_span", 0),
+      min_span=d.get("min_span"),
     )
 
   @property

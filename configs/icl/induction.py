@@ -4,8 +4,9 @@
 Knobs in the argument: mixer, d_model, num_layers, num_heads, state_mixer, vocab_size, span,
 min_span, repeats, batch_size, lr, num_steps, seed, dtype, and any option of the mixer by name.
 Defaults: Olsson et al.'s probe shape (25 tokens × 4 after BOS) over a 64-token vocabulary for
-evaluation, training patterns of 8 to 25 tokens (min_span=0: always 25; then one layer solves
-the repeats by position), attention-only models (no MLP) as in their small-model experiments.
+evaluation, training patterns of span // 3 = 8 to 25 tokens (min_span sets the shortest;
+min_span=0: always the span, and then one layer solves the repeats by position), attention-only
+models (no MLP) as in their small-model experiments.
 """
 
 import ml_collections
@@ -29,7 +30,7 @@ def get_config(arg=None):
   c.task = "induction"
   c.seed = 0
   c.data = ml_collections.ConfigDict(
-    dict(vocab_size=64, span=25, min_span=8, repeats=4, batch_size=64, eval_examples=256)
+    dict(vocab_size=64, span=25, min_span=None, repeats=4, batch_size=64, eval_examples=256)
   )
   c.model = model_section(mixer)
   if "num_heads" in c.model.mixer_kwargs:
