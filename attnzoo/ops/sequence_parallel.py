@@ -3,7 +3,8 @@ attnzoo.ops.context_parallel. The ops route here while a `context_parallel.Plan`
 arguments are the op's own (global [B,T,...] arrays), already validated by the op.
 
 - softmax attention: "ring" (Liu et al. 2023, Ring Attention: K/V blocks rotate by ppermute,
-  each step's (o, lse) merged into the running one by softmax_attention.merge_partials) or
+  each step's (o, lse) merged into the running one by softmax_attention.merge_partials; a
+  custom VJP runs the backward as a second ring, `_ring`) or
   "allgather_kv" (LASP-2H's softmax layers: one all-gather of K and V); `zigzag` permutes the
   tokens so shard r holds chunks r and 2W-1-r (causal load balance, applied around the op);
   a causal left window no wider than a shard sends only its halo of K/V (one ppermute),
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -123,18 +125,8 @@ def softmax_attention(
     elif plan.attention == "allgather_kv":
       gather = lambda x: lax.all_gather(x, plan.axis, axis=1, tiled=True)
       o, lse = attend(qs, pos, qseg, gather(ks), gather(vs), gather(pos), gather(kseg))
-    else:  # ring: block j arrives at step (r - j) mod W
-      o, lse = attend(qs, pos, qseg, ks, vs, pos, kseg)
-      perm = [(i, (i + 1) % w) for i in range(w)]
-
-      def step(carry, _):
-        o, lse, blocks = carry
-        blocks = lax.ppermute(blocks, plan.axis, perm)
-        o_new, lse_new = attend(qs, pos, qseg, *blocks)
-        o, lse = sa_ops.merge_partials(jnp.stack([o, o_new]), jnp.stack([lse, lse_new]), axis=0)
-        return (o, lse, blocks), None
-
-      (o, lse, _), _ = lax.scan(step, (o, lse, (ks, vs, pos, kseg)), None, length=w - 1)
+    else:
+      o, lse = _ring(attend, plan, qs, ks, vs, pos, qseg, kseg)
     return o.astype(qs.dtype), lse
 
   out_specs = lambda tokens, _: (tokens, tokens)
@@ -143,6 +135,65 @@ def softmax_attention(
     inverse = jnp.argsort(order)
     o, lse = jnp.take(o, inverse, axis=1), jnp.take(lse, inverse, axis=1)
   return (o, lse) if return_lse else o
+
+
+def _ring(attend, plan, qs, ks, vs, pos, qseg, kseg):
+  """Ring attention inside the shard map: K/V blocks rotate W - 1 times (block j arrives at
+  step (r - j) mod W) and each step's (o, lse) merges into the running one. A custom VJP keeps
+  the backward's memory at one block: it saves only the inputs and the merged (o, lse), and a
+  second ring pass recomputes each block's attention, takes its VJP with the merge's
+  cotangents (do_j = p_j do, dlse_j = p_j (<do, o_j - o> + dlse), p_j = e^{lse_j - lse}) and
+  sends the block's dK, dV along with it, one more rotation bringing them home. Plain autodiff
+  through the scan would store every received block: the whole sequence's K/V per device."""
+  w = plan.size
+  perm = [(i, (i + 1) % w) for i in range(w)]
+  rotate = lambda x: lax.ppermute(x, plan.axis, perm)
+
+  def forward(qs, ks, vs, pos, qseg, kseg):
+    o, lse = attend(qs, pos, qseg, ks, vs, pos, kseg)
+
+    def step(carry, _):
+      o, lse, blocks = carry
+      blocks = rotate(blocks)
+      o_new, lse_new = attend(qs, pos, qseg, *blocks)
+      o, lse = sa_ops.merge_partials(jnp.stack([o, o_new]), jnp.stack([lse, lse_new]), axis=0)
+      return (o, lse, blocks), None
+
+    (o, lse, _), _ = lax.scan(step, (o, lse, (ks, vs, pos, kseg)), None, length=w - 1)
+    return o, lse
+
+  def ring_fwd(qs, ks, vs, pos, qseg, kseg):
+    o, lse = forward(qs, ks, vs, pos, qseg, kseg)
+    return (o, lse), (qs, ks, vs, pos, qseg, kseg, o, lse)
+
+  def ring_bwd(res, cotangents):
+    qs, ks, vs, pos, qseg, kseg, o, lse = res
+    do, dlse = (c.astype(F32) for c in cotangents)
+    finite = jnp.isfinite(lse)
+
+    def contribution(blocks):
+      kb, vb, kpos, kseg_ = blocks
+      block = lambda q, k, v: attend(q, pos, qseg, k, v, kpos, kseg_)
+      (o_j, lse_j), vjp = jax.vjp(block, qs, kb, vb)
+      p = jnp.where(finite & jnp.isfinite(lse_j), jnp.exp(lse_j - jnp.where(finite, lse, 0.0)), 0)
+      dlse_j = p * (jnp.sum(do * (o_j - o), axis=-1) + dlse)
+      return vjp((p[..., None] * do, dlse_j))
+
+    dq, dk, dv = contribution((ks, vs, pos, kseg))
+
+    def step(carry, _):
+      dq, blocks, dk, dv = carry
+      blocks, dk, dv = rotate(blocks), rotate(dk), rotate(dv)
+      dq_j, dk_j, dv_j = contribution(blocks)
+      return (dq + dq_j, blocks, dk + dk_j, dv + dv_j), None
+
+    init = (dq, (ks, vs, pos, kseg), dk, dv)
+    (dq, _, dk, dv), _ = lax.scan(step, init, None, length=w - 1)
+    return dq, rotate(dk), rotate(dv), None, None, None
+
+  ring = jax.custom_vjp(forward)
+  ring.defvjp(ring_fwd, ring_bwd)
+  return ring(qs, ks, vs, pos, qseg, kseg)
 
 
 # ----------------------------------------------------------------------------- state passing
