@@ -20,7 +20,7 @@ from attnzoo.ops import linear_attention as la
 from attnzoo.ops import long_conv as lc
 from attnzoo.ops import selective_scan as ss
 from attnzoo.ops import short_conv as sc
-from tests.conftest import relative_error, slow
+from tests.conftest import relative_error
 
 sa = importlib.import_module("attnzoo.ops.softmax_attention")
 
@@ -84,8 +84,8 @@ SOFTMAX = [
   ("ring", True, True, None, 1),  # causal, zig-zag, multi-query
   ("allgather_kv", False, False, None, 3),  # bidirectional
   ("ring", False, True, 5, 3),  # a causal window: only the halo moves
-  pytest.param("ring", False, True, None, 3, marks=slow),
-  pytest.param("allgather_kv", True, True, None, 1, marks=slow),
+  ("ring", False, True, None, 3),  # contiguous shards
+  ("allgather_kv", True, True, None, 1),
 ]
 
 
@@ -105,9 +105,9 @@ def test_softmax_attention(rng, attention, zigzag, causal, window, kv_heads):
 LINEAR = [
   ("gla", "allgather"),  # per-key-channel decay, packed documents
   ("rwkv6_normalized", "logscan"),  # per-head decay, bonus readout, normaliser
-  pytest.param("gla", "logscan", marks=slow),
-  pytest.param("normalized", "allgather", marks=slow),
-  pytest.param("rwkv6", "allgather", marks=slow),
+  ("gla", "logscan"),
+  ("normalized", "allgather"),
+  ("rwkv6", "allgather"),
 ]
 
 
@@ -131,7 +131,7 @@ def test_linear_attention(rng, form, state):
   check(plan, call, la.linear_attention, la.reference, q, k, v, g, h0, seg)
 
 
-@pytest.mark.parametrize("state", ["logscan", pytest.param("allgather", marks=slow)])
+@pytest.mark.parametrize("state", ["logscan", "allgather"])
 def test_gated_delta_rule(rng, state):
   plan = cp.Plan(make_mesh(), batch_axes=BATCH, state=state)
   q, k, v = normal(rng, B, T, H, 4), normal(rng, B, T, H, 4), normal(rng, B, T, H, 5)
@@ -146,7 +146,7 @@ def test_gated_delta_rule(rng, state):
   check(plan, call, dr.delta_rule, dr.reference, q, k, v, beta, g, h0, SEGMENTS)
 
 
-@pytest.mark.parametrize("state", ["allgather", pytest.param("logscan", marks=slow)])
+@pytest.mark.parametrize("state", ["allgather", "logscan"])
 def test_selective_scan(rng, state):
   plan = cp.Plan(make_mesh(), batch_axes=BATCH, state=state)
   d, n = 6, 4
@@ -165,7 +165,7 @@ def test_selective_scan(rng, state):
   check(plan, call, op, ss.recurrent, x, delta, A, Bm, Cm, D, bias, h0, SEGMENTS)
 
 
-@pytest.mark.parametrize("taps", [4, pytest.param(12, marks=slow)])  # halo; all-gather
+@pytest.mark.parametrize("taps", [4, 12])  # halo; all-gather
 def test_short_conv(rng, taps):
   plan = cp.Plan(make_mesh(), batch_axes=BATCH)
   x, w, b = normal(rng, B, T, 6), normal(rng, taps, 6), normal(rng, 6)
@@ -176,7 +176,7 @@ def test_short_conv(rng, taps):
   check(plan, call, sc.short_conv, sc.reference, x, w, b, h0, SEGMENTS)
 
 
-@pytest.mark.parametrize("taps", [32, pytest.param(5, marks=slow)])  # all-gather; halo
+@pytest.mark.parametrize("taps", [32, 5])  # all-gather; halo
 def test_long_conv(rng, taps):
   plan = cp.Plan(make_mesh(), batch_axes=BATCH)
   u, kernel = normal(rng, B, T, 6), normal(rng, taps, 6)
@@ -255,7 +255,6 @@ def test_per_device_memory_scales_as_one_over_w():
   assert memory(grad, 4, "ring")[1] * 8 <= memory(grad, 1, "ring")[1]
 
 
-@slow
 @pytest.mark.parametrize("family", ["softmax", "linear", "delta_rule"])
 def test_pallas_kernels_inside_the_shard_map(rng, family):
   """The Pallas kernels (interpret mode) as the local op: the flash kernel in the ring (its
