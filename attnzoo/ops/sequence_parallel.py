@@ -301,8 +301,9 @@ def short_conv(
   plan, *, x, weight, bias, initial_state, return_final_state, segment_ids, implementation
 ):
   """Short causal convolution over sequence shards: a halo of K-1 inputs from the previous
-  shard (the first shard takes initial_state)."""
-  width = weight.shape[0] - 1
+  shard (the first shard takes initial_state). Per-token weights [B,T,K,C] (dynamic
+  convolution) split over the shards with x."""
+  width = weight.shape[-2] - 1
 
   def body(x, seg, h0, weight, bias):
     first = 0 if h0 is None else h0
@@ -324,9 +325,15 @@ def short_conv(
     return y, final
 
   out_specs = _specs(return_final_state)
-  y, final = cp.shard_sequence(
-    plan, body, (x, segment_ids), (initial_state,), (weight, bias), out_specs
-  )
+  if weight.ndim == 4:  # per token: a sequence array
+    y, final = cp.shard_sequence(
+      plan, lambda x, seg, w, h0, b: body(x, seg, h0, w, b),
+      (x, segment_ids, weight), (initial_state,), (bias,), out_specs,
+    )  # fmt: skip
+  else:
+    y, final = cp.shard_sequence(
+      plan, body, (x, segment_ids), (initial_state,), (weight, bias), out_specs
+    )
   return _maybe_final(y, final, return_final_state)
 
 

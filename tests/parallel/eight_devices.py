@@ -165,10 +165,12 @@ def test_selective_scan(rng, state):
   check(plan, call, op, ss.recurrent, x, delta, A, Bm, Cm, D, bias, h0, SEGMENTS)
 
 
-@pytest.mark.parametrize("taps", [4, 12])  # halo; all-gather
+@pytest.mark.parametrize("taps", [4, 12, 3])  # halo; all-gather; per-token halo
 def test_short_conv(rng, taps):
+  """(taps 3: per-token weights [B,T,K,C], the dynamic convolution's, split with x.)"""
   plan = cp.Plan(make_mesh(), batch_axes=BATCH)
-  x, w, b = normal(rng, B, T, 6), normal(rng, taps, 6), normal(rng, 6)
+  x, b = normal(rng, B, T, 6), normal(rng, 6)
+  w = normal(rng, B, T, taps, 6) if taps == 3 else normal(rng, taps, 6)
   h0 = normal(rng, B, taps - 1, 6)
   call = lambda op, x, w, b, h0, seg: op(
     x, w, b, initial_state=h0, return_final_state=True, segment_ids=seg
