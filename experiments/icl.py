@@ -437,10 +437,10 @@ def f4(args):
   full_y = jnp.concatenate([ys_ctx, yq[:, None]], 1)
   # the papers' loss is ½ (ŷ − y)²: without the ½ every baseline here measured 1.98-2.03x its
   # Table 1 value (ConstRR 0.721 vs 0.365, AdaRR 0.138 vs 0.068; H200 run of 2026-12-03)
-  mse = lambda pred: float(0.5 * jnp.mean((pred - yq) ** 2))
-  oracle = mse(bl.ridge(full_x, full_y, test["sigma"] ** 2)[:, -1])
-  const = min(mse(bl.ridge(full_x, full_y, lam)[:, -1]) for lam in np.geomspace(0.1, 30, 25))
-  ada = mse(bl.ada_ridge(full_x, full_y)[:, -1])
+  half_mse = lambda pred: float(0.5 * jnp.mean((pred - yq) ** 2))
+  oracle = half_mse(bl.ridge(full_x, full_y, test["sigma"] ** 2)[:, -1])
+  const = min(half_mse(bl.ridge(full_x, full_y, lam)[:, -1]) for lam in np.geomspace(0.1, 30, 25))
+  ada = half_mse(bl.ada_ridge(full_x, full_y)[:, -1])
   results = {"oracle": oracle, "ConstRR": const - oracle, "AdaRR": ada - oracle}
   fig = plt.figure(figsize=(5, 3.5))
   for kind in ("full", "diag", "gdpp"):
@@ -453,7 +453,7 @@ def f4(args):
 
       p0 = lt.init_linear_transformer(jax.random.key(args.seed), kind, layers, d, scale=0.05)
       params, _ = fit(loss_fn, p0, steps, LR_F4, args.seed, cosine=True)
-      row[layers] = mse(lt.linear_transformer(params, test["inputs"])) - oracle
+      row[layers] = half_mse(lt.linear_transformer(params, test["inputs"])) - oracle
     results[kind] = row
     plt.plot(depths, [row[k] for k in depths], "o-", label=kind.upper())
   for name, ls in (("ConstRR", ":"), ("AdaRR", "--")):

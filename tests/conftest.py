@@ -32,6 +32,26 @@ def relative_error(x, ref):
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def decode_in_chunks(mixer, variables, x, stops, key=0):
+  """Decodes x through the mixer's cache from empty, in chunks ending at `stops` (each chunk
+  with its positions): (the outputs concatenated [B,T,...], the cache after each chunk)."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  cache = jax.jit(functools.partial(mixer.init, decode=True))(jax.random.key(key), x)["cache"]
+  step = jax.jit(functools.partial(mixer.apply, decode=True, mutable=["cache"]))
+  outs, caches, start = [], [], 0
+  for stop in stops:
+    positions = jnp.broadcast_to(jnp.arange(start, stop), (x.shape[0], stop - start))
+    out, new = step({**variables, "cache": cache}, x[:, start:stop], positions=positions)
+    cache, start = new["cache"], stop
+    outs.append(out)
+    caches.append(cache)
+  return jnp.concatenate(outs, axis=1), caches
+
+
 def tiny_mqar_config(**overrides):
   """A seconds-long MQAR run: small vocab, short sequences, frequent logs/checkpoints."""
   from attnzoo.config import load_config_file, set_typed  # needs ml_collections

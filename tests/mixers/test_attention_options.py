@@ -13,7 +13,8 @@ from attnzoo.mixers.layers import default_positions
 from attnzoo.ops import dam, namm, ssa
 from attnzoo.ops import nsa as nsa_ops
 from attnzoo.ops.softmax_attention import reference as attention_reference
-from tests.conftest import relative_error
+from tests.conftest import decode_in_chunks, relative_error
+from tests.mixers.test_mixers import TEST_KWARGS
 
 D, B = 16, 2
 
@@ -21,16 +22,7 @@ D, B = 16, 2
 def decode_one_by_one(mixer, variables, x):
   """Outputs of decoding x one token at a time from an empty cache, and the caches after each
   step."""
-  cache = jax.jit(functools.partial(mixer.init, decode=True))(jax.random.key(0), x)["cache"]
-  step = jax.jit(functools.partial(mixer.apply, decode=True, mutable=["cache"]))
-  outs, caches = [], []
-  for t in range(x.shape[1]):
-    positions = jnp.full((x.shape[0], 1), t, jnp.int32)
-    out, new = step({**variables, "cache": cache}, x[:, t : t + 1], positions=positions)
-    cache = new["cache"]
-    outs.append(out)
-    caches.append(cache)
-  return jnp.concatenate(outs, axis=1), caches
+  return decode_in_chunks(mixer, variables, x, range(1, x.shape[1] + 1))
 
 
 def masked_attention_output(mixer, params, x, bias):
@@ -95,19 +87,7 @@ def test_dam_mask_forward_and_decode():
 
 # ----------------------------------------------------------------------------- SSA
 
-NSA_KWARGS = dict(
-  num_heads=4,
-  num_kv_heads=2,
-  block_cmp=4,
-  stride=2,
-  block_slc=4,
-  num_selected=2,
-  num_initial=1,
-  num_local=1,
-  window=3,
-  compress_hidden=8,
-  implementation="xla",
-)
+NSA_KWARGS = dict(TEST_KWARGS["nsa"], num_initial=1, num_local=1)
 
 
 def test_ssa_alignment_loss_and_its_stop_gradients():

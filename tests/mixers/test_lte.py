@@ -1,15 +1,13 @@
 """LTE: the visibility masks equal a brute-force top-b selection and respect the budget,
 causality by gradients once tokens are evicted, decoding in chunks, bad options."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from attnzoo.mixers import build_mixer
-from tests.conftest import relative_error
+from tests.conftest import decode_in_chunks, relative_error
 
 D, B, T = 16, 2, 13
 OPTIONS = dict(num_heads=2, window=4, sink_tokens=2, retained=2)
@@ -65,15 +63,10 @@ def test_decode_in_chunks():
   mixer, x = make(), x_input(3)
   params = jax.jit(mixer.init)(jax.random.key(4), x)["params"]
   full = jax.jit(mixer.apply)({"params": params}, x)
-  cache = jax.jit(functools.partial(mixer.init, decode=True))(jax.random.key(4), x)["cache"]
-  step = jax.jit(functools.partial(mixer.apply, decode=True, mutable=["cache"]))
-  outs = []
-  for start, stop in ((0, 6), (6, 7), (7, 13)):  # prefill, a step, a chunk past the window
-    positions = jnp.broadcast_to(jnp.arange(start, stop), (B, stop - start))
-    out, variables = step({"params": params, "cache": cache}, x[:, start:stop], positions=positions)
-    outs.append(out)
-    cache = variables["cache"]
-  assert relative_error(jnp.concatenate(outs, axis=1), full) < 1e-5
+  decoded, _ = decode_in_chunks(
+    mixer, {"params": params}, x, (6, 7, 13), key=4
+  )  # prefill, a step, a chunk past the window
+  assert relative_error(decoded, full) < 1e-5
 
 
 def test_bad_options_are_errors():

@@ -13,7 +13,7 @@ import pytest
 
 from attnzoo.mixers import MIXERS, build_mixer
 from attnzoo.mixers.registry import causal_mixers
-from tests.conftest import relative_error
+from tests.conftest import decode_in_chunks, relative_error
 
 # Options that exercise each mixer's interesting paths at small sizes.
 TEST_KWARGS = {
@@ -115,15 +115,8 @@ def test_decode_equals_forward(name):
   x = x_input(2)
   params = jax.jit(mixer.init)(jax.random.key(3), x)["params"]
   full = jax.jit(mixer.apply)({"params": params}, x)
-  cache = jax.jit(functools.partial(mixer.init, decode=True))(jax.random.key(3), x)["cache"]
-  step = jax.jit(functools.partial(mixer.apply, decode=True, mutable=["cache"]))
-  outs, start = [], 0
-  for stop in range(1, T + 1):
-    positions = jnp.broadcast_to(jnp.arange(start, stop), (B, stop - start))
-    out, variables = step({"params": params, "cache": cache}, x[:, start:stop], positions=positions)
-    outs.append(out)
-    cache, start = variables["cache"], stop
-  assert relative_error(jnp.concatenate(outs, axis=1), full) < 1e-5
+  decoded, _ = decode_in_chunks(mixer, {"params": params}, x, range(1, T + 1), key=3)
+  assert relative_error(decoded, full) < 1e-5
 
 
 @pytest.mark.parametrize("name", causal_mixers())

@@ -2,8 +2,6 @@
 gradients), causality across and within windows, decoding in chunks that straddle windows,
 bad options."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 from attnzoo.mixers import build_mixer
 from attnzoo.mixers.ran import standardize
 from attnzoo.ops.rotary import apply_rope
-from tests.conftest import relative_error
+from tests.conftest import decode_in_chunks, relative_error
 
 D, B, T, W = 16, 2, 13, 4  # T not a multiple of W
 
@@ -101,15 +99,10 @@ def test_decode_in_chunks_straddling_windows():
   mixer, x = make(), x_input(3)
   params = jax.jit(mixer.init)(jax.random.key(4), x)["params"]
   full = jax.jit(mixer.apply)({"params": params}, x)
-  cache = jax.jit(functools.partial(mixer.init, decode=True))(jax.random.key(4), x)["cache"]
-  step = jax.jit(functools.partial(mixer.apply, decode=True, mutable=["cache"]))
-  outs = []
-  for start, stop in ((0, 6), (6, 7), (7, 13)):  # the last spans three windows
-    positions = jnp.broadcast_to(jnp.arange(start, stop), (B, stop - start))
-    out, variables = step({"params": params, "cache": cache}, x[:, start:stop], positions=positions)
-    outs.append(out)
-    cache = variables["cache"]
-  assert relative_error(jnp.concatenate(outs, axis=1), full) < 1e-5
+  decoded, _ = decode_in_chunks(
+    mixer, {"params": params}, x, (6, 7, 13), key=4
+  )  # the last spans three windows
+  assert relative_error(decoded, full) < 1e-5
 
 
 def test_bad_options_are_errors():
